@@ -1,0 +1,351 @@
+//! `DevicePluginPolicy`: one policy advertises one extended resource.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Advertise a class of node devices to the kubelet as one extended resource.
+///
+/// The operator runs a node agent (a kubelet device plugin) on every node the
+/// policy selects; each agent discovers devices from `source`, shares them by
+/// `sharing`, hands them to containers as `allocate` says and reports their
+/// health back into the status.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "devplug.io",
+    version = "v1alpha1",
+    kind = "DevicePluginPolicy",
+    plural = "devicepluginpolicies",
+    shortname = "dpp",
+    status = "DevicePluginPolicyStatus",
+    printcolumn = r#"{"name":"Resource","type":"string","jsonPath":".spec.resourceName"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DevicePluginPolicySpec {
+    /// Extended resource name, `<domain>/<name>`, for example
+    /// `hardware-vendor.example/foo`. The `kubernetes.io` and `k8s.io`
+    /// domains are reserved and refused.
+    pub resource_name: String,
+
+    /// Run agents only on nodes with these labels. Empty selects every node.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Tolerations for the agent pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+
+    /// Priority class of the agent pods (default `system-node-critical`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+
+    /// Where the devices come from: exactly one source.
+    pub source: SourceSpec,
+
+    /// How each physical device is shared between containers.
+    #[serde(default)]
+    pub sharing: SharingSpec,
+
+    /// What a container receives when it is given devices.
+    #[serde(default)]
+    pub allocate: AllocateSpec,
+
+    /// Optional command run before each container that uses the devices starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_start: Option<PreStartSpec>,
+
+    /// Health damping.
+    #[serde(default)]
+    pub health: HealthSpec,
+
+    /// How the agent itself is deployed.
+    #[serde(default)]
+    pub agent: AgentSpec,
+}
+
+/// Device discovery. Exactly one field must be set.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SourceSpec {
+    /// Simulated devices, for demos, tests and benchmarks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simulated: Option<SimulatedSource>,
+    /// Host device nodes matched by glob.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<PathsSource>,
+    /// USB devices matched by vendor and product ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usb: Option<UsbSource>,
+    /// PCI devices matched by vendor, device and class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci: Option<PciSource>,
+}
+
+impl SourceSpec {
+    /// Names of the sources that are set, in declaration order.
+    pub fn set_sources(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.simulated.is_some() {
+            v.push("simulated");
+        }
+        if self.paths.is_some() {
+            v.push("paths");
+        }
+        if self.usb.is_some() {
+            v.push("usb");
+        }
+        if self.pci.is_some() {
+            v.push("pci");
+        }
+        v
+    }
+}
+
+/// Simulated devices. Either list `devices` explicitly, or give `count` and
+/// the agent names them `<idPrefix>-<n>`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SimulatedSource {
+    /// Number of devices to generate when `devices` is empty.
+    #[serde(default)]
+    pub count: u32,
+    /// Prefix of generated device IDs (default `sim`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_prefix: Option<String>,
+    /// Spread generated devices over this many NUMA nodes, in contiguous
+    /// blocks (0 or absent: no NUMA information).
+    #[serde(default)]
+    pub numa_nodes: u32,
+    /// Explicit devices; overrides `count`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<SimulatedDevice>,
+}
+
+/// One explicit simulated device.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SimulatedDevice {
+    /// Device ID as advertised to the kubelet.
+    pub id: String,
+    /// NUMA node of the device, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa_node: Option<i64>,
+}
+
+/// Host device nodes. Each path matching one of `globs` is one device; its
+/// ID is the file name (for example `fuse` for `/dev/fuse`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PathsSource {
+    /// Absolute globs under `/dev`, for example `/dev/foo[0-9]*`.
+    pub globs: Vec<String>,
+    /// Extra nodes that belong to each matched device, as templates:
+    /// `{path}` is the matched path and `{name}` its file name, for example
+    /// `{path}-ctl`. A device whose companion is missing is unhealthy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub companions: Vec<String>,
+    /// cgroup permissions given to the container: any of `r`, `w`, `m`
+    /// (default `rw`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<String>,
+    /// Path prefix inside the container replacing `/dev` (default: same
+    /// path as on the host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_path_prefix: Option<String>,
+}
+
+/// USB devices, from sysfs. The device node given to the container is
+/// `/dev/bus/usb/<bus>/<dev>`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UsbSource {
+    /// Devices to match; any match selects the device.
+    pub devices: Vec<UsbMatch>,
+}
+
+/// A USB vendor and, optionally, product ID (4 hex digits each).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UsbMatch {
+    /// Vendor ID, for example `046d`.
+    pub vendor: String,
+    /// Product ID, for example `c52b`; absent matches any product.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product: Option<String>,
+}
+
+/// PCI devices, from sysfs. The device ID is the PCI address; when the
+/// device is bound to `vfio-pci` the container gets `/dev/vfio/vfio` and its
+/// IOMMU group node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PciSource {
+    /// Vendor ID (4 hex digits), for example `10de`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vendor: Option<String>,
+    /// Device IDs (4 hex digits each); empty matches any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
+    /// Class prefix (2, 4 or 6 hex digits), for example `0300` for VGA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    /// Only advertise devices bound to `vfio-pci` (default false).
+    #[serde(default)]
+    pub require_vfio: bool,
+}
+
+/// Sharing strategy.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum SharingStrategy {
+    /// Each device goes to one container at a time.
+    #[default]
+    Exclusive,
+    /// Each device is advertised `replicas` times; containers share it.
+    TimeSlicing,
+}
+
+/// How devices are shared.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SharingSpec {
+    /// `Exclusive` (default) or `TimeSlicing`.
+    #[serde(default)]
+    pub strategy: SharingStrategy,
+    /// With `TimeSlicing`: how many IDs each physical device is advertised as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    /// With `TimeSlicing`: refuse requests for more than one replica, so a
+    /// container cannot believe it got more capacity than one device.
+    #[serde(default)]
+    pub fail_requests_greater_than_one: bool,
+}
+
+impl SharingSpec {
+    /// Advertised IDs per physical device.
+    pub fn effective_replicas(&self) -> u32 {
+        match self.strategy {
+            SharingStrategy::Exclusive => 1,
+            SharingStrategy::TimeSlicing => self.replicas.unwrap_or(1).max(1),
+        }
+    }
+}
+
+/// What a container receives with its devices.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AllocateSpec {
+    /// Environment variables set in the container.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Name of the variable listing the allocated physical device IDs,
+    /// comma-separated (default `DEVPLUG_<RESOURCE>`, the resource name
+    /// upper-cased with non-alphanumerics as `_`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ids_env: Option<String>,
+    /// Host paths mounted into the container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<MountSpec>,
+    /// Annotations passed to the container runtime.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Container Device Interface names instead of raw device nodes.
+    #[serde(default)]
+    pub cdi: CdiSpec,
+}
+
+/// A host path mounted into the container.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MountSpec {
+    /// Absolute path on the host.
+    pub host_path: String,
+    /// Absolute path in the container.
+    pub container_path: String,
+    /// Mount read-only (default true).
+    #[serde(default = "default_true")]
+    pub read_only: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// CDI settings. When enabled, Allocate returns the fully-qualified CDI
+/// names `<kind>=<device ID>` and no raw device nodes; the node's container
+/// runtime must have matching CDI specs.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CdiSpec {
+    /// Return CDI device names (default false).
+    #[serde(default)]
+    pub enabled: bool,
+    /// CDI kind, `vendor.com/class` (default: the resource name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+}
+
+/// A device-preparation command, run by the agent before each container that
+/// received devices starts. The allocated physical device IDs are appended
+/// as arguments and also set in `DEVPLUG_DEVICE_IDS`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PreStartSpec {
+    /// Program and arguments; the program is an absolute path.
+    pub command: Vec<String>,
+    /// Time limit for one run (default 30 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u32>,
+}
+
+/// Health damping.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthSpec {
+    /// How long a recovered device must stay good before it is advertised
+    /// healthy again (default 5 s). Going unhealthy is never delayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settle_seconds: Option<u32>,
+}
+
+/// Default settle time, in seconds.
+pub const DEFAULT_SETTLE_SECONDS: u32 = 5;
+
+impl HealthSpec {
+    /// Settle time in seconds.
+    pub fn settle_seconds(&self) -> u32 {
+        self.settle_seconds.unwrap_or(DEFAULT_SETTLE_SECONDS)
+    }
+}
+
+/// How the agent DaemonSet is deployed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentSpec {
+    /// Agent image (default: the operator's configured agent image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Resource requests and limits of the agent container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// `RollingUpdate` (default, one node at a time, never two agents per
+    /// node) or `OnDelete`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_strategy: Option<String>,
+}
+
+/// Observed state of a policy, written by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DevicePluginPolicyStatus {
+    /// Generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing`, `Degraded`, `Conflict`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

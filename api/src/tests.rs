@@ -1,0 +1,208 @@
+use super::*;
+
+const GOOD: &str = r#"
+apiVersion: devplug.io/v1alpha1
+kind: DevicePluginPolicy
+metadata:
+  name: foo
+spec:
+  resourceName: hardware-vendor.example/foo
+  source:
+    simulated:
+      count: 2
+"#;
+
+fn spec_with(f: impl FnOnce(&mut DevicePluginPolicySpec)) -> DevicePluginPolicySpec {
+    let mut p = policies_from_yaml(GOOD).unwrap().remove(0).spec;
+    f(&mut p);
+    p
+}
+
+fn fields(spec: &DevicePluginPolicySpec) -> Vec<String> {
+    match spec.validate() {
+        Ok(()) => vec![],
+        Err(e) => e.0.into_iter().map(|f| f.field).collect(),
+    }
+}
+
+#[test]
+fn good_policy_loads_with_defaults() {
+    let p = policies_from_yaml(GOOD).unwrap();
+    assert_eq!(p.len(), 1);
+    let s = &p[0].spec;
+    assert_eq!(s.sharing.strategy, SharingStrategy::Exclusive);
+    assert_eq!(s.sharing.effective_replicas(), 1);
+    assert_eq!(s.health.settle_seconds(), DEFAULT_SETTLE_SECONDS);
+    assert!(!s.allocate.cdi.enabled);
+}
+
+#[test]
+fn resource_name_rules() {
+    assert!(validate_resource_name("example.com/foo").is_ok());
+    assert!(validate_resource_name("hardware-vendor.example/foo").is_ok());
+    for bad in [
+        "foo",
+        "/foo",
+        "example.com/",
+        "kubernetes.io/foo",
+        "k8s.io/foo",
+        "x.kubernetes.io/foo",
+        "Example.com/foo",
+        "localhost/foo",
+        "example.com/-foo",
+        "example.com/a/b",
+    ] {
+        assert!(validate_resource_name(bad).is_err(), "{bad} accepted");
+    }
+    let e = validate_resource_name("kubernetes.io/gpu").unwrap_err();
+    assert!(e.contains("reserved"), "{e}");
+}
+
+#[test]
+fn exactly_one_source() {
+    let none = spec_with(|s| s.source = SourceSpec::default());
+    assert_eq!(fields(&none), vec!["spec.source"]);
+    let two = spec_with(|s| {
+        s.source.paths = Some(PathsSource {
+            globs: vec!["/dev/foo*".into()],
+            ..Default::default()
+        })
+    });
+    let err = two.validate().unwrap_err().to_string();
+    assert!(err.contains("simulated, paths"), "{err}");
+}
+
+#[test]
+fn sharing_rules() {
+    let excl_with_replicas = spec_with(|s| s.sharing.replicas = Some(4));
+    assert_eq!(fields(&excl_with_replicas), vec!["spec.sharing.replicas"]);
+    let ts_zero = spec_with(|s| {
+        s.sharing.strategy = SharingStrategy::TimeSlicing;
+        s.sharing.replicas = Some(0);
+    });
+    assert_eq!(fields(&ts_zero), vec!["spec.sharing.replicas"]);
+    let ts_missing = spec_with(|s| s.sharing.strategy = SharingStrategy::TimeSlicing);
+    assert_eq!(fields(&ts_missing), vec!["spec.sharing.replicas"]);
+    let ts_ok = spec_with(|s| {
+        s.sharing.strategy = SharingStrategy::TimeSlicing;
+        s.sharing.replicas = Some(8);
+    });
+    assert!(ts_ok.validate().is_ok());
+    assert_eq!(ts_ok.sharing.effective_replicas(), 8);
+}
+
+#[test]
+fn source_field_rules() {
+    let bad_glob = spec_with(|s| {
+        s.source = SourceSpec {
+            paths: Some(PathsSource {
+                globs: vec!["/dev/foo[0-9".into(), "/etc/passwd".into()],
+                permissions: Some("rwx".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    });
+    assert_eq!(
+        fields(&bad_glob),
+        vec![
+            "spec.source.paths.globs[0]",
+            "spec.source.paths.globs[1]",
+            "spec.source.paths.permissions"
+        ]
+    );
+    let bad_usb = spec_with(|s| {
+        s.source = SourceSpec {
+            usb: Some(UsbSource {
+                devices: vec![UsbMatch {
+                    vendor: "46d".into(),
+                    product: Some("zzzz".into()),
+                }],
+            }),
+            ..Default::default()
+        }
+    });
+    assert_eq!(
+        fields(&bad_usb),
+        vec![
+            "spec.source.usb.devices[0].vendor",
+            "spec.source.usb.devices[0].product"
+        ]
+    );
+    let empty_pci = spec_with(|s| {
+        s.source = SourceSpec {
+            pci: Some(PciSource::default()),
+            ..Default::default()
+        }
+    });
+    assert_eq!(fields(&empty_pci), vec!["spec.source.pci"]);
+    let dup_ids = spec_with(|s| {
+        s.source.simulated = Some(SimulatedSource {
+            devices: vec![
+                SimulatedDevice {
+                    id: "a".into(),
+                    numa_node: None,
+                },
+                SimulatedDevice {
+                    id: "a".into(),
+                    numa_node: Some(-1),
+                },
+                SimulatedDevice {
+                    id: "bad id".into(),
+                    numa_node: None,
+                },
+            ],
+            ..Default::default()
+        })
+    });
+    assert_eq!(
+        fields(&dup_ids),
+        vec![
+            "spec.source.simulated.devices[1].id",
+            "spec.source.simulated.devices[1].numaNode",
+            "spec.source.simulated.devices[2].id"
+        ]
+    );
+}
+
+#[test]
+fn unknown_and_misplaced_fields_are_rejected() {
+    let misplaced = GOOD.replace("      count: 2", "      count: 2\n  replicas: 4");
+    let e = policies_from_yaml(&misplaced).unwrap_err().to_string();
+    assert!(e.contains("unknown field `replicas`"), "{e}");
+    let typo = GOOD.replace("count: 2", "cuont: 2");
+    let e = policies_from_yaml(&typo).unwrap_err().to_string();
+    assert!(e.contains("cuont"), "{e}");
+}
+
+#[test]
+fn multi_document_and_duplicates() {
+    let two = format!(
+        "{GOOD}---\n{}",
+        GOOD.replace("name: foo", "name: bar")
+            .replace("/foo", "/bar")
+    );
+    assert_eq!(policies_from_yaml(&two).unwrap().len(), 2);
+    let dup = format!("{GOOD}---\n{}", GOOD.replace("name: foo", "name: bar"));
+    let e = policies_from_yaml(&dup).unwrap_err();
+    assert!(matches!(e, LoadError::Duplicate { .. }), "{e}");
+    assert!(matches!(policies_from_yaml("---\n"), Err(LoadError::Empty)));
+    let wrong = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n";
+    assert!(matches!(
+        policies_from_yaml(wrong),
+        Err(LoadError::WrongKind { .. })
+    ));
+    let garbage = "spec: [unclosed";
+    assert!(matches!(
+        policies_from_yaml(garbage),
+        Err(LoadError::Parse { .. })
+    ));
+}
+
+#[test]
+fn ids_env_name() {
+    assert_eq!(
+        default_ids_env("hardware-vendor.example/foo"),
+        "DEVPLUG_HARDWARE_VENDOR_EXAMPLE_FOO"
+    );
+}
