@@ -1,1 +1,8 @@
+//! devplug node agent: one kubelet device plugin per `DevicePluginPolicy`.
+
+pub mod device;
+pub mod discovery;
 pub mod health;
+pub mod inventory;
+pub mod sharing;
+pub mod sources;

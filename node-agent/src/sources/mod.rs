@@ -1,0 +1,101 @@
+//! Device sources. Each discovers the physical devices of one kind and names
+//! the directories whose changes may change the answer; the discovery task
+//! (`crate::discovery`) re-runs [`Source::discover`] on inotify events there.
+
+use std::path::PathBuf;
+
+use devplug_api::{DevicePluginPolicy, SourceSpec};
+
+use crate::device::{Device, Roots};
+
+pub mod paths;
+pub mod pci;
+pub mod simulated;
+pub mod usb;
+
+/// Errors of a source's probe. Discovery turns them into `Unknown` health
+/// for every device it knew, rather than dropping the devices.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Reading a directory or file failed.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// What was read.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The spec cannot be served by this source.
+    #[error("{0}")]
+    Config(String),
+}
+
+impl SourceError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// A kind of device.
+pub trait Source: Send + Sync + 'static {
+    /// Short name for logs: `simulated`, `paths`, ...
+    fn kind(&self) -> &'static str;
+    /// Every matching device with its probe health, sorted by ID.
+    fn discover(&self) -> Result<Vec<Device>, SourceError>;
+    /// Directories to watch; a change in any of them re-runs discovery.
+    /// Directories that do not exist yet are watched through their nearest
+    /// existing ancestor.
+    fn watch_dirs(&self) -> Vec<PathBuf>;
+}
+
+/// Everything a source needs from outside the policy.
+#[derive(Debug, Clone)]
+pub struct SourceContext {
+    /// Host `/dev` and `/sys` roots.
+    pub roots: Roots,
+    /// Control directory of simulated devices (one subdirectory per policy).
+    pub sim_control_dir: PathBuf,
+}
+
+/// Builds the source a policy names.
+pub fn build(
+    policy: &DevicePluginPolicy,
+    ctx: &SourceContext,
+) -> Result<Box<dyn Source>, SourceError> {
+    let name = policy.metadata.name.clone().unwrap_or_default();
+    let SourceSpec {
+        simulated,
+        paths,
+        usb,
+        pci,
+    } = &policy.spec.source;
+    if let Some(s) = simulated {
+        return Ok(Box::new(simulated::Simulated::new(
+            s,
+            ctx.sim_control_dir.join(&name),
+        )));
+    }
+    if let Some(p) = paths {
+        return Ok(Box::new(paths::Paths::new(p, ctx.roots.clone())));
+    }
+    if let Some(u) = usb {
+        return Ok(Box::new(usb::Usb::new(u, ctx.roots.clone())));
+    }
+    if let Some(p) = pci {
+        return Ok(Box::new(pci::Pci::new(p, ctx.roots.clone())));
+    }
+    Err(SourceError::Config(format!(
+        "policy {name:?} sets no device source"
+    )))
+}
+
+/// Reads a small sysfs attribute, trimmed.
+pub(crate) fn read_attr(path: &std::path::Path) -> Result<String, SourceError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| SourceError::io(path, e))
+}
