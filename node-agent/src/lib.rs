@@ -1,5 +1,7 @@
 //! devplug node agent: one kubelet device plugin per `DevicePluginPolicy`.
 
+pub mod allocate;
+pub mod config;
 pub mod device;
 pub mod discovery;
 pub mod health;
