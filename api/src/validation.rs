@@ -127,17 +127,16 @@ fn check_glob(g: &str) -> Result<(), String> {
     while let Some(c) = chars.next() {
         match c {
             '[' => {
-                let mut len = 0;
                 let mut closed = false;
                 if chars.peek() == Some(&'!') {
                     chars.next();
                 }
-                for c2 in chars.by_ref() {
+                // A ']' right after '[' is a literal member, not the end.
+                for (len, c2) in chars.by_ref().enumerate() {
                     if c2 == ']' && len > 0 {
                         closed = true;
                         break;
                     }
-                    len += 1;
                 }
                 if !closed {
                     return Err(format!("glob {g:?} has an unclosed '['"));

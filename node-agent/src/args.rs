@@ -1,0 +1,102 @@
+//! Command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// devplug node agent: serves each DevicePluginPolicy as a kubelet device plugin.
+#[derive(Debug, Parser)]
+#[command(name = "devplug-agent", version)]
+pub struct Args {
+    /// Subcommand; without one the agent serves.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Flags of the serving agent.
+#[derive(Debug, clap::Args, Clone)]
+pub struct ServeArgs {
+    /// Standalone mode: serve the DevicePluginPolicy documents in this YAML
+    /// file (the same YAML `kubectl apply` takes), with no API server.
+    #[arg(long, env = "DEVPLUG_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// The kubelet's root directory (k3s, k0s and microk8s move it).
+    #[arg(long, env = "DEVPLUG_KUBELET_ROOT", default_value = "/var/lib/kubelet")]
+    pub kubelet_root: PathBuf,
+
+    /// Device plugin directory [default: <kubelet-root>/device-plugins].
+    #[arg(long, env = "DEVPLUG_PLUGIN_DIR")]
+    pub plugin_dir: Option<PathBuf>,
+
+    /// Name of this node (for status and logs) [default: the hostname].
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// Where the host's /dev is visible to the agent.
+    #[arg(long, env = "DEVPLUG_DEV_ROOT", default_value = "/dev")]
+    pub dev_root: PathBuf,
+
+    /// Where the host's /sys is visible to the agent.
+    #[arg(long, env = "DEVPLUG_SYS_ROOT", default_value = "/sys")]
+    pub sys_root: PathBuf,
+
+    /// Control directory of simulated devices.
+    #[arg(
+        long,
+        env = "DEVPLUG_SIM_CONTROL_DIR",
+        default_value = "/run/devplug/sim"
+    )]
+    pub sim_control_dir: PathBuf,
+
+    /// Address of /healthz and /readyz ("off" disables).
+    #[arg(long, env = "DEVPLUG_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    pub admin_addr: String,
+}
+
+impl ServeArgs {
+    /// The plugin directory in effect.
+    pub fn plugin_dir(&self) -> PathBuf {
+        self.plugin_dir
+            .clone()
+            .unwrap_or_else(|| self.kubelet_root.join("device-plugins"))
+    }
+
+    /// The admin address, or None when disabled.
+    pub fn admin_addr(&self) -> Result<Option<SocketAddr>, String> {
+        if self.admin_addr == "off" {
+            return Ok(None);
+        }
+        self.admin_addr
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("--admin-addr {:?}: {e}", self.admin_addr))
+    }
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Change a simulated device: its health, or whether it is present.
+    Sim {
+        /// Control directory (as given to the serving agent).
+        #[arg(
+            long,
+            env = "DEVPLUG_SIM_CONTROL_DIR",
+            default_value = "/run/devplug/sim"
+        )]
+        control_dir: PathBuf,
+        /// Policy name.
+        policy: String,
+        /// Device ID.
+        device: String,
+        /// Healthy, Unhealthy, Unknown, Absent (hot-unplug) or Present.
+        state: String,
+        /// Reason shown for Unhealthy or Unknown.
+        reason: Option<String>,
+    },
+}

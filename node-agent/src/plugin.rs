@@ -1,0 +1,190 @@
+//! The `v1beta1.DevicePlugin` gRPC service of one policy.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use devplug_proto::deviceplugin::v1beta1 as dp;
+use devplug_proto::deviceplugin::v1beta1::device_plugin_server::DevicePlugin;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use crate::allocate::{self, RequestError};
+use crate::config::PluginConfig;
+use crate::inventory::Snapshot;
+use crate::prestart;
+
+/// Live ListAndWatch streams of one plugin. Every stream reads the shared
+/// snapshot channel itself, so no stream can swallow another's updates, and
+/// a stream ends when its client goes away (tonic drops it).
+#[derive(Default)]
+pub struct Streams {
+    active: AtomicUsize,
+    opened: AtomicU64,
+    /// Signalled each time a stream ends.
+    pub closed: Notify,
+}
+
+impl Streams {
+    fn open(self: &Arc<Self>) -> StreamGuard {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        self.opened.fetch_add(1, Ordering::SeqCst);
+        StreamGuard(self.clone())
+    }
+
+    /// Streams open now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Streams opened since start.
+    pub fn opened(&self) -> u64 {
+        self.opened.load(Ordering::SeqCst)
+    }
+}
+
+struct StreamGuard(Arc<Streams>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+        self.0.closed.notify_one();
+    }
+}
+
+/// Shared state of one plugin: its config, snapshots and liveness.
+pub struct PluginState {
+    /// The digested policy.
+    pub cfg: PluginConfig,
+    /// Latest device snapshot.
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// ListAndWatch streams.
+    pub streams: Arc<Streams>,
+    /// True while the kubelet has accepted our registration.
+    pub registered: AtomicBool,
+    /// Successful registrations since start.
+    pub registrations: AtomicU64,
+    /// Flips to true on shutdown; ends every stream.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl PluginState {
+    /// Registered and at least one ListAndWatch stream open: the kubelet has us.
+    pub fn ready(&self) -> bool {
+        self.registered.load(Ordering::SeqCst) && self.streams.active() > 0
+    }
+}
+
+/// The gRPC service; cheap to clone.
+#[derive(Clone)]
+pub struct PluginService(pub Arc<PluginState>);
+
+fn invalid(e: RequestError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+type ListStream = Pin<Box<dyn Stream<Item = Result<dp::ListAndWatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl DevicePlugin for PluginService {
+    type ListAndWatchStream = ListStream;
+
+    async fn get_device_plugin_options(
+        &self,
+        _: Request<dp::Empty>,
+    ) -> Result<Response<dp::DevicePluginOptions>, Status> {
+        Ok(Response::new(options(&self.0.cfg)))
+    }
+
+    async fn list_and_watch(
+        &self,
+        _: Request<dp::Empty>,
+    ) -> Result<Response<Self::ListAndWatchStream>, Status> {
+        let guard = self.0.streams.open();
+        info!(policy = %self.0.cfg.name, active = self.0.streams.active(), "ListAndWatch stream opened");
+        // One forwarding task per stream: it sends the current list, then
+        // every new one, and ends when the client goes away (the receiver is
+        // dropped) or on shutdown.
+        let (tx, rx) = mpsc::channel(1);
+        let mut snapshots = self.0.snapshots.clone();
+        let mut shutdown = self.0.shutdown.clone();
+        let policy = self.0.cfg.name.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            loop {
+                let list = snapshots.borrow_and_update().list.clone();
+                if tx.send(Ok(list)).await.is_err() {
+                    break;
+                }
+                tokio::select! {
+                    _ = tx.closed() => break,
+                    _ = crate::stopped(&mut shutdown) => break,
+                    changed = snapshots.changed() => if changed.is_err() { break },
+                }
+            }
+            debug!(%policy, "ListAndWatch stream ended");
+        });
+        let stream = ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_preferred_allocation(
+        &self,
+        req: Request<dp::PreferredAllocationRequest>,
+    ) -> Result<Response<dp::PreferredAllocationResponse>, Status> {
+        let snap = self.0.snapshots.borrow().clone();
+        let mut out = Vec::new();
+        for c in &req.get_ref().container_requests {
+            let ids = allocate::preferred(&self.0.cfg, &snap, c).map_err(invalid)?;
+            out.push(dp::ContainerPreferredAllocationResponse::with_ids(ids));
+        }
+        Ok(Response::new(dp::PreferredAllocationResponse {
+            container_responses: out,
+        }))
+    }
+
+    async fn allocate(
+        &self,
+        req: Request<dp::AllocateRequest>,
+    ) -> Result<Response<dp::AllocateResponse>, Status> {
+        let snap = self.0.snapshots.borrow().clone();
+        match allocate::allocate(&self.0.cfg, &snap, req.get_ref()) {
+            Ok(r) => {
+                debug!(policy = %self.0.cfg.name, containers = r.container_responses.len(), "allocated");
+                Ok(Response::new(r))
+            }
+            Err(e) => {
+                warn!(policy = %self.0.cfg.name, error = %e, "Allocate refused");
+                Err(invalid(e))
+            }
+        }
+    }
+
+    async fn pre_start_container(
+        &self,
+        req: Request<dp::PreStartContainerRequest>,
+    ) -> Result<Response<dp::PreStartContainerResponse>, Status> {
+        let Some((command, timeout)) = &self.0.cfg.pre_start else {
+            return Ok(Response::new(dp::PreStartContainerResponse {}));
+        };
+        let snap = self.0.snapshots.borrow().clone();
+        let ids = allocate::prestart_ids(&self.0.cfg, &snap, req.get_ref().device_ids())
+            .map_err(invalid)?;
+        prestart::run(command, &ids, *timeout).await.map_err(|e| {
+            warn!(policy = %self.0.cfg.name, error = %e, "preStart failed");
+            Status::internal(e.to_string())
+        })?;
+        Ok(Response::new(dp::PreStartContainerResponse {}))
+    }
+}
+
+/// The options we register with and answer GetDevicePluginOptions with.
+pub fn options(cfg: &PluginConfig) -> dp::DevicePluginOptions {
+    dp::DevicePluginOptions {
+        pre_start_required: cfg.pre_start.is_some(),
+        get_preferred_allocation_available: true,
+    }
+}

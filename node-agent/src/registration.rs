@@ -1,0 +1,160 @@
+//! Registering with the kubelet, and registering again whenever the kubelet
+//! may have forgotten us:
+//! - `kubelet.sock` is (re)created: a new kubelet is listening;
+//! - our own socket is deleted: the kubelet restarted and cleaned the
+//!   directory (we re-create the socket first, then register);
+//! - every ListAndWatch stream ended and none replaced it within
+//!   [`STREAM_GRACE`]: the kubelet dropped us.
+//!
+//! Failures (kubelet not up yet, or refusing) are retried with backoff,
+//! never fatal; a trigger cuts the backoff short.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use devplug_proto::deviceplugin::v1beta1 as dp;
+use devplug_proto::deviceplugin::v1beta1::registration_client::RegistrationClient;
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tokio::sync::{Notify, watch};
+use tonic::transport::{Endpoint, Uri};
+use tracing::{info, warn};
+
+use crate::plugin::{PluginState, options};
+use crate::server::Rebind;
+
+/// How long a dropped ListAndWatch stream may go unreplaced.
+pub const STREAM_GRACE: Duration = Duration::from_millis(300);
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of one registration attempt.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// Could not reach the kubelet's socket.
+    #[error("cannot connect to {path}: {detail}")]
+    Connect {
+        /// kubelet.sock.
+        path: String,
+        /// The transport error with its causes.
+        detail: String,
+    },
+    /// The kubelet answered with an error.
+    #[error("kubelet refused registration: {0}")]
+    Refused(#[from] tonic::Status),
+    /// No answer in time.
+    #[error("registration timed out")]
+    Timeout,
+}
+
+/// An error and its causes on one line ("transport error: No such file...").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Calls `Registration.Register` on the kubelet socket once.
+pub async fn register_once(
+    kubelet_sock: &Path,
+    req: dp::RegisterRequest,
+) -> Result<(), RegisterError> {
+    let path = kubelet_sock.to_path_buf();
+    let attempt = async {
+        // The URI is required by the API but unused: the connector dials the socket.
+        let channel = Endpoint::from_static("http://kubelet.invalid")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let p = path.clone();
+                async move { UnixStream::connect(p).await.map(TokioIo::new) }
+            }))
+            .await
+            .map_err(|e| RegisterError::Connect {
+                path: kubelet_sock.display().to_string(),
+                detail: error_chain(&e),
+            })?;
+        RegistrationClient::new(channel).register(req).await?;
+        Ok(())
+    };
+    tokio::time::timeout(CALL_TIMEOUT, attempt)
+        .await
+        .map_err(|_| RegisterError::Timeout)?
+}
+
+/// Keeps one plugin registered until shutdown.
+pub async fn run(
+    state: Arc<PluginState>,
+    kubelet_sock: PathBuf,
+    rebind: Rebind,
+    trigger: Arc<Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let cfg = &state.cfg;
+    let req = dp::RegisterRequest {
+        version: dp::VERSION.to_string(),
+        endpoint: cfg.socket_name.clone(),
+        resource_name: cfg.resource_name.clone(),
+        options: Some(options(cfg)),
+    };
+    loop {
+        // Register, retrying with backoff.
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            if !rebind.path().exists()
+                && let Err(e) = rebind.rebind().await
+            {
+                warn!(policy = %cfg.name, error = %e, "cannot re-create plugin socket");
+            }
+            match register_once(&kubelet_sock, req.clone()).await {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!(policy = %cfg.name, error = %e, retry_in = ?backoff, "registration failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = trigger.notified() => {}
+                        _ = crate::stopped(&mut shutdown) => return,
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+        state.registered.store(true, Ordering::SeqCst);
+        let n = state.registrations.fetch_add(1, Ordering::SeqCst) + 1;
+        info!(policy = %cfg.name, resource = %cfg.resource_name, socket = %cfg.socket_name, registrations = n, "registered with the kubelet");
+
+        // Wait for a reason to register again.
+        let mut inner_shutdown = shutdown.clone();
+        let reason = loop {
+            tokio::select! {
+                _ = crate::stopped(&mut shutdown) => return,
+                _ = trigger.notified() => break "kubelet socket re-created or plugin socket removed",
+                _ = state.streams.closed.notified() => {
+                    if state.streams.active() > 0 {
+                        continue;
+                    }
+                    let opened = state.streams.opened();
+                    tokio::select! {
+                        _ = crate::stopped(&mut inner_shutdown) => return,
+                        _ = trigger.notified() => break "kubelet socket re-created or plugin socket removed",
+                        _ = tokio::time::sleep(STREAM_GRACE) => {}
+                    }
+                    if state.streams.active() == 0 && state.streams.opened() == opened {
+                        break "the kubelet closed ListAndWatch and did not reopen it";
+                    }
+                }
+            }
+        };
+        state.registered.store(false, Ordering::SeqCst);
+        info!(policy = %cfg.name, %reason, "registering again");
+    }
+}
