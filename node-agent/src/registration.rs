@@ -20,7 +20,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tokio::sync::{Notify, watch};
 use tonic::transport::{Endpoint, Uri};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::plugin::{PluginState, options};
 use crate::server::Rebind;
@@ -43,8 +43,16 @@ pub enum RegisterError {
         detail: String,
     },
     /// The kubelet answered with an error.
-    #[error("kubelet refused registration: {0}")]
-    Refused(#[from] tonic::Status),
+    #[error("kubelet refused registration: {code:?}: {message}")]
+    Refused {
+        /// gRPC code.
+        code: tonic::Code,
+        /// The kubelet's message.
+        message: String,
+    },
+    /// The connection broke during the call (the kubelet went away).
+    #[error("connection to the kubelet lost during Register: {0}")]
+    Lost(String),
     /// No answer in time.
     #[error("registration timed out")]
     Timeout,
@@ -52,14 +60,17 @@ pub enum RegisterError {
 
 /// An error and its causes on one line ("transport error: No such file...").
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
+    let mut parts = vec![e.to_string()];
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let m = c.to_string();
+        // hyper and tonic wrap the same io::Error more than once.
+        if parts.last() != Some(&m) {
+            parts.push(m);
+        }
         cur = c.source();
     }
-    s
+    parts.join(": ")
 }
 
 /// Calls `Registration.Register` on the kubelet socket once.
@@ -80,7 +91,19 @@ pub async fn register_once(
                 path: kubelet_sock.display().to_string(),
                 detail: error_chain(&e),
             })?;
-        RegistrationClient::new(channel).register(req).await?;
+        RegistrationClient::new(channel)
+            .register(req)
+            .await
+            .map_err(|status| match std::error::Error::source(&status) {
+                // A transport failure surfaces as a status with a source.
+                Some(src) if status.code() == tonic::Code::Unknown => {
+                    RegisterError::Lost(error_chain(src))
+                }
+                _ => RegisterError::Refused {
+                    code: status.code(),
+                    message: status.message().to_string(),
+                },
+            })?;
         Ok(())
     };
     tokio::time::timeout(CALL_TIMEOUT, attempt)
@@ -106,7 +129,9 @@ pub async fn run(
     loop {
         // Register, retrying with backoff.
         let mut backoff = BACKOFF_MIN;
+        let mut attempt = 0u32;
         loop {
+            attempt += 1;
             if *shutdown.borrow() {
                 return;
             }
@@ -118,7 +143,13 @@ pub async fn run(
             match register_once(&kubelet_sock, req.clone()).await {
                 Ok(()) => break,
                 Err(e) => {
-                    warn!(policy = %cfg.name, error = %e, retry_in = ?backoff, "registration failed");
+                    // A kubelet restart costs a few quick failures; say so
+                    // loudly only when it lasts.
+                    if attempt >= 4 {
+                        warn!(policy = %cfg.name, error = %e, attempt, retry_in = ?backoff, "registration failed");
+                    } else {
+                        debug!(policy = %cfg.name, error = %e, attempt, retry_in = ?backoff, "registration failed");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = trigger.notified() => {}

@@ -357,6 +357,22 @@ async fn kubelet_down_then_up_and_only_socket_removed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_registration_is_retried_not_fatal() {
+    let node = Node::new();
+    let mut kubelet = KubeletSim::start(&node.plugins);
+    kubelet.refuse_next(3);
+    let mut agent = Agent::spawn(&node, &sim_policy("refused", "example.com/refused", ""));
+    kubelet.wait_registrations(1, T).await;
+    kubelet
+        .wait_list("example.com/refused", T, |l| l.len() == 4)
+        .await;
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "agent must keep running"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_stream_without_replacement_reregisters() {
     let node = Node::new();
     let mut kubelet = KubeletSim::start(&node.plugins);

@@ -74,10 +74,11 @@ pub fn build(
         pci,
     } = &policy.spec.source;
     if let Some(s) = simulated {
-        return Ok(Box::new(simulated::Simulated::new(
-            s,
-            ctx.sim_control_dir.join(&name),
-        )));
+        // Our own directory: create it so the watch lands on it rather than
+        // on a busy ancestor such as /run.
+        let control = ctx.sim_control_dir.join(&name);
+        std::fs::create_dir_all(&control).map_err(|e| SourceError::io(&control, e))?;
+        return Ok(Box::new(simulated::Simulated::new(s, control)));
     }
     if let Some(p) = paths {
         return Ok(Box::new(paths::Paths::new(p, ctx.roots.clone())));

@@ -48,6 +48,7 @@ struct Shared {
     reg_tx: Mutex<Option<watch::Sender<usize>>>,
     lists: Mutex<Lists>,
     streams: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    refuse: Mutex<usize>,
 }
 
 #[derive(Clone)]
@@ -63,6 +64,13 @@ impl Registration for RegistrationSvc {
         req: Request<dp::RegisterRequest>,
     ) -> Result<Response<dp::Empty>, Status> {
         let req = req.into_inner();
+        {
+            let mut refuse = self.shared.refuse.lock().unwrap();
+            if *refuse > 0 {
+                *refuse -= 1;
+                return Err(Status::failed_precondition("simulated refusal"));
+            }
+        }
         // The kubelet's own checks.
         if req.version != dp::VERSION {
             return Err(Status::invalid_argument(format!(
@@ -203,6 +211,11 @@ impl KubeletSim {
         if let Some(t) = self.shared.streams.lock().unwrap().remove(resource) {
             t.abort();
         }
+    }
+
+    /// Refuses the next `n` Register calls, as a kubelet that is not ready would.
+    pub fn refuse_next(&self, n: usize) {
+        *self.shared.refuse.lock().unwrap() = n;
     }
 
     /// All registrations so far.
