@@ -94,6 +94,14 @@ pub fn build(
     )))
 }
 
+impl SourceError {
+    /// True when the thing read no longer exists (a device unplugged while
+    /// we were scanning it): skip that device, keep the scan.
+    pub fn is_vanished(&self) -> bool {
+        matches!(self, SourceError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
 /// Reads a small sysfs attribute, trimmed.
 pub(crate) fn read_attr(path: &std::path::Path) -> Result<String, SourceError> {
     std::fs::read_to_string(path)

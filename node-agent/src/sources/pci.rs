@@ -44,6 +44,60 @@ impl Pci {
             roots,
         }
     }
+
+    /// Reads one device directory; `None` when it does not match.
+    fn probe(&self, dir: &std::path::Path, address: String) -> Result<Option<Device>, SourceError> {
+        let vendor = norm(&read_attr(&dir.join("vendor"))?);
+        let device = norm(&read_attr(&dir.join("device"))?);
+        let class = norm(&read_attr(&dir.join("class"))?);
+        if self.vendor.as_ref().is_some_and(|v| *v != vendor)
+            || (!self.devices.is_empty() && !self.devices.contains(&device))
+            || self
+                .class
+                .as_ref()
+                .is_some_and(|c| !class.starts_with(c.as_str()))
+        {
+            return Ok(None);
+        }
+        let driver = link_name(&dir.join("driver"));
+        let vfio = driver.as_deref() == Some("vfio-pci");
+        if self.require_vfio && !vfio {
+            return Ok(None);
+        }
+        let numa_node = std::fs::read_to_string(dir.join("numa_node"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .filter(|n| *n >= 0);
+        let mut nodes = Vec::new();
+        let mut health = Health::Healthy;
+        if vfio {
+            match link_name(&dir.join("iommu_group")) {
+                Some(group) => {
+                    for host in ["/dev/vfio/vfio".to_string(), format!("/dev/vfio/{group}")] {
+                        if !self.roots.dev_local(&host).exists() && health.is_healthy() {
+                            health = Health::Unhealthy(format!("{host} is missing"));
+                        }
+                        nodes.push(DeviceNode {
+                            container_path: host.clone(),
+                            host_path: host,
+                            permissions: "rw".into(),
+                        });
+                    }
+                }
+                None => {
+                    health = Health::Unhealthy(
+                        "bound to vfio-pci but has no IOMMU group (is the IOMMU enabled?)".into(),
+                    )
+                }
+            }
+        }
+        Ok(Some(Device {
+            id: address,
+            numa_node,
+            nodes,
+            health,
+        }))
+    }
 }
 
 impl Source for Pci {
@@ -61,59 +115,15 @@ impl Source for Pci {
         let mut out = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| SourceError::io(&base, e))?;
-            let dir = entry.path();
-            let address = entry.file_name().to_string_lossy().into_owned();
-            let vendor = norm(&read_attr(&dir.join("vendor"))?);
-            let device = norm(&read_attr(&dir.join("device"))?);
-            let class = norm(&read_attr(&dir.join("class"))?);
-            if self.vendor.as_ref().is_some_and(|v| *v != vendor)
-                || (!self.devices.is_empty() && !self.devices.contains(&device))
-                || self
-                    .class
-                    .as_ref()
-                    .is_some_and(|c| !class.starts_with(c.as_str()))
-            {
-                continue;
+            match self.probe(
+                &entry.path(),
+                entry.file_name().to_string_lossy().into_owned(),
+            ) {
+                Ok(Some(d)) => out.push(d),
+                Ok(None) => {}
+                Err(e) if e.is_vanished() => {}
+                Err(e) => return Err(e),
             }
-            let driver = link_name(&dir.join("driver"));
-            let vfio = driver.as_deref() == Some("vfio-pci");
-            if self.require_vfio && !vfio {
-                continue;
-            }
-            let numa_node = std::fs::read_to_string(dir.join("numa_node"))
-                .ok()
-                .and_then(|s| s.trim().parse::<i64>().ok())
-                .filter(|n| *n >= 0);
-            let mut nodes = Vec::new();
-            let mut health = Health::Healthy;
-            if vfio {
-                match link_name(&dir.join("iommu_group")) {
-                    Some(group) => {
-                        for host in ["/dev/vfio/vfio".to_string(), format!("/dev/vfio/{group}")] {
-                            if !self.roots.dev_local(&host).exists() && health.is_healthy() {
-                                health = Health::Unhealthy(format!("{host} is missing"));
-                            }
-                            nodes.push(DeviceNode {
-                                container_path: host.clone(),
-                                host_path: host,
-                                permissions: "rw".into(),
-                            });
-                        }
-                    }
-                    None => {
-                        health = Health::Unhealthy(
-                            "bound to vfio-pci but has no IOMMU group (is the IOMMU enabled?)"
-                                .into(),
-                        )
-                    }
-                }
-            }
-            out.push(Device {
-                id: address,
-                numa_node,
-                nodes,
-                health,
-            });
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
@@ -185,6 +195,19 @@ mod tests {
         assert_eq!(paths, vec!["/dev/vfio/vfio", "/dev/vfio/42"]);
         assert!(all[0].health.is_healthy());
         assert!(all[1].nodes.is_empty());
+
+        // A device unplugged mid-scan (its attributes gone) is skipped, not fatal.
+        std::fs::create_dir_all(roots.sys.join("bus/pci/devices/0000:99:00.0")).unwrap();
+        let again = Pci::new(
+            &PciSource {
+                vendor: Some("10de".into()),
+                ..Default::default()
+            },
+            roots.clone(),
+        )
+        .discover()
+        .unwrap();
+        assert_eq!(again.len(), 2);
 
         let vfio_only = Pci::new(
             &PciSource {

@@ -95,10 +95,20 @@ impl Source for Usb {
                 continue;
             }
             let port = entry.file_name().to_string_lossy().into_owned();
-            let bus: u32 = read_attr(&dir.join("busnum"))?.parse().map_err(|_| {
+            let bus_text = match read_attr(&dir.join("busnum")) {
+                Ok(t) => t,
+                Err(e) if e.is_vanished() => continue, // unplugged mid-scan
+                Err(e) => return Err(e),
+            };
+            let bus: u32 = bus_text.parse().map_err(|_| {
                 SourceError::Config(format!("{}: busnum is not a number", dir.display()))
             })?;
-            let devnum: u32 = read_attr(&dir.join("devnum"))?.parse().map_err(|_| {
+            let devnum_text = match read_attr(&dir.join("devnum")) {
+                Ok(t) => t,
+                Err(e) if e.is_vanished() => continue, // unplugged mid-scan
+                Err(e) => return Err(e),
+            };
+            let devnum: u32 = devnum_text.parse().map_err(|_| {
                 SourceError::Config(format!("{}: devnum is not a number", dir.display()))
             })?;
             let id = match read_attr(&dir.join("serial")) {
