@@ -1,6 +1,8 @@
 //! devplug's API: the `DevicePluginPolicy` custom resource, the constants
 //! both binaries share, and validation. No IO happens in this crate.
 
+pub mod conditions;
+pub mod crd;
 pub mod policy;
 pub mod validation;
 
@@ -11,6 +13,19 @@ pub use validation::{FieldError, ValidationErrors, validate_device_id, validate_
 pub const GROUP: &str = "devplug.io";
 /// API version of every devplug resource.
 pub const VERSION: &str = "v1alpha1";
+
+/// Field manager of the operator's server-side applies.
+pub const OPERATOR_MANAGER: &str = "devplug-operator";
+/// Label on every object the operator creates for a policy: the policy name.
+pub const POLICY_LABEL: &str = "devplug.io/policy";
+/// Annotation holding the hash of what a managed object was applied from;
+/// equal hash means nothing to write.
+pub const APPLIED_HASH_ANNOTATION: &str = "devplug.io/applied-hash";
+/// Pod-template annotation: hash of the fields that need a new agent pod.
+pub const POD_CONFIG_HASH_ANNOTATION: &str = "devplug.io/pod-config-hash";
+
+pub use k8s_openapi;
+pub use kube::core::{CustomResourceExt, Resource, ResourceExt};
 
 /// Errors loading policies from YAML text.
 #[derive(Debug, thiserror::Error)]
@@ -137,5 +152,7 @@ pub fn default_ids_env(resource_name: &str) -> String {
     s
 }
 
+#[cfg(test)]
+mod schema_tests;
 #[cfg(test)]
 mod tests;

@@ -23,6 +23,10 @@ use serde::{Deserialize, Serialize};
     shortname = "dpp",
     status = "DevicePluginPolicyStatus",
     printcolumn = r#"{"name":"Resource","type":"string","jsonPath":".spec.resourceName"}"#,
+    printcolumn = r#"{"name":"Nodes","type":"string","description":"ready/desired agent nodes","jsonPath":".status.nodesReady"}"#,
+    printcolumn = r#"{"name":"Healthy","type":"string","description":"healthy/total devices","jsonPath":".status.devicesHealthy"}"#,
+    printcolumn = r#"{"name":"Allocated","type":"integer","jsonPath":".status.devices.allocated"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -30,6 +34,14 @@ pub struct DevicePluginPolicySpec {
     /// Extended resource name, `<domain>/<name>`, for example
     /// `hardware-vendor.example/foo`. The `kubernetes.io` and `k8s.io`
     /// domains are reserved and refused.
+    #[schemars(
+        length(min = 3, max = 317),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+/[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"),
+        extend("x-kubernetes-validations" = [
+            {"rule": "!(self.startsWith('kubernetes.io/') || self.startsWith('k8s.io/') || self.contains('.kubernetes.io/') || self.contains('.k8s.io/'))",
+             "message": "the kubernetes.io and k8s.io domains are reserved; use your own domain"}
+        ])
+    )]
     pub resource_name: String,
 
     /// Run agents only on nodes with these labels. Empty selects every node.
@@ -71,6 +83,10 @@ pub struct DevicePluginPolicySpec {
 /// Device discovery. Exactly one field must be set.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "[has(self.simulated), has(self.paths), has(self.usb), has(self.pci)].filter(x, x).size() == 1",
+     "message": "set exactly one source: simulated, paths, usb or pci"}
+]))]
 pub struct SourceSpec {
     /// Simulated devices, for demos, tests and benchmarks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -110,19 +126,31 @@ impl SourceSpec {
 /// the agent names them `<idPrefix>-<n>`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "(has(self.count) && self.count > 0) != (has(self.devices) && size(self.devices) > 0)",
+     "message": "set either count >= 1 or a list of devices, not both"}
+]))]
 pub struct SimulatedSource {
     /// Number of devices to generate when `devices` is empty.
     #[serde(default)]
+    #[schemars(range(max = 4096))]
     pub count: u32,
     /// Prefix of generated device IDs (default `sim`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9._:-]{1,56}$"))]
     pub id_prefix: Option<String>,
     /// Spread generated devices over this many NUMA nodes, in contiguous
     /// blocks (0 or absent: no NUMA information).
     #[serde(default)]
+    #[schemars(range(max = 64))]
     pub numa_nodes: u32,
-    /// Explicit devices; overrides `count`.
+    /// Explicit devices; overrides `count`. IDs are unique (a list-map keyed
+    /// by `id`, enforced by the API server).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 4096),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"])
+    )]
     pub devices: Vec<SimulatedDevice>,
 }
 
@@ -131,9 +159,11 @@ pub struct SimulatedSource {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SimulatedDevice {
     /// Device ID as advertised to the kubelet.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9._:-]{1,63}$"))]
     pub id: String,
     /// NUMA node of the device, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub numa_node: Option<i64>,
 }
 
@@ -143,6 +173,13 @@ pub struct SimulatedDevice {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PathsSource {
     /// Absolute globs under `/dev`, for example `/dev/foo[0-9]*`.
+    #[schemars(
+        length(min = 1),
+        extend("items" = {"type": "string", "pattern": "^/dev/([^\\[\\]]|\\[!?[^\\]]+\\])+$"}),
+        extend("x-kubernetes-validations" = [
+            {"rule": "self.all(g, !g.contains('/../'))", "message": "globs must stay under /dev/"}
+        ])
+    )]
     pub globs: Vec<String>,
     /// Extra nodes that belong to each matched device, as templates:
     /// `{path}` is the matched path and `{name}` its file name, for example
@@ -152,6 +189,10 @@ pub struct PathsSource {
     /// cgroup permissions given to the container: any of `r`, `w`, `m`
     /// (default `rw`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^(r?w?m?|r?m?w?|w?r?m?|w?m?r?|m?r?w?|m?w?r?)$"),
+        length(min = 1, max = 3)
+    )]
     pub permissions: Option<String>,
     /// Path prefix inside the container replacing `/dev` (default: same
     /// path as on the host).
@@ -165,6 +206,7 @@ pub struct PathsSource {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UsbSource {
     /// Devices to match; any match selects the device.
+    #[schemars(length(min = 1))]
     pub devices: Vec<UsbMatch>,
 }
 
@@ -173,9 +215,11 @@ pub struct UsbSource {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UsbMatch {
     /// Vendor ID, for example `046d`.
+    #[schemars(regex(pattern = r"^[0-9a-fA-F]{4}$"))]
     pub vendor: String,
     /// Product ID, for example `c52b`; absent matches any product.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-fA-F]{4}$"))]
     pub product: Option<String>,
 }
 
@@ -184,15 +228,22 @@ pub struct UsbMatch {
 /// IOMMU group node.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.vendor) || has(self.devices) || has(self.class)",
+     "message": "set at least one of vendor, devices, class"}
+]))]
 pub struct PciSource {
     /// Vendor ID (4 hex digits), for example `10de`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(0x)?[0-9a-fA-F]{4}$"))]
     pub vendor: Option<String>,
     /// Device IDs (4 hex digits each); empty matches any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("items" = {"type": "string", "pattern": "^(0x)?[0-9a-fA-F]{4}$"}))]
     pub devices: Vec<String>,
     /// Class prefix (2, 4 or 6 hex digits), for example `0300` for VGA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(0x)?([0-9a-fA-F]{2}){1,3}$"))]
     pub class: Option<String>,
     /// Only advertise devices bound to `vfio-pci` (default false).
     #[serde(default)]
@@ -212,12 +263,19 @@ pub enum SharingStrategy {
 /// How devices are shared.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.strategy) && self.strategy == 'TimeSlicing' ? has(self.replicas) : !has(self.replicas)",
+     "message": "replicas is required with strategy TimeSlicing and not allowed with Exclusive"},
+    {"rule": "!has(self.failRequestsGreaterThanOne) || !self.failRequestsGreaterThanOne || (has(self.strategy) && self.strategy == 'TimeSlicing')",
+     "message": "failRequestsGreaterThanOne is only meaningful with strategy TimeSlicing"}
+]))]
 pub struct SharingSpec {
     /// `Exclusive` (default) or `TimeSlicing`.
     #[serde(default)]
     pub strategy: SharingStrategy,
     /// With `TimeSlicing`: how many IDs each physical device is advertised as.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
     pub replicas: Option<u32>,
     /// With `TimeSlicing`: refuse requests for more than one replica, so a
     /// container cannot believe it got more capacity than one device.
@@ -246,6 +304,7 @@ pub struct AllocateSpec {
     /// comma-separated (default `DEVPLUG_<RESOURCE>`, the resource name
     /// upper-cased with non-alphanumerics as `_`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
     pub ids_env: Option<String>,
     /// Host paths mounted into the container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -263,8 +322,10 @@ pub struct AllocateSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MountSpec {
     /// Absolute path on the host.
+    #[schemars(regex(pattern = r"^/"))]
     pub host_path: String,
     /// Absolute path in the container.
+    #[schemars(regex(pattern = r"^/"))]
     pub container_path: String,
     /// Mount read-only (default true).
     #[serde(default = "default_true")]
@@ -296,9 +357,16 @@ pub struct CdiSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PreStartSpec {
     /// Program and arguments; the program is an absolute path.
+    #[schemars(
+        length(min = 1),
+        extend("x-kubernetes-validations" = [
+            {"rule": "self[0].startsWith('/')", "message": "the program must be an absolute path"}
+        ])
+    )]
     pub command: Vec<String>,
     /// Time limit for one run (default 30 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
     pub timeout_seconds: Option<u32>,
 }
 
@@ -309,6 +377,7 @@ pub struct HealthSpec {
     /// How long a recovered device must stay good before it is advertised
     /// healthy again (default 5 s). Going unhealthy is never delayed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 3600))]
     pub settle_seconds: Option<u32>,
 }
 
@@ -335,6 +404,7 @@ pub struct AgentSpec {
     /// `RollingUpdate` (default, one node at a time, never two agents per
     /// node) or `OnDelete`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["RollingUpdate", "OnDelete"]))]
     pub update_strategy: Option<String>,
 }
 
@@ -347,5 +417,44 @@ pub struct DevicePluginPolicyStatus {
     pub observed_generation: Option<i64>,
     /// `Ready`, `Progressing`, `Degraded`, `Conflict`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// Agent nodes.
+    #[serde(default)]
+    pub nodes: NodeCounts,
+    /// `ready/desired`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes_ready: Option<String>,
+    /// Devices over all nodes.
+    #[serde(default)]
+    pub devices: DeviceCounts,
+    /// `healthy/total`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices_healthy: Option<String>,
+}
+
+/// Agent pods of a policy.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeCounts {
+    /// Nodes that should run an agent.
+    pub desired: i32,
+    /// Nodes whose agent is registered with the kubelet.
+    pub ready: i32,
+    /// Nodes running the current agent pod template.
+    pub updated: i32,
+}
+
+/// Devices of a policy, over all nodes.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceCounts {
+    /// Physical devices.
+    pub total: i64,
+    /// Healthy physical devices.
+    pub healthy: i64,
+    /// Unhealthy or unknown physical devices.
+    pub unhealthy: i64,
+    /// Physical devices held by at least one container.
+    pub allocated: i64,
 }

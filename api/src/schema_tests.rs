@@ -1,0 +1,277 @@
+//! Admission-time rules, tested without an API server: the generated CRD
+//! schema is evaluated with kube's client-side CEL validator (the same rule
+//! language and defaulting the API server applies), and OpenAPI patterns with
+//! the `regex` crate.
+
+use kube::core::cel::{Validator, WarningKind, compile_schema, estimate_rule_cost};
+use serde_json::{Value, json};
+
+use crate::crd;
+
+fn schema() -> Value {
+    let crd = crd::device_plugin_policy().unwrap();
+    let s = crd.spec.versions[0]
+        .schema
+        .as_ref()
+        .unwrap()
+        .open_api_v3_schema
+        .as_ref()
+        .unwrap();
+    serde_json::to_value(s).unwrap()
+}
+
+fn policy(spec: Value) -> Value {
+    json!({
+        "apiVersion": "devplug.io/v1alpha1",
+        "kind": "DevicePluginPolicy",
+        "metadata": {"name": "p"},
+        "spec": spec,
+    })
+}
+
+fn base() -> Value {
+    json!({"resourceName": "example.com/foo", "source": {"simulated": {"count": 2}}})
+}
+
+fn with(f: impl FnOnce(&mut Value)) -> Value {
+    let mut v = base();
+    f(&mut v);
+    policy(v)
+}
+
+/// Every (path, rule) in the schema, with the schema node it sits on.
+fn rules(node: &Value, path: &str, out: &mut Vec<(String, String, Value)>) {
+    let Some(map) = node.as_object() else { return };
+    if let Some(Value::Array(vs)) = map.get("x-kubernetes-validations") {
+        for v in vs {
+            out.push((
+                path.to_string(),
+                v["rule"].as_str().unwrap().to_string(),
+                node.clone(),
+            ));
+        }
+    }
+    if let Some(Value::Object(props)) = map.get("properties") {
+        for (k, child) in props {
+            rules(child, &format!("{path}.{k}"), out);
+        }
+    }
+    if let Some(items) = map.get("items") {
+        rules(items, &format!("{path}[]"), out);
+    }
+}
+
+#[test]
+fn every_rule_compiles_and_fits_the_cost_budget() {
+    let mut all = Vec::new();
+    rules(&schema(), "", &mut all);
+    assert_eq!(all.len(), 8, "the policy has 8 CEL rules");
+    for (path, rule, node) in &all {
+        let compiled = compile_schema(node);
+        assert!(
+            !compiled.has_errors(),
+            "{path}: {rule}: {:?}",
+            compiled.compilation_errors()
+        );
+        let over: Vec<_> = estimate_rule_cost(rule, &compiled)
+            .into_iter()
+            .filter(|w| w.kind == WarningKind::CostExceeded)
+            .collect();
+        assert!(over.is_empty(), "{path}: {rule}: {over:?}");
+    }
+}
+
+fn admit(obj: &Value) -> Result<(), String> {
+    Validator::new()
+        .validate(&schema(), obj, None)
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn cel_rules_refuse_bad_specs_with_readable_messages() {
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            with(|s| s["resourceName"] = json!("kubernetes.io/foo")),
+            "reserved",
+        ),
+        (
+            with(|s| s["resourceName"] = json!("gpu.k8s.io/foo")),
+            "reserved",
+        ),
+        (with(|s| s["source"] = json!({})), "exactly one source"),
+        (
+            with(|s| s["source"]["paths"] = json!({"globs": ["/dev/x"]})),
+            "exactly one source",
+        ),
+        (
+            with(|s| s["source"]["simulated"] = json!({})),
+            "count >= 1 or a list",
+        ),
+        (
+            with(|s| s["source"]["simulated"] = json!({"count": 1, "devices": [{"id": "a"}]})),
+            "not both",
+        ),
+        (
+            with(|s| s["sharing"] = json!({"strategy": "Exclusive", "replicas": 2})),
+            "replicas is required with strategy TimeSlicing and not allowed",
+        ),
+        (
+            with(|s| s["sharing"] = json!({"strategy": "TimeSlicing"})),
+            "replicas is required",
+        ),
+        (
+            with(|s| s["sharing"] = json!({"failRequestsGreaterThanOne": true})),
+            "only meaningful with strategy TimeSlicing",
+        ),
+        (
+            with(|s| s["source"] = json!({"paths": {"globs": ["/dev/a/../../etc/shadow"]}})),
+            "stay under /dev/",
+        ),
+        (
+            with(|s| s["source"] = json!({"pci": {}})),
+            "at least one of vendor",
+        ),
+        (
+            with(|s| s["preStart"] = json!({"command": ["reset-gpu"]})),
+            "absolute path",
+        ),
+    ];
+    for (obj, want) in &cases {
+        match admit(obj) {
+            Ok(()) => panic!("admitted: {}", obj["spec"]),
+            Err(e) => assert!(e.contains(want), "{}: {e}", obj["spec"]),
+        }
+    }
+}
+
+#[test]
+fn good_specs_and_examples_are_admitted() {
+    admit(&policy(base())).unwrap();
+    admit(&with(|s| {
+        s["sharing"] = json!({"strategy": "TimeSlicing", "replicas": 4, "failRequestsGreaterThanOne": true})
+    }))
+    .unwrap();
+    admit(&with(|s| s["source"] = json!({"pci": {"class": "03"}}))).unwrap();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+        if !text.contains("kind: DevicePluginPolicy") {
+            continue;
+        }
+        for p in crate::policies_from_yaml(&text).unwrap() {
+            admit(&serde_json::to_value(&p).unwrap())
+                .unwrap_or_else(|e| panic!("{:?}: {e}", p.metadata.name));
+            n += 1;
+        }
+    }
+    assert!(n >= 5);
+}
+
+fn pattern(path: &[&str]) -> regex::Regex {
+    let mut node = schema();
+    for p in path {
+        node = if *p == "[]" {
+            node["items"].clone()
+        } else {
+            node["properties"][*p].clone()
+        };
+    }
+    let pat = node["pattern"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no pattern at {path:?}"));
+    regex::Regex::new(pat).unwrap()
+}
+
+#[test]
+fn openapi_patterns_and_bounds() {
+    let rn = pattern(&["spec", "resourceName"]);
+    for ok in [
+        "example.com/foo",
+        "hardware-vendor.example/foo",
+        "a.b/c_d.e",
+    ] {
+        assert!(rn.is_match(ok), "{ok}");
+    }
+    for bad in [
+        "foo",
+        "example.com/",
+        "Example.com/foo",
+        "localhost/foo",
+        "example.com/a/b",
+        "example.com/-x",
+    ] {
+        assert!(!rn.is_match(bad), "{bad}");
+    }
+    let glob = pattern(&["spec", "source", "paths", "globs", "[]"]);
+    assert!(glob.is_match("/dev/foo[0-9]*"));
+    assert!(glob.is_match("/dev/fuse"));
+    assert!(!glob.is_match("/etc/passwd"));
+    assert!(!glob.is_match("/dev/foo[0-9"), "unclosed class");
+    let vendor = pattern(&["spec", "source", "usb", "devices", "[]", "vendor"]);
+    assert!(vendor.is_match("046d") && !vendor.is_match("46d") && !vendor.is_match("zzzz"));
+    let id = pattern(&["spec", "source", "simulated", "devices", "[]", "id"]);
+    assert!(id.is_match("gpu-0") && !id.is_match("bad id"));
+    let perm = pattern(&["spec", "source", "paths", "permissions"]);
+    for ok in ["r", "rw", "mrw", "wm"] {
+        assert!(perm.is_match(ok), "{ok}");
+    }
+    for bad in ["rr", "x", "rwx"] {
+        assert!(!perm.is_match(bad), "{bad}");
+    }
+    let s = schema();
+    let sharing = &s["properties"]["spec"]["properties"]["sharing"]["properties"];
+    assert_eq!(sharing["replicas"]["minimum"].as_f64(), Some(1.0));
+    let count = &s["properties"]["spec"]["properties"]["source"]["properties"]["simulated"]["properties"]
+        ["count"];
+    assert_eq!(
+        count["minimum"].as_f64(),
+        Some(0.0),
+        "negative counts refused"
+    );
+    let numa = &s["properties"]["spec"]["properties"]["source"]["properties"]["simulated"]["properties"]
+        ["devices"]["items"]["properties"]["numaNode"];
+    assert_eq!(numa["minimum"].as_f64(), Some(0.0));
+}
+
+#[test]
+fn list_maps_make_the_api_server_refuse_duplicates() {
+    let s = schema();
+    let d = &s["properties"]["spec"]["properties"]["source"]["properties"]["simulated"]["properties"]
+        ["devices"];
+    assert_eq!(d["x-kubernetes-list-type"], "map");
+    assert_eq!(d["x-kubernetes-list-map-keys"], json!(["id"]));
+    let c = &s["properties"]["status"]["properties"]["conditions"];
+    assert_eq!(c["x-kubernetes-list-type"], "map");
+    assert_eq!(c["x-kubernetes-list-map-keys"], json!(["type"]));
+}
+
+#[test]
+fn no_schema_node_forbids_and_declares_properties() {
+    fn walk(v: &Value, path: &str) {
+        if let Some(m) = v.as_object() {
+            assert!(
+                !(m.contains_key("properties")
+                    && m.get("additionalProperties") == Some(&Value::Bool(false))),
+                "{path} is not structural"
+            );
+            for (k, c) in m {
+                walk(c, &format!("{path}/{k}"));
+            }
+        }
+    }
+    walk(&schema(), "");
+}
+
+#[test]
+fn checked_in_crds_match_the_types() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+    for (name, crd) in crd::all().unwrap() {
+        let want = crd::to_yaml(&crd).unwrap();
+        let got = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        assert!(
+            got == want,
+            "crds/{name} is out of date: run `cargo run -p devplug-api --bin crdgen` and commit the result"
+        );
+    }
+}
