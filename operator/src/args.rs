@@ -1,0 +1,38 @@
+//! Command line of the operator.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+
+/// devplug operator: rolls out a node agent for every DevicePluginPolicy.
+#[derive(Debug, Parser, Clone)]
+#[command(name = "devplug-operator", version)]
+pub struct Args {
+    /// Namespace of the agents (and of the leader-election Lease).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "devplug-system")]
+    pub namespace: String,
+
+    /// Agent image used when a policy names none.
+    #[arg(
+        long,
+        env = "DEVPLUG_AGENT_IMAGE",
+        default_value = "ghcr.io/devplug/devplug-agent:0.1.0"
+    )]
+    pub agent_image: String,
+
+    /// The kubelet's root directory on the nodes (k3s, k0s and microk8s move it).
+    #[arg(long, env = "DEVPLUG_KUBELET_ROOT", default_value = "/var/lib/kubelet")]
+    pub kubelet_root: String,
+
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "DEVPLUG_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+
+    /// Elect a leader through a Lease so several replicas are safe.
+    #[arg(long, env = "DEVPLUG_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "devplug-operator")]
+    pub lease_name: String,
+}

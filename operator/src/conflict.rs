@@ -1,0 +1,129 @@
+//! Two policies for one resource name on overlapping nodes would have two
+//! agents fight over one kubelet registration. The older policy wins,
+//! deterministically (creation time, then name); the newer gets no agents and
+//! a `Conflict` condition until the overlap is resolved.
+
+use std::collections::BTreeMap;
+
+use devplug_api::{DevicePluginPolicy, ResourceExt};
+
+/// Whether two node selectors can select a common node. Selectors that
+/// require different values for one label key are disjoint; anything else
+/// may overlap (the operator does not wait for nodes to exist to decide).
+pub fn may_overlap(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> bool {
+    a.iter().all(|(k, v)| b.get(k).is_none_or(|w| w == v))
+}
+
+fn age_key(p: &DevicePluginPolicy) -> (Option<i64>, String) {
+    (
+        p.metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_nanosecond() as i64),
+        p.name_any(),
+    )
+}
+
+/// The oldest other live policy that claims `p`'s resource on nodes `p` may
+/// also select, if it is older than `p`.
+pub fn older_claimant<'a, I>(p: &DevicePluginPolicy, all: I) -> Option<&'a DevicePluginPolicy>
+where
+    I: IntoIterator<Item = &'a DevicePluginPolicy>,
+{
+    let me = age_key(p);
+    all.into_iter()
+        .filter(|o| o.name_any() != p.name_any())
+        .filter(|o| o.metadata.deletion_timestamp.is_none())
+        .filter(|o| o.spec.resource_name == p.spec.resource_name)
+        .filter(|o| may_overlap(&o.spec.node_selector, &p.spec.node_selector))
+        .filter(|o| age_key(o) < me)
+        .min_by_key(|o| age_key(o))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devplug_api::{DevicePluginPolicySpec, SimulatedSource, SourceSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn pol(name: &str, res: &str, created: i64, sel: &[(&str, &str)]) -> DevicePluginPolicy {
+        let mut p = DevicePluginPolicy::new(
+            name,
+            DevicePluginPolicySpec {
+                resource_name: res.into(),
+                node_selector: sel
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                tolerations: vec![],
+                priority_class_name: None,
+                source: SourceSpec {
+                    simulated: Some(SimulatedSource {
+                        count: 1,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                sharing: Default::default(),
+                allocate: Default::default(),
+                pre_start: None,
+                health: Default::default(),
+                agent: Default::default(),
+            },
+        );
+        p.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created).unwrap()));
+        p
+    }
+
+    #[test]
+    fn older_policy_wins_on_overlap() {
+        let a = pol("a", "x.io/r", 10, &[]);
+        let b = pol("b", "x.io/r", 20, &[("gpu", "yes")]);
+        let all = [a.clone(), b.clone()];
+        assert_eq!(
+            older_claimant(&b, &all).map(|p| p.name_any()),
+            Some("a".into())
+        );
+        assert!(
+            older_claimant(&a, &all).is_none(),
+            "the older one keeps its agents"
+        );
+    }
+
+    #[test]
+    fn disjoint_selectors_or_other_resources_do_not_conflict() {
+        let a = pol("a", "x.io/r", 10, &[("zone", "a")]);
+        let b = pol("b", "x.io/r", 20, &[("zone", "b")]);
+        let c = pol("c", "x.io/other", 5, &[]);
+        let all = [a.clone(), b.clone(), c];
+        assert!(older_claimant(&b, &all).is_none());
+    }
+
+    #[test]
+    fn ties_break_by_name_and_deleted_policies_do_not_count() {
+        let a = pol("a", "x.io/r", 10, &[]);
+        let b = pol("b", "x.io/r", 10, &[]);
+        let all = [a.clone(), b.clone()];
+        assert_eq!(
+            older_claimant(&b, &all).map(|p| p.name_any()),
+            Some("a".into())
+        );
+        assert!(older_claimant(&a, &all).is_none());
+        let mut gone = a.clone();
+        gone.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(30).unwrap()));
+        assert!(older_claimant(&b, &[gone, b.clone()]).is_none());
+    }
+
+    #[test]
+    fn selector_overlap() {
+        let m = |kv: &[(&str, &str)]| {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert!(may_overlap(&m(&[]), &m(&[("a", "1")])));
+        assert!(may_overlap(&m(&[("a", "1")]), &m(&[("b", "2")])));
+        assert!(!may_overlap(&m(&[("a", "1")]), &m(&[("a", "2")])));
+    }
+}

@@ -1,0 +1,335 @@
+//! The reconciler of `DevicePluginPolicy`.
+//!
+//! One reconcile: validate, check for a conflicting older policy, apply the
+//! agent's ServiceAccount, ClusterRole, ClusterRoleBinding and DaemonSet
+//! (server-side apply, field manager `devplug-operator`, owned by the policy
+//! so deleting it removes them), then write the status and publish Events
+//! for condition transitions. Nothing is written when nothing changed: each
+//! applied object carries the hash of what it was applied from, and the
+//! status is compared before it is written.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devplug_api::conditions::{self, types};
+use devplug_api::{DevicePluginPolicy, OPERATOR_MANAGER, Resource, ResourceExt};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::{debug, info, warn};
+
+use crate::conflict;
+use crate::desired::{self, AgentDefaults};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::status::{self, Observed};
+
+/// How often a settled policy is looked at again without any event.
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// How soon a policy that is rolling out, degraded or in conflict is looked at again.
+pub const RECHECK: Duration = Duration::from_secs(15);
+
+/// Shared state of all reconciles.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Settings of every agent.
+    pub defaults: AgentDefaults,
+    /// Every policy, for conflict detection.
+    pub policies: Store<DevicePluginPolicy>,
+    /// Event publisher.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Consecutive failures per policy, for backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context over a client.
+    pub fn new(
+        client: Client,
+        defaults: AgentDefaults,
+        policies: Store<DevicePluginPolicy>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: OPERATOR_MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        );
+        Self {
+            client,
+            defaults,
+            policies,
+            recorder,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn record_failure(&self, name: &str) -> u32 {
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = f.entry(name.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    fn clear_failures(&self, name: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+    }
+}
+
+/// Backoff after `n` consecutive failures: 2 s doubling, capped at 5 min.
+pub fn backoff(n: u32) -> Duration {
+    let secs = 2u64.saturating_mul(1u64 << n.saturating_sub(1).min(8));
+    Duration::from_secs(secs.min(300))
+}
+
+fn kube_err<'a>(
+    action: &'static str,
+    kind: &'static str,
+    name: &'a str,
+) -> impl FnOnce(kube::Error) -> Error + 'a {
+    move |source| Error::Kube {
+        action,
+        kind,
+        name: name.to_string(),
+        source,
+    }
+}
+
+/// Applies `obj` unless the live object was applied from the same content.
+/// Returns the live object.
+async fn ensure<K>(api: &Api<K>, obj: K, kind: &'static str, ctx: &Context) -> Result<K>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    let obj = desired::stamp(obj).map_err(|e| Error::Serialize(kind, e))?;
+    let name = obj.name_any();
+    let live = api
+        .get_opt(&name)
+        .await
+        .map_err(kube_err("get", kind, &name))?;
+    if let Some(live) = live
+        && desired::applied_hash(&live) == desired::applied_hash(&obj)
+    {
+        return Ok(live);
+    }
+    let pp = PatchParams::apply(OPERATOR_MANAGER).force();
+    let applied = api
+        .patch(&name, &pp, &Patch::Apply(&obj))
+        .await
+        .map_err(kube_err("apply", kind, &name))?;
+    ctx.metrics.wrote(kind);
+    info!(kind, %name, "applied");
+    Ok(applied)
+}
+
+/// Removes the agent DaemonSet of a policy that must not have agents.
+async fn remove_agents(ctx: &Context, name: &str) -> Result<bool> {
+    let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.defaults.namespace);
+    let ds = desired::agent_name(name);
+    if api
+        .get_opt(&ds)
+        .await
+        .map_err(kube_err("get", "DaemonSet", &ds))?
+        .is_none()
+    {
+        return Ok(false);
+    }
+    match api.delete(&ds, &DeleteParams::background()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(false),
+        Err(e) => return Err(kube_err("delete", "DaemonSet", &ds)(e)),
+    }
+    ctx.metrics.wrote("DaemonSetDelete");
+    Ok(true)
+}
+
+async fn apply_agents(p: &DevicePluginPolicy, ctx: &Context) -> Result<(DaemonSet, Vec<Pod>)> {
+    let d = &ctx.defaults;
+    let c = ctx.client.clone();
+    ensure(
+        &Api::<ServiceAccount>::namespaced(c.clone(), &d.namespace),
+        desired::service_account(p, d),
+        "ServiceAccount",
+        ctx,
+    )
+    .await?;
+    ensure(
+        &Api::<ClusterRole>::all(c.clone()),
+        desired::cluster_role(p),
+        "ClusterRole",
+        ctx,
+    )
+    .await?;
+    ensure(
+        &Api::<ClusterRoleBinding>::all(c.clone()),
+        desired::cluster_role_binding(p, d),
+        "ClusterRoleBinding",
+        ctx,
+    )
+    .await?;
+    let ds = desired::daemonset(p, d).map_err(|e| Error::Serialize("DaemonSet", e))?;
+    let ds = ensure(
+        &Api::<DaemonSet>::namespaced(c.clone(), &d.namespace),
+        ds,
+        "DaemonSet",
+        ctx,
+    )
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(c, &d.namespace);
+    let list = pods
+        .list(&ListParams::default().labels(&desired::selector(&p.name_any())))
+        .await
+        .map_err(kube_err("list", "Pod", &p.name_any()))?;
+    Ok((ds, list.items))
+}
+
+/// Writes the status when it differs from the current one.
+async fn write_status(
+    p: &DevicePluginPolicy,
+    new: &devplug_api::DevicePluginPolicyStatus,
+    ctx: &Context,
+) -> Result<bool> {
+    if p.status.as_ref() == Some(new) {
+        return Ok(false);
+    }
+    let api: Api<DevicePluginPolicy> = Api::all(ctx.client.clone());
+    let body = serde_json::json!({
+        "apiVersion": "devplug.io/v1alpha1",
+        "kind": "DevicePluginPolicy",
+        "status": new,
+    });
+    let name = p.name_any();
+    api.patch_status(
+        &name,
+        &PatchParams::apply(OPERATOR_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(kube_err("apply status of", "DevicePluginPolicy", &name))?;
+    ctx.metrics.wrote("Status");
+    Ok(true)
+}
+
+/// One Event per condition that changed status.
+async fn publish_transitions(
+    p: &DevicePluginPolicy,
+    old: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    new: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    ctx: &Context,
+) {
+    for c in new {
+        let before = conditions::get(old, &c.type_).map(|o| o.status.as_str());
+        if before == Some(c.status.as_str()) || (before.is_none() && c.status == "False") {
+            continue;
+        }
+        let bad = match c.type_.as_str() {
+            types::READY => c.status != "True",
+            types::DEGRADED | types::CONFLICT => c.status == "True",
+            _ => false,
+        };
+        if c.type_ == types::PROGRESSING {
+            continue; // rollouts are visible in the status; no event spam
+        }
+        let note = if c.message.is_empty() {
+            format!("{} is {}", c.type_, c.status)
+        } else {
+            format!("{} is {}: {}", c.type_, c.status, c.message)
+        };
+        let ev = Event {
+            type_: if bad {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: c.reason.clone(),
+            note: Some(note.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        match ctx.recorder.publish(&ev, &p.object_ref(&())).await {
+            Ok(()) => ctx.metrics.wrote("Event"),
+            Err(e) => warn!(policy = %p.name_any(), error = %e, "cannot publish event"),
+        }
+    }
+}
+
+/// Reconciles one policy.
+pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<Action> {
+    let start = Instant::now();
+    let name = p.name_any();
+    if p.metadata.deletion_timestamp.is_some() {
+        // Owner references hand the agents to the garbage collector.
+        return Ok(Action::await_change());
+    }
+    let mut seen = Observed::default();
+    let result: Result<()> = async {
+        if let Err(e) = p.spec.validate() {
+            seen.invalid = Some(e.to_string());
+            remove_agents(&ctx, &name).await?;
+            return Ok(());
+        }
+        let all = ctx.policies.state();
+        if let Some(winner) = conflict::older_claimant(&p, all.iter().map(|a| a.as_ref())) {
+            seen.conflict_with = Some(winner.name_any());
+            if remove_agents(&ctx, &name).await? {
+                info!(policy = %name, winner = %winner.name_any(), "removed agents of a conflicting policy");
+            }
+            return Ok(());
+        }
+        let (ds, pods) = apply_agents(&p, &ctx).await?;
+        seen.pod_problems = status::pod_problems(&pods);
+        seen.daemonset = Some(ds);
+        Ok(())
+    }
+    .await;
+    if let Err(e) = &result {
+        seen.apply_error = Some(e.to_string());
+    }
+
+    let new = status::compute(&p, &seen, Timestamp::now());
+    let old_conditions = p
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let status_result = write_status(&p, &new, &ctx).await;
+    if matches!(status_result, Ok(true)) {
+        publish_transitions(&p, &old_conditions, &new.conditions, &ctx).await;
+    }
+    ctx.metrics.reconciled(start.elapsed());
+    result?;
+    status_result?;
+    ctx.clear_failures(&name);
+    debug!(policy = %name, took = ?start.elapsed(), "reconciled");
+
+    let settled = conditions::is_true(&new.conditions, types::READY)
+        && !conditions::is_true(&new.conditions, types::DEGRADED);
+    Ok(Action::requeue(if settled { RESYNC } else { RECHECK }))
+}
+
+/// Requeues a failed policy with per-policy exponential backoff.
+pub fn error_policy(p: Arc<DevicePluginPolicy>, err: &Error, ctx: Arc<Context>) -> Action {
+    let n = ctx.record_failure(&p.name_any());
+    let wait = backoff(n);
+    ctx.metrics.failed(err.metric_label());
+    warn!(policy = %p.name_any(), error = %err, attempt = n, retry_in = ?wait, "reconcile failed");
+    Action::requeue(wait)
+}

@@ -1,0 +1,406 @@
+//! What the cluster should hold for one policy, as pure functions of the
+//! policy and the operator's settings. No client here: these are unit-tested
+//! directly, and the controller applies them with server-side apply.
+
+use std::collections::BTreeMap;
+
+use devplug_api::{
+    APPLIED_HASH_ANNOTATION, DevicePluginPolicy, OPERATOR_MANAGER, POD_CONFIG_HASH_ANNOTATION,
+    POLICY_LABEL, Resource, ResourceExt,
+};
+use k8s_openapi::api::apps::v1::{
+    DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, HostPathVolumeSource, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SecurityContext, ServiceAccount, Volume, VolumeMount,
+};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Serialize;
+
+/// Operator-wide settings that shape every agent.
+#[derive(Debug, Clone)]
+pub struct AgentDefaults {
+    /// Namespace of the agent DaemonSets and ServiceAccounts.
+    pub namespace: String,
+    /// Agent image when the policy names none.
+    pub image: String,
+    /// The kubelet's root directory on the nodes.
+    pub kubelet_root: String,
+}
+
+/// Port of the agent's /healthz and /readyz.
+pub const AGENT_ADMIN_PORT: i32 = 8080;
+const APP_LABEL: &str = "app.kubernetes.io/name";
+const APP: &str = "devplug-agent";
+const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+
+/// FNV-1a, 64 bit: a hash that is stable across Rust releases and operator
+/// versions, so an operator upgrade does not look like a spec change.
+pub fn stable_hash(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+fn hash_of<T: Serialize>(v: &T) -> Result<String, serde_json::Error> {
+    Ok(stable_hash(&serde_json::to_vec(v)?))
+}
+
+/// A label value for a policy name (label values stop at 63 characters;
+/// policy names may be longer).
+pub fn label_value(name: &str) -> String {
+    if name.len() <= 63 {
+        name.to_string()
+    } else {
+        let mut prefix: String = name.chars().take(46).collect();
+        while prefix.ends_with(['-', '.']) {
+            prefix.pop();
+        }
+        format!("{prefix}-{}", stable_hash(name.as_bytes()))
+    }
+}
+
+/// Name shared by a policy's DaemonSet, ServiceAccount and RBAC objects.
+pub fn agent_name(policy: &str) -> String {
+    format!("devplug-agent-{}", label_value(policy))
+}
+
+/// Labels on everything made for a policy.
+pub fn labels(policy: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (APP_LABEL.to_string(), APP.to_string()),
+        (POLICY_LABEL.to_string(), label_value(policy)),
+        (MANAGED_BY.to_string(), OPERATOR_MANAGER.to_string()),
+    ])
+}
+
+/// Label selector of a policy's agent pods.
+pub fn selector(policy: &str) -> String {
+    format!("{APP_LABEL}={APP},{POLICY_LABEL}={}", label_value(policy))
+}
+
+fn owner(p: &DevicePluginPolicy) -> Option<OwnerReference> {
+    p.controller_owner_ref(&())
+}
+
+fn meta(p: &DevicePluginPolicy, namespace: Option<&str>) -> ObjectMeta {
+    let name = p.name_any();
+    ObjectMeta {
+        name: Some(agent_name(&name)),
+        namespace: namespace.map(str::to_string),
+        labels: Some(labels(&name)),
+        owner_references: owner(p).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// Stamps the hash of an object's desired content into its annotations, so
+/// the next reconcile can tell "already applied" without a write.
+pub fn stamp<T>(mut obj: T) -> Result<T, serde_json::Error>
+where
+    T: Serialize + Resource,
+{
+    let h = hash_of(&obj)?;
+    obj.meta_mut()
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(APPLIED_HASH_ANNOTATION.to_string(), h);
+    Ok(obj)
+}
+
+/// The applied-hash annotation of an object, if any.
+pub fn applied_hash<T: Resource>(obj: &T) -> Option<&str> {
+    obj.meta()
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(APPLIED_HASH_ANNOTATION))
+        .map(String::as_str)
+}
+
+/// The agent's ServiceAccount.
+pub fn service_account(p: &DevicePluginPolicy, d: &AgentDefaults) -> ServiceAccount {
+    ServiceAccount {
+        metadata: meta(p, Some(&d.namespace)),
+        ..ServiceAccount::default()
+    }
+}
+
+/// What one agent may do: read its own policy, nothing else cluster-wide.
+pub fn cluster_role(p: &DevicePluginPolicy) -> ClusterRole {
+    ClusterRole {
+        metadata: meta(p, None),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![devplug_api::GROUP.to_string()]),
+            resources: Some(vec!["devicepluginpolicies".to_string()]),
+            resource_names: Some(vec![p.name_any()]),
+            verbs: vec!["get".into(), "list".into(), "watch".into()],
+            ..PolicyRule::default()
+        }]),
+        ..ClusterRole::default()
+    }
+}
+
+/// Binds the agent's ServiceAccount to its ClusterRole.
+pub fn cluster_role_binding(p: &DevicePluginPolicy, d: &AgentDefaults) -> ClusterRoleBinding {
+    let name = agent_name(&p.name_any());
+    ClusterRoleBinding {
+        metadata: meta(p, None),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: name.clone(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name,
+            namespace: Some(d.namespace.clone()),
+            ..Subject::default()
+        }]),
+    }
+}
+
+/// Which host trees a source reads.
+fn host_mounts(p: &DevicePluginPolicy) -> (bool, bool) {
+    let s = &p.spec.source;
+    let dev = s.paths.is_some() || s.usb.is_some() || s.pci.is_some();
+    let sys = s.usb.is_some() || s.pci.is_some();
+    (dev, sys)
+}
+
+fn host_path_volume(name: &str, path: &str, type_: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        host_path: Some(HostPathVolumeSource {
+            path: path.into(),
+            type_: Some(type_.into()),
+        }),
+        ..Volume::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: read_only.then_some(true),
+        ..VolumeMount::default()
+    }
+}
+
+fn quantity(s: &str) -> Quantity {
+    Quantity(s.to_string())
+}
+
+/// The agent pod template, without the config-hash annotation.
+fn pod_template(p: &DevicePluginPolicy, d: &AgentDefaults) -> PodTemplateSpec {
+    let name = p.name_any();
+    let root = d.kubelet_root.trim_end_matches('/');
+    let plugins = format!("{root}/device-plugins");
+    let pod_resources = format!("{root}/pod-resources");
+    let (dev, sys) = host_mounts(p);
+    // Privileged only when a preStart command must touch host devices; the
+    // agent itself only stats /dev and reads /sys.
+    let privileged = p.spec.pre_start.is_some();
+
+    let mut args = vec![
+        "--policy".to_string(),
+        name.clone(),
+        "--kubelet-root".into(),
+        root.to_string(),
+        "--admin-addr".into(),
+        format!("0.0.0.0:{AGENT_ADMIN_PORT}"),
+    ];
+    let mut volumes = vec![
+        host_path_volume("device-plugins", &plugins, "DirectoryOrCreate"),
+        host_path_volume("pod-resources", &pod_resources, "DirectoryOrCreate"),
+        Volume {
+            name: "run".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+    ];
+    let mut mounts = vec![
+        mount("device-plugins", &plugins, false),
+        mount("pod-resources", &pod_resources, true),
+        mount("run", "/run/devplug", false),
+    ];
+    if dev {
+        args.extend(["--dev-root".into(), "/host/dev".into()]);
+        volumes.push(host_path_volume("host-dev", "/dev", "Directory"));
+        mounts.push(mount("host-dev", "/host/dev", true));
+    }
+    if sys {
+        args.extend(["--sys-root".into(), "/host/sys".into()]);
+        volumes.push(host_path_volume("host-sys", "/sys", "Directory"));
+        mounts.push(mount("host-sys", "/host/sys", true));
+    }
+    let field_env = |env: &str, path: &str| EnvVar {
+        name: env.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    };
+    let probe = |path: &str, period: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(AGENT_ADMIN_PORT),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    };
+    let security = if privileged {
+        SecurityContext {
+            privileged: Some(true),
+            read_only_root_filesystem: Some(true),
+            ..SecurityContext::default()
+        }
+    } else {
+        SecurityContext {
+            // Root only to create sockets in the kubelet's root-owned
+            // directory; no capabilities, no escalation.
+            run_as_user: Some(0),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }
+    };
+    let resources = p
+        .spec
+        .agent
+        .resources
+        .clone()
+        .unwrap_or_else(|| ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_string(), quantity("10m")),
+                ("memory".to_string(), quantity("24Mi")),
+            ])),
+            limits: Some(BTreeMap::from([("memory".to_string(), quantity("96Mi"))])),
+            ..ResourceRequirements::default()
+        });
+    let mut node_selector = p.spec.node_selector.clone();
+    node_selector.insert("kubernetes.io/os".into(), "linux".into());
+
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(&name)),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            service_account_name: Some(agent_name(&name)),
+            priority_class_name: Some(
+                p.spec
+                    .priority_class_name
+                    .clone()
+                    .unwrap_or_else(|| "system-node-critical".into()),
+            ),
+            node_selector: Some(node_selector),
+            tolerations: (!p.spec.tolerations.is_empty()).then(|| p.spec.tolerations.clone()),
+            termination_grace_period_seconds: Some(10),
+            containers: vec![Container {
+                name: "agent".into(),
+                image: Some(
+                    p.spec
+                        .agent
+                        .image
+                        .clone()
+                        .unwrap_or_else(|| d.image.clone()),
+                ),
+                args: Some(args),
+                env: Some(vec![
+                    field_env("NODE_NAME", "spec.nodeName"),
+                    field_env("POD_NAMESPACE", "metadata.namespace"),
+                ]),
+                ports: Some(vec![ContainerPort {
+                    name: Some("admin".into()),
+                    container_port: AGENT_ADMIN_PORT,
+                    ..ContainerPort::default()
+                }]),
+                readiness_probe: Some(probe("/readyz", 5)),
+                liveness_probe: Some(probe("/healthz", 10)),
+                resources: Some(resources),
+                security_context: Some(security),
+                volume_mounts: Some(mounts),
+                ..Container::default()
+            }],
+            volumes: Some(volumes),
+            ..PodSpec::default()
+        }),
+    }
+}
+
+/// Hash of exactly what needs a new agent pod (image, privileges, mounts,
+/// placement); everything else reaches running agents through their watch.
+pub fn pod_config_hash(
+    p: &DevicePluginPolicy,
+    d: &AgentDefaults,
+) -> Result<String, serde_json::Error> {
+    hash_of(&pod_template(p, d))
+}
+
+/// The agent DaemonSet. Rolling updates replace one node at a time and never
+/// run two agents for one resource on a node (`maxSurge: 0`).
+pub fn daemonset(
+    p: &DevicePluginPolicy,
+    d: &AgentDefaults,
+) -> Result<DaemonSet, serde_json::Error> {
+    let name = p.name_any();
+    let mut template = pod_template(p, d);
+    let hash = hash_of(&template)?;
+    if let Some(m) = template.metadata.as_mut() {
+        m.annotations = Some(BTreeMap::from([(
+            POD_CONFIG_HASH_ANNOTATION.to_string(),
+            hash,
+        )]));
+    }
+    let update_strategy = match p.spec.agent.update_strategy.as_deref() {
+        Some("OnDelete") => DaemonSetUpdateStrategy {
+            type_: Some("OnDelete".into()),
+            rolling_update: None,
+        },
+        _ => DaemonSetUpdateStrategy {
+            type_: Some("RollingUpdate".into()),
+            rolling_update: Some(RollingUpdateDaemonSet {
+                max_surge: Some(IntOrString::Int(0)),
+                max_unavailable: Some(IntOrString::Int(1)),
+            }),
+        },
+    };
+    Ok(DaemonSet {
+        metadata: meta(p, Some(&d.namespace)),
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(BTreeMap::from([
+                    (APP_LABEL.to_string(), APP.to_string()),
+                    (POLICY_LABEL.to_string(), label_value(&name)),
+                ])),
+                ..LabelSelector::default()
+            },
+            template,
+            update_strategy: Some(update_strategy),
+            ..DaemonSetSpec::default()
+        }),
+        status: None,
+    })
+}
+
+#[cfg(test)]
+mod tests;

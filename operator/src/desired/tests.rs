@@ -1,0 +1,231 @@
+use super::*;
+use devplug_api::policies_from_yaml;
+
+fn policy(spec: &str) -> DevicePluginPolicy {
+    let yaml = format!(
+        "apiVersion: devplug.io/v1alpha1\nkind: DevicePluginPolicy\nmetadata: {{name: foo, uid: u-1}}\nspec:\n  resourceName: example.com/foo\n{spec}"
+    );
+    policies_from_yaml(&yaml).unwrap().remove(0)
+}
+
+fn d() -> AgentDefaults {
+    AgentDefaults {
+        namespace: "devplug-system".into(),
+        image: "agent:1".into(),
+        kubelet_root: "/var/lib/k0s/kubelet".into(),
+    }
+}
+
+fn container(ds: &DaemonSet) -> &Container {
+    &ds.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+}
+
+fn pod(ds: &DaemonSet) -> &PodSpec {
+    ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+}
+
+fn mounts(ds: &DaemonSet) -> Vec<(String, String, bool)> {
+    container(ds)
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| {
+            (
+                m.name.clone(),
+                m.mount_path.clone(),
+                m.read_only.unwrap_or(false),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn simulated_agent_is_unprivileged_and_mounts_only_kubelet_dirs() {
+    let ds = daemonset(&policy("  source: {simulated: {count: 2}}\n"), &d()).unwrap();
+    assert_eq!(ds.metadata.name.as_deref(), Some("devplug-agent-foo"));
+    assert_eq!(ds.metadata.namespace.as_deref(), Some("devplug-system"));
+    let owner = &ds.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+        ("DevicePluginPolicy", "u-1", Some(true))
+    );
+    assert_eq!(
+        mounts(&ds),
+        vec![
+            (
+                "device-plugins".into(),
+                "/var/lib/k0s/kubelet/device-plugins".into(),
+                false
+            ),
+            (
+                "pod-resources".into(),
+                "/var/lib/k0s/kubelet/pod-resources".into(),
+                true
+            ),
+            ("run".into(), "/run/devplug".into(), false),
+        ]
+    );
+    let sc = container(&ds).security_context.as_ref().unwrap();
+    assert_eq!(sc.privileged, None);
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(
+        sc.capabilities.as_ref().unwrap().drop,
+        Some(vec!["ALL".to_string()])
+    );
+    let args = container(&ds).args.clone().unwrap();
+    assert_eq!(
+        &args[..4],
+        ["--policy", "foo", "--kubelet-root", "/var/lib/k0s/kubelet"]
+    );
+    assert!(!args.contains(&"--dev-root".to_string()));
+    assert_eq!(container(&ds).image.as_deref(), Some("agent:1"));
+    let ready = container(&ds)
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(ready.path.as_deref(), Some("/readyz"));
+    assert_eq!(
+        pod(&ds).priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    assert_eq!(
+        pod(&ds).node_selector.as_ref().unwrap()["kubernetes.io/os"],
+        "linux"
+    );
+}
+
+#[test]
+fn host_sources_mount_dev_and_sys_read_only() {
+    let ds = daemonset(&policy("  source: {pci: {vendor: '10de'}}\n"), &d()).unwrap();
+    let m = mounts(&ds);
+    assert!(m.contains(&("host-dev".into(), "/host/dev".into(), true)));
+    assert!(m.contains(&("host-sys".into(), "/host/sys".into(), true)));
+    let args = container(&ds).args.clone().unwrap();
+    assert!(args.windows(2).any(|w| w == ["--dev-root", "/host/dev"]));
+    assert!(args.windows(2).any(|w| w == ["--sys-root", "/host/sys"]));
+    let paths = daemonset(&policy("  source: {paths: {globs: [/dev/fuse]}}\n"), &d()).unwrap();
+    let m = mounts(&paths);
+    assert!(m.iter().any(|x| x.0 == "host-dev") && !m.iter().any(|x| x.0 == "host-sys"));
+}
+
+#[test]
+fn prestart_makes_the_agent_privileged() {
+    let ds = daemonset(
+        &policy("  source: {simulated: {count: 1}}\n  preStart: {command: [/bin/reset]}\n"),
+        &d(),
+    )
+    .unwrap();
+    let sc = container(&ds).security_context.as_ref().unwrap();
+    assert_eq!(sc.privileged, Some(true));
+    assert_eq!(
+        sc.allow_privilege_escalation, None,
+        "privileged with no-escalation is invalid"
+    );
+}
+
+#[test]
+fn placement_update_strategy_and_overrides() {
+    let p = policy(
+        "  source: {simulated: {count: 1}}\n  nodeSelector: {gpu: 'yes'}\n  tolerations: [{key: gpu, operator: Exists, effect: NoSchedule}]\n  priorityClassName: high\n  agent: {image: custom:2, updateStrategy: OnDelete}\n",
+    );
+    let ds = daemonset(&p, &d()).unwrap();
+    assert_eq!(pod(&ds).node_selector.as_ref().unwrap()["gpu"], "yes");
+    assert_eq!(
+        pod(&ds).tolerations.as_ref().unwrap()[0].key.as_deref(),
+        Some("gpu")
+    );
+    assert_eq!(pod(&ds).priority_class_name.as_deref(), Some("high"));
+    assert_eq!(container(&ds).image.as_deref(), Some("custom:2"));
+    let us = ds.spec.as_ref().unwrap().update_strategy.as_ref().unwrap();
+    assert_eq!(us.type_.as_deref(), Some("OnDelete"));
+
+    let rolling = daemonset(&policy("  source: {simulated: {count: 1}}\n"), &d()).unwrap();
+    let ru = rolling
+        .spec
+        .as_ref()
+        .unwrap()
+        .update_strategy
+        .as_ref()
+        .unwrap()
+        .rolling_update
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        ru.max_surge,
+        Some(IntOrString::Int(0)),
+        "never two agents for one resource on a node"
+    );
+    assert_eq!(ru.max_unavailable, Some(IntOrString::Int(1)));
+}
+
+#[test]
+fn pod_config_hash_ignores_what_agents_hot_reload() {
+    let base = policy("  source: {simulated: {count: 1}}\n");
+    let h = pod_config_hash(&base, &d()).unwrap();
+    for same in [
+        "  source: {simulated: {count: 7}}\n",
+        "  source: {simulated: {count: 1}}\n  allocate: {env: {A: b}}\n",
+        "  source: {simulated: {count: 1}}\n  sharing: {strategy: TimeSlicing, replicas: 4}\n",
+        "  source: {simulated: {count: 1}}\n  health: {settleSeconds: 30}\n",
+    ] {
+        assert_eq!(pod_config_hash(&policy(same), &d()).unwrap(), h, "{same}");
+    }
+    for differs in [
+        "  source: {simulated: {count: 1}}\n  agent: {image: other:1}\n",
+        "  source: {simulated: {count: 1}}\n  preStart: {command: [/bin/x]}\n",
+        "  source: {paths: {globs: [/dev/x]}}\n",
+    ] {
+        assert_ne!(
+            pod_config_hash(&policy(differs), &d()).unwrap(),
+            h,
+            "{differs}"
+        );
+    }
+}
+
+#[test]
+fn rbac_is_scoped_to_the_policy() {
+    let p = policy("  source: {simulated: {count: 1}}\n");
+    let cr = cluster_role(&p);
+    let rules = cr.rules.unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0].resource_names, Some(vec!["foo".to_string()]));
+    assert_eq!(rules[0].verbs, vec!["get", "list", "watch"]);
+    let crb = cluster_role_binding(&p, &d());
+    let s = &crb.subjects.unwrap()[0];
+    assert_eq!(
+        (s.name.as_str(), s.namespace.as_deref()),
+        ("devplug-agent-foo", Some("devplug-system"))
+    );
+}
+
+#[test]
+fn long_names_make_valid_labels_and_hashes_are_stable() {
+    let long = "a".repeat(100);
+    let v = label_value(&long);
+    assert!(v.len() <= 63, "{v}");
+    assert_eq!(label_value(&long), v);
+    assert_ne!(label_value(&"b".repeat(100)), v);
+    assert_eq!(stable_hash(b"devplug"), stable_hash(b"devplug"));
+    assert_eq!(stable_hash(b""), "cbf29ce484222325", "FNV-1a offset basis");
+}
+
+#[test]
+fn stamp_records_the_content_hash() {
+    let p = policy("  source: {simulated: {count: 1}}\n");
+    let a = stamp(service_account(&p, &d())).unwrap();
+    let b = stamp(service_account(&p, &d())).unwrap();
+    assert!(applied_hash(&a).is_some());
+    assert_eq!(applied_hash(&a), applied_hash(&b));
+}

@@ -1,0 +1,104 @@
+//! Prometheus metrics of the operator, in the text exposition format.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+/// Reconcile counters and timings.
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Counter,
+    failures: Family<Labels, Counter>,
+    duration: Histogram,
+    writes: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("devplug_operator");
+        let reconciles = Counter::default();
+        let failures = Family::<Labels, Counter>::default();
+        let duration = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        let writes = Family::<Labels, Counter>::default();
+        registry.register("reconciles", "Reconciles run", reconciles.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed, by error kind",
+            failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconcile",
+            duration.clone(),
+        );
+        registry.register(
+            "api_writes",
+            "Writes sent to the API server, by kind",
+            writes.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            failures,
+            duration,
+            writes,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one reconcile and its duration.
+    pub fn reconciled(&self, took: Duration) {
+        self.reconciles.inc();
+        self.duration.observe(took.as_secs_f64());
+    }
+
+    /// Counts one failed reconcile.
+    pub fn failed(&self, kind: &str) {
+        self.failures
+            .get_or_create(&vec![("error".into(), kind.into())])
+            .inc();
+    }
+
+    /// Counts one write to the API server.
+    pub fn wrote(&self, kind: &str) {
+        self.writes
+            .get_or_create(&vec![("kind".into(), kind.into())])
+            .inc();
+    }
+
+    /// Total writes so far (all kinds).
+    pub fn total_writes(&self) -> u64 {
+        [
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "DaemonSet",
+            "DaemonSetDelete",
+            "Status",
+            "Event",
+        ]
+        .iter()
+        .map(|k| {
+            self.writes
+                .get_or_create(&vec![("kind".into(), (*k).into())])
+                .get()
+        })
+        .sum()
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        if encode(&mut s, &self.registry).is_err() {
+            s.clear();
+        }
+        s
+    }
+}

@@ -1,0 +1,206 @@
+//! The policy status as a pure function of what the operator observed.
+
+use devplug_api::conditions::{self, Desired, types};
+use devplug_api::{DevicePluginPolicy, DevicePluginPolicyStatus, NodeCounts};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+
+/// Everything the status is computed from.
+#[derive(Debug, Default, Clone)]
+pub struct Observed {
+    /// The agent DaemonSet, as the API server returned it.
+    pub daemonset: Option<DaemonSet>,
+    /// Agent pods that are stuck, as "pod on node: reason" lines.
+    pub pod_problems: Vec<String>,
+    /// The older policy that holds this policy's resource, if any.
+    pub conflict_with: Option<String>,
+    /// Why the spec cannot be served, if it cannot.
+    pub invalid: Option<String>,
+    /// The last API error while applying agents, if any.
+    pub apply_error: Option<String>,
+}
+
+const STUCK_REASONS: &[&str] = &[
+    "CrashLoopBackOff",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+/// Agent pods that cannot run, in words.
+pub fn pod_problems(pods: &[Pod]) -> Vec<String> {
+    let mut out = Vec::new();
+    for pod in pods {
+        let name = pod.metadata.name.as_deref().unwrap_or("?");
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .unwrap_or("no node");
+        let Some(st) = &pod.status else { continue };
+        if let Some(c) = st.conditions.iter().flatten().find(|c| {
+            c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("Unschedulable")
+        }) {
+            out.push(format!(
+                "{name}: unschedulable: {}",
+                c.message.as_deref().unwrap_or("no message")
+            ));
+            continue;
+        }
+        for cs in st.container_statuses.iter().flatten() {
+            if let Some(w) = cs.state.as_ref().and_then(|s| s.waiting.as_ref())
+                && let Some(reason) = w.reason.as_deref()
+                && STUCK_REASONS.contains(&reason)
+            {
+                out.push(format!("{name} on {node}: {reason}"));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn summary(lines: &[String]) -> String {
+    let mut s = lines.iter().take(3).cloned().collect::<Vec<_>>().join("; ");
+    if lines.len() > 3 {
+        s.push_str(&format!("; and {} more", lines.len() - 3));
+    }
+    s
+}
+
+/// The status to write, starting from the current one (device counts and
+/// condition timestamps carry over).
+pub fn compute(
+    p: &DevicePluginPolicy,
+    seen: &Observed,
+    now: Timestamp,
+) -> DevicePluginPolicyStatus {
+    let mut st = p.status.clone().unwrap_or_default();
+    let generation = p.metadata.generation;
+    st.observed_generation = generation;
+    let mut set = |type_, status, reason, message: String| {
+        conditions::set(
+            &mut st.conditions,
+            Desired {
+                type_,
+                status,
+                reason,
+                message,
+            },
+            generation,
+            now,
+        );
+    };
+
+    if let Some(why) = &seen.invalid {
+        set(types::READY, false, "InvalidSpec", why.clone());
+        set(
+            types::PROGRESSING,
+            false,
+            "InvalidSpec",
+            "no agents for an invalid spec".into(),
+        );
+        set(types::DEGRADED, true, "InvalidSpec", why.clone());
+        set(types::CONFLICT, false, "NoConflict", String::new());
+        st.nodes = NodeCounts::default();
+    } else if let Some(winner) = &seen.conflict_with {
+        let msg = format!(
+            "resource {} is already served by the older policy {winner} on nodes this policy also selects; \
+             this policy gets no agents until one of them changes its resourceName or nodeSelector",
+            p.spec.resource_name
+        );
+        set(types::CONFLICT, true, "ResourceClaimed", msg.clone());
+        set(types::READY, false, "Conflict", msg);
+        set(types::PROGRESSING, false, "Conflict", String::new());
+        set(types::DEGRADED, false, "Conflict", String::new());
+        st.nodes = NodeCounts::default();
+    } else {
+        set(types::CONFLICT, false, "NoConflict", String::new());
+        let ds = seen.daemonset.as_ref();
+        let dss = ds.and_then(|d| d.status.as_ref());
+        let nodes = NodeCounts {
+            desired: dss.map_or(0, |s| s.desired_number_scheduled),
+            ready: dss.map_or(0, |s| s.number_ready),
+            updated: dss.and_then(|s| s.updated_number_scheduled).unwrap_or(0),
+        };
+        let ds_current = match (
+            ds.and_then(|d| d.metadata.generation),
+            dss.and_then(|s| s.observed_generation),
+        ) {
+            (Some(g), Some(o)) => o >= g,
+            _ => false,
+        };
+        let rolling = !ds_current || nodes.updated < nodes.desired;
+        if rolling {
+            set(
+                types::PROGRESSING,
+                true,
+                "RollingOut",
+                format!(
+                    "{}/{} nodes run the current agent",
+                    nodes.updated, nodes.desired
+                ),
+            );
+        } else {
+            set(types::PROGRESSING, false, "RolloutComplete", String::new());
+        }
+        if let Some(err) = &seen.apply_error {
+            set(types::DEGRADED, true, "ApplyFailed", err.clone());
+        } else if !seen.pod_problems.is_empty() {
+            let reason = if seen
+                .pod_problems
+                .iter()
+                .all(|l| l.contains("unschedulable"))
+            {
+                "AgentsUnschedulable"
+            } else {
+                "AgentsFailing"
+            };
+            set(types::DEGRADED, true, reason, summary(&seen.pod_problems));
+        } else {
+            set(types::DEGRADED, false, "AgentsHealthy", String::new());
+        }
+        if nodes.desired == 0 && ds_current {
+            set(
+                types::READY,
+                false,
+                "NoMatchingNodes",
+                "no node matches the policy's nodeSelector".into(),
+            );
+        } else if ds_current
+            && nodes.desired > 0
+            && nodes.ready == nodes.desired
+            && nodes.updated == nodes.desired
+        {
+            set(
+                types::READY,
+                true,
+                "AgentsReady",
+                format!("the kubelet has the agent on all {} nodes", nodes.desired),
+            );
+        } else {
+            set(
+                types::READY,
+                false,
+                "AgentsNotReady",
+                format!(
+                    "{}/{} agents registered with their kubelet",
+                    nodes.ready, nodes.desired
+                ),
+            );
+        }
+        st.nodes = nodes;
+    }
+    st.nodes_ready = Some(format!("{}/{}", st.nodes.ready, st.nodes.desired));
+    st.devices_healthy = Some(format!("{}/{}", st.devices.healthy, st.devices.total));
+    st
+}
+
+#[cfg(test)]
+mod tests;

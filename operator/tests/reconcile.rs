@@ -1,0 +1,386 @@
+//! Reconcile scenarios against a fake API server answering with real JSON.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use devplug_api::conditions::{self, types};
+use devplug_operator::controller::{self, Context};
+use devplug_operator::desired::AgentDefaults;
+use devplug_operator::metrics::Metrics;
+use http::Method;
+use kube::runtime::reflector::Store;
+use serde_json::json;
+use support::{FakeApi, current, paths, policy_json, seed};
+
+fn defaults() -> AgentDefaults {
+    AgentDefaults {
+        namespace: paths::NS.into(),
+        image: "devplug-agent:test".into(),
+        kubelet_root: "/var/lib/kubelet".into(),
+    }
+}
+
+fn ctx(client: kube::Client, store: Store<devplug_api::DevicePluginPolicy>) -> Arc<Context> {
+    Arc::new(Context::new(
+        client,
+        defaults(),
+        store,
+        Arc::new(Metrics::default()),
+    ))
+}
+
+async fn reconcile(api: &FakeApi, ctx: &Arc<Context>, name: &str) -> Result<(), String> {
+    controller::reconcile(Arc::new(current(api, name)), ctx.clone())
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn write_paths(api: &FakeApi) -> Vec<String> {
+    api.writes()
+        .iter()
+        .map(|c| format!("{} {}", c.method, c.path))
+        .collect()
+}
+
+fn condition(api: &FakeApi, name: &str, type_: &str) -> (String, String, String) {
+    let p = current(api, name);
+    let c = conditions::get(&p.status.as_ref().unwrap().conditions, type_)
+        .unwrap()
+        .clone();
+    (c.status, c.reason, c.message)
+}
+
+fn set_ds_status(api: &FakeApi, policy: &str, desired: i32, ready: i32, updated: i32) {
+    let path = paths::daemonset(policy);
+    let mut ds = api.get(&path).unwrap();
+    let generation = ds["metadata"]["generation"].clone();
+    ds["status"] = json!({"desiredNumberScheduled": desired, "numberReady": ready, "updatedNumberScheduled": updated,
+                          "currentNumberScheduled": desired, "numberMisscheduled": 0, "observedGeneration": generation});
+    api.put(&path, ds);
+}
+
+#[tokio::test]
+async fn first_reconcile_applies_agent_objects_and_the_second_writes_nothing() {
+    let (client, api) = FakeApi::start();
+    let (store, _w) = seed(
+        &api,
+        &[policy_json(
+            "foo",
+            "example.com/foo",
+            "2026-11-01T00:00:00Z",
+            json!({}),
+        )],
+    );
+    let ctx = ctx(client, store);
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    assert_eq!(
+        write_paths(&api),
+        vec![
+            format!("PATCH {}", paths::service_account("foo")),
+            format!("PATCH {}", paths::cluster_role("foo")),
+            format!("PATCH {}", paths::cluster_role_binding("foo")),
+            format!("PATCH {}", paths::daemonset("foo")),
+            format!("PATCH {}/status", paths::policy("foo")),
+        ]
+    );
+    for w in api.writes() {
+        assert!(w.query.contains("fieldManager=devplug-operator"), "{w:?}");
+        assert!(w.query.contains("force=true"), "{w:?}");
+    }
+    let ds = api.get(&paths::daemonset("foo")).unwrap();
+    assert_eq!(
+        ds["metadata"]["ownerReferences"][0]["uid"],
+        "policy-uid-foo"
+    );
+    assert_eq!(ds["metadata"]["ownerReferences"][0]["controller"], true);
+    let cr = api.get(&paths::cluster_role("foo")).unwrap();
+    assert_eq!(cr["rules"][0]["resourceNames"], json!(["foo"]));
+    let st = current(&api, "foo").status.unwrap();
+    assert_eq!(st.observed_generation, Some(1));
+    assert_eq!(st.nodes_ready.as_deref(), Some("0/0"));
+
+    api.clear_log();
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    assert!(
+        api.writes().is_empty(),
+        "second reconcile wrote: {:?}",
+        write_paths(&api)
+    );
+    assert!(
+        api.log().iter().all(|c| c.method == Method::GET),
+        "reads only"
+    );
+}
+
+#[tokio::test]
+async fn status_follows_the_daemonset_and_transitions_make_events() {
+    let (client, api) = FakeApi::start();
+    let (store, _w) = seed(
+        &api,
+        &[policy_json(
+            "foo",
+            "example.com/foo",
+            "2026-11-01T00:00:00Z",
+            json!({}),
+        )],
+    );
+    let ctx = ctx(client, store);
+    reconcile(&api, &ctx, "foo").await.unwrap();
+
+    set_ds_status(&api, "foo", 3, 1, 2);
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    assert_eq!(condition(&api, "foo", types::READY).1, "AgentsNotReady");
+    assert_eq!(
+        condition(&api, "foo", types::PROGRESSING),
+        (
+            "True".into(),
+            "RollingOut".into(),
+            "2/3 nodes run the current agent".into()
+        )
+    );
+    assert_eq!(
+        current(&api, "foo").status.unwrap().nodes_ready.as_deref(),
+        Some("1/3")
+    );
+
+    set_ds_status(&api, "foo", 3, 3, 3);
+    api.clear_log();
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    assert_eq!(condition(&api, "foo", types::READY).0, "True");
+    assert_eq!(condition(&api, "foo", types::PROGRESSING).0, "False");
+    let evs = api.objects_under(paths::EVENTS);
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(evs[0]["reason"], "AgentsReady");
+    assert_eq!(evs[0]["type"], "Normal");
+    assert_eq!(evs[0]["regarding"]["name"], "foo");
+
+    api.clear_log();
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    assert!(api.writes().is_empty(), "{:?}", write_paths(&api));
+}
+
+#[tokio::test]
+async fn crashing_or_unschedulable_agents_degrade_the_policy() {
+    let (client, api) = FakeApi::start();
+    let (store, _w) = seed(
+        &api,
+        &[policy_json(
+            "foo",
+            "example.com/foo",
+            "2026-11-01T00:00:00Z",
+            json!({}),
+        )],
+    );
+    let ctx = ctx(client, store);
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    set_ds_status(&api, "foo", 2, 0, 2);
+    let labels = json!({"app.kubernetes.io/name": "devplug-agent", "devplug.io/policy": "foo"});
+    api.put(&paths::pod("agent-a"), json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "agent-a", "namespace": paths::NS, "labels": labels},
+        "spec": {"nodeName": "node-1", "containers": [{"name": "agent"}]},
+        "status": {"containerStatuses": [{"name": "agent", "ready": false, "restartCount": 5, "image": "x", "imageID": "",
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}
+    }));
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    let (st, reason, msg) = condition(&api, "foo", types::DEGRADED);
+    assert_eq!((st.as_str(), reason.as_str()), ("True", "AgentsFailing"));
+    assert!(msg.contains("agent-a on node-1: CrashLoopBackOff"), "{msg}");
+    let evs = api.objects_under(paths::EVENTS);
+    assert!(
+        evs.iter()
+            .any(|e| e["reason"] == "AgentsFailing" && e["type"] == "Warning"),
+        "{evs:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_newer_of_two_conflicting_policies_gets_no_agents() {
+    let (client, api) = FakeApi::start();
+    let (store, _w) = seed(
+        &api,
+        &[
+            policy_json("old", "example.com/gpu", "2026-11-01T00:00:00Z", json!({})),
+            policy_json(
+                "new",
+                "example.com/gpu",
+                "2026-11-02T00:00:00Z",
+                json!({"nodeSelector": {"gpu": "yes"}}),
+            ),
+        ],
+    );
+    let ctx = ctx(client, store);
+    reconcile(&api, &ctx, "old").await.unwrap();
+    // The newer one had agents from before the older one existed.
+    api.put(
+        &paths::daemonset("new"),
+        json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": "devplug-agent-new", "namespace": paths::NS}}),
+    );
+    api.clear_log();
+    reconcile(&api, &ctx, "new").await.unwrap();
+    assert_eq!(
+        write_paths(&api)
+            .iter()
+            .filter(|w| !w.contains("/events"))
+            .cloned()
+            .collect::<Vec<_>>(),
+        vec![
+            format!("DELETE {}", paths::daemonset("new")),
+            format!("PATCH {}/status", paths::policy("new"))
+        ]
+    );
+    assert!(api.get(&paths::daemonset("new")).is_none());
+    assert!(
+        api.get(&paths::daemonset("old")).is_some(),
+        "the older keeps its agents"
+    );
+    let (st, reason, msg) = condition(&api, "new", types::CONFLICT);
+    assert_eq!((st.as_str(), reason.as_str()), ("True", "ResourceClaimed"));
+    assert!(msg.contains("older policy old"), "{msg}");
+    assert_eq!(condition(&api, "old", types::CONFLICT).0, "False");
+    let evs = api.objects_under(paths::EVENTS);
+    assert!(
+        evs.iter()
+            .any(|e| e["reason"] == "ResourceClaimed" && e["type"] == "Warning")
+    );
+
+    api.clear_log();
+    reconcile(&api, &ctx, "new").await.unwrap();
+    assert!(api.writes().is_empty(), "{:?}", write_paths(&api));
+}
+
+#[tokio::test]
+async fn api_errors_back_off_and_show_in_a_condition() {
+    let (client, api) = FakeApi::start();
+    let (store, _w) = seed(
+        &api,
+        &[policy_json(
+            "foo",
+            "example.com/foo",
+            "2026-11-01T00:00:00Z",
+            json!({}),
+        )],
+    );
+    let ctx = ctx(client, store);
+    api.fail(Method::PATCH, "/daemonsets/", 500);
+    let err = reconcile(&api, &ctx, "foo").await.unwrap_err();
+    assert!(err.contains("apply DaemonSet devplug-agent-foo"), "{err}");
+    let (st, reason, msg) = condition(&api, "foo", types::DEGRADED);
+    assert_eq!((st.as_str(), reason.as_str()), ("True", "ApplyFailed"));
+    assert!(msg.contains("injected failure"), "{msg}");
+
+    let p = Arc::new(current(&api, "foo"));
+    let e = controller::reconcile(p.clone(), ctx.clone())
+        .await
+        .unwrap_err();
+    let a1 = controller::error_policy(p.clone(), &e, ctx.clone());
+    let a2 = controller::error_policy(p.clone(), &e, ctx.clone());
+    assert_eq!(
+        a1,
+        kube::runtime::controller::Action::requeue(Duration::from_secs(2))
+    );
+    assert_eq!(
+        a2,
+        kube::runtime::controller::Action::requeue(Duration::from_secs(4))
+    );
+    assert!(
+        ctx.metrics
+            .render()
+            .contains("devplug_operator_reconcile_errors_total{error=\"apply\"} 2")
+    );
+
+    api.heal();
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    assert_eq!(condition(&api, "foo", types::DEGRADED).0, "False");
+    let a3 = controller::error_policy(p, &e, ctx.clone());
+    assert_eq!(
+        a3,
+        kube::runtime::controller::Action::requeue(Duration::from_secs(2)),
+        "success resets the backoff"
+    );
+}
+
+#[tokio::test]
+async fn a_policy_being_deleted_is_left_to_the_garbage_collector() {
+    let (client, api) = FakeApi::start();
+    let mut p = policy_json("foo", "example.com/foo", "2026-11-01T00:00:00Z", json!({}));
+    p["metadata"]["deletionTimestamp"] = json!("2026-11-22T00:00:00Z");
+    let (store, _w) = seed(&api, &[p]);
+    let ctx = ctx(client, store);
+    api.clear_log();
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    assert!(api.log().is_empty(), "{:?}", api.log());
+}
+
+#[tokio::test]
+async fn only_pod_relevant_changes_roll_the_daemonset() {
+    let (client, api) = FakeApi::start();
+    let (store, _w) = seed(
+        &api,
+        &[policy_json(
+            "foo",
+            "example.com/foo",
+            "2026-11-01T00:00:00Z",
+            json!({}),
+        )],
+    );
+    let ctx = ctx(client, store);
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    let hash = |api: &FakeApi| {
+        api.get(&paths::daemonset("foo")).unwrap()["spec"]["template"]["metadata"]["annotations"]["devplug.io/pod-config-hash"]
+            .clone()
+    };
+    let h0 = hash(&api);
+
+    // Allocation settings reach the agents through their watch: no rollout.
+    let mut p = api.get(&paths::policy("foo")).unwrap();
+    p["spec"]["allocate"] = json!({"env": {"MODE": "fast"}});
+    p["metadata"]["generation"] = json!(2);
+    api.put(&paths::policy("foo"), p.clone());
+    api.clear_log();
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    assert_eq!(
+        write_paths(&api),
+        vec![format!("PATCH {}/status", paths::policy("foo"))]
+    );
+    assert_eq!(hash(&api), h0);
+    assert_eq!(
+        current(&api, "foo").status.unwrap().observed_generation,
+        Some(2)
+    );
+
+    // A new image needs new pods.
+    p["spec"]["agent"] = json!({"image": "devplug-agent:v2"});
+    p["metadata"]["generation"] = json!(3);
+    api.put(&paths::policy("foo"), p);
+    api.clear_log();
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    assert!(write_paths(&api).contains(&format!("PATCH {}", paths::daemonset("foo"))));
+    assert_ne!(hash(&api), h0);
+}
+
+#[tokio::test]
+async fn an_invalid_spec_that_got_past_admission_gets_no_agents() {
+    let (client, api) = FakeApi::start();
+    // e.g. applied to an API server that does not enforce CEL rules.
+    let (store, _w) = seed(
+        &api,
+        &[policy_json(
+            "foo",
+            "kubernetes.io/foo",
+            "2026-11-01T00:00:00Z",
+            json!({}),
+        )],
+    );
+    let ctx = ctx(client, store);
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    assert!(api.get(&paths::daemonset("foo")).is_none());
+    let (st, reason, msg) = condition(&api, "foo", types::DEGRADED);
+    assert_eq!((st.as_str(), reason.as_str()), ("True", "InvalidSpec"));
+    assert!(msg.contains("spec.resourceName"), "{msg}");
+}

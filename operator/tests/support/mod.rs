@@ -1,0 +1,368 @@
+//! A fake API server for reconcile tests and the benchmark: kube's client
+//! over a `tower-test` mock service, answered by an in-memory object store
+//! with real Kubernetes JSON. Every request is logged, so tests can assert
+//! exactly which writes a reconcile made.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use devplug_api::DevicePluginPolicy;
+use http::{Method, Request, Response, StatusCode};
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::reflector::{Store, store::Writer};
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+
+/// One logged request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    pub method: Method,
+    pub path: String,
+    pub query: String,
+}
+
+impl Call {
+    pub fn is_write(&self) -> bool {
+        self.method != Method::GET
+    }
+}
+
+#[derive(Default)]
+struct State {
+    objects: BTreeMap<String, Value>,
+    log: Vec<Call>,
+    /// (method, path substring, status code): answer matching requests with an error.
+    fail: Vec<(Method, String, u16)>,
+    next_uid: u64,
+    rv: u64,
+    quiet: bool,
+}
+
+/// The fake API server.
+#[derive(Clone)]
+pub struct FakeApi {
+    state: Arc<Mutex<State>>,
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+fn respond(code: u16, body: &Value) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::from_u16(code).unwrap())
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(body).unwrap()))
+        .unwrap()
+}
+
+fn labels_match(obj: &Value, selector: &str) -> bool {
+    selector.split(',').filter(|s| !s.is_empty()).all(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        obj["metadata"]["labels"][k].as_str() == Some(v)
+    })
+}
+
+fn query_param(query: &str, key: &str) -> Option<String> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| {
+            v.replace("%3D", "=")
+                .replace("%2C", ",")
+                .replace("%2F", "/")
+                .replace("%2E", ".")
+        })
+    })
+}
+
+/// Collection path → object kind, for list responses.
+fn list_kind(path: &str) -> &'static str {
+    if path.ends_with("/pods") {
+        "PodList"
+    } else {
+        "List"
+    }
+}
+
+impl FakeApi {
+    /// A client talking to a new fake server.
+    pub fn start() -> (Client, FakeApi) {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let api = FakeApi {
+            state: Arc::default(),
+        };
+        let server = api.clone();
+        tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                let resp = server.serve(req).await;
+                send.send_response(resp);
+            }
+        });
+        (Client::new(svc, "default"), api)
+    }
+
+    async fn serve(&self, req: Request<Body>) -> Response<Body> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        let bytes = req.into_body().collect_bytes().await.unwrap();
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        let mut st = self.state.lock().unwrap();
+        st.log.push(Call {
+            method: method.clone(),
+            path: path.clone(),
+            query: query.clone(),
+        });
+        if let Some((_, _, code)) = st
+            .fail
+            .iter()
+            .find(|(m, p, _)| *m == method && path.contains(p.as_str()))
+        {
+            let code = *code;
+            return respond(code, &status(code, "InternalError", "injected failure"));
+        }
+        st.rv += 1;
+        let rv = st.rv.to_string();
+        match method {
+            Method::GET => {
+                if let Some(obj) = st.objects.get(&path) {
+                    return respond(200, obj);
+                }
+                // A collection: list what lies directly under it.
+                let prefix = format!("{path}/");
+                let selector = query_param(&query, "labelSelector").unwrap_or_default();
+                let items: Vec<Value> = st
+                    .objects
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&prefix) && !k[prefix.len()..].contains('/'))
+                    .filter(|(_, v)| labels_match(v, &selector))
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                if items.is_empty() && !is_collection(&path) {
+                    return respond(404, &status(404, "NotFound", &format!("{path} not found")));
+                }
+                respond(
+                    200,
+                    &json!({"kind": list_kind(&path), "apiVersion": "v1", "metadata": {"resourceVersion": rv}, "items": items}),
+                )
+            }
+            Method::PATCH if path.ends_with("/status") => {
+                let obj_path = path.trim_end_matches("/status").to_string();
+                let Some(obj) = st.objects.get_mut(&obj_path) else {
+                    return respond(404, &status(404, "NotFound", "no such object"));
+                };
+                obj["status"] = body["status"].clone();
+                obj["metadata"]["resourceVersion"] = json!(rv);
+                respond(200, obj)
+            }
+            Method::PATCH => {
+                st.next_uid += 1;
+                let uid = format!("uid-{}", st.next_uid);
+                let mut new = body.clone();
+                let old = st.objects.get(&path).cloned();
+                let meta = &mut new["metadata"];
+                meta["resourceVersion"] = json!(rv);
+                match &old {
+                    Some(o) => {
+                        meta["uid"] = o["metadata"]["uid"].clone();
+                        meta["creationTimestamp"] = o["metadata"]["creationTimestamp"].clone();
+                        let generation = o["metadata"]["generation"].as_i64().unwrap_or(1);
+                        let changed = o.get("spec") != body.get("spec");
+                        meta["generation"] =
+                            json!(if changed { generation + 1 } else { generation });
+                        if body.get("status").is_none() && o.get("status").is_some() {
+                            new["status"] = o["status"].clone();
+                        }
+                    }
+                    None => {
+                        meta["uid"] = json!(uid);
+                        meta["creationTimestamp"] = json!("2026-11-22T00:00:00Z");
+                        meta["generation"] = json!(1);
+                    }
+                }
+                st.objects.insert(path, new.clone());
+                respond(if old.is_some() { 200 } else { 201 }, &new)
+            }
+            Method::PUT => {
+                let Some(old) = st.objects.get(&path) else {
+                    return respond(404, &status(404, "NotFound", "no such object"));
+                };
+                if body["metadata"]["resourceVersion"] != old["metadata"]["resourceVersion"] {
+                    return respond(
+                        409,
+                        &status(409, "Conflict", "the object has been modified"),
+                    );
+                }
+                let mut new = body.clone();
+                new["metadata"]["resourceVersion"] = json!(rv);
+                st.objects.insert(path, new.clone());
+                respond(200, &new)
+            }
+            Method::POST => {
+                st.next_uid += 1;
+                let mut new = body.clone();
+                let name = new["metadata"]["name"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| {
+                        format!(
+                            "{}{}",
+                            new["metadata"]["generateName"].as_str().unwrap_or("obj-"),
+                            st.next_uid
+                        )
+                    });
+                new["metadata"]["name"] = json!(name);
+                new["metadata"]["resourceVersion"] = json!(rv);
+                new["metadata"]["uid"] = json!(format!("uid-{}", st.next_uid));
+                let key = format!("{path}/{name}");
+                if st.objects.contains_key(&key) {
+                    return respond(409, &status(409, "AlreadyExists", "exists"));
+                }
+                st.objects.insert(key, new.clone());
+                respond(201, &new)
+            }
+            Method::DELETE => match st.objects.remove(&path) {
+                Some(_) => respond(
+                    200,
+                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 200}),
+                ),
+                None => respond(404, &status(404, "NotFound", "no such object")),
+            },
+            _ => respond(405, &status(405, "MethodNotAllowed", "unsupported")),
+        }
+    }
+
+    /// Puts an object at its API path.
+    pub fn put(&self, path: &str, obj: Value) {
+        self.state
+            .lock()
+            .unwrap()
+            .objects
+            .insert(path.to_string(), obj);
+    }
+
+    /// The object at a path.
+    pub fn get(&self, path: &str) -> Option<Value> {
+        self.state.lock().unwrap().objects.get(path).cloned()
+    }
+
+    /// Every request so far.
+    pub fn log(&self) -> Vec<Call> {
+        self.state.lock().unwrap().log.clone()
+    }
+
+    /// Requests that change something.
+    pub fn writes(&self) -> Vec<Call> {
+        self.log().into_iter().filter(Call::is_write).collect()
+    }
+
+    /// Forgets the request log.
+    pub fn clear_log(&self) {
+        self.state.lock().unwrap().log.clear();
+    }
+
+    /// Makes requests with this method and path substring fail with `code`.
+    pub fn fail(&self, method: Method, path: &str, code: u16) {
+        self.state
+            .lock()
+            .unwrap()
+            .fail
+            .push((method, path.to_string(), code));
+    }
+
+    /// Stops injecting failures.
+    pub fn heal(&self) {
+        self.state.lock().unwrap().fail.clear();
+    }
+
+    /// Objects stored directly under a collection path.
+    pub fn objects_under(&self, collection: &str) -> Vec<Value> {
+        let prefix = format!("{collection}/");
+        self.state
+            .lock()
+            .unwrap()
+            .objects
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Number of objects stored.
+    pub fn len(&self) -> usize {
+        self.state.lock().unwrap().objects.len()
+    }
+}
+
+fn is_collection(path: &str) -> bool {
+    let last = path.rsplit('/').next().unwrap_or("");
+    matches!(last, "pods" | "events" | "daemonsets" | "leases")
+}
+
+/// API paths of what the operator manages.
+pub mod paths {
+    pub const NS: &str = "devplug-system";
+    pub fn policy(name: &str) -> String {
+        format!("/apis/devplug.io/v1alpha1/devicepluginpolicies/{name}")
+    }
+    pub fn daemonset(policy: &str) -> String {
+        format!("/apis/apps/v1/namespaces/{NS}/daemonsets/devplug-agent-{policy}")
+    }
+    pub fn service_account(policy: &str) -> String {
+        format!("/api/v1/namespaces/{NS}/serviceaccounts/devplug-agent-{policy}")
+    }
+    pub fn cluster_role(policy: &str) -> String {
+        format!("/apis/rbac.authorization.k8s.io/v1/clusterroles/devplug-agent-{policy}")
+    }
+    pub fn cluster_role_binding(policy: &str) -> String {
+        format!("/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/devplug-agent-{policy}")
+    }
+    pub fn pod(name: &str) -> String {
+        format!("/api/v1/namespaces/{NS}/pods/{name}")
+    }
+    pub const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
+}
+
+/// A policy as the API server would hold it.
+pub fn policy_json(name: &str, resource: &str, created: &str, extra_spec: Value) -> Value {
+    let mut spec = json!({"resourceName": resource, "source": {"simulated": {"count": 2}}});
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra_spec.as_object()) {
+        for (k, v) in e {
+            s.insert(k.clone(), v.clone());
+        }
+    }
+    json!({
+        "apiVersion": "devplug.io/v1alpha1",
+        "kind": "DevicePluginPolicy",
+        "metadata": {"name": name, "uid": format!("policy-uid-{name}"), "generation": 1,
+                     "resourceVersion": "1", "creationTimestamp": created},
+        "spec": spec,
+    })
+}
+
+/// Stores the policies in the fake server and in a reflector store.
+pub fn seed(
+    api: &FakeApi,
+    policies: &[Value],
+) -> (Store<DevicePluginPolicy>, Writer<DevicePluginPolicy>) {
+    let mut w = Writer::default();
+    for p in policies {
+        let name = p["metadata"]["name"].as_str().unwrap();
+        api.put(&paths::policy(name), p.clone());
+        let typed: DevicePluginPolicy = serde_json::from_value(p.clone()).unwrap();
+        w.apply_watcher_event(&watcher::Event::Apply(typed));
+    }
+    (w.as_reader(), w)
+}
+
+/// The typed policy as currently stored by the fake server.
+pub fn current(api: &FakeApi, name: &str) -> DevicePluginPolicy {
+    serde_json::from_value(api.get(&paths::policy(name)).unwrap()).unwrap()
+}
