@@ -14,15 +14,20 @@ use tokio::sync::watch;
 
 use crate::plugin::PluginState;
 
-type Plugins = Arc<Vec<Arc<PluginState>>>;
+/// The plugins being served now; changes when a policy is reloaded.
+pub type Plugins = Arc<std::sync::RwLock<Vec<Arc<PluginState>>>>;
 
 async fn healthz() -> &'static str {
     "ok\n"
 }
 
 async fn readyz(State(plugins): State<Plugins>) -> (StatusCode, String) {
+    let plugins: Vec<Arc<PluginState>> = plugins.read().map(|v| v.clone()).unwrap_or_default();
     let mut body = String::new();
-    let mut ready = true;
+    let mut ready = !plugins.is_empty();
+    if plugins.is_empty() {
+        body.push_str("no policy served yet\n");
+    }
     for p in plugins.iter() {
         let r = p.ready();
         ready &= r;
@@ -50,7 +55,7 @@ async fn readyz(State(plugins): State<Plugins>) -> (StatusCode, String) {
 /// Binds `addr` and serves until shutdown; returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
-    plugins: Vec<Arc<PluginState>>,
+    plugins: Plugins,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -58,7 +63,7 @@ pub async fn serve(
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(Arc::new(plugins));
+        .with_state(plugins);
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move {

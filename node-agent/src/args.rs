@@ -22,8 +22,15 @@ pub struct Args {
 pub struct ServeArgs {
     /// Standalone mode: serve the DevicePluginPolicy documents in this YAML
     /// file (the same YAML `kubectl apply` takes), with no API server.
-    #[arg(long, env = "DEVPLUG_CONFIG")]
+    #[arg(long, env = "DEVPLUG_CONFIG", conflicts_with = "policy")]
     pub config: Option<PathBuf>,
+
+    /// Cluster mode: serve this DevicePluginPolicy, watched through the API
+    /// server (in-cluster config, or KUBECONFIG). Spec changes are applied
+    /// without restarting; if the API server is unreachable the agent keeps
+    /// serving the last spec it had.
+    #[arg(long, env = "DEVPLUG_POLICY")]
+    pub policy: Option<String>,
 
     /// The kubelet's root directory (k3s, k0s and microk8s move it).
     #[arg(long, env = "DEVPLUG_KUBELET_ROOT", default_value = "/var/lib/kubelet")]

@@ -8,15 +8,28 @@ use std::sync::Arc;
 
 use devplug_proto::deviceplugin::v1beta1::KUBELET_SOCKET;
 use inotify::{EventMask, Inotify, WatchMask};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tracing::{debug, info, warn};
 
-/// Watches `dir` until shutdown. `plugins` maps socket file names to their
-/// registration triggers.
+/// A registration trigger: an epoch counter. Each reason to register again
+/// bumps it; a registration attempt covers every bump it has seen, so two
+/// events of one kubelet restart cause one registration, not two.
+pub type Trigger = watch::Sender<u64>;
+
+/// Fires a trigger.
+pub fn fire(t: &Trigger) {
+    t.send_modify(|epoch| *epoch = epoch.wrapping_add(1));
+}
+
+/// Socket file names of the plugins served now, with their registration
+/// triggers; plugins come and go as policies are reloaded.
+pub type Triggers = Arc<std::sync::Mutex<HashMap<String, Arc<Trigger>>>>;
+
+/// Watches `dir` until shutdown.
 pub async fn run(
     dir: PathBuf,
-    plugins: HashMap<String, Arc<Notify>>,
+    plugins: Triggers,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let inotify = Inotify::init()?;
@@ -36,8 +49,10 @@ pub async fn run(
     let dir_name = dir.file_name().map(|n| n.to_os_string());
     let mut events = inotify.into_event_stream(vec![0u8; 4096])?;
     let all = || {
-        for t in plugins.values() {
-            t.notify_one();
+        if let Ok(map) = plugins.lock() {
+            for t in map.values() {
+                fire(t);
+            }
         }
     };
     loop {
@@ -75,13 +90,13 @@ pub async fn run(
             info!("kubelet.sock created: kubelet (re)started");
             all();
         } else if !created
-            && let Some(t) = plugins.get(name)
+            && let Some(t) = plugins.lock().ok().and_then(|m| m.get(name).cloned())
             // Our own re-bind also unlinks the file first; only a socket
             // that is really gone is a reason to act.
             && !dir.join(name).exists()
         {
             info!(socket = name, "plugin socket removed");
-            t.notify_one();
+            fire(&t);
         }
     }
 }

@@ -18,7 +18,7 @@ use devplug_proto::deviceplugin::v1beta1 as dp;
 use devplug_proto::deviceplugin::v1beta1::registration_client::RegistrationClient;
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tonic::transport::{Endpoint, Uri};
 use tracing::{debug, info, warn};
 
@@ -116,7 +116,7 @@ pub async fn run(
     state: Arc<PluginState>,
     kubelet_sock: PathBuf,
     rebind: Rebind,
-    trigger: Arc<Notify>,
+    mut trigger: watch::Receiver<u64>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let cfg = &state.cfg;
@@ -135,6 +135,8 @@ pub async fn run(
             if *shutdown.borrow() {
                 return;
             }
+            // This attempt answers every trigger fired so far.
+            trigger.borrow_and_update();
             if !rebind.path().exists()
                 && let Err(e) = rebind.rebind().await
             {
@@ -152,7 +154,7 @@ pub async fn run(
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = trigger.notified() => {}
+                        _ = trigger.changed() => {}
                         _ = crate::stopped(&mut shutdown) => return,
                     }
                     backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -168,7 +170,7 @@ pub async fn run(
         let reason = loop {
             tokio::select! {
                 _ = crate::stopped(&mut shutdown) => return,
-                _ = trigger.notified() => break "kubelet socket re-created or plugin socket removed",
+                _ = trigger.changed() => break "kubelet socket re-created or plugin socket removed",
                 _ = state.streams.closed.notified() => {
                     if state.streams.active() > 0 {
                         continue;
@@ -176,7 +178,7 @@ pub async fn run(
                     let opened = state.streams.opened();
                     tokio::select! {
                         _ = crate::stopped(&mut inner_shutdown) => return,
-                        _ = trigger.notified() => break "kubelet socket re-created or plugin socket removed",
+                        _ = trigger.changed() => break "kubelet socket re-created or plugin socket removed",
                         _ = tokio::time::sleep(STREAM_GRACE) => {}
                     }
                     if state.streams.active() == 0 && state.streams.opened() == opened {

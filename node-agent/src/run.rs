@@ -1,31 +1,40 @@
-//! Wiring: config → sources → inventories → servers → registration, plus
-//! the plugin-directory watcher, the admin server and signal handling.
+//! Wiring: policies → plugins (source, inventory, server, registration),
+//! plus the plugin-directory watcher, the admin server and signal handling.
+//!
+//! Standalone mode serves the policies of a file. Cluster mode watches one
+//! policy through the API server and restarts its plugin when the serving
+//! part of the spec changes; the kubelet keeps running containers' devices
+//! across such a restart, and if the API server goes away the plugin simply
+//! keeps serving the last spec.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use devplug_api::{DevicePluginPolicy, LoadError};
+use devplug_api::{DevicePluginPolicy, DevicePluginPolicySpec, LoadError};
 use devplug_proto::deviceplugin::v1beta1::KUBELET_SOCKET;
-use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{Notify, watch};
-use tracing::{info, warn};
+use futures::StreamExt;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
 
+use crate::admin::Plugins;
 use crate::args::ServeArgs;
 use crate::config::PluginConfig;
 use crate::device::Roots;
 use crate::inventory::{Inventory, Snapshot};
 use crate::plugin::{PluginService, PluginState, Streams};
+use crate::plugin_dir::Triggers;
 use crate::sources::{self, SourceContext, SourceError};
 use crate::{admin, discovery, plugin_dir, registration, server};
 
 /// Why the agent could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    /// No `--config` and no cluster mode.
-    #[error("no configuration: pass --config FILE with DevicePluginPolicy YAML")]
+    /// Neither `--config` nor `--policy`.
+    #[error("no configuration: pass --config FILE (standalone) or --policy NAME (cluster mode)")]
     NoConfig,
     /// The config file cannot be read.
     #[error("reading {path}: {source}")]
@@ -65,6 +74,9 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// No API server configuration in cluster mode.
+    #[error("cluster mode: {0}")]
+    Kube(#[source] kube::Error),
     /// A bad flag value.
     #[error("{0}")]
     Flag(String),
@@ -82,11 +94,159 @@ pub fn load_config(path: &Path) -> Result<Vec<DevicePluginPolicy>, AgentError> {
     })
 }
 
+/// What every plugin of this agent shares.
+struct Node {
+    plugin_dir: PathBuf,
+    kubelet_sock: PathBuf,
+    sources: SourceContext,
+    triggers: Triggers,
+    plugins: Plugins,
+}
+
+/// One running plugin.
+struct Plugin {
+    name: String,
+    spec: DevicePluginPolicySpec,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    socket: PathBuf,
+    state: Arc<PluginState>,
+}
+
+impl Node {
+    async fn start(&self, policy: &DevicePluginPolicy) -> Result<Plugin, AgentError> {
+        let cfg = PluginConfig::from_policy(policy);
+        let source =
+            sources::build(policy, &self.sources).map_err(|source| AgentError::Source {
+                policy: cfg.name.clone(),
+                source,
+            })?;
+        let (stop, stopped) = watch::channel(false);
+        let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
+        let mut first = snap_rx.clone();
+        let mut tasks = vec![tokio::spawn(discovery::run(
+            cfg.name.clone(),
+            source,
+            Inventory::new(cfg.settle, cfg.replicas),
+            snap_tx,
+            stopped.clone(),
+        ))];
+        // Wait for the first discovery so the kubelet never sees an empty
+        // list from a plugin that has devices.
+        let _ = first.changed().await;
+
+        let state = Arc::new(PluginState {
+            cfg: cfg.clone(),
+            snapshots: snap_rx,
+            streams: Arc::new(Streams::default()),
+            registered: AtomicBool::new(false),
+            registrations: AtomicU64::new(0),
+            shutdown: stopped.clone(),
+        });
+        let socket = self.plugin_dir.join(&cfg.socket_name);
+        let (rebind, server_task) = match server::serve(
+            socket.clone(),
+            PluginService(state.clone()),
+            stopped.clone(),
+        ) {
+            Ok(x) => x,
+            Err(source) => {
+                let _ = stop.send(true);
+                return Err(AgentError::Io {
+                    what: "listening on",
+                    path: socket.display().to_string(),
+                    source,
+                });
+            }
+        };
+        tasks.push(server_task);
+        let (trigger, trigger_rx) = watch::channel(0u64);
+        if let Ok(mut t) = self.triggers.lock() {
+            t.insert(cfg.socket_name.clone(), Arc::new(trigger));
+        }
+        tasks.push(tokio::spawn(registration::run(
+            state.clone(),
+            self.kubelet_sock.clone(),
+            rebind,
+            trigger_rx,
+            stopped,
+        )));
+        if let Ok(mut p) = self.plugins.write() {
+            p.push(state.clone());
+        }
+        info!(policy = %cfg.name, resource = %cfg.resource_name, socket = %socket.display(), "serving");
+        Ok(Plugin {
+            name: cfg.name.clone(),
+            spec: policy.spec.clone(),
+            stop,
+            tasks,
+            socket,
+            state,
+        })
+    }
+
+    async fn stop(&self, p: Plugin) {
+        let _ = p.stop.send(true);
+        let join = async {
+            for t in p.tasks {
+                let _ = t.await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(5), join)
+            .await
+            .is_err()
+        {
+            warn!(policy = %p.name, "plugin tasks did not stop within 5 s");
+        }
+        let _ = std::fs::remove_file(&p.socket);
+        if let Ok(mut t) = self.triggers.lock() {
+            t.remove(&p.state.cfg.socket_name);
+        }
+        if let Ok(mut list) = self.plugins.write() {
+            list.retain(|s| !Arc::ptr_eq(s, &p.state));
+        }
+        info!(policy = %p.name, "stopped serving");
+    }
+}
+
+/// The parts of a spec the agent serves from; the rest (placement, agent
+/// image) is the operator's business and needs no plugin restart.
+fn serving_part_changed(a: &DevicePluginPolicySpec, b: &DevicePluginPolicySpec) -> bool {
+    a.resource_name != b.resource_name
+        || a.source != b.source
+        || a.sharing != b.sharing
+        || a.allocate != b.allocate
+        || a.pre_start != b.pre_start
+        || a.health != b.health
+}
+
+fn signals() -> Result<(Signal, Signal), AgentError> {
+    let io = |source| AgentError::Io {
+        what: "installing signal handler",
+        path: String::new(),
+        source,
+    };
+    Ok((
+        signal(SignalKind::terminate()).map_err(io)?,
+        signal(SignalKind::interrupt()).map_err(io)?,
+    ))
+}
+
+async fn terminated(sigterm: &mut Signal, sigint: &mut Signal) {
+    tokio::select! {
+        _ = sigterm.recv() => info!("SIGTERM: shutting down"),
+        _ = sigint.recv() => info!("SIGINT: shutting down"),
+    }
+}
+
 /// Runs the agent until SIGTERM or SIGINT; then stops serving, removes its
 /// sockets and returns.
 pub async fn run(args: ServeArgs) -> Result<(), AgentError> {
-    let config = args.config.clone().ok_or(AgentError::NoConfig)?;
-    let policies = load_config(&config)?;
+    let standalone = match (&args.config, &args.policy) {
+        (Some(path), _) => Some(load_config(path)?),
+        (None, Some(_)) => None,
+        (None, None) => return Err(AgentError::NoConfig),
+    };
     let admin_addr = args.admin_addr().map_err(AgentError::Flag)?;
     let plugin_dir = args.plugin_dir();
     if !plugin_dir.is_dir() {
@@ -96,7 +256,7 @@ pub async fn run(args: ServeArgs) -> Result<(), AgentError> {
             source,
         })?;
     }
-    let node = args
+    let node_name = args
         .node_name
         .clone()
         .or_else(|| {
@@ -105,99 +265,37 @@ pub async fn run(args: ServeArgs) -> Result<(), AgentError> {
                 .map(|s| s.trim().to_string())
         })
         .unwrap_or_else(|| "unknown".into());
-    info!(%node, plugin_dir = %plugin_dir.display(), policies = policies.len(), "devplug agent starting");
-
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|source| AgentError::Io {
-        what: "installing SIGTERM handler",
-        path: String::new(),
-        source,
-    })?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(|source| AgentError::Io {
-        what: "installing SIGINT handler",
-        path: String::new(),
-        source,
-    })?;
+    info!(node = %node_name, plugin_dir = %plugin_dir.display(), "devplug agent starting");
+    let (mut sigterm, mut sigint) = signals()?;
 
     let (shutdown_tx, shutdown) = watch::channel(false);
-    let ctx = SourceContext {
-        roots: Roots {
-            dev: args.dev_root.clone(),
-            sys: args.sys_root.clone(),
+    let node = Node {
+        kubelet_sock: plugin_dir.join(KUBELET_SOCKET),
+        plugin_dir: plugin_dir.clone(),
+        sources: SourceContext {
+            roots: Roots {
+                dev: args.dev_root.clone(),
+                sys: args.sys_root.clone(),
+            },
+            sim_control_dir: args.sim_control_dir.clone(),
         },
-        sim_control_dir: args.sim_control_dir.clone(),
+        triggers: Arc::new(std::sync::Mutex::new(HashMap::new())),
+        plugins: Arc::new(RwLock::new(Vec::new())),
     };
-    let kubelet_sock = plugin_dir.join(KUBELET_SOCKET);
-    let mut tasks = Vec::new();
-    let mut states = Vec::new();
-    let mut triggers = HashMap::new();
-    let mut sockets = Vec::new();
 
-    for policy in &policies {
-        let cfg = PluginConfig::from_policy(policy);
-        let source = sources::build(policy, &ctx).map_err(|source| AgentError::Source {
-            policy: cfg.name.clone(),
-            source,
-        })?;
-        let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
-        let inventory = Inventory::new(cfg.settle, cfg.replicas);
-        // The first discovery runs inside the task; wait for it so the
-        // kubelet never sees an empty list from a plugin that has devices.
-        let mut first = snap_rx.clone();
-        tasks.push(tokio::spawn(discovery::run(
-            cfg.name.clone(),
-            source,
-            inventory,
-            snap_tx,
-            shutdown.clone(),
-        )));
-        let _ = first.changed().await;
-
-        let state = Arc::new(PluginState {
-            cfg: cfg.clone(),
-            snapshots: snap_rx,
-            streams: Arc::new(Streams::default()),
-            registered: AtomicBool::new(false),
-            registrations: AtomicU64::new(0),
-            shutdown: shutdown.clone(),
-        });
-        let socket = plugin_dir.join(&cfg.socket_name);
-        let (rebind, server_task) = server::serve(
-            socket.clone(),
-            PluginService(state.clone()),
-            shutdown.clone(),
-        )
-        .map_err(|source| AgentError::Io {
-            what: "listening on",
-            path: socket.display().to_string(),
-            source,
-        })?;
-        info!(policy = %cfg.name, resource = %cfg.resource_name, socket = %socket.display(), "serving");
-        tasks.push(server_task);
-        let trigger = Arc::new(Notify::new());
-        triggers.insert(cfg.socket_name.clone(), trigger.clone());
-        tasks.push(tokio::spawn(registration::run(
-            state.clone(),
-            kubelet_sock.clone(),
-            rebind,
-            trigger,
-            shutdown.clone(),
-        )));
-        states.push(state);
-        sockets.push(socket);
-    }
-
+    let mut background = Vec::new();
     {
         let dir = plugin_dir.clone();
+        let triggers = node.triggers.clone();
         let sd = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
+        background.push(tokio::spawn(async move {
             if let Err(e) = plugin_dir::run(dir.clone(), triggers, sd).await {
                 warn!(dir = %dir.display(), error = %e, "cannot watch the plugin directory; kubelet restarts are detected only through dropped streams");
             }
         }));
     }
-
     if let Some(addr) = admin_addr {
-        let (bound, task) = admin::serve(addr, states.clone(), shutdown.clone())
+        let (bound, task) = admin::serve(addr, node.plugins.clone(), shutdown.clone())
             .await
             .map_err(|source| AgentError::Io {
                 what: "listening on",
@@ -205,30 +303,93 @@ pub async fn run(args: ServeArgs) -> Result<(), AgentError> {
                 source,
             })?;
         info!(addr = %bound, "admin server listening (/healthz, /readyz)");
-        tasks.push(task);
+        background.push(task);
     }
 
-    tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM: shutting down"),
-        _ = sigint.recv() => info!("SIGINT: shutting down"),
+    let mut running: Vec<Plugin> = Vec::new();
+    let result = match standalone {
+        Some(policies) => {
+            let mut started = Ok(());
+            for p in &policies {
+                match node.start(p).await {
+                    Ok(plugin) => running.push(plugin),
+                    Err(e) => {
+                        started = Err(e);
+                        break;
+                    }
+                }
+            }
+            if started.is_ok() {
+                terminated(&mut sigterm, &mut sigint).await;
+            }
+            started
+        }
+        None => {
+            let name = args.policy.clone().unwrap_or_default();
+            cluster_mode(&node, &name, &mut running, &mut sigterm, &mut sigint).await
+        }
+    };
+
+    for p in running.drain(..) {
+        node.stop(p).await;
     }
     let _ = shutdown_tx.send(true);
-    let all = futures_join(tasks);
-    if tokio::time::timeout(Duration::from_secs(5), all)
-        .await
-        .is_err()
-    {
-        warn!("some tasks did not stop within 5 s");
-    }
-    for s in &sockets {
-        let _ = std::fs::remove_file(s);
+    for t in background {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
     info!("stopped");
-    Ok(())
+    result
 }
 
-async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
-    for t in tasks {
-        let _ = t.await;
+/// Watches one policy and keeps its plugin in step with the spec.
+async fn cluster_mode(
+    node: &Node,
+    name: &str,
+    running: &mut Vec<Plugin>,
+    sigterm: &mut Signal,
+    sigint: &mut Signal,
+) -> Result<(), AgentError> {
+    use kube::runtime::{WatchStreamExt, watcher};
+    let client = kube::Client::try_default()
+        .await
+        .map_err(AgentError::Kube)?;
+    let api: kube::Api<DevicePluginPolicy> = kube::Api::all(client);
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut policies = watcher(api, cfg)
+        .default_backoff()
+        .applied_objects()
+        .boxed();
+    info!(policy = %name, "cluster mode: watching the policy");
+    loop {
+        let next = tokio::select! {
+            _ = terminated(sigterm, sigint) => return Ok(()),
+            next = policies.next() => next,
+        };
+        let policy = match next {
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                // The watcher retries with backoff; the plugin keeps serving.
+                warn!(policy = %name, error = %e, "policy watch interrupted; serving the last spec");
+                continue;
+            }
+            None => return Ok(()),
+        };
+        if let Err(e) = policy.spec.validate() {
+            error!(policy = %name, error = %e, "invalid spec ignored; serving the last valid one");
+            continue;
+        }
+        if let Some(current) = running.first()
+            && !serving_part_changed(&current.spec, &policy.spec)
+        {
+            continue;
+        }
+        if let Some(old) = running.pop() {
+            info!(policy = %name, "spec changed: restarting the plugin");
+            node.stop(old).await;
+        }
+        match node.start(&policy).await {
+            Ok(p) => running.push(p),
+            Err(e) => error!(policy = %name, error = %e, "cannot serve the new spec"),
+        }
     }
 }

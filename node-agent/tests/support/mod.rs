@@ -236,6 +236,26 @@ impl KubeletSim {
         self.registrations()[n - 1].clone()
     }
 
+    /// Waits for a registration that arrived after `since`.
+    pub async fn wait_registration_after(
+        &mut self,
+        since: Instant,
+        timeout: Duration,
+    ) -> Registered {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(r) = self.registrations().into_iter().find(|r| r.at >= since) {
+                return r;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no registration after the restart within {timeout:?}"
+            );
+            let _ = tokio::time::timeout(left, self.reg_rx.changed()).await;
+        }
+    }
+
     fn list_rx(&self, resource: &str) -> watch::Receiver<Option<(Vec<dp::Device>, Instant)>> {
         let mut lists = self.shared.lists.lock().unwrap();
         lists
