@@ -18,6 +18,8 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status};
 
+pub mod apiserver;
+
 /// Dials a Unix socket as a tonic channel.
 pub async fn dial(path: &Path) -> Result<Channel, tonic::transport::Error> {
     let p = path.to_path_buf();
@@ -405,6 +407,33 @@ impl Agent {
         }
         let child = cmd.spawn().unwrap();
         Self { child, admin }
+    }
+
+    /// Starts the agent in cluster mode for `policy`, with `kubeconfig`.
+    pub fn spawn_cluster(node: &Node, policy: &str, kubeconfig: &Path) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_devplug-agent"))
+            .args([
+                "--policy",
+                policy,
+                "--admin-addr",
+                "off",
+                "--node-name",
+                "test-node",
+            ])
+            .arg("--plugin-dir")
+            .arg(&node.plugins)
+            .arg("--sim-control-dir")
+            .arg(&node.sim)
+            .env("KUBECONFIG", kubeconfig)
+            .env(
+                "DEVPLUG_LOG",
+                std::env::var("DEVPLUG_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        Self { child, admin: None }
     }
 
     /// Sends SIGTERM and waits for the exit status.
