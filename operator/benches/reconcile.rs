@@ -1,1 +1,135 @@
-fn main() {}
+//! Operator benchmark: prints figures, asserts nothing about time.
+//!
+//! `cargo bench -p devplug-operator --bench reconcile`
+//!
+//! Reconciles 1,000 policies against the fake API server used by the
+//! reconcile tests (kube's client over a tower-test mock service, answered
+//! with real JSON): the first pass creates every agent's objects, the second
+//! is the steady state and must write nothing. Prints reconciles per second,
+//! API requests per reconcile and the process's peak RSS.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use devplug_operator::controller::{self, Context};
+use devplug_operator::desired::AgentDefaults;
+use devplug_operator::metrics::Metrics;
+use futures::StreamExt;
+use serde_json::json;
+use support::{FakeApi, current, paths, policy_json, seed};
+
+const POLICIES: usize = 1000;
+const CONCURRENCY: usize = 16;
+
+async fn pass(
+    api: &FakeApi,
+    ctx: &Arc<Context>,
+    names: &[String],
+    concurrency: usize,
+) -> (f64, usize, usize) {
+    api.clear_log();
+    let start = Instant::now();
+    let results: Vec<_> = futures::stream::iter(names.iter().cloned())
+        .map(|n| {
+            let ctx = ctx.clone();
+            let p = Arc::new(current(api, &n));
+            async move { controller::reconcile(p, ctx).await }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let secs = start.elapsed().as_secs_f64();
+    assert!(results.iter().all(Result::is_ok));
+    let log = api.log();
+    let writes = log.iter().filter(|c| c.is_write()).count();
+    (names.len() as f64 / secs, log.len(), writes)
+}
+
+fn rss_mib(field: &str) -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: f64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+fn fresh(
+    policies: &[serde_json::Value],
+) -> (
+    FakeApi,
+    Arc<Context>,
+    kube::runtime::reflector::store::Writer<devplug_api::DevicePluginPolicy>,
+) {
+    let (client, api) = FakeApi::start();
+    let (store, writer) = seed(&api, policies);
+    let ctx = Arc::new(Context::new(
+        client,
+        AgentDefaults {
+            namespace: paths::NS.into(),
+            image: "devplug-agent:bench".into(),
+            kubelet_root: "/var/lib/kubelet".into(),
+        },
+        store,
+        Arc::new(Metrics::default()),
+    ));
+    (api, ctx, writer)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let baseline = rss_mib("VmRSS:");
+    let policies: Vec<_> = (0..POLICIES)
+        .map(|i| {
+            policy_json(
+                &format!("p{i:04}"),
+                &format!("bench{i}.example.com/dev"),
+                "2026-11-01T00:00:00Z",
+                json!({"sharing": {"strategy": "TimeSlicing", "replicas": 4}}),
+            )
+        })
+        .collect();
+    let names: Vec<String> = (0..POLICIES).map(|i| format!("p{i:04}")).collect();
+    println!(
+        "devplug-operator reconcile benchmark ({POLICIES} policies, fake API server in-process, release build)"
+    );
+    for (label, concurrency) in [("sequential", 1), ("concurrent", CONCURRENCY)] {
+        let (api, ctx, _writer) = fresh(&policies);
+        run_passes(&api, &ctx, &names, label, concurrency).await;
+        assert_eq!(
+            ctx.metrics.total_writes() as usize,
+            POLICIES * 5,
+            "5 writes per policy, then none"
+        );
+    }
+    println!(
+        "process RSS: {baseline:.1} MiB at start, peak {:.1} MiB; the peak includes the fake API server holding {} JSON objects",
+        rss_mib("VmHWM:"),
+        POLICIES * 5
+    );
+}
+async fn run_passes(
+    api: &FakeApi,
+    ctx: &Arc<Context>,
+    names: &[String],
+    label: &str,
+    concurrency: usize,
+) {
+    let (rate, reqs, writes) = pass(api, ctx, names, concurrency).await;
+    println!(
+        "{label:>10} (x{concurrency:<2}) first pass : {rate:>7.0} reconciles/s, {:.1} requests and {:.1} writes per reconcile",
+        reqs as f64 / names.len() as f64,
+        writes as f64 / names.len() as f64
+    );
+    let (rate, reqs, writes) = pass(api, ctx, names, concurrency).await;
+    println!(
+        "{label:>10} (x{concurrency:<2}) steady pass: {rate:>7.0} reconciles/s, {:.1} requests and {} writes in total",
+        reqs as f64 / names.len() as f64,
+        writes
+    );
+}
