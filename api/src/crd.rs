@@ -5,7 +5,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 use serde_json::Value;
 
-use crate::DevicePluginPolicy;
+use crate::{DevicePluginPolicy, NodeDeviceStatus};
 
 /// Removes what a structural schema may not hold. serde's
 /// `deny_unknown_fields` makes schemars emit `additionalProperties: false`,
@@ -41,12 +41,19 @@ pub fn device_plugin_policy() -> Result<CustomResourceDefinition, serde_json::Er
     finish(crd)
 }
 
+/// The `NodeDeviceStatus` CRD.
+pub fn node_device_status() -> Result<CustomResourceDefinition, serde_json::Error> {
+    let mut crd = NodeDeviceStatus::crd();
+    crd.spec.names.categories = Some(vec!["devplug".into()]);
+    finish(crd)
+}
+
 /// Every CRD with its file name under `crds/`.
 pub fn all() -> Result<Vec<(&'static str, CustomResourceDefinition)>, serde_json::Error> {
-    Ok(vec![(
-        "devplug.io_devicepluginpolicies.yaml",
-        device_plugin_policy()?,
-    )])
+    Ok(vec![
+        ("devplug.io_devicepluginpolicies.yaml", device_plugin_policy()?),
+        ("devplug.io_nodedevicestatuses.yaml", node_device_status()?),
+    ])
 }
 
 /// A CRD as the YAML document written to `crds/`.

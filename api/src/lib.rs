@@ -3,9 +3,11 @@
 
 pub mod conditions;
 pub mod crd;
+pub mod node_status;
 pub mod policy;
 pub mod validation;
 
+pub use node_status::*;
 pub use policy::*;
 pub use validation::{FieldError, ValidationErrors, validate_device_id, validate_resource_name};
 

@@ -247,6 +247,23 @@ fn list_maps_make_the_api_server_refuse_duplicates() {
 }
 
 #[test]
+fn node_device_status_entries_are_list_maps() {
+    let crd = crd::node_device_status().unwrap();
+    assert_eq!(crd.spec.scope, "Cluster");
+    assert_eq!(crd.spec.names.short_names, Some(vec!["nds".to_string()]));
+    let s = serde_json::to_value(crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap();
+    let r = &s["properties"]["status"]["properties"]["resources"];
+    assert_eq!(r["x-kubernetes-list-map-keys"], json!(["resourceName"]));
+    assert_eq!(r["items"]["properties"]["devices"]["x-kubernetes-list-map-keys"], json!(["id"]));
+    assert_eq!(
+        r["items"]["properties"]["devices"]["items"]["properties"]["health"]["enum"],
+        json!(["Healthy", "Unhealthy", "Unknown"])
+    );
+    let cols: Vec<_> = crd.spec.versions[0].additional_printer_columns.iter().flatten().map(|c| c.name.clone()).collect();
+    assert_eq!(cols, vec!["Resources", "Healthy/Total", "Allocated", "Age"]);
+}
+
+#[test]
 fn no_schema_node_forbids_and_declares_properties() {
     fn walk(v: &Value, path: &str) {
         if let Some(m) = v.as_object() {

@@ -1,0 +1,141 @@
+//! `NodeDeviceStatus`: one per Node, named after it. Each agent writes only
+//! its own entry of `status.resources` (a list-map keyed by `resourceName`)
+//! with its own field manager, so agents of different policies never
+//! overwrite each other. The vocabulary follows the kubelet's own
+//! `allocatedResourcesStatus`, so the two can be correlated.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The devices of one node, per extended resource, with their health and
+/// the containers holding them.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "devplug.io",
+    version = "v1alpha1",
+    kind = "NodeDeviceStatus",
+    plural = "nodedevicestatuses",
+    shortname = "nds",
+    status = "NodeDeviceStatusStatus",
+    printcolumn = r#"{"name":"Resources","type":"integer","jsonPath":".status.summary.resources"}"#,
+    printcolumn = r#"{"name":"Healthy/Total","type":"string","jsonPath":".status.summary.healthy"}"#,
+    printcolumn = r#"{"name":"Allocated","type":"integer","jsonPath":".status.summary.allocated"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeDeviceStatusSpec {
+    /// The Node this object describes (same as metadata.name).
+    pub node_name: String,
+}
+
+/// Observed devices of a node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeDeviceStatusStatus {
+    /// One entry per extended resource served on the node, each written by
+    /// that resource's agent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["resourceName"]))]
+    pub resources: Vec<ResourceStatus>,
+    /// Totals over all entries, written by the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<NodeSummary>,
+}
+
+/// Totals over a node's resources.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSummary {
+    /// Number of resources served.
+    pub resources: i64,
+    /// `healthy/total` physical devices.
+    pub healthy: String,
+    /// Physical devices held by at least one container.
+    pub allocated: i64,
+}
+
+/// The devices of one resource on one node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceStatus {
+    /// Extended resource name.
+    pub resource_name: String,
+    /// The policy that serves it.
+    pub policy: String,
+    /// `Serving` while the agent reports, `Unknown` when it is gone or not
+    /// ready (set by the operator).
+    pub state: String,
+    /// Why the state or the allocations may be incomplete (for example the
+    /// kubelet's PodResources socket is missing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Healthy physical devices.
+    pub healthy: i64,
+    /// Physical devices.
+    pub total: i64,
+    /// Physical devices held by at least one container.
+    pub allocated: i64,
+    /// Every physical device.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"]))]
+    pub devices: Vec<DeviceStatus>,
+}
+
+/// Value of [`ResourceStatus::state`] while the agent reports.
+pub const STATE_SERVING: &str = "Serving";
+/// Value of [`ResourceStatus::state`] when the agent is gone or not ready.
+pub const STATE_UNKNOWN: &str = "Unknown";
+
+/// Health of a device as reported in the API.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum DeviceHealth {
+    /// Working.
+    Healthy,
+    /// Broken; see the reason.
+    Unhealthy,
+    /// The probe failed, or the agent is gone.
+    Unknown,
+}
+
+/// One physical device.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceStatus {
+    /// Device ID (physical; replicas of a shared device are not listed).
+    pub id: String,
+    /// Health.
+    pub health: DeviceHealth,
+    /// Short reason when not healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When `health` last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
+    /// NUMA nodes of the device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub numa_nodes: Vec<i64>,
+    /// Containers holding the device (or one of its replicas).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allocations: Vec<Allocation>,
+}
+
+/// A container holding a device.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Allocation {
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Container name.
+    pub container: String,
+}
+
+/// Field manager of the agent serving `policy` when it writes its entry.
+pub fn agent_manager(policy: &str) -> String {
+    let mut m = format!("devplug-agent-{policy}");
+    m.truncate(128);
+    m
+}
