@@ -51,7 +51,10 @@ pub fn node_device_status() -> Result<CustomResourceDefinition, serde_json::Erro
 /// Every CRD with its file name under `crds/`.
 pub fn all() -> Result<Vec<(&'static str, CustomResourceDefinition)>, serde_json::Error> {
     Ok(vec![
-        ("devplug.io_devicepluginpolicies.yaml", device_plugin_policy()?),
+        (
+            "devplug.io_devicepluginpolicies.yaml",
+            device_plugin_policy()?,
+        ),
         ("devplug.io_nodedevicestatuses.yaml", node_device_status()?),
     ])
 }

@@ -251,15 +251,32 @@ fn node_device_status_entries_are_list_maps() {
     let crd = crd::node_device_status().unwrap();
     assert_eq!(crd.spec.scope, "Cluster");
     assert_eq!(crd.spec.names.short_names, Some(vec!["nds".to_string()]));
-    let s = serde_json::to_value(crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap();
+    let s = serde_json::to_value(
+        crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .unwrap()
+            .open_api_v3_schema
+            .as_ref()
+            .unwrap(),
+    )
+    .unwrap();
     let r = &s["properties"]["status"]["properties"]["resources"];
     assert_eq!(r["x-kubernetes-list-map-keys"], json!(["resourceName"]));
-    assert_eq!(r["items"]["properties"]["devices"]["x-kubernetes-list-map-keys"], json!(["id"]));
+    assert_eq!(
+        r["items"]["properties"]["devices"]["x-kubernetes-list-map-keys"],
+        json!(["id"])
+    );
     assert_eq!(
         r["items"]["properties"]["devices"]["items"]["properties"]["health"]["enum"],
         json!(["Healthy", "Unhealthy", "Unknown"])
     );
-    let cols: Vec<_> = crd.spec.versions[0].additional_printer_columns.iter().flatten().map(|c| c.name.clone()).collect();
+    let cols: Vec<_> = crd.spec.versions[0]
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| c.name.clone())
+        .collect();
     assert_eq!(cols, vec!["Resources", "Healthy/Total", "Allocated", "Age"]);
 }
 

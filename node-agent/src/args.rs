@@ -40,6 +40,10 @@ pub struct ServeArgs {
     #[arg(long, env = "DEVPLUG_PLUGIN_DIR")]
     pub plugin_dir: Option<PathBuf>,
 
+    /// The kubelet's PodResources socket [default: <kubelet-root>/pod-resources/kubelet.sock].
+    #[arg(long, env = "DEVPLUG_POD_RESOURCES_SOCKET")]
+    pub pod_resources_socket: Option<PathBuf>,
+
     /// Name of this node (for status and logs) [default: the hostname].
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
@@ -71,6 +75,13 @@ impl ServeArgs {
         self.plugin_dir
             .clone()
             .unwrap_or_else(|| self.kubelet_root.join("device-plugins"))
+    }
+
+    /// The PodResources socket in effect.
+    pub fn pod_resources_socket(&self) -> PathBuf {
+        self.pod_resources_socket
+            .clone()
+            .unwrap_or_else(|| self.kubelet_root.join("pod-resources/kubelet.sock"))
     }
 
     /// The admin address, or None when disabled.

@@ -15,7 +15,10 @@ use tracing::{debug, info, warn};
 use crate::allocate::{self, RequestError};
 use crate::config::PluginConfig;
 use crate::inventory::Snapshot;
+use crate::metrics::AgentMetrics;
+use crate::podresources::AllocView;
 use crate::prestart;
+use crate::reporter::WriteStats;
 
 /// Live ListAndWatch streams of one plugin. Every stream reads the shared
 /// snapshot channel itself, so no stream can swallow another's updates, and
@@ -69,6 +72,14 @@ pub struct PluginState {
     pub registrations: AtomicU64,
     /// Flips to true on shutdown; ends every stream.
     pub shutdown: watch::Receiver<bool>,
+    /// Which containers hold our devices (from the kubelet's PodResources).
+    pub allocations: watch::Receiver<AllocView>,
+    /// Asks the PodResources poller for an early read.
+    pub kick: Arc<Notify>,
+    /// Agent metrics.
+    pub metrics: Arc<AgentMetrics>,
+    /// NodeDeviceStatus writer counters (zero in standalone mode).
+    pub writes: Arc<WriteStats>,
 }
 
 impl PluginState {
@@ -150,10 +161,17 @@ impl DevicePlugin for PluginService {
         &self,
         req: Request<dp::AllocateRequest>,
     ) -> Result<Response<dp::AllocateResponse>, Status> {
+        let start = std::time::Instant::now();
         let snap = self.0.snapshots.borrow().clone();
-        match allocate::allocate(&self.0.cfg, &snap, req.get_ref()) {
+        let result = allocate::allocate(&self.0.cfg, &snap, req.get_ref());
+        self.0
+            .metrics
+            .allocated(&self.0.cfg.resource_name, result.is_ok(), start.elapsed());
+        match result {
             Ok(r) => {
                 debug!(policy = %self.0.cfg.name, containers = r.container_responses.len(), "allocated");
+                // A new allocation will show in PodResources shortly.
+                self.0.kick.notify_one();
                 Ok(Response::new(r))
             }
             Err(e) => {

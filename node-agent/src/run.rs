@@ -17,7 +17,7 @@ use devplug_api::{DevicePluginPolicy, DevicePluginPolicySpec, LoadError};
 use devplug_proto::deviceplugin::v1beta1::KUBELET_SOCKET;
 use futures::StreamExt;
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
 
 use crate::admin::Plugins;
@@ -25,10 +25,13 @@ use crate::args::ServeArgs;
 use crate::config::PluginConfig;
 use crate::device::Roots;
 use crate::inventory::{Inventory, Snapshot};
+use crate::metrics::AgentMetrics;
 use crate::plugin::{PluginService, PluginState, Streams};
 use crate::plugin_dir::Triggers;
+use crate::podresources::AllocView;
+use crate::reporter::WriteStats;
 use crate::sources::{self, SourceContext, SourceError};
-use crate::{admin, discovery, plugin_dir, registration, server};
+use crate::{admin, discovery, plugin_dir, podresources, registration, reporter, server};
 
 /// Why the agent could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -96,11 +99,16 @@ pub fn load_config(path: &Path) -> Result<Vec<DevicePluginPolicy>, AgentError> {
 
 /// What every plugin of this agent shares.
 struct Node {
+    name: String,
     plugin_dir: PathBuf,
     kubelet_sock: PathBuf,
+    pod_resources: PathBuf,
     sources: SourceContext,
     triggers: Triggers,
     plugins: Plugins,
+    metrics: Arc<AgentMetrics>,
+    /// Set in cluster mode: device status goes to the API.
+    client: Option<kube::Client>,
 }
 
 /// One running plugin.
@@ -135,6 +143,27 @@ impl Node {
         // list from a plugin that has devices.
         let _ = first.changed().await;
 
+        let (alloc_tx, alloc_rx) = watch::channel(AllocView::default());
+        let kick = Arc::new(Notify::new());
+        tasks.push(tokio::spawn(podresources::poll(
+            self.pod_resources.clone(),
+            cfg.resource_name.clone(),
+            alloc_tx,
+            kick.clone(),
+            stopped.clone(),
+        )));
+        let writes = Arc::new(WriteStats::default());
+        if let Some(client) = &self.client {
+            tasks.push(tokio::spawn(reporter::run(
+                client.clone(),
+                self.name.clone(),
+                cfg.clone(),
+                snap_rx.clone(),
+                alloc_rx.clone(),
+                writes.clone(),
+                stopped.clone(),
+            )));
+        }
         let state = Arc::new(PluginState {
             cfg: cfg.clone(),
             snapshots: snap_rx,
@@ -142,6 +171,10 @@ impl Node {
             registered: AtomicBool::new(false),
             registrations: AtomicU64::new(0),
             shutdown: stopped.clone(),
+            allocations: alloc_rx,
+            kick,
+            metrics: self.metrics.clone(),
+            writes,
         });
         let socket = self.plugin_dir.join(&cfg.socket_name);
         let (rebind, server_task) = match server::serve(
@@ -268,8 +301,20 @@ pub async fn run(args: ServeArgs) -> Result<(), AgentError> {
     info!(node = %node_name, plugin_dir = %plugin_dir.display(), "devplug agent starting");
     let (mut sigterm, mut sigint) = signals()?;
 
+    let client = match &args.policy {
+        Some(_) if standalone.is_none() => Some(
+            kube::Client::try_default()
+                .await
+                .map_err(AgentError::Kube)?,
+        ),
+        _ => None,
+    };
     let (shutdown_tx, shutdown) = watch::channel(false);
     let node = Node {
+        name: node_name.clone(),
+        pod_resources: args.pod_resources_socket(),
+        metrics: Arc::new(AgentMetrics::default()),
+        client,
         kubelet_sock: plugin_dir.join(KUBELET_SOCKET),
         plugin_dir: plugin_dir.clone(),
         sources: SourceContext {
@@ -295,14 +340,20 @@ pub async fn run(args: ServeArgs) -> Result<(), AgentError> {
         }));
     }
     if let Some(addr) = admin_addr {
-        let (bound, task) = admin::serve(addr, node.plugins.clone(), shutdown.clone())
-            .await
-            .map_err(|source| AgentError::Io {
-                what: "listening on",
-                path: addr.to_string(),
-                source,
-            })?;
-        info!(addr = %bound, "admin server listening (/healthz, /readyz)");
+        let state = admin::AdminState {
+            plugins: node.plugins.clone(),
+            metrics: node.metrics.clone(),
+            node: node_name.clone(),
+        };
+        let (bound, task) =
+            admin::serve(addr, state, shutdown.clone())
+                .await
+                .map_err(|source| AgentError::Io {
+                    what: "listening on",
+                    path: addr.to_string(),
+                    source,
+                })?;
+        info!(addr = %bound, "admin server listening (/metrics, /healthz, /readyz)");
         background.push(task);
     }
 

@@ -17,11 +17,105 @@ use tokio::sync::broadcast;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::BroadcastStream;
 
+/// One write received.
+#[derive(Clone, Debug)]
+pub struct Write {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub at: std::time::Instant,
+    pub body: Value,
+    pub bytes: usize,
+}
+
 #[derive(Clone)]
 struct Shared {
     policy: Arc<Mutex<Value>>,
     rv: Arc<Mutex<u64>>,
     events: Arc<Mutex<Option<broadcast::Sender<String>>>>,
+    nds: Arc<Mutex<std::collections::BTreeMap<String, Value>>>,
+    writes: Arc<Mutex<Vec<Write>>>,
+    refuse_writes: Arc<Mutex<bool>>,
+}
+
+fn json_response(code: u16, v: &Value) -> Response {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Body::from(v.to_string()))
+        .unwrap()
+}
+
+/// Server-side apply of NodeDeviceStatus objects and their status: merges
+/// `status.resources` entries by resourceName, as the list-map does.
+async fn nds(
+    State(s): State<Shared>,
+    method: axum::http::Method,
+    uri: Uri,
+    body: axum::body::Bytes,
+) -> Response {
+    let path = uri.path().to_string();
+    let body_v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if method == axum::http::Method::PATCH {
+        s.writes.lock().unwrap().push(Write {
+            method: method.to_string(),
+            path: path.clone(),
+            query: uri.query().unwrap_or("").to_string(),
+            at: std::time::Instant::now(),
+            body: body_v.clone(),
+            bytes: body.len(),
+        });
+        if *s.refuse_writes.lock().unwrap() {
+            return json_response(
+                503,
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503, "reason": "ServiceUnavailable", "message": "down for the test"}),
+            );
+        }
+    }
+    let rest = path.trim_start_matches("/apis/devplug.io/v1alpha1/nodedevicestatuses/");
+    let (name, is_status) = match rest.strip_suffix("/status") {
+        Some(n) => (n.to_string(), true),
+        None => (rest.to_string(), false),
+    };
+    let mut store = s.nds.lock().unwrap();
+    match (method.as_str(), is_status) {
+        ("GET", _) => match store.get(&name) {
+            Some(o) => json_response(200, o),
+            None => json_response(
+                404,
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound", "message": "not found"}),
+            ),
+        },
+        ("PATCH", false) => {
+            let o = store.entry(name.clone()).or_insert_with(|| {
+                json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus", "metadata": {"name": name, "uid": "nds-uid"}, "spec": body_v["spec"].clone()})
+            });
+            json_response(200, o)
+        }
+        ("PATCH", true) => {
+            let Some(o) = store.get_mut(&name) else {
+                return json_response(
+                    404,
+                    &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound", "message": "not found"}),
+                );
+            };
+            let mut entries: Vec<Value> = o["status"]["resources"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            for e in body_v["status"]["resources"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+            {
+                entries.retain(|x| x["resourceName"] != e["resourceName"]);
+                entries.push(e);
+            }
+            o["status"]["resources"] = Value::Array(entries);
+            json_response(200, o)
+        }
+        _ => json_response(405, &json!({"kind": "Status", "code": 405})),
+    }
 }
 
 /// The fake API server.
@@ -71,11 +165,18 @@ impl ApiServer {
             policy: Arc::new(Mutex::new(policy)),
             rv: Arc::new(Mutex::new(1)),
             events: Arc::new(Mutex::new(Some(tx))),
+            nds: Arc::default(),
+            writes: Arc::default(),
+            refuse_writes: Arc::default(),
         };
         let app = Router::new()
             .route(
                 "/apis/devplug.io/v1alpha1/devicepluginpolicies",
                 get(policies),
+            )
+            .route(
+                "/apis/devplug.io/v1alpha1/nodedevicestatuses/{*rest}",
+                axum::routing::any(nds),
             )
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -97,6 +198,21 @@ impl ApiServer {
         if let Some(tx) = self.shared.events.lock().unwrap().as_ref() {
             let _ = tx.send(ev);
         }
+    }
+
+    /// Every PATCH received so far.
+    pub fn writes(&self) -> Vec<Write> {
+        self.shared.writes.lock().unwrap().clone()
+    }
+
+    /// The stored NodeDeviceStatus of a node.
+    pub fn nds(&self, node: &str) -> Option<Value> {
+        self.shared.nds.lock().unwrap().get(node).cloned()
+    }
+
+    /// Answers writes with 503 while `down`.
+    pub fn refuse_writes(&self, down: bool) {
+        *self.shared.refuse_writes.lock().unwrap() = down;
     }
 
     /// A kubeconfig file pointing at this server.

@@ -19,6 +19,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status};
 
 pub mod apiserver;
+pub mod podresources;
 
 /// Dials a Unix socket as a tonic channel.
 pub async fn dial(path: &Path) -> Result<Channel, tonic::transport::Error> {
@@ -339,6 +340,11 @@ impl Node {
         }
     }
 
+    /// Where the fake PodResources server listens.
+    pub fn pod_resources_socket(&self) -> PathBuf {
+        self.tmp.path().join("pod-resources.sock")
+    }
+
     /// Sets a simulated device's state the way a user would, with the CLI.
     pub fn sim_set(&self, policy: &str, device: &str, state: &str) {
         let st = Command::new(env!("CARGO_BIN_EXE_devplug-agent"))
@@ -391,6 +397,8 @@ impl Agent {
             .arg(&node.sim)
             .arg("--node-name")
             .arg("test-node")
+            .arg("--pod-resources-socket")
+            .arg(node.pod_resources_socket())
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -411,15 +419,21 @@ impl Agent {
 
     /// Starts the agent in cluster mode for `policy`, with `kubeconfig`.
     pub fn spawn_cluster(node: &Node, policy: &str, kubeconfig: &Path) -> Self {
+        Self::spawn_cluster_with(node, policy, kubeconfig, &["--admin-addr", "off"])
+    }
+
+    /// Same, with extra flags.
+    pub fn spawn_cluster_with(
+        node: &Node,
+        policy: &str,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_devplug-agent"))
-            .args([
-                "--policy",
-                policy,
-                "--admin-addr",
-                "off",
-                "--node-name",
-                "test-node",
-            ])
+            .args(["--policy", policy, "--node-name", "test-node"])
+            .args(extra)
+            .arg("--pod-resources-socket")
+            .arg(node.pod_resources_socket())
             .arg("--plugin-dir")
             .arg(&node.plugins)
             .arg("--sim-control-dir")
