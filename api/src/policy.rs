@@ -431,6 +431,27 @@ pub struct DevicePluginPolicyStatus {
     /// `healthy/total`, for `kubectl get`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub devices_healthy: Option<String>,
+    /// Up to 20 devices that are not healthy, with the workloads they hit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unhealthy_devices: Vec<UnhealthyDevice>,
+}
+
+/// A device that is not healthy, and who is affected.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UnhealthyDevice {
+    /// Node of the device.
+    pub node: String,
+    /// Device ID.
+    pub device: String,
+    /// `Unhealthy` or `Unknown`.
+    pub health: String,
+    /// Why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Pods holding the device, as `namespace/name`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pods: Vec<String>,
 }
 
 /// Agent pods of a policy.

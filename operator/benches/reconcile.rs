@@ -76,6 +76,7 @@ fn fresh(
             kubelet_root: "/var/lib/kubelet".into(),
         },
         store,
+        kube::runtime::reflector::store::Writer::default().as_reader(),
         Arc::new(Metrics::default()),
     ));
     (api, ctx, writer)

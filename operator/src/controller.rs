@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devplug_api::conditions::{self, types};
-use devplug_api::{DevicePluginPolicy, OPERATOR_MANAGER, Resource, ResourceExt};
+use devplug_api::{
+    DevicePluginPolicy, NodeDeviceStatus, OPERATOR_MANAGER, Resource, ResourceExt, UnhealthyDevice,
+};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -29,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use crate::conflict;
 use crate::desired::{self, AgentDefaults};
+use crate::devices;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::status::{self, Observed};
@@ -46,6 +49,8 @@ pub struct Context {
     pub defaults: AgentDefaults,
     /// Every policy, for conflict detection.
     pub policies: Store<DevicePluginPolicy>,
+    /// Every NodeDeviceStatus, for device counts.
+    pub nds: Store<NodeDeviceStatus>,
     /// Event publisher.
     pub recorder: Recorder,
     /// Metrics.
@@ -60,6 +65,7 @@ impl Context {
         client: Client,
         defaults: AgentDefaults,
         policies: Store<DevicePluginPolicy>,
+        nds: Store<NodeDeviceStatus>,
         metrics: Arc<Metrics>,
     ) -> Self {
         let recorder = Recorder::new(
@@ -73,6 +79,7 @@ impl Context {
             client,
             defaults,
             policies,
+            nds,
             recorder,
             metrics,
             failures: Mutex::new(HashMap::new()),
@@ -271,6 +278,65 @@ async fn publish_transitions(
     }
 }
 
+/// Most device Events per reconcile; the rest are summed up in one more.
+pub const MAX_DEVICE_EVENTS: usize = 5;
+
+/// One Event per device that turned unhealthy or recovered, at most
+/// [`MAX_DEVICE_EVENTS`] per reconcile plus one that counts the rest.
+async fn publish_device_transitions(
+    p: &DevicePluginPolicy,
+    old: &[UnhealthyDevice],
+    new: &[UnhealthyDevice],
+    ctx: &Context,
+) {
+    let key = |d: &UnhealthyDevice| (d.node.clone(), d.device.clone());
+    let old_keys: std::collections::HashSet<_> = old.iter().map(key).collect();
+    let new_keys: std::collections::HashSet<_> = new.iter().map(key).collect();
+    let mut notes: Vec<(EventType, &str, String)> = Vec::new();
+    for d in new.iter().filter(|d| !old_keys.contains(&key(d))) {
+        let mut note = format!("device {} on node {} is {}", d.device, d.node, d.health);
+        if let Some(r) = &d.reason {
+            note.push_str(&format!(": {r}"));
+        }
+        if !d.pods.is_empty() {
+            note.push_str(&format!("; affected pods: {}", d.pods.join(", ")));
+        }
+        notes.push((EventType::Warning, "DeviceUnhealthy", note));
+    }
+    for d in old.iter().filter(|d| !new_keys.contains(&key(d))) {
+        notes.push((
+            EventType::Normal,
+            "DeviceRecovered",
+            format!(
+                "device {} on node {} is no longer reported unhealthy",
+                d.device, d.node
+            ),
+        ));
+    }
+    let extra = notes.len().saturating_sub(MAX_DEVICE_EVENTS);
+    notes.truncate(MAX_DEVICE_EVENTS);
+    if extra > 0 {
+        notes.push((
+            EventType::Warning,
+            "DeviceTransitions",
+            format!("{extra} more device health transitions; see status.unhealthyDevices"),
+        ));
+    }
+    for (type_, reason, note) in notes {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "ObserveDevices".into(),
+            secondary: None,
+        };
+        match ctx.recorder.publish(&ev, &p.object_ref(&())).await {
+            Ok(()) => ctx.metrics.wrote("Event"),
+            Err(e) => warn!(policy = %p.name_any(), error = %e, "cannot publish event"),
+        }
+    }
+}
+
 /// Reconciles one policy.
 pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<Action> {
     let start = Instant::now();
@@ -297,6 +363,8 @@ pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<
         let (ds, pods) = apply_agents(&p, &ctx).await?;
         seen.pod_problems = status::pod_problems(&pods);
         seen.daemonset = Some(ds);
+        let all = ctx.nds.state();
+        seen.devices = Some(devices::aggregate(&devices::entries_of(&p, all.iter().map(|n| n.as_ref()))));
         Ok(())
     }
     .await;
@@ -313,6 +381,12 @@ pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<
     let status_result = write_status(&p, &new, &ctx).await;
     if matches!(status_result, Ok(true)) {
         publish_transitions(&p, &old_conditions, &new.conditions, &ctx).await;
+        let old_bad = p
+            .status
+            .as_ref()
+            .map(|s| s.unhealthy_devices.clone())
+            .unwrap_or_default();
+        publish_device_transitions(&p, &old_bad, &new.unhealthy_devices, &ctx).await;
     }
     ctx.metrics.reconciled(start.elapsed());
     result?;

@@ -133,17 +133,28 @@ pub fn service_account(p: &DevicePluginPolicy, d: &AgentDefaults) -> ServiceAcco
     }
 }
 
-/// What one agent may do: read its own policy, nothing else cluster-wide.
+/// What one agent may do: read its own policy and apply NodeDeviceStatus
+/// objects, nothing else cluster-wide. (The chart's ValidatingAdmissionPolicy
+/// narrows the latter to the agent's own node.)
 pub fn cluster_role(p: &DevicePluginPolicy) -> ClusterRole {
+    let rule = |resources: &[&str], names: Option<Vec<String>>, verbs: &[&str]| PolicyRule {
+        api_groups: Some(vec![devplug_api::GROUP.to_string()]),
+        resources: Some(resources.iter().map(|r| r.to_string()).collect()),
+        resource_names: names,
+        verbs: verbs.iter().map(|v| v.to_string()).collect(),
+        ..PolicyRule::default()
+    };
     ClusterRole {
         metadata: meta(p, None),
-        rules: Some(vec![PolicyRule {
-            api_groups: Some(vec![devplug_api::GROUP.to_string()]),
-            resources: Some(vec!["devicepluginpolicies".to_string()]),
-            resource_names: Some(vec![p.name_any()]),
-            verbs: vec!["get".into(), "list".into(), "watch".into()],
-            ..PolicyRule::default()
-        }]),
+        rules: Some(vec![
+            rule(
+                &["devicepluginpolicies"],
+                Some(vec![p.name_any()]),
+                &["get", "list", "watch"],
+            ),
+            rule(&["nodedevicestatuses"], None, &["get", "create", "patch"]),
+            rule(&["nodedevicestatuses/status"], None, &["get", "patch"]),
+        ]),
         ..ClusterRole::default()
     }
 }

@@ -6,24 +6,28 @@
 //! [`leader`] the Lease lock, [`metrics`] and [`admin`] what it exposes.
 
 pub mod admin;
+pub mod admission;
 pub mod args;
 pub mod conflict;
 pub mod controller;
 pub mod desired;
+pub mod devices;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod node_controller;
 pub mod status;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use devplug_api::DevicePluginPolicy;
+use devplug_api::{DevicePluginPolicy, NodeDeviceStatus};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::runtime::{Controller, watcher};
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use tracing::{error, info, warn};
 
@@ -125,31 +129,81 @@ async fn controller(
 ) -> Result<(), RunError> {
     let policies: Api<DevicePluginPolicy> = Api::all(client.clone());
     let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), &args.namespace);
-    let controller = Controller::new(policies, watcher::Config::default().any_semantic()).owns(
-        daemonsets,
-        watcher::Config::default().labels("app.kubernetes.io/managed-by=devplug-operator"),
-    );
+    let nds: Api<NodeDeviceStatus> = Api::all(client.clone());
+    let agent_pods: Api<Pod> = Api::namespaced(client.clone(), &args.namespace);
+    let agent_pods_cfg = watcher::Config::default().labels("app.kubernetes.io/name=devplug-agent");
+
+    // Agent pods, for Unknown marking.
+    let (pods_store, pods_writer) = reflector::store();
+    let pods_reflector = reflector(
+        pods_writer,
+        watcher(agent_pods.clone(), agent_pods_cfg.clone()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each(|_| futures::future::ready(()));
+
+    let node_controller = Controller::new(nds.clone(), watcher::Config::default().any_semantic())
+        .watches(agent_pods, agent_pods_cfg, |pod: Pod| {
+            node_controller::nds_of_pod(&pod)
+        });
+    let nds_store = node_controller.store();
+
+    let policy_controller = Controller::new(policies, watcher::Config::default().any_semantic())
+        .owns(
+            daemonsets,
+            watcher::Config::default().labels("app.kubernetes.io/managed-by=devplug-operator"),
+        )
+        .watches(nds, watcher::Config::default(), |n: NodeDeviceStatus| {
+            node_controller::policies_of_nds(&n)
+        });
+    let policy_store = policy_controller.store();
     let ctx = Arc::new(Context::new(
-        client,
+        client.clone(),
         AgentDefaults {
             namespace: args.namespace.clone(),
             image: args.agent_image.clone(),
             kubelet_root: args.kubelet_root.clone(),
         },
-        controller.store(),
-        metrics,
+        policy_store.clone(),
+        nds_store,
+        metrics.clone(),
     ));
+    let node_ctx = Arc::new(node_controller::NodeContext {
+        client: client.clone(),
+        policies: policy_store.clone(),
+        agent_pods: pods_store,
+        metrics: metrics.clone(),
+    });
+    let admission = admission::run(client, policy_store, ctx.recorder.clone(), metrics);
     ready.store(true, Ordering::SeqCst);
-    info!(namespace = %args.namespace, "controller started");
-    controller
+    info!(namespace = %args.namespace, "controllers started");
+    let policies_done = policy_controller
         .shutdown_on_signal()
         .run(controller::reconcile, controller::error_policy, ctx)
         .for_each(|r| async move {
             if let Err(e) = r {
-                tracing::debug!(error = %e, "controller event");
+                tracing::debug!(error = %e, "policy controller event");
             }
-        })
-        .await;
-    info!("controller stopped");
+        });
+    let nodes_done = node_controller
+        .shutdown_on_signal()
+        .run(
+            node_controller::reconcile,
+            node_controller::error_policy,
+            node_ctx,
+        )
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "node controller event");
+            }
+        });
+    // The controllers end on SIGTERM; the watchers then go with the process.
+    tokio::select! {
+        _ = futures::future::join(policies_done, nodes_done) => {}
+        _ = pods_reflector => {}
+        _ = admission => {}
+    }
+    info!("controllers stopped");
     Ok(())
 }

@@ -19,6 +19,8 @@ pub struct Observed {
     pub invalid: Option<String>,
     /// The last API error while applying agents, if any.
     pub apply_error: Option<String>,
+    /// Device counts and unhealthy devices over all nodes.
+    pub devices: Option<(devplug_api::DeviceCounts, Vec<devplug_api::UnhealthyDevice>)>,
 }
 
 const STUCK_REASONS: &[&str] = &[
@@ -150,6 +152,7 @@ pub fn compute(
         } else {
             set(types::PROGRESSING, false, "RolloutComplete", String::new());
         }
+        let unhealthy = seen.devices.as_ref().map_or(0, |(c, _)| c.unhealthy);
         if let Some(err) = &seen.apply_error {
             set(types::DEGRADED, true, "ApplyFailed", err.clone());
         } else if !seen.pod_problems.is_empty() {
@@ -163,6 +166,28 @@ pub fn compute(
                 "AgentsFailing"
             };
             set(types::DEGRADED, true, reason, summary(&seen.pod_problems));
+        } else if unhealthy > 0 {
+            let lines: Vec<String> = seen
+                .devices
+                .iter()
+                .flat_map(|(_, bad)| bad)
+                .map(|d| {
+                    let mut l = format!("{}/{} {}", d.node, d.device, d.health);
+                    if let Some(r) = &d.reason {
+                        l.push_str(&format!(" ({r})"));
+                    }
+                    if !d.pods.is_empty() {
+                        l.push_str(&format!(", affects {}", d.pods.join(" ")));
+                    }
+                    l
+                })
+                .collect();
+            set(
+                types::DEGRADED,
+                true,
+                "DevicesUnhealthy",
+                format!("{unhealthy} device(s) not healthy: {}", summary(&lines)),
+            );
         } else {
             set(types::DEGRADED, false, "AgentsHealthy", String::new());
         }
@@ -196,6 +221,10 @@ pub fn compute(
             );
         }
         st.nodes = nodes;
+    }
+    if let Some((counts, bad)) = &seen.devices {
+        st.devices = counts.clone();
+        st.unhealthy_devices = bad.clone();
     }
     st.nodes_ready = Some(format!("{}/{}", st.nodes.ready, st.nodes.desired));
     st.devices_healthy = Some(format!("{}/{}", st.devices.healthy, st.devices.total));

@@ -6,12 +6,15 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use devplug_api::NodeDeviceStatus;
 use devplug_api::conditions::{self, types};
 use devplug_operator::controller::{self, Context};
 use devplug_operator::desired::AgentDefaults;
 use devplug_operator::metrics::Metrics;
 use http::Method;
 use kube::runtime::reflector::Store;
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::watcher;
 use serde_json::json;
 use support::{FakeApi, current, paths, policy_json, seed};
 
@@ -24,10 +27,19 @@ fn defaults() -> AgentDefaults {
 }
 
 fn ctx(client: kube::Client, store: Store<devplug_api::DevicePluginPolicy>) -> Arc<Context> {
+    ctx_with(client, store, Writer::default().as_reader())
+}
+
+fn ctx_with(
+    client: kube::Client,
+    store: Store<devplug_api::DevicePluginPolicy>,
+    nds: Store<NodeDeviceStatus>,
+) -> Arc<Context> {
     Arc::new(Context::new(
         client,
         defaults(),
         store,
+        nds,
         Arc::new(Metrics::default()),
     ))
 }
@@ -383,4 +395,109 @@ async fn an_invalid_spec_that_got_past_admission_gets_no_agents() {
     let (st, reason, msg) = condition(&api, "foo", types::DEGRADED);
     assert_eq!((st.as_str(), reason.as_str()), ("True", "InvalidSpec"));
     assert!(msg.contains("spec.resourceName"), "{msg}");
+}
+
+fn nds(node: &str, entries: serde_json::Value) -> NodeDeviceStatus {
+    serde_json::from_value(json!({
+        "apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
+        "metadata": {"name": node}, "spec": {"nodeName": node},
+        "status": {"resources": entries},
+    }))
+    .unwrap()
+}
+
+fn gpu_entry(devices: serde_json::Value) -> serde_json::Value {
+    json!([{"resourceName": "example.com/foo", "policy": "foo", "state": "Serving",
+            "healthy": 0, "total": 0, "allocated": 0, "devices": devices}])
+}
+
+#[tokio::test]
+async fn device_health_from_every_node_lands_in_the_policy_status() {
+    let (client, api) = FakeApi::start();
+    let (store, _w) = seed(
+        &api,
+        &[policy_json(
+            "foo",
+            "example.com/foo",
+            "2026-11-01T00:00:00Z",
+            json!({}),
+        )],
+    );
+    let mut w = Writer::default();
+    let healthy = |id: &str| json!({"id": id, "health": "Healthy"});
+    w.apply_watcher_event(&watcher::Event::Apply(nds(
+        "n1",
+        gpu_entry(json!([healthy("a"), healthy("b")])),
+    )));
+    w.apply_watcher_event(&watcher::Event::Apply(nds(
+        "n2",
+        gpu_entry(json!([healthy("a")])),
+    )));
+    let ctx = ctx_with(client, store, w.as_reader());
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    set_ds_status(&api, "foo", 2, 2, 2);
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    let st = current(&api, "foo").status.unwrap();
+    assert_eq!((st.devices.total, st.devices.healthy), (3, 3));
+    assert_eq!(st.devices_healthy.as_deref(), Some("3/3"));
+    assert_eq!(condition(&api, "foo", types::DEGRADED).1, "AgentsHealthy");
+
+    // A device breaks under a running pod on n1.
+    w.apply_watcher_event(&watcher::Event::Apply(nds(
+        "n1",
+        gpu_entry(
+            json!([healthy("a"), {"id": "b", "health": "Unhealthy", "reason": "XID 79",
+            "allocations": [{"namespace": "ml", "pod": "trainer", "container": "main"}]}]),
+        ),
+    )));
+    api.clear_log();
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    let st = current(&api, "foo").status.unwrap();
+    assert_eq!(
+        (
+            st.devices.total,
+            st.devices.healthy,
+            st.devices.unhealthy,
+            st.devices.allocated
+        ),
+        (3, 2, 1, 1)
+    );
+    assert_eq!(st.unhealthy_devices.len(), 1);
+    assert_eq!(st.unhealthy_devices[0].pods, vec!["ml/trainer"]);
+    let (s, reason, msg) = condition(&api, "foo", types::DEGRADED);
+    assert_eq!((s.as_str(), reason.as_str()), ("True", "DevicesUnhealthy"));
+    assert!(
+        msg.contains("n1/b Unhealthy (XID 79), affects ml/trainer"),
+        "{msg}"
+    );
+    let evs = api.objects_under(paths::EVENTS);
+    let ev = evs
+        .iter()
+        .find(|e| e["reason"] == "DeviceUnhealthy")
+        .expect("device event");
+    assert_eq!(ev["type"], "Warning");
+    assert!(
+        ev["note"]
+            .as_str()
+            .unwrap()
+            .contains("device b on node n1 is Unhealthy: XID 79; affected pods: ml/trainer")
+    );
+
+    // Nothing changed: nothing written, no event repeated.
+    api.clear_log();
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    assert!(api.writes().is_empty(), "{:?}", write_paths(&api));
+
+    // Recovery.
+    w.apply_watcher_event(&watcher::Event::Apply(nds(
+        "n1",
+        gpu_entry(json!([healthy("a"), healthy("b")])),
+    )));
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    assert_eq!(condition(&api, "foo", types::DEGRADED).0, "False");
+    assert!(
+        api.objects_under(paths::EVENTS)
+            .iter()
+            .any(|e| e["reason"] == "DeviceRecovered")
+    );
 }

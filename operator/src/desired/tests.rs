@@ -199,9 +199,20 @@ fn rbac_is_scoped_to_the_policy() {
     let p = policy("  source: {simulated: {count: 1}}\n");
     let cr = cluster_role(&p);
     let rules = cr.rules.unwrap();
-    assert_eq!(rules.len(), 1);
+    assert_eq!(rules.len(), 3);
     assert_eq!(rules[0].resource_names, Some(vec!["foo".to_string()]));
     assert_eq!(rules[0].verbs, vec!["get", "list", "watch"]);
+    assert_eq!(
+        rules[1].resources,
+        Some(vec!["nodedevicestatuses".to_string()])
+    );
+    assert_eq!(rules[1].verbs, vec!["get", "create", "patch"]);
+    assert!(
+        rules
+            .iter()
+            .all(|r| r.api_groups == Some(vec!["devplug.io".to_string()])),
+        "nothing outside devplug.io"
+    );
     let crb = cluster_role_binding(&p, &d());
     let s = &crb.subjects.unwrap()[0];
     assert_eq!(

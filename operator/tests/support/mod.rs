@@ -38,6 +38,27 @@ struct State {
     next_uid: u64,
     rv: u64,
     quiet: bool,
+    /// (object path, resourceName) → field manager that applied that
+    /// `status.resources[]` entry, to emulate list-map ownership.
+    entry_owner: BTreeMap<(String, String), String>,
+}
+
+/// Deep merge of JSON objects (arrays and scalars are replaced), as an
+/// apply of a partial object behaves for fields it sets.
+fn merge(into: &mut Value, from: &Value) {
+    match (into, from) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                match a.get_mut(k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        a.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v.clone(),
+    }
 }
 
 /// The fake API server.
@@ -155,18 +176,77 @@ impl FakeApi {
             }
             Method::PATCH if path.ends_with("/status") => {
                 let obj_path = path.trim_end_matches("/status").to_string();
-                let Some(obj) = st.objects.get_mut(&obj_path) else {
+                if !st.objects.contains_key(&obj_path) {
                     return respond(404, &status(404, "NotFound", "no such object"));
-                };
-                obj["status"] = body["status"].clone();
+                }
+                let manager = query_param(&query, "fieldManager").unwrap_or_default();
+                let mut new_status = body["status"].clone();
+                // status.resources is a list-map keyed by resourceName: an
+                // apply replaces only the entries its manager owns.
+                if let Some(entries) = new_status
+                    .get("resources")
+                    .and_then(Value::as_array)
+                    .cloned()
+                {
+                    let old: Vec<Value> = st.objects[&obj_path]["status"]["resources"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default();
+                    let mut merged: Vec<Value> = old
+                        .into_iter()
+                        .filter(|e| {
+                            let key = (
+                                obj_path.clone(),
+                                e["resourceName"].as_str().unwrap_or("").to_string(),
+                            );
+                            st.entry_owner.get(&key) != Some(&manager)
+                                && !entries
+                                    .iter()
+                                    .any(|n| n["resourceName"] == e["resourceName"])
+                        })
+                        .collect();
+                    for e in &entries {
+                        let key = (
+                            obj_path.clone(),
+                            e["resourceName"].as_str().unwrap_or("").to_string(),
+                        );
+                        st.entry_owner.insert(key, manager.clone());
+                        merged.push(e.clone());
+                    }
+                    new_status["resources"] = Value::Array(merged);
+                }
+                let obj = st.objects.get_mut(&obj_path).unwrap();
+                if obj.get("status").is_none_or(Value::is_null) {
+                    obj["status"] = json!({});
+                }
+                merge(&mut obj["status"], &new_status);
+                if let Some(r) = new_status.get("resources") {
+                    obj["status"]["resources"] = r.clone();
+                }
                 obj["metadata"]["resourceVersion"] = json!(rv);
                 respond(200, obj)
             }
             Method::PATCH => {
                 st.next_uid += 1;
                 let uid = format!("uid-{}", st.next_uid);
-                let mut new = body.clone();
                 let old = st.objects.get(&path).cloned();
+                let mut new = match &old {
+                    // Nodes: the operator applies the full set of its labels.
+                    Some(o) if path.starts_with("/api/v1/nodes/") => {
+                        let mut o = o.clone();
+                        if let Some(labels) = o["metadata"]["labels"].as_object_mut() {
+                            labels.retain(|k, _| !k.starts_with("devplug.io/"));
+                        }
+                        merge(&mut o, &body);
+                        o
+                    }
+                    Some(o) if path.contains("/nodedevicestatuses/") => {
+                        let mut o = o.clone();
+                        merge(&mut o, &body);
+                        o
+                    }
+                    _ => body.clone(),
+                };
                 let meta = &mut new["metadata"];
                 meta["resourceVersion"] = json!(rv);
                 match &old {
@@ -251,6 +331,11 @@ impl FakeApi {
     /// The object at a path.
     pub fn get(&self, path: &str) -> Option<Value> {
         self.state.lock().unwrap().objects.get(path).cloned()
+    }
+
+    /// Removes an object without logging a request (the test's doing).
+    pub fn delete_object(&self, path: &str) {
+        self.state.lock().unwrap().objects.remove(path);
     }
 
     /// Every request so far.

@@ -1,0 +1,299 @@
+//! What the operator derives from the NodeDeviceStatus objects, as pure
+//! functions: a policy's device counts and its unhealthy devices, a node's
+//! summary and its labels.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use devplug_api::{
+    DeviceCounts, DeviceHealth, DevicePluginPolicy, NodeDeviceStatus, NodeSummary, ResourceExt,
+    ResourceStatus, STATE_UNKNOWN, SharingStrategy, UnhealthyDevice,
+};
+
+use crate::desired::{label_value, stable_hash};
+
+/// Most unhealthy devices listed in a policy's status.
+pub const MAX_UNHEALTHY: usize = 20;
+
+/// The entries of one policy over all nodes, with their node names.
+pub fn entries_of<'a>(
+    policy: &DevicePluginPolicy,
+    all: impl IntoIterator<Item = &'a NodeDeviceStatus>,
+) -> Vec<(String, &'a ResourceStatus)> {
+    let name = policy.name_any();
+    let mut out = Vec::new();
+    for nds in all {
+        let node = nds.name_any();
+        for e in nds.status.iter().flat_map(|s| &s.resources) {
+            if e.policy == name && e.resource_name == policy.spec.resource_name {
+                out.push((node.clone(), e));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Device counts and the first [`MAX_UNHEALTHY`] devices that are not
+/// healthy (sorted by node and device), with the pods they affect.
+pub fn aggregate(entries: &[(String, &ResourceStatus)]) -> (DeviceCounts, Vec<UnhealthyDevice>) {
+    let mut counts = DeviceCounts::default();
+    let mut bad = Vec::new();
+    for (node, e) in entries {
+        for d in &e.devices {
+            counts.total += 1;
+            if !d.allocations.is_empty() {
+                counts.allocated += 1;
+            }
+            if d.health == DeviceHealth::Healthy {
+                counts.healthy += 1;
+                continue;
+            }
+            counts.unhealthy += 1;
+            if bad.len() < MAX_UNHEALTHY {
+                let pods: BTreeSet<String> = d
+                    .allocations
+                    .iter()
+                    .map(|a| format!("{}/{}", a.namespace, a.pod))
+                    .collect();
+                bad.push(UnhealthyDevice {
+                    node: node.clone(),
+                    device: d.id.clone(),
+                    health: format!("{:?}", d.health),
+                    reason: d.reason.clone(),
+                    pods: pods.into_iter().collect(),
+                });
+            }
+        }
+    }
+    (counts, bad)
+}
+
+/// Totals over all entries of a node.
+pub fn summary(nds: &NodeDeviceStatus) -> NodeSummary {
+    let entries = nds.status.iter().flat_map(|s| &s.resources);
+    let (mut healthy, mut total, mut allocated, mut resources) = (0, 0, 0, 0);
+    for e in entries {
+        resources += 1;
+        healthy += e.healthy;
+        total += e.total;
+        allocated += e.allocated;
+    }
+    NodeSummary {
+        resources,
+        healthy: format!("{healthy}/{total}"),
+        allocated,
+    }
+}
+
+/// Prefix of every label the operator puts on nodes.
+pub const NODE_LABEL_PREFIX: &str = "devplug.io/";
+
+/// The label key `devplug.io/<policy>.<what>`, always a valid key: the name
+/// part stops at 63 characters, so long policy names are shortened and made
+/// unique with a hash.
+pub fn node_label_key(policy: &str, what: &str) -> String {
+    let suffix = format!(".{what}");
+    let room = 63 - suffix.len();
+    let base = if policy.len() <= room {
+        policy.to_string()
+    } else {
+        let h = stable_hash(policy.as_bytes());
+        let keep = room - h.len() - 1;
+        let mut p: String = label_value(policy).chars().take(keep).collect();
+        while p.ends_with(['-', '.']) {
+            p.pop();
+        }
+        format!("{p}-{h}")
+    };
+    format!("{NODE_LABEL_PREFIX}{base}{suffix}")
+}
+
+/// The devplug labels a node should carry: for each policy served there,
+/// its device count, sharing strategy and replicas.
+pub fn node_labels(
+    nds: &NodeDeviceStatus,
+    policies: &BTreeMap<String, &DevicePluginPolicy>,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for e in nds.status.iter().flat_map(|s| &s.resources) {
+        let Some(p) = policies.get(&e.policy) else {
+            continue;
+        };
+        if e.state == STATE_UNKNOWN {
+            continue;
+        }
+        let strategy = match p.spec.sharing.strategy {
+            SharingStrategy::Exclusive => "Exclusive",
+            SharingStrategy::TimeSlicing => "TimeSlicing",
+        };
+        out.insert(node_label_key(&e.policy, "count"), e.total.to_string());
+        out.insert(node_label_key(&e.policy, "sharing"), strategy.to_string());
+        out.insert(
+            node_label_key(&e.policy, "replicas"),
+            p.spec.sharing.effective_replicas().to_string(),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devplug_api::{Allocation, DeviceStatus, NodeDeviceStatusSpec, NodeDeviceStatusStatus};
+
+    fn dev(id: &str, health: DeviceHealth, pods: &[&str]) -> DeviceStatus {
+        DeviceStatus {
+            id: id.into(),
+            health,
+            reason: (health != DeviceHealth::Healthy).then(|| "ecc".to_string()),
+            last_transition_time: None,
+            numa_nodes: vec![],
+            allocations: pods
+                .iter()
+                .map(|p| Allocation {
+                    namespace: "ns".into(),
+                    pod: (*p).into(),
+                    container: "c".into(),
+                })
+                .collect(),
+        }
+    }
+
+    fn nds(node: &str, entries: Vec<ResourceStatus>) -> NodeDeviceStatus {
+        let mut n = NodeDeviceStatus::new(
+            node,
+            NodeDeviceStatusSpec {
+                node_name: node.into(),
+            },
+        );
+        n.status = Some(NodeDeviceStatusStatus {
+            resources: entries,
+            summary: None,
+        });
+        n
+    }
+
+    fn entry(policy: &str, res: &str, devices: Vec<DeviceStatus>) -> ResourceStatus {
+        let healthy = devices
+            .iter()
+            .filter(|d| d.health == DeviceHealth::Healthy)
+            .count() as i64;
+        let allocated = devices.iter().filter(|d| !d.allocations.is_empty()).count() as i64;
+        ResourceStatus {
+            resource_name: res.into(),
+            policy: policy.into(),
+            state: "Serving".into(),
+            reason: None,
+            healthy,
+            total: devices.len() as i64,
+            allocated,
+            devices,
+        }
+    }
+
+    fn policy(name: &str, res: &str, shared: bool) -> DevicePluginPolicy {
+        let sharing = if shared {
+            "  sharing: {strategy: TimeSlicing, replicas: 4}\n"
+        } else {
+            ""
+        };
+        devplug_api::policies_from_yaml(&format!(
+            "apiVersion: devplug.io/v1alpha1\nkind: DevicePluginPolicy\nmetadata: {{name: {name}}}\nspec:\n  resourceName: {res}\n  source: {{simulated: {{count: 1}}}}\n{sharing}"
+        ))
+        .unwrap()
+        .remove(0)
+    }
+
+    #[test]
+    fn aggregates_over_nodes_and_names_affected_pods() {
+        let p = policy("gpu", "x.io/gpu", false);
+        let all = vec![
+            nds(
+                "n2",
+                vec![entry(
+                    "gpu",
+                    "x.io/gpu",
+                    vec![dev("a", DeviceHealth::Unknown, &[])],
+                )],
+            ),
+            nds(
+                "n1",
+                vec![
+                    entry(
+                        "gpu",
+                        "x.io/gpu",
+                        vec![
+                            dev("a", DeviceHealth::Healthy, &["p1"]),
+                            dev("b", DeviceHealth::Unhealthy, &["p2", "p3"]),
+                        ],
+                    ),
+                    entry(
+                        "nic",
+                        "x.io/nic",
+                        vec![dev("z", DeviceHealth::Unhealthy, &[])],
+                    ),
+                ],
+            ),
+        ];
+        let e = entries_of(&p, &all);
+        assert_eq!(e.len(), 2);
+        let (c, bad) = aggregate(&e);
+        assert_eq!((c.total, c.healthy, c.unhealthy, c.allocated), (3, 1, 2, 2));
+        assert_eq!(bad.len(), 2);
+        assert_eq!((bad[0].node.as_str(), bad[0].device.as_str()), ("n1", "b"));
+        assert_eq!(bad[0].pods, vec!["ns/p2", "ns/p3"]);
+        assert_eq!(bad[1].health, "Unknown");
+    }
+
+    #[test]
+    fn unhealthy_list_is_bounded() {
+        let devs = (0..50)
+            .map(|i| dev(&format!("d{i}"), DeviceHealth::Unhealthy, &[]))
+            .collect();
+        let all = [nds("n", vec![entry("gpu", "x.io/gpu", devs)])];
+        let (c, bad) = aggregate(&entries_of(&policy("gpu", "x.io/gpu", false), &all));
+        assert_eq!(c.unhealthy, 50);
+        assert_eq!(bad.len(), MAX_UNHEALTHY);
+    }
+
+    #[test]
+    fn node_labels_per_policy_with_valid_keys() {
+        let gpu = policy("gpu", "x.io/gpu", true);
+        let long_name = "a".repeat(80);
+        let long = policy(&long_name, "x.io/long", false);
+        let policies = BTreeMap::from([("gpu".to_string(), &gpu), (long_name.clone(), &long)]);
+        let n = nds(
+            "n1",
+            vec![
+                entry(
+                    "gpu",
+                    "x.io/gpu",
+                    vec![
+                        dev("a", DeviceHealth::Healthy, &[]),
+                        dev("b", DeviceHealth::Healthy, &[]),
+                    ],
+                ),
+                entry(&long_name, "x.io/long", vec![]),
+                entry("deleted", "x.io/old", vec![]),
+            ],
+        );
+        let l = node_labels(&n, &policies);
+        assert_eq!(l["devplug.io/gpu.count"], "2");
+        assert_eq!(l["devplug.io/gpu.sharing"], "TimeSlicing");
+        assert_eq!(l["devplug.io/gpu.replicas"], "4");
+        assert_eq!(l.len(), 6, "{l:?}");
+        for k in l.keys() {
+            let name = k.strip_prefix(NODE_LABEL_PREFIX).unwrap();
+            assert!(name.len() <= 63, "{k}");
+            assert!(name.chars().next().unwrap().is_ascii_alphanumeric(), "{k}");
+        }
+        assert_eq!(
+            summary(&n),
+            NodeSummary {
+                resources: 3,
+                healthy: "2/2".into(),
+                allocated: 0
+            }
+        );
+    }
+}
