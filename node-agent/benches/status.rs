@@ -45,7 +45,13 @@ async fn main() {
     for i in 0..POLICIES {
         let res = format!("bench.example/r{i}");
         for d in 0..16 {
-            pods.hold("ml", &format!("job-{i}-{d}"), "main", &res, &[&format!("sim-{d}::0")]);
+            pods.hold(
+                "ml",
+                &format!("job-{i}-{d}"),
+                "main",
+                &res,
+                &[&format!("sim-{d}::0")],
+            );
         }
         let api = ApiServer::start(json!({
             "apiVersion": "devplug.io/v1alpha1", "kind": "DevicePluginPolicy",
@@ -57,7 +63,11 @@ async fn main() {
         .await;
         let dir = node.tmp.path().join(format!("api{i}"));
         std::fs::create_dir_all(&dir).unwrap();
-        agents.push(Agent::spawn_cluster(&node, &format!("p{i}"), &api.kubeconfig(&dir)));
+        agents.push(Agent::spawn_cluster(
+            &node,
+            &format!("p{i}"),
+            &api.kubeconfig(&dir),
+        ));
         apis.push(api);
     }
     let t = Duration::from_secs(30);
@@ -65,7 +75,8 @@ async fn main() {
         let deadline = Instant::now() + t;
         loop {
             let done = api.nds("test-node").is_some_and(|n| {
-                n["status"]["resources"][0]["total"] == DEVICES && n["status"]["resources"][0]["allocated"] == 16
+                n["status"]["resources"][0]["total"] == DEVICES
+                    && n["status"]["resources"][0]["allocated"] == 16
             });
             if done {
                 break;
@@ -74,7 +85,9 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         kubelet
-            .wait_list(&format!("bench.example/r{i}"), t, |l| l.len() == DEVICES * REPLICAS)
+            .wait_list(&format!("bench.example/r{i}"), t, |l| {
+                l.len() == DEVICES * REPLICAS
+            })
             .await;
     }
     println!(
@@ -100,7 +113,10 @@ async fn main() {
             if let Some(w) = ws[seen..].iter().find(|w| {
                 w.body["status"]["resources"][0]["devices"]
                     .as_array()
-                    .is_some_and(|ds| ds.iter().any(|d| d["id"] == dev.as_str() && d["health"] == want))
+                    .is_some_and(|ds| {
+                        ds.iter()
+                            .any(|d| d["id"] == dev.as_str() && d["health"] == want)
+                    })
             }) {
                 break w.clone();
             }
@@ -130,10 +146,16 @@ async fn main() {
         "idle for 6 s (one PodResources poll included): {} writes",
         api.writes().len() - idle_from
     );
-    let rss: Vec<f64> = agents.iter().map(|a| a.peak_rss_kib() as f64 / 1024.0).collect();
+    let rss: Vec<f64> = agents
+        .iter()
+        .map(|a| a.peak_rss_kib() as f64 / 1024.0)
+        .collect();
     println!(
         "cluster-mode agent peak RSS (VmHWM), one policy each: {}",
-        rss.iter().map(|r| format!("{r:.1} MiB")).collect::<Vec<_>>().join(", ")
+        rss.iter()
+            .map(|r| format!("{r:.1} MiB"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     drop(agents);
 }
