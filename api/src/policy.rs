@@ -84,8 +84,8 @@ pub struct DevicePluginPolicySpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "[has(self.simulated), has(self.paths), has(self.usb), has(self.pci)].filter(x, x).size() == 1",
-     "message": "set exactly one source: simulated, paths, usb or pci"}
+    {"rule": "[has(self.simulated), has(self.paths), has(self.usb), has(self.pci), has(self.nvidia)].filter(x, x).size() == 1",
+     "message": "set exactly one source: simulated, paths, usb, pci or nvidia"}
 ]))]
 pub struct SourceSpec {
     /// Simulated devices, for demos, tests and benchmarks.
@@ -100,6 +100,9 @@ pub struct SourceSpec {
     /// PCI devices matched by vendor, device and class.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci: Option<PciSource>,
+    /// NVIDIA GPUs through NVML.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvidia: Option<NvidiaSource>,
 }
 
 impl SourceSpec {
@@ -117,6 +120,9 @@ impl SourceSpec {
         }
         if self.pci.is_some() {
             v.push("pci");
+        }
+        if self.nvidia.is_some() {
+            v.push("nvidia");
         }
         v
     }
@@ -248,6 +254,19 @@ pub struct PciSource {
     /// Only advertise devices bound to `vfio-pci` (default false).
     #[serde(default)]
     pub require_vfio: bool,
+}
+
+/// NVIDIA GPUs, discovered through NVML (loaded at run time). IDs are GPU
+/// UUIDs; containers get `NVIDIA_VISIBLE_DEVICES` (or CDI names
+/// `nvidia.com/gpu=<UUID>` with `allocate.cdi.enabled`) and the device nodes.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NvidiaSource {
+    /// XIDs that do not make a GPU unhealthy because applications cause them
+    /// (default 13, 31, 43, 45, 68, 109).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub ignored_xids: Option<Vec<u64>>,
 }
 
 /// Sharing strategy.

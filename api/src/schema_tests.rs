@@ -104,6 +104,10 @@ fn cel_rules_refuse_bad_specs_with_readable_messages() {
             "exactly one source",
         ),
         (
+            with(|s| s["source"]["nvidia"] = json!({})),
+            "exactly one source",
+        ),
+        (
             with(|s| s["source"]["simulated"] = json!({})),
             "count >= 1 or a list",
         ),
@@ -152,6 +156,11 @@ fn good_specs_and_examples_are_admitted() {
     }))
     .unwrap();
     admit(&with(|s| s["source"] = json!({"pci": {"class": "03"}}))).unwrap();
+    admit(&with(|s| {
+        s["source"] = json!({"nvidia": {"ignoredXids": [13, 48]}})
+    }))
+    .unwrap();
+    admit(&with(|s| s["source"] = json!({"nvidia": {}}))).unwrap();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let mut n = 0;
     for e in std::fs::read_dir(dir).unwrap() {

@@ -161,7 +161,7 @@ impl DevicePluginPolicySpec {
         match sources.len() {
             0 => c.err(
                 "spec.source",
-                "set exactly one source: simulated, paths, usb or pci",
+                "set exactly one source: simulated, paths, usb, pci or nvidia",
             ),
             1 => {}
             _ => c.err(

@@ -315,12 +315,23 @@ pub fn preferred(
         }
     };
 
+    // NVLink: how many of the already chosen physical devices a device links to.
+    let linked_to_chosen = |p: &str, used: &HashMap<&str, usize>| -> usize {
+        snap.devices.get(p).map_or(0, |d| {
+            d.device
+                .links
+                .iter()
+                .filter(|l| used.contains_key(l.as_str()))
+                .count()
+        })
+    };
     let mut need = remaining;
     for k in order {
         let mut pool: Vec<&str> = by_numa[&k].clone();
         while need > 0 && !pool.is_empty() {
-            // Fewest replicas already chosen on that device, then the device
-            // with the most free replicas (least used by others), then ID.
+            // Fewest replicas already chosen on that device, then the most
+            // NVLinks to devices already chosen, then the device with the
+            // most free replicas (least used by others), then ID.
             let (idx, _) = pool
                 .iter()
                 .enumerate()
@@ -328,6 +339,7 @@ pub fn preferred(
                     let p = info[**id].0;
                     (
                         used.get(p).copied().unwrap_or(0),
+                        std::cmp::Reverse(linked_to_chosen(p, &used)),
                         std::cmp::Reverse(free.get(p).copied().unwrap_or(0)),
                         **id,
                     )

@@ -47,11 +47,14 @@ impl PluginConfig {
             replicas: s.sharing.effective_replicas(),
             fail_requests_greater_than_one: s.sharing.strategy == SharingStrategy::TimeSlicing
                 && s.sharing.fail_requests_greater_than_one,
-            ids_env: s
-                .allocate
-                .ids_env
-                .clone()
-                .unwrap_or_else(|| default_ids_env(&s.resource_name)),
+            // GPUs speak the NVIDIA container toolkit's language by default.
+            ids_env: s.allocate.ids_env.clone().unwrap_or_else(|| {
+                if s.source.nvidia.is_some() {
+                    "NVIDIA_VISIBLE_DEVICES".into()
+                } else {
+                    default_ids_env(&s.resource_name)
+                }
+            }),
             env: s.allocate.env.clone(),
             mounts: s.allocate.mounts.clone(),
             annotations: s.allocate.annotations.clone(),

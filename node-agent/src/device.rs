@@ -28,6 +28,9 @@ pub struct Device {
     pub nodes: Vec<DeviceNode>,
     /// What the probe sees now.
     pub health: Health,
+    /// IDs of devices with a direct fast link to this one (NVLink), which
+    /// GetPreferredAllocation keeps together.
+    pub links: Vec<String>,
 }
 
 /// Where the agent finds the host's `/dev` and `/sys`. Tests and benchmarks

@@ -95,6 +95,7 @@ pub async fn run(
     info!(%policy, source = source.kind(), total, healthy, "devices discovered");
     tx.send_replace(Arc::new(first));
 
+    let wake = source.wake();
     let mut resync = tokio::time::interval_at(Instant::now() + RESYNC, RESYNC);
     loop {
         let deadline = inventory.deadline().map(Instant::from_std);
@@ -125,6 +126,12 @@ pub async fn run(
                 }
             } => inventory.tick(Instant::now().into_std()),
             _ = resync.tick() => rediscover(&mut inventory),
+            _ = async {
+                match &wake {
+                    Some(w) => w.notified().await,
+                    None => std::future::pending().await,
+                }
+            } => rediscover(&mut inventory),
         };
         if changed {
             let snap = inventory.snapshot();

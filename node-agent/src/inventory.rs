@@ -36,6 +36,8 @@ pub struct Snapshot {
     pub list: dp::ListAndWatchResponse,
     /// Increments on every change.
     pub version: u64,
+    /// Why the last discovery failed, if it did (for example no NVML).
+    pub source_error: Option<String>,
 }
 
 /// Why an advertised ID cannot be used.
@@ -82,6 +84,7 @@ impl Snapshot {
 
 /// Mutable state behind the snapshots.
 pub struct Inventory {
+    source_error: Option<String>,
     known: BTreeMap<String, (Device, Tracker)>,
     gone: HashMap<String, Instant>,
     settle: Duration,
@@ -93,6 +96,7 @@ impl Inventory {
     /// An empty inventory.
     pub fn new(settle: Duration, replicas: u32) -> Self {
         Self {
+            source_error: None,
             known: BTreeMap::new(),
             gone: HashMap::new(),
             settle,
@@ -105,10 +109,15 @@ impl Inventory {
     /// changed. A failed probe keeps the known devices, as `Unknown`.
     pub fn apply(&mut self, found: Result<Vec<Device>, SourceError>, now: Instant) -> bool {
         let devices = match found {
-            Ok(d) => d,
+            Ok(d) => {
+                let changed = self.source_error.take().is_some();
+                self.bump(changed);
+                d
+            }
             Err(e) => {
                 let reason = format!("probe failed: {e}");
-                let mut changed = false;
+                let mut changed = self.source_error.as_deref() != Some(&e.to_string());
+                self.source_error = Some(e.to_string());
                 for (_, t) in self.known.values_mut() {
                     changed |= t.observe(Health::Unknown(reason.clone()), now);
                 }
@@ -198,6 +207,7 @@ impl Inventory {
             replicas: self.replicas,
             list,
             version: self.version,
+            source_error: self.source_error.clone(),
         }
     }
 
@@ -217,6 +227,7 @@ mod tests {
             numa_node: Some(0),
             nodes: vec![],
             health: h,
+            links: vec![],
         }
     }
 
@@ -277,6 +288,29 @@ mod tests {
         assert!(
             matches!(&s.devices["a"].health, Health::Unknown(r) if r.contains("sysfs vanished"))
         );
+    }
+
+    #[test]
+    fn a_source_error_is_kept_as_a_reason_until_discovery_works_again() {
+        let t0 = Instant::now();
+        let mut inv = Inventory::new(S, 1);
+        assert!(inv.apply(
+            Err(SourceError::Unavailable("NVML is not available".into())),
+            t0
+        ));
+        assert_eq!(
+            inv.snapshot().source_error.as_deref(),
+            Some("NVML is not available")
+        );
+        assert!(
+            !inv.apply(
+                Err(SourceError::Unavailable("NVML is not available".into())),
+                t0
+            ),
+            "same reason"
+        );
+        assert!(inv.apply(Ok(vec![dev("g", Health::Healthy)]), t0));
+        assert_eq!(inv.snapshot().source_error, None);
     }
 
     #[test]

@@ -181,8 +181,8 @@ pub fn cluster_role_binding(p: &DevicePluginPolicy, d: &AgentDefaults) -> Cluste
 /// Which host trees a source reads.
 fn host_mounts(p: &DevicePluginPolicy) -> (bool, bool) {
     let s = &p.spec.source;
-    let dev = s.paths.is_some() || s.usb.is_some() || s.pci.is_some();
-    let sys = s.usb.is_some() || s.pci.is_some();
+    let dev = s.paths.is_some() || s.usb.is_some() || s.pci.is_some() || s.nvidia.is_some();
+    let sys = s.usb.is_some() || s.pci.is_some() || s.nvidia.is_some();
     (dev, sys)
 }
 
@@ -307,6 +307,23 @@ fn pod_template(p: &DevicePluginPolicy, d: &AgentDefaults) -> PodTemplateSpec {
             limits: Some(BTreeMap::from([("memory".to_string(), quantity("96Mi"))])),
             ..ResourceRequirements::default()
         });
+    let mut env = vec![
+        field_env("NODE_NAME", "spec.nodeName"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+    ];
+    if p.spec.source.nvidia.is_some() {
+        // Ask the NVIDIA container toolkit for NVML (utility) and all GPUs.
+        for (k, v) in [
+            ("NVIDIA_VISIBLE_DEVICES", "all"),
+            ("NVIDIA_DRIVER_CAPABILITIES", "utility"),
+        ] {
+            env.push(EnvVar {
+                name: k.into(),
+                value: Some(v.into()),
+                ..EnvVar::default()
+            });
+        }
+    }
     let mut node_selector = p.spec.node_selector.clone();
     node_selector.insert("kubernetes.io/os".into(), "linux".into());
 
@@ -336,10 +353,7 @@ fn pod_template(p: &DevicePluginPolicy, d: &AgentDefaults) -> PodTemplateSpec {
                         .unwrap_or_else(|| d.image.clone()),
                 ),
                 args: Some(args),
-                env: Some(vec![
-                    field_env("NODE_NAME", "spec.nodeName"),
-                    field_env("POD_NAMESPACE", "metadata.namespace"),
-                ]),
+                env: Some(env),
                 ports: Some(vec![ContainerPort {
                     name: Some("admin".into()),
                     container_port: AGENT_ADMIN_PORT,

@@ -33,12 +33,29 @@ pub fn entries_of<'a>(
     out
 }
 
+/// What a policy's status says about its devices.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Aggregate {
+    /// Counts over all nodes.
+    pub counts: DeviceCounts,
+    /// The first [`MAX_UNHEALTHY`] devices that are not healthy.
+    pub unhealthy: Vec<UnhealthyDevice>,
+    /// `node: reason` for entries that report a problem (no NVML, no
+    /// PodResources, agent gone).
+    pub node_reasons: Vec<String>,
+}
+
 /// Device counts and the first [`MAX_UNHEALTHY`] devices that are not
-/// healthy (sorted by node and device), with the pods they affect.
-pub fn aggregate(entries: &[(String, &ResourceStatus)]) -> (DeviceCounts, Vec<UnhealthyDevice>) {
+/// healthy (sorted by node and device), with the pods they affect, and the
+/// problems nodes report.
+pub fn aggregate(entries: &[(String, &ResourceStatus)]) -> Aggregate {
     let mut counts = DeviceCounts::default();
     let mut bad = Vec::new();
+    let mut node_reasons = Vec::new();
     for (node, e) in entries {
+        if let Some(r) = &e.reason {
+            node_reasons.push(format!("{node}: {r}"));
+        }
         for d in &e.devices {
             counts.total += 1;
             if !d.allocations.is_empty() {
@@ -65,7 +82,11 @@ pub fn aggregate(entries: &[(String, &ResourceStatus)]) -> (DeviceCounts, Vec<Un
             }
         }
     }
-    (counts, bad)
+    Aggregate {
+        counts,
+        unhealthy: bad,
+        node_reasons,
+    }
 }
 
 /// Totals over all entries of a node.
@@ -237,7 +258,11 @@ mod tests {
         ];
         let e = entries_of(&p, &all);
         assert_eq!(e.len(), 2);
-        let (c, bad) = aggregate(&e);
+        let Aggregate {
+            counts: c,
+            unhealthy: bad,
+            ..
+        } = aggregate(&e);
         assert_eq!((c.total, c.healthy, c.unhealthy, c.allocated), (3, 1, 2, 2));
         assert_eq!(bad.len(), 2);
         assert_eq!((bad[0].node.as_str(), bad[0].device.as_str()), ("n1", "b"));
@@ -246,12 +271,28 @@ mod tests {
     }
 
     #[test]
+    fn node_problems_are_reported() {
+        let mut e = entry("gpu", "x.io/gpu", vec![]);
+        e.reason = Some("NVML is not available on this node".into());
+        let all = [nds("n1", vec![e])];
+        let a = aggregate(&entries_of(&policy("gpu", "x.io/gpu", false), &all));
+        assert_eq!(
+            a.node_reasons,
+            vec!["n1: NVML is not available on this node"]
+        );
+    }
+
+    #[test]
     fn unhealthy_list_is_bounded() {
         let devs = (0..50)
             .map(|i| dev(&format!("d{i}"), DeviceHealth::Unhealthy, &[]))
             .collect();
         let all = [nds("n", vec![entry("gpu", "x.io/gpu", devs)])];
-        let (c, bad) = aggregate(&entries_of(&policy("gpu", "x.io/gpu", false), &all));
+        let Aggregate {
+            counts: c,
+            unhealthy: bad,
+            ..
+        } = aggregate(&entries_of(&policy("gpu", "x.io/gpu", false), &all));
         assert_eq!(c.unhealthy, 50);
         assert_eq!(bad.len(), MAX_UNHEALTHY);
     }

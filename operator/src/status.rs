@@ -19,8 +19,8 @@ pub struct Observed {
     pub invalid: Option<String>,
     /// The last API error while applying agents, if any.
     pub apply_error: Option<String>,
-    /// Device counts and unhealthy devices over all nodes.
-    pub devices: Option<(devplug_api::DeviceCounts, Vec<devplug_api::UnhealthyDevice>)>,
+    /// Device counts, unhealthy devices and node problems over all nodes.
+    pub devices: Option<crate::devices::Aggregate>,
 }
 
 const STUCK_REASONS: &[&str] = &[
@@ -152,7 +152,12 @@ pub fn compute(
         } else {
             set(types::PROGRESSING, false, "RolloutComplete", String::new());
         }
-        let unhealthy = seen.devices.as_ref().map_or(0, |(c, _)| c.unhealthy);
+        let unhealthy = seen.devices.as_ref().map_or(0, |a| a.counts.unhealthy);
+        let node_reasons = seen
+            .devices
+            .as_ref()
+            .map(|a| a.node_reasons.clone())
+            .unwrap_or_default();
         if let Some(err) = &seen.apply_error {
             set(types::DEGRADED, true, "ApplyFailed", err.clone());
         } else if !seen.pod_problems.is_empty() {
@@ -170,7 +175,7 @@ pub fn compute(
             let lines: Vec<String> = seen
                 .devices
                 .iter()
-                .flat_map(|(_, bad)| bad)
+                .flat_map(|a| &a.unhealthy)
                 .map(|d| {
                     let mut l = format!("{}/{} {}", d.node, d.device, d.health);
                     if let Some(r) = &d.reason {
@@ -187,6 +192,13 @@ pub fn compute(
                 true,
                 "DevicesUnhealthy",
                 format!("{unhealthy} device(s) not healthy: {}", summary(&lines)),
+            );
+        } else if !node_reasons.is_empty() {
+            set(
+                types::DEGRADED,
+                true,
+                "NodesReportProblems",
+                summary(&node_reasons),
             );
         } else {
             set(types::DEGRADED, false, "AgentsHealthy", String::new());
@@ -222,9 +234,9 @@ pub fn compute(
         }
         st.nodes = nodes;
     }
-    if let Some((counts, bad)) = &seen.devices {
-        st.devices = counts.clone();
-        st.unhealthy_devices = bad.clone();
+    if let Some(a) = &seen.devices {
+        st.devices = a.counts.clone();
+        st.unhealthy_devices = a.unhealthy.clone();
     }
     st.nodes_ready = Some(format!("{}/{}", st.nodes.ready, st.nodes.desired));
     st.devices_healthy = Some(format!("{}/{}", st.devices.healthy, st.devices.total));

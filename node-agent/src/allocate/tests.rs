@@ -35,6 +35,7 @@ fn snap(replicas: u32, all_healthy: bool) -> Snapshot {
             } else {
                 Health::Healthy
             },
+            links: vec![],
         })
         .collect();
     inv.apply(Ok(devs), Instant::now());
@@ -229,4 +230,41 @@ fn prestart_maps_replicas_to_physical() {
     let ids = prestart_ids(&c, &s, &["d0::0".into(), "d0::1".into(), "d2::1".into()]).unwrap();
     assert_eq!(ids, vec!["d0", "d2"]);
     assert!(prestart_ids(&c, &s, &["x".into()]).is_err());
+}
+
+#[test]
+fn preferred_keeps_nvlinked_gpus_together() {
+    // g0..g3 on one NUMA node; g1-g3 and g0-g2 are NVLinked.
+    let mut inv = Inventory::new(Duration::from_secs(1), 1);
+    let link = |id: &str, peers: &[&str]| Device {
+        id: id.into(),
+        numa_node: Some(0),
+        nodes: vec![],
+        health: Health::Healthy,
+        links: peers.iter().map(|s| s.to_string()).collect(),
+    };
+    inv.apply(
+        Ok(vec![
+            link("g0", &["g2"]),
+            link("g1", &["g3"]),
+            link("g2", &["g0"]),
+            link("g3", &["g1"]),
+        ]),
+        Instant::now(),
+    );
+    let s = inv.snapshot();
+    let c = cfg("");
+    assert_eq!(
+        preferred(&c, &s, &pref(&["g0", "g1", "g2", "g3"], &["g1"], 2)).unwrap(),
+        vec!["g1", "g3"]
+    );
+    assert_eq!(
+        preferred(&c, &s, &pref(&["g0", "g1", "g2", "g3"], &["g2"], 2)).unwrap(),
+        vec!["g2", "g0"]
+    );
+    // Without a must-include, the first pick is by ID, then its NVLink peer.
+    assert_eq!(
+        preferred(&c, &s, &pref(&["g0", "g1", "g2", "g3"], &[], 2)).unwrap(),
+        vec!["g0", "g2"]
+    );
 }

@@ -8,6 +8,7 @@ use devplug_api::{DevicePluginPolicy, SourceSpec};
 
 use crate::device::{Device, Roots};
 
+pub mod nvidia;
 pub mod paths;
 pub mod pci;
 pub mod simulated;
@@ -29,6 +30,9 @@ pub enum SourceError {
     /// The spec cannot be served by this source.
     #[error("{0}")]
     Config(String),
+    /// What the source needs is not on this node (for example NVML).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl SourceError {
@@ -50,6 +54,11 @@ pub trait Source: Send + Sync + 'static {
     /// Directories that do not exist yet are watched through their nearest
     /// existing ancestor.
     fn watch_dirs(&self) -> Vec<PathBuf>;
+    /// Signalled when the source has news that no directory shows (NVML
+    /// health events); discovery runs again.
+    fn wake(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
 }
 
 /// Everything a source needs from outside the policy.
@@ -72,6 +81,7 @@ pub fn build(
         paths,
         usb,
         pci,
+        nvidia,
     } = &policy.spec.source;
     if let Some(s) = simulated {
         // Our own directory: create it so the watch lands on it rather than
@@ -88,6 +98,9 @@ pub fn build(
     }
     if let Some(p) = pci {
         return Ok(Box::new(pci::Pci::new(p, ctx.roots.clone())));
+    }
+    if let Some(n) = nvidia {
+        return Ok(Box::new(nvidia::Nvidia::new(n, ctx.roots.clone())));
     }
     Err(SourceError::Config(format!(
         "policy {name:?} sets no device source"

@@ -92,6 +92,7 @@ impl Source for Paths {
                 numa_node: None,
                 nodes,
                 health,
+                links: Vec::new(),
             });
         }
         Ok(out)

@@ -96,6 +96,7 @@ impl Pci {
             numa_node,
             nodes,
             health,
+            links: Vec::new(),
         }))
     }
 }

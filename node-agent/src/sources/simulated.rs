@@ -93,6 +93,7 @@ impl Source for Simulated {
                 numa_node: *numa,
                 nodes: Vec::new(),
                 health,
+                links: Vec::new(),
             });
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));

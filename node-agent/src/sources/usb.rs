@@ -130,6 +130,7 @@ impl Source for Usb {
                     permissions: "rw".into(),
                 }],
                 health,
+                links: Vec::new(),
             });
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));

@@ -120,6 +120,25 @@ fn host_sources_mount_dev_and_sys_read_only() {
 }
 
 #[test]
+fn nvidia_agents_get_nvml_from_the_container_toolkit() {
+    let ds = daemonset(&policy("  source: {nvidia: {}}\n"), &d()).unwrap();
+    let env: Vec<_> = container(&ds)
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| e.value.as_ref().map(|v| (e.name.as_str(), v.as_str())))
+        .collect();
+    assert!(env.contains(&("NVIDIA_VISIBLE_DEVICES", "all")));
+    assert!(env.contains(&("NVIDIA_DRIVER_CAPABILITIES", "utility")));
+    let m = mounts(&ds);
+    assert!(m.iter().any(|x| x.0 == "host-dev") && m.iter().any(|x| x.0 == "host-sys"));
+    assert_eq!(
+        container(&ds).security_context.as_ref().unwrap().privileged,
+        None
+    );
+}
+
+#[test]
 fn prestart_makes_the_agent_privileged() {
     let ds = daemonset(
         &policy("  source: {simulated: {count: 1}}\n  preStart: {command: [/bin/reset]}\n"),
