@@ -434,6 +434,36 @@ async fn two_policies_in_one_agent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_nvml_still_serves_its_other_policies() {
+    let node = Node::new();
+    let mut kubelet = KubeletSim::start(&node.plugins);
+    let yaml = format!(
+        "{}---\n{}",
+        policy("gpus", "nvidia.com/gpu", "  source:\n    nvidia: {}\n"),
+        sim_policy("other", "example.com/other", "")
+    );
+    let mut agent = Agent::spawn(&node, &yaml);
+    kubelet.wait_registrations(2, T).await;
+    kubelet
+        .wait_list("example.com/other", T, |l| l.len() == 4)
+        .await;
+    if std::path::Path::new("/dev/nvidiactl").exists() {
+        return; // a GPU machine: NVML is there, nothing more to check here
+    }
+    // No NVML: the GPU plugin registers with no devices; nothing crashes.
+    let (gpus, _) = kubelet.wait_list("nvidia.com/gpu", T, |_| true).await;
+    assert!(gpus.is_empty());
+    let mut c = kubelet.client("devplug-other.sock").await;
+    let req = dp::AllocateRequest {
+        container_requests: vec![dp::ContainerAllocateRequest {
+            devices_ids: vec!["sim-0".into()],
+        }],
+    };
+    assert!(c.allocate(req).await.is_ok());
+    assert!(agent.child.try_wait().unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_removes_sockets_and_exits_zero() {
     let node = Node::new();
     let mut kubelet = KubeletSim::start(&node.plugins);
