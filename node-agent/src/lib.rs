@@ -28,6 +28,7 @@ pub mod server;
 pub mod sharing;
 pub mod simctl;
 pub mod sources;
+pub mod unix;
 
 /// Resolves once `shutdown` holds true (or its sender is gone).
 pub(crate) async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {

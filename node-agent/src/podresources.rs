@@ -13,11 +13,10 @@ use std::time::Duration;
 use devplug_api::Allocation;
 use devplug_proto::podresources::v1 as pr;
 use devplug_proto::podresources::v1::pod_resources_lister_client::PodResourcesListerClient;
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
 use tokio::sync::{Notify, watch};
-use tonic::transport::{Endpoint, Uri};
 use tracing::{debug, warn};
+
+use crate::unix::{dial, error_chain};
 
 /// How often allocations are read without a hint.
 pub const POLL: Duration = Duration::from_secs(5);
@@ -37,15 +36,14 @@ pub struct AllocView {
 
 /// Calls `List` on the PodResources socket.
 pub async fn list(socket: &Path) -> Result<Vec<pr::PodResources>, String> {
-    let path = socket.to_path_buf();
     let call = async {
-        let channel = Endpoint::from_static("http://kubelet.invalid")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let p = path.clone();
-                async move { UnixStream::connect(p).await.map(TokioIo::new) }
-            }))
-            .await
-            .map_err(|e| format!("cannot connect to {}: {}", socket.display(), chain(&e)))?;
+        let channel = dial(socket).await.map_err(|e| {
+            format!(
+                "cannot connect to {}: {}",
+                socket.display(),
+                error_chain(&e)
+            )
+        })?;
         let resp = PodResourcesListerClient::new(channel)
             .list(pr::ListPodResourcesRequest {})
             .await
@@ -55,19 +53,6 @@ pub async fn list(socket: &Path) -> Result<Vec<pr::PodResources>, String> {
     tokio::time::timeout(CALL_TIMEOUT, call)
         .await
         .map_err(|_| "PodResources List timed out".to_string())?
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if parts.last() != Some(&m) {
-            parts.push(m);
-        }
-        cur = c.source();
-    }
-    parts.join(": ")
 }
 
 /// The containers holding each device ID of `resource`.

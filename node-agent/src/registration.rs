@@ -16,14 +16,12 @@ use std::time::Duration;
 
 use devplug_proto::deviceplugin::v1beta1 as dp;
 use devplug_proto::deviceplugin::v1beta1::registration_client::RegistrationClient;
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
 use tokio::sync::watch;
-use tonic::transport::{Endpoint, Uri};
 use tracing::{debug, info, warn};
 
 use crate::plugin::{PluginState, options};
 use crate::server::Rebind;
+use crate::unix::{dial, error_chain};
 
 /// How long a dropped ListAndWatch stream may go unreplaced.
 pub const STREAM_GRACE: Duration = Duration::from_millis(300);
@@ -58,34 +56,13 @@ pub enum RegisterError {
     Timeout,
 }
 
-/// An error and its causes on one line ("transport error: No such file...").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        // hyper and tonic wrap the same io::Error more than once.
-        if parts.last() != Some(&m) {
-            parts.push(m);
-        }
-        cur = c.source();
-    }
-    parts.join(": ")
-}
-
 /// Calls `Registration.Register` on the kubelet socket once.
 pub async fn register_once(
     kubelet_sock: &Path,
     req: dp::RegisterRequest,
 ) -> Result<(), RegisterError> {
-    let path = kubelet_sock.to_path_buf();
     let attempt = async {
-        // The URI is required by the API but unused: the connector dials the socket.
-        let channel = Endpoint::from_static("http://kubelet.invalid")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let p = path.clone();
-                async move { UnixStream::connect(p).await.map(TokioIo::new) }
-            }))
+        let channel = dial(kubelet_sock)
             .await
             .map_err(|e| RegisterError::Connect {
                 path: kubelet_sock.display().to_string(),

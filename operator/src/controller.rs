@@ -32,7 +32,7 @@ use tracing::{debug, info, warn};
 use crate::conflict;
 use crate::desired::{self, AgentDefaults};
 use crate::devices;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, kube_err};
 use crate::metrics::Metrics;
 use crate::status::{self, Observed};
 
@@ -105,19 +105,6 @@ impl Context {
 pub fn backoff(n: u32) -> Duration {
     let secs = 2u64.saturating_mul(1u64 << n.saturating_sub(1).min(8));
     Duration::from_secs(secs.min(300))
-}
-
-fn kube_err<'a>(
-    action: &'static str,
-    kind: &'static str,
-    name: &'a str,
-) -> impl FnOnce(kube::Error) -> Error + 'a {
-    move |source| Error::Kube {
-        action,
-        kind,
-        name: name.to_string(),
-        source,
-    }
 }
 
 /// Applies `obj` unless the live object was applied from the same content.

@@ -21,6 +21,20 @@ pub enum Error {
     Serialize(&'static str, #[source] serde_json::Error),
 }
 
+/// Maps a kube error to [`Error::Kube`] naming what was being done to what.
+pub fn kube_err<'a>(
+    action: &'static str,
+    kind: &'static str,
+    name: &'a str,
+) -> impl FnOnce(kube::Error) -> Error + 'a {
+    move |source| Error::Kube {
+        action,
+        kind,
+        name: name.to_string(),
+        source,
+    }
+}
+
 impl Error {
     /// Low-cardinality label for metrics.
     pub fn metric_label(&self) -> &'static str {

@@ -30,7 +30,7 @@ use tracing::{info, warn};
 
 use crate::desired::label_value;
 use crate::devices::{self, NODE_LABEL_PREFIX};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, kube_err};
 use crate::metrics::Metrics;
 
 /// Shared state of node reconciles.
@@ -43,19 +43,6 @@ pub struct NodeContext {
     pub agent_pods: Store<Pod>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-}
-
-fn kube_err<'a>(
-    action: &'static str,
-    kind: &'static str,
-    name: &'a str,
-) -> impl FnOnce(kube::Error) -> Error + 'a {
-    move |source| Error::Kube {
-        action,
-        kind,
-        name: name.to_string(),
-        source,
-    }
 }
 
 fn pod_ready(p: &Pod) -> bool {
