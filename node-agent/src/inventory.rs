@@ -4,7 +4,6 @@
 //! a `tokio::sync::watch` channel and never block the writer.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use devplug_proto::deviceplugin::v1beta1 as dp;
@@ -209,11 +208,6 @@ impl Inventory {
             version: self.version,
             source_error: self.source_error.clone(),
         }
-    }
-
-    /// Convenience for callers that publish through a watch channel.
-    pub fn shared_snapshot(&self) -> Arc<Snapshot> {
-        Arc::new(self.snapshot())
     }
 }
 

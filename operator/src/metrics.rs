@@ -17,6 +17,7 @@ pub struct Metrics {
     failures: Family<Labels, Counter>,
     duration: Histogram,
     writes: Family<Labels, Counter>,
+    total_writes: Counter,
 }
 
 impl Default for Metrics {
@@ -48,6 +49,7 @@ impl Default for Metrics {
             failures,
             duration,
             writes,
+            total_writes: Counter::default(),
         }
     }
 }
@@ -75,22 +77,7 @@ impl Metrics {
 
     /// Total writes so far (all kinds).
     pub fn total_writes(&self) -> u64 {
-        [
-            "ServiceAccount",
-            "ClusterRole",
-            "ClusterRoleBinding",
-            "DaemonSet",
-            "DaemonSetDelete",
-            "Status",
-            "Event",
-        ]
-        .iter()
-        .map(|k| {
-            self.writes
-                .get_or_create(&vec![("kind".into(), (*k).into())])
-                .get()
-        })
-        .sum()
+        self.total_writes.get()
     }
 
     /// The text exposition.

@@ -115,6 +115,18 @@ impl SourceError {
     }
 }
 
+/// The entries of a sysfs bus directory (`/sys/bus/<bus>/devices`). A bus
+/// that does not exist on this machine has no devices; that is not an error.
+pub(crate) fn bus_entries(base: &std::path::Path) -> Result<Vec<std::fs::DirEntry>, SourceError> {
+    match std::fs::read_dir(base) {
+        Ok(entries) => entries
+            .map(|e| e.map_err(|err| SourceError::io(base, err)))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(SourceError::io(base, e)),
+    }
+}
+
 /// Reads a small sysfs attribute, trimmed.
 pub(crate) fn read_attr(path: &std::path::Path) -> Result<String, SourceError> {
     std::fs::read_to_string(path)

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use devplug_api::PciSource;
 
-use super::{Source, SourceError, read_attr};
+use super::{Source, SourceError, bus_entries, read_attr};
 use crate::device::{Device, DeviceNode, Roots};
 use crate::health::Health;
 
@@ -108,14 +108,8 @@ impl Source for Pci {
 
     fn discover(&self) -> Result<Vec<Device>, SourceError> {
         let base = self.roots.sys.join("bus/pci/devices");
-        let entries = match std::fs::read_dir(&base) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(SourceError::io(&base, e)),
-        };
         let mut out = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| SourceError::io(&base, e))?;
+        for entry in bus_entries(&base)? {
             match self.probe(
                 &entry.path(),
                 entry.file_name().to_string_lossy().into_owned(),

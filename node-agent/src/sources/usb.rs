@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use devplug_api::UsbSource;
 
-use super::{Source, SourceError, read_attr};
+use super::{Source, SourceError, bus_entries, read_attr};
 use crate::device::{Device, DeviceNode, Roots};
 use crate::health::Health;
 
@@ -76,15 +76,8 @@ impl Source for Usb {
 
     fn discover(&self) -> Result<Vec<Device>, SourceError> {
         let base = self.roots.sys.join("bus/usb/devices");
-        let entries = match std::fs::read_dir(&base) {
-            Ok(e) => e,
-            // No USB bus at all: nothing to advertise, not an error.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(SourceError::io(&base, e)),
-        };
         let mut out = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| SourceError::io(&base, e))?;
+        for entry in bus_entries(&base)? {
             let dir = entry.path();
             // Interfaces (1-1:1.0) have no idVendor; skip them.
             let Ok(vendor) = read_attr(&dir.join("idVendor")) else {

@@ -37,7 +37,6 @@ struct State {
     fail: Vec<(Method, String, u16)>,
     next_uid: u64,
     rv: u64,
-    quiet: bool,
     /// (object path, resourceName) → field manager that applied that
     /// `status.resources[]` entry, to emulate list-map ownership.
     entry_owner: BTreeMap<(String, String), String>,
