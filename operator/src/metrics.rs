@@ -73,6 +73,7 @@ impl Metrics {
         self.writes
             .get_or_create(&vec![("kind".into(), kind.into())])
             .inc();
+        self.total_writes.inc();
     }
 
     /// Total writes so far (all kinds).

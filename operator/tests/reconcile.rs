@@ -99,6 +99,11 @@ async fn first_reconcile_applies_agent_objects_and_the_second_writes_nothing() {
             format!("PATCH {}/status", paths::policy("foo")),
         ]
     );
+    assert_eq!(
+        ctx.metrics.total_writes(),
+        5,
+        "the write counter counts what was written"
+    );
     for w in api.writes() {
         assert!(w.query.contains("fieldManager=devplug-operator"), "{w:?}");
         assert!(w.query.contains("force=true"), "{w:?}");
