@@ -19,6 +19,18 @@ fn make_structural(v: &mut Value) {
             {
                 map.remove("additionalProperties");
             }
+            // schemars writes `uint32`/`uint64`, which the API server does not
+            // know (it warns on every apply); the signed formats with a
+            // minimum of 0 say the same.
+            let unsigned = match map.get("format").and_then(Value::as_str) {
+                Some("uint32") => Some("int32"),
+                Some("uint64") => Some("int64"),
+                _ => None,
+            };
+            if let Some(f) = unsigned {
+                map.insert("format".into(), Value::from(f));
+                map.entry("minimum").or_insert(Value::from(0));
+            }
             for child in map.values_mut() {
                 make_structural(child);
             }

@@ -9,7 +9,10 @@ pub mod validation;
 
 pub use node_status::*;
 pub use policy::*;
-pub use validation::{FieldError, ValidationErrors, validate_device_id, validate_resource_name};
+pub use validation::{
+    FieldError, MAX_ADVERTISED_IDS, MAX_DOMAIN, ValidationErrors, validate_device_id,
+    validate_resource_name,
+};
 
 /// API group of every devplug resource.
 pub const GROUP: &str = "devplug.io";

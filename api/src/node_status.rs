@@ -42,6 +42,64 @@ pub struct NodeDeviceStatusStatus {
     /// Totals over all entries, written by the operator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<NodeSummary>,
+    /// Entries whose agent cannot vouch for them (its pod is missing or not
+    /// ready), as the operator sees it; written by the operator only, never
+    /// by an agent. While an entry is listed here its devices count as
+    /// `Unknown` in every summary and policy status; the entry itself keeps
+    /// what the agent last wrote.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["resourceName"]))]
+    pub not_reporting: Vec<NotReporting>,
+}
+
+/// An entry whose agent is not reporting.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NotReporting {
+    /// The entry's resource name.
+    pub resource_name: String,
+    /// The entry's policy.
+    pub policy: String,
+    /// Why, for example `AgentNotReady: agent pod x is not ready`.
+    pub reason: String,
+}
+
+impl NodeDeviceStatusStatus {
+    /// The entries as every reader should count them: an entry whose agent
+    /// is not reporting has its devices `Unknown` (in memory only; what the
+    /// agent wrote stays as it is).
+    pub fn effective_resources(&self) -> Vec<ResourceStatus> {
+        self.resources
+            .iter()
+            .map(|e| {
+                match self
+                    .not_reporting
+                    .iter()
+                    .find(|n| n.resource_name == e.resource_name && n.policy == e.policy)
+                {
+                    Some(n) => e.as_unknown(&n.reason),
+                    None => e.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+impl ResourceStatus {
+    /// This entry as it reads when its agent cannot vouch for it.
+    pub fn as_unknown(&self, reason: &str) -> ResourceStatus {
+        let mut u = self.clone();
+        u.state = STATE_UNKNOWN.into();
+        u.reason = Some(reason.into());
+        u.healthy = 0;
+        for d in &mut u.devices {
+            if d.health != DeviceHealth::Unknown {
+                d.health = DeviceHealth::Unknown;
+                d.reason = Some(format!("the agent on this node is not reporting ({reason})"));
+            }
+        }
+        u
+    }
 }
 
 /// Totals over a node's resources.
@@ -64,8 +122,8 @@ pub struct ResourceStatus {
     pub resource_name: String,
     /// The policy that serves it.
     pub policy: String,
-    /// `Serving` while the agent reports, `Unknown` when it is gone or not
-    /// ready (set by the operator).
+    /// `Serving`: the agent writes this entry only while it serves. (Whether
+    /// the agent is still there is the operator's `notReporting`.)
     pub state: String,
     /// Why the state or the allocations may be incomplete (for example the
     /// kubelet's PodResources socket is missing).

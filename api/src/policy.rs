@@ -30,16 +30,27 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.source.simulated) || ((has(self.source.simulated.count) ? self.source.simulated.count : 0) + (has(self.source.simulated.devices) ? size(self.source.simulated.devices) : 0)) * (has(self.sharing) && has(self.sharing.replicas) ? self.sharing.replicas : 1) <= 16384",
+     "message": "devices x sharing.replicas may be at most 16384: the kubelet's 4 MiB ListAndWatch message cannot carry more IDs"}
+]))]
 pub struct DevicePluginPolicySpec {
     /// Extended resource name, `<domain>/<name>`, for example
-    /// `hardware-vendor.example/foo`. The `kubernetes.io` and `k8s.io`
-    /// domains are reserved and refused.
+    /// `hardware-vendor.example/foo`: exactly what the kubelet accepts as an
+    /// extended resource. Refused: the `kubernetes.io` and `k8s.io` domains,
+    /// any name containing `kubernetes.io/`, the `requests.` prefix, and
+    /// domains over 244 characters (the kubelet prefixes `requests.` and
+    /// needs a 253-character DNS name).
     #[schemars(
-        length(min = 3, max = 317),
+        length(min = 3, max = 308),
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+/[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"),
         extend("x-kubernetes-validations" = [
-            {"rule": "!(self.startsWith('kubernetes.io/') || self.startsWith('k8s.io/') || self.contains('.kubernetes.io/') || self.contains('.k8s.io/'))",
-             "message": "the kubernetes.io and k8s.io domains are reserved; use your own domain"}
+            {"rule": "!(self.contains('kubernetes.io/') || self.startsWith('k8s.io/') || self.contains('.k8s.io/'))",
+             "message": "the kubernetes.io and k8s.io domains are reserved; use your own domain"},
+            {"rule": "!self.startsWith('requests.')",
+             "message": "the requests. prefix is reserved for resource quotas; the kubelet refuses such names"},
+            {"rule": "!self.matches('^[^/]{245,}/')",
+             "message": "the domain may have at most 244 characters (the kubelet's limit for extended resource names)"}
         ])
     )]
     pub resource_name: String,
@@ -143,7 +154,7 @@ pub struct SimulatedSource {
     pub count: u32,
     /// Prefix of generated device IDs (default `sim`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[A-Za-z0-9._:-]{1,56}$"))]
+    #[schemars(length(max = 56), regex(pattern = r"^[A-Za-z0-9._:-]{1,56}$"))]
     pub id_prefix: Option<String>,
     /// Spread generated devices over this many NUMA nodes, in contiguous
     /// blocks (0 or absent: no NUMA information).
@@ -165,7 +176,7 @@ pub struct SimulatedSource {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SimulatedDevice {
     /// Device ID as advertised to the kubelet.
-    #[schemars(regex(pattern = r"^[A-Za-z0-9._:-]{1,63}$"))]
+    #[schemars(length(max = 63), regex(pattern = r"^[A-Za-z0-9._:-]{1,63}$"))]
     pub id: String,
     /// NUMA node of the device, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -178,10 +189,11 @@ pub struct SimulatedDevice {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PathsSource {
-    /// Absolute globs under `/dev`, for example `/dev/foo[0-9]*`.
+    /// Absolute globs under `/dev`, for example `/dev/foo[0-9]*` (1 to 32,
+    /// each at most 256 characters).
     #[schemars(
-        length(min = 1),
-        extend("items" = {"type": "string", "pattern": "^/dev/([^\\[\\]]|\\[!?[^\\]]+\\])+$"}),
+        length(min = 1, max = 32),
+        extend("items" = {"type": "string", "maxLength": 256, "pattern": "^/dev/([^\\[\\]]|\\[!?[^\\]]+\\])+$"}),
         extend("x-kubernetes-validations" = [
             {"rule": "self.all(g, !g.contains('/../'))", "message": "globs must stay under /dev/"}
         ])
@@ -190,7 +202,12 @@ pub struct PathsSource {
     /// Extra nodes that belong to each matched device, as templates:
     /// `{path}` is the matched path and `{name}` its file name, for example
     /// `{path}-ctl`. A device whose companion is missing is unhealthy.
+    /// Each starts with `/dev/` or `{path}` (at most 8).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 8),
+        extend("items" = {"type": "string", "maxLength": 256, "pattern": "^(/dev/|\\{path\\})"})
+    )]
     pub companions: Vec<String>,
     /// cgroup permissions given to the container: any of `r`, `w`, `m`
     /// (default `rw`).
@@ -201,8 +218,9 @@ pub struct PathsSource {
     )]
     pub permissions: Option<String>,
     /// Path prefix inside the container replacing `/dev` (default: same
-    /// path as on the host).
+    /// path as on the host). Absolute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256), regex(pattern = r"^/"))]
     pub container_path_prefix: Option<String>,
 }
 
@@ -211,8 +229,8 @@ pub struct PathsSource {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UsbSource {
-    /// Devices to match; any match selects the device.
-    #[schemars(length(min = 1))]
+    /// Devices to match; any match selects the device (1 to 64).
+    #[schemars(length(min = 1, max = 64))]
     pub devices: Vec<UsbMatch>,
 }
 
@@ -221,11 +239,11 @@ pub struct UsbSource {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UsbMatch {
     /// Vendor ID, for example `046d`.
-    #[schemars(regex(pattern = r"^[0-9a-fA-F]{4}$"))]
+    #[schemars(length(max = 4), regex(pattern = r"^[0-9a-fA-F]{4}$"))]
     pub vendor: String,
     /// Product ID, for example `c52b`; absent matches any product.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[0-9a-fA-F]{4}$"))]
+    #[schemars(length(max = 4), regex(pattern = r"^[0-9a-fA-F]{4}$"))]
     pub product: Option<String>,
 }
 
@@ -241,15 +259,18 @@ pub struct UsbMatch {
 pub struct PciSource {
     /// Vendor ID (4 hex digits), for example `10de`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^(0x)?[0-9a-fA-F]{4}$"))]
+    #[schemars(length(max = 6), regex(pattern = r"^(0x)?[0-9a-fA-F]{4}$"))]
     pub vendor: Option<String>,
     /// Device IDs (4 hex digits each); empty matches any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("items" = {"type": "string", "pattern": "^(0x)?[0-9a-fA-F]{4}$"}))]
+    #[schemars(
+        length(max = 256),
+        extend("items" = {"type": "string", "maxLength": 6, "pattern": "^(0x)?[0-9a-fA-F]{4}$"})
+    )]
     pub devices: Vec<String>,
     /// Class prefix (2, 4 or 6 hex digits), for example `0300` for VGA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^(0x)?([0-9a-fA-F]{2}){1,3}$"))]
+    #[schemars(length(max = 8), regex(pattern = r"^(0x)?([0-9a-fA-F]{2}){1,3}$"))]
     pub class: Option<String>,
     /// Only advertise devices bound to `vfio-pci` (default false).
     #[serde(default)]
@@ -316,8 +337,16 @@ impl SharingSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AllocateSpec {
-    /// Environment variables set in the container.
+    /// Environment variables set in the container (at most 64; names are
+    /// `[A-Za-z_][A-Za-z0-9_]*`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "x-kubernetes-validations" = [
+            {"rule": "self.all(k, size(k) <= 128 && k.matches('^[A-Za-z_][A-Za-z0-9_]*$'))",
+             "message": "environment variable names are letters, digits and _, not starting with a digit, at most 128 characters"}
+        ]
+    ))]
     pub env: BTreeMap<String, String>,
     /// Name of the variable listing the allocated physical device IDs,
     /// comma-separated (default `DEVPLUG_<RESOURCE>`, the resource name
@@ -366,6 +395,10 @@ pub struct CdiSpec {
     pub enabled: bool,
     /// CDI kind, `vendor.com/class` (default: the resource name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 317),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+    )]
     pub kind: Option<String>,
 }
 
@@ -375,9 +408,11 @@ pub struct CdiSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PreStartSpec {
-    /// Program and arguments; the program is an absolute path.
+    /// Program and arguments; the program is an absolute path (at most 64
+    /// words of 4096 characters).
     #[schemars(
-        length(min = 1),
+        length(min = 1, max = 64),
+        extend("items" = {"type": "string", "maxLength": 4096}),
         extend("x-kubernetes-validations" = [
             {"rule": "self[0].startsWith('/')", "message": "the program must be an absolute path"}
         ])

@@ -65,7 +65,7 @@ fn rules(node: &Value, path: &str, out: &mut Vec<(String, String, Value)>) {
 fn every_rule_compiles_and_fits_the_cost_budget() {
     let mut all = Vec::new();
     rules(&schema(), "", &mut all);
-    assert_eq!(all.len(), 8, "the policy has 8 CEL rules");
+    assert_eq!(all.len(), 12, "the policy has 12 CEL rules");
     for (path, rule, node) in &all {
         let compiled = compile_schema(node);
         assert!(
@@ -79,6 +79,77 @@ fn every_rule_compiles_and_fits_the_cost_budget() {
             .collect();
         assert!(over.is_empty(), "{path}: {rule}: {over:?}");
     }
+}
+
+/// What a rule at `node` can reach that the API server's cost estimator
+/// would take as unbounded: a string without `maxLength` (or `enum`), a list
+/// without `maxItems`, a map without `maxProperties`. Properties count as
+/// reached when the rule names them; list items and map values always.
+fn unbounded(node: &Value, rule: &str, path: &str, out: &mut Vec<String>) {
+    let ty = node.get("type").and_then(Value::as_str);
+    match ty {
+        Some("string") if node.get("maxLength").is_none() && node.get("enum").is_none() => {
+            out.push(format!("{path}: string without maxLength"))
+        }
+        Some("array") if node.get("maxItems").is_none() => {
+            out.push(format!("{path}: list without maxItems"))
+        }
+        Some("object")
+            if node.get("additionalProperties").is_some()
+                && node.get("maxProperties").is_none() =>
+        {
+            out.push(format!("{path}: map without maxProperties"))
+        }
+        _ => {}
+    }
+    if let Some(items) = node.get("items") {
+        unbounded(items, rule, &format!("{path}[]"), out);
+    }
+    if let Some(v @ Value::Object(_)) = node.get("additionalProperties") {
+        unbounded(v, rule, &format!("{path}{{}}"), out);
+    }
+    if let Some(Value::Object(props)) = node.get("properties") {
+        for (k, child) in props {
+            let named = rule
+                .match_indices(k.as_str())
+                .any(|(i, _)| rule[..i].ends_with('.') && !rule[i + k.len()..].starts_with(|c: char| c.is_alphanumeric()));
+            if named {
+                unbounded(child, rule, &format!("{path}.{k}"), out);
+            }
+        }
+    }
+}
+
+/// The API server refused the CRD when `globs` (reached by a CEL rule) had
+/// no bounds; kube's client-side estimator did not. This guard needs no
+/// API server: every value a rule reaches is bounded.
+#[test]
+fn everything_a_cel_rule_reaches_is_bounded() {
+    let mut all = Vec::new();
+    rules(&schema(), "", &mut all);
+    let mut out = Vec::new();
+    for (path, rule, node) in &all {
+        unbounded(node, rule, path, &mut out);
+    }
+    assert!(out.is_empty(), "unbounded values reached by CEL rules: {out:#?}");
+}
+
+#[test]
+fn the_bound_guard_sees_an_unbounded_list() {
+    let node = json!({"type": "object", "properties": {
+        "globs": {"type": "array", "items": {"type": "string"}}}});
+    let mut out = Vec::new();
+    unbounded(&node, "self.globs.all(g, g != '')", "", &mut out);
+    assert_eq!(out, vec![".globs: list without maxItems", ".globs[]: string without maxLength"]);
+    let mut out = Vec::new();
+    unbounded(&node, "has(self.other)", "", &mut out);
+    assert!(out.is_empty(), "{out:?}");
+}
+
+#[test]
+fn no_unsigned_formats_the_api_server_warns_about() {
+    let text = serde_json::to_string(&schema()).unwrap();
+    assert!(!text.contains("uint32") && !text.contains("uint64"));
 }
 
 fn admit(obj: &Value) -> Result<(), String> {
@@ -138,6 +209,31 @@ fn cel_rules_refuse_bad_specs_with_readable_messages() {
         (
             with(|s| s["preStart"] = json!({"command": ["reset-gpu"]})),
             "absolute path",
+        ),
+        (
+            with(|s| s["resourceName"] = json!("requests.example.com/foo")),
+            "requests. prefix",
+        ),
+        (
+            with(|s| s["resourceName"] = json!("acme-kubernetes.io/x")),
+            "reserved",
+        ),
+        (
+            with(|s| {
+                s["resourceName"] = json!(format!("{}ex.com/x", format!("{}.", "a".repeat(60)).repeat(4)))
+            }),
+            "at most 244",
+        ),
+        (
+            with(|s| s["allocate"] = json!({"env": {"1BAD": "x"}})),
+            "environment variable names",
+        ),
+        (
+            with(|s| {
+                s["source"] = json!({"simulated": {"count": 4096}});
+                s["sharing"] = json!({"strategy": "TimeSlicing", "replicas": 8});
+            }),
+            "at most 16384",
         ),
     ];
     for (obj, want) in &cases {

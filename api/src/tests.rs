@@ -51,11 +51,48 @@ fn resource_name_rules() {
         "localhost/foo",
         "example.com/-foo",
         "example.com/a/b",
+        // What the kubelet's extended-resource check refuses too.
+        "requests.example.com/foo",
+        "acme-kubernetes.io/x",
+        "a.acme-kubernetes.io/x",
     ] {
         assert!(validate_resource_name(bad).is_err(), "{bad} accepted");
     }
     let e = validate_resource_name("kubernetes.io/gpu").unwrap_err();
     assert!(e.contains("reserved"), "{e}");
+    // The kubelet checks `requests.<name>` as a qualified name: the domain
+    // may have 244 characters, not 253.
+    let label = format!("{}.", "a".repeat(60));
+    let at_limit = format!("{}abcdefgh/x", label.repeat(4));
+    assert_eq!(at_limit.split_once('/').unwrap().0.len(), 252);
+    let e = validate_resource_name(&at_limit).unwrap_err();
+    assert!(e.contains("at most 244"), "{e}");
+    let ok = format!("{}{}.ex/x", label.repeat(3), "b".repeat(58));
+    assert_eq!(ok.split_once('/').unwrap().0.len(), 244);
+    assert!(validate_resource_name(&ok).is_ok(), "{ok}");
+}
+
+#[test]
+fn advertised_ids_are_bounded_by_the_kubelet_message_limit() {
+    let spec = spec_with(|s| {
+        s.source.simulated = Some(devplug_api_sim(4096));
+        s.sharing.strategy = crate::SharingStrategy::TimeSlicing;
+        s.sharing.replicas = Some(8);
+    });
+    assert_eq!(fields(&spec), vec!["spec.source.simulated"]);
+    let spec = spec_with(|s| {
+        s.source.simulated = Some(devplug_api_sim(2048));
+        s.sharing.strategy = crate::SharingStrategy::TimeSlicing;
+        s.sharing.replicas = Some(8);
+    });
+    assert!(spec.validate().is_ok());
+}
+
+fn devplug_api_sim(count: u32) -> crate::SimulatedSource {
+    crate::SimulatedSource {
+        count,
+        ..Default::default()
+    }
 }
 
 #[test]

@@ -38,9 +38,28 @@ impl Collector {
     }
 }
 
+/// Longest domain of an extended resource name: the kubelet checks
+/// `requests.<name>` as a qualified name, whose prefix is a 253-character
+/// DNS subdomain.
+pub const MAX_DOMAIN: usize = 253 - "requests.".len();
+
+/// Most device IDs one policy may advertise on a node (devices x replicas):
+/// the kubelet receives ListAndWatch with a 4 MiB message limit.
+pub const MAX_ADVERTISED_IDS: u64 = 16384;
+
 /// Checks a resource name: `<domain>/<name>` with a DNS-subdomain domain
 /// outside `kubernetes.io` / `k8s.io`, and a qualified-name `<name>`.
 pub fn validate_resource_name(name: &str) -> Result<(), String> {
+    if name.starts_with("requests.") {
+        return Err(format!(
+            "{name:?} starts with requests., which is reserved for resource quotas"
+        ));
+    }
+    if name.contains("kubernetes.io/") {
+        return Err(format!(
+            "{name:?} is reserved: the kubelet treats any name containing kubernetes.io/ as a native resource"
+        ));
+    }
     let Some((domain, short)) = name.split_once('/') else {
         return Err(format!(
             "{name:?} has no domain; use <domain>/<name>, for example example.com/{name}"
@@ -49,6 +68,12 @@ pub fn validate_resource_name(name: &str) -> Result<(), String> {
     if !is_dns_subdomain(domain) || !domain.contains('.') {
         return Err(format!(
             "domain {domain:?} of {name:?} is not a DNS subdomain like example.com"
+        ));
+    }
+    if domain.len() > MAX_DOMAIN {
+        return Err(format!(
+            "domain of {name:?} has {} characters; the kubelet allows at most {MAX_DOMAIN}",
+            domain.len()
         ));
     }
     for reserved in ["kubernetes.io", "k8s.io"] {
@@ -181,6 +206,17 @@ impl DevicePluginPolicySpec {
             }
             if !sim.devices.is_empty() && sim.count != 0 {
                 c.err(f, "set either count or devices, not both");
+            }
+            let ids = u64::from(sim.count) + sim.devices.len() as u64;
+            let advertised = ids.saturating_mul(u64::from(self.sharing.effective_replicas()));
+            if advertised > MAX_ADVERTISED_IDS {
+                c.err(
+                    f,
+                    format!(
+                        "{ids} devices x {} replicas = {advertised} IDs; at most {MAX_ADVERTISED_IDS} fit the kubelet's 4 MiB ListAndWatch message",
+                        self.sharing.effective_replicas()
+                    ),
+                );
             }
             if let Some(p) = &sim.id_prefix
                 && let Err(e) = validate_device_id(&format!("{p}-0"))

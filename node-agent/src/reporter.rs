@@ -6,13 +6,20 @@
 //! coalesced into one write; nothing is written when the entry is unchanged;
 //! when the API server is unreachable the latest entry is kept and written
 //! once it returns. The kubelet-facing side never waits on any of this.
+//!
+//! The agent is the only writer of its entry, and it re-asserts it: a watch
+//! of its node's object compares what the server holds with what the server
+//! answered to the agent's last write, so an entry changed or removed by
+//! anyone else (or the whole object deleted) is written again at once.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use devplug_api::{NodeDeviceStatus, ResourceStatus, agent_manager};
+use futures::StreamExt;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::watcher;
 use serde_json::json;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -38,12 +45,56 @@ pub struct WriteStats {
     pub last_bytes: AtomicU64,
 }
 
+/// This agent's entry in a NodeDeviceStatus, if it has one.
+pub fn own_entry(nds: &NodeDeviceStatus, entry: &ResourceStatus) -> Option<ResourceStatus> {
+    nds.status.as_ref().and_then(|s| {
+        s.resources
+            .iter()
+            .find(|e| e.resource_name == entry.resource_name && e.policy == entry.policy)
+            .cloned()
+    })
+}
+
+/// What the server holds for this agent, as the watch last saw it:
+/// `None` until the watch has listed once, `Some(None)` when the object or
+/// the entry is missing.
+type ServerView = Option<Option<NodeDeviceStatus>>;
+
+/// Feeds `tx` with the node's object from a watch on it alone.
+async fn watch_own(api: Api<NodeDeviceStatus>, node: String, tx: watch::Sender<ServerView>) {
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
+    let mut stream = watcher(api, cfg).boxed();
+    let mut listing: Option<NodeDeviceStatus> = None;
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(watcher::Event::Apply(o)) => {
+                let _ = tx.send(Some(Some(o)));
+            }
+            Ok(watcher::Event::Delete(_)) => {
+                let _ = tx.send(Some(None));
+            }
+            Ok(watcher::Event::Init) => listing = None,
+            Ok(watcher::Event::InitApply(o)) => listing = Some(o),
+            Ok(watcher::Event::InitDone) => {
+                let _ = tx.send(Some(listing.take()));
+            }
+            Err(e) => {
+                debug!(error = %e, "watch of the own NodeDeviceStatus; retrying");
+                tokio::time::sleep(RETRY_MIN).await;
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+    }
+}
+
 async fn write(
     api: &Api<NodeDeviceStatus>,
     node: &str,
     manager: &str,
     entry: &ResourceStatus,
-) -> Result<u64, kube::Error> {
+) -> Result<(u64, Option<ResourceStatus>), kube::Error> {
     let pp = PatchParams::apply(manager).force();
     let body = json!({
         "apiVersion": "devplug.io/v1alpha1",
@@ -55,7 +106,7 @@ async fn write(
         .map(|b| b.len() as u64)
         .unwrap_or(0);
     match api.patch_status(node, &pp, &Patch::Apply(&body)).await {
-        Ok(_) => Ok(bytes),
+        Ok(o) => Ok((bytes, own_entry(&o, entry))),
         Err(kube::Error::Api(e)) if e.code == 404 => {
             // First agent on this node: create the object, then the status.
             let obj = json!({
@@ -65,8 +116,8 @@ async fn write(
                 "spec": {"nodeName": node},
             });
             api.patch(node, &pp, &Patch::Apply(&obj)).await?;
-            api.patch_status(node, &pp, &Patch::Apply(&body)).await?;
-            Ok(bytes)
+            let o = api.patch_status(node, &pp, &Patch::Apply(&body)).await?;
+            Ok((bytes, own_entry(&o, entry)))
         }
         Err(e) => Err(e),
     }
@@ -84,7 +135,13 @@ pub async fn run(
 ) {
     let api: Api<NodeDeviceStatus> = Api::all(client);
     let manager = agent_manager(&cfg.name);
+    let (server_tx, mut server) = watch::channel::<ServerView>(None);
+    let watch_task = tokio::spawn(watch_own(api.clone(), node.clone(), server_tx));
+    let _stop_watch = AbortOnDrop(watch_task);
     let mut written: Option<ResourceStatus> = None;
+    // What the server answered to the last write: the reference for
+    // "someone else changed my entry".
+    let mut answered: Option<ResourceStatus> = None;
     let mut retry: Option<Duration> = None;
     loop {
         // Coalesce: whatever else changes in this window joins the write.
@@ -97,9 +154,19 @@ pub async fn run(
             &snaps.borrow_and_update(),
             &allocs.borrow_and_update(),
         );
-        if written.as_ref() != Some(&entry) {
+        let foreign = match &*server.borrow_and_update() {
+            Some(obj) if written.is_some() => {
+                let held = obj.as_ref().and_then(|o| own_entry(o, &entry));
+                held != answered
+            }
+            _ => false,
+        };
+        if foreign {
+            info!(policy = %cfg.name, "the device status entry was changed or removed by someone else; writing it again");
+        }
+        if written.as_ref() != Some(&entry) || foreign {
             match write(&api, &node, &manager, &entry).await {
-                Ok(bytes) => {
+                Ok((bytes, held)) => {
                     stats.writes.fetch_add(1, Ordering::Relaxed);
                     stats.last_bytes.store(bytes, Ordering::Relaxed);
                     if retry.is_some() {
@@ -107,6 +174,7 @@ pub async fn run(
                     }
                     debug!(policy = %cfg.name, bytes, healthy = entry.healthy, total = entry.total, "device status written");
                     written = Some(entry);
+                    answered = held;
                     retry = None;
                 }
                 Err(e) => {
@@ -122,6 +190,7 @@ pub async fn run(
             _ = crate::stopped(&mut shutdown) => return,
             r = snaps.changed() => if r.is_err() { return },
             r = allocs.changed() => if r.is_err() { return },
+            r = server.changed() => if r.is_err() { return },
             _ = async {
                 match retry {
                     Some(w) => tokio::time::sleep(w).await,
@@ -129,5 +198,14 @@ pub async fn run(
                 }
             } => {}
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -76,8 +76,9 @@ fn fresh(
             kubelet_root: "/var/lib/kubelet".into(),
         },
         store,
-        kube::runtime::reflector::store::Writer::default().as_reader(),
+        support::synced(Vec::new()).0,
         Arc::new(Metrics::default()),
+        devplug_operator::synced::Synced::all(),
     ));
     (api, ctx, writer)
 }

@@ -8,7 +8,7 @@
 //! applied object carries the hash of what it was applied from, and the
 //! status is compared before it is written.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -55,9 +55,18 @@ pub struct Context {
     pub recorder: Recorder,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Whether the stores have listed the cluster.
+    pub synced: crate::synced::Synced,
     /// Consecutive failures per policy, for backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Every unhealthy device per policy as last seen by this process, what
+    /// device Events are diffed against. Empty after a start: the first look
+    /// at a policy publishes nothing (no event storm on restart or failover).
+    last_unhealthy: Mutex<HashMap<String, UnhealthySet>>,
 }
+
+/// Unhealthy devices of a policy by (node, device).
+type UnhealthySet = BTreeMap<(String, String), UnhealthyDevice>;
 
 impl Context {
     /// A context over a client.
@@ -67,6 +76,7 @@ impl Context {
         policies: Store<DevicePluginPolicy>,
         nds: Store<NodeDeviceStatus>,
         metrics: Arc<Metrics>,
+        synced: crate::synced::Synced,
     ) -> Self {
         let recorder = Recorder::new(
             client.clone(),
@@ -82,7 +92,9 @@ impl Context {
             nds,
             recorder,
             metrics,
+            synced,
             failures: Mutex::new(HashMap::new()),
+            last_unhealthy: Mutex::new(HashMap::new()),
         }
     }
 
@@ -91,6 +103,23 @@ impl Context {
         let n = f.entry(name.to_string()).or_insert(0);
         *n = n.saturating_add(1);
         *n
+    }
+
+    /// Swaps in the current unhealthy set of a policy; returns the one seen
+    /// before, if this process has seen one.
+    fn swap_unhealthy(&self, name: &str, now: UnhealthySet) -> Option<UnhealthySet> {
+        self.last_unhealthy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), now)
+    }
+
+    fn forget(&self, name: &str) {
+        self.last_unhealthy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        self.clear_failures(name);
     }
 
     fn clear_failures(&self, name: &str) {
@@ -268,19 +297,18 @@ async fn publish_transitions(
 /// Most device Events per reconcile; the rest are summed up in one more.
 pub const MAX_DEVICE_EVENTS: usize = 5;
 
-/// One Event per device that turned unhealthy or recovered, at most
-/// [`MAX_DEVICE_EVENTS`] per reconcile plus one that counts the rest.
-async fn publish_device_transitions(
-    p: &DevicePluginPolicy,
-    old: &[UnhealthyDevice],
-    new: &[UnhealthyDevice],
-    ctx: &Context,
-) {
-    let key = |d: &UnhealthyDevice| (d.node.clone(), d.device.clone());
-    let old_keys: std::collections::HashSet<_> = old.iter().map(key).collect();
-    let new_keys: std::collections::HashSet<_> = new.iter().map(key).collect();
+/// The device Events between two complete unhealthy sets: `DeviceUnhealthy`
+/// for each device that entered, `DeviceRecovered` for each that left.
+pub fn device_transitions(
+    old: &UnhealthySet,
+    new: &UnhealthySet,
+) -> Vec<(EventType, &'static str, String)> {
     let mut notes: Vec<(EventType, &str, String)> = Vec::new();
-    for d in new.iter().filter(|d| !old_keys.contains(&key(d))) {
+    for d in new
+        .iter()
+        .filter(|(k, _)| !old.contains_key(*k))
+        .map(|(_, d)| d)
+    {
         let mut note = format!("device {} on node {} is {}", d.device, d.node, d.health);
         if let Some(r) = &d.reason {
             note.push_str(&format!(": {r}"));
@@ -290,7 +318,11 @@ async fn publish_device_transitions(
         }
         notes.push((EventType::Warning, "DeviceUnhealthy", note));
     }
-    for d in old.iter().filter(|d| !new_keys.contains(&key(d))) {
+    for d in old
+        .iter()
+        .filter(|(k, _)| !new.contains_key(*k))
+        .map(|(_, d)| d)
+    {
         notes.push((
             EventType::Normal,
             "DeviceRecovered",
@@ -300,6 +332,18 @@ async fn publish_device_transitions(
             ),
         ));
     }
+    notes
+}
+
+/// One Event per device that turned unhealthy or recovered, at most
+/// [`MAX_DEVICE_EVENTS`] per reconcile plus one that counts the rest.
+async fn publish_device_transitions(
+    p: &DevicePluginPolicy,
+    old: &UnhealthySet,
+    new: &UnhealthySet,
+    ctx: &Context,
+) {
+    let mut notes = device_transitions(old, new);
     let extra = notes.len().saturating_sub(MAX_DEVICE_EVENTS);
     notes.truncate(MAX_DEVICE_EVENTS);
     if extra > 0 {
@@ -328,8 +372,14 @@ async fn publish_device_transitions(
 pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<Action> {
     let start = Instant::now();
     let name = p.name_any();
+    // Conflicts and device counts are judged from the stores: never before
+    // they hold the whole cluster.
+    if !ctx.synced.ready() {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     if p.metadata.deletion_timestamp.is_some() {
         // Owner references hand the agents to the garbage collector.
+        ctx.forget(&name);
         return Ok(Action::await_change());
     }
     let mut seen = Observed::default();
@@ -368,12 +418,12 @@ pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<
     let status_result = write_status(&p, &new, &ctx).await;
     if matches!(status_result, Ok(true)) {
         publish_transitions(&p, &old_conditions, &new.conditions, &ctx).await;
-        let old_bad = p
-            .status
-            .as_ref()
-            .map(|s| s.unhealthy_devices.clone())
-            .unwrap_or_default();
-        publish_device_transitions(&p, &old_bad, &new.unhealthy_devices, &ctx).await;
+    }
+    if let Some(agg) = &seen.devices
+        && let Some(old) = ctx.swap_unhealthy(&name, agg.all_unhealthy.clone())
+        && old != agg.all_unhealthy
+    {
+        publish_device_transitions(&p, &old, &agg.all_unhealthy, &ctx).await;
     }
     ctx.metrics.reconciled(start.elapsed());
     result?;

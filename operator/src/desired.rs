@@ -152,7 +152,13 @@ pub fn cluster_role(p: &DevicePluginPolicy) -> ClusterRole {
                 Some(vec![p.name_any()]),
                 &["get", "list", "watch"],
             ),
-            rule(&["nodedevicestatuses"], None, &["get", "create", "patch"]),
+            // list/watch: each agent watches its own node's object (field
+            // selector) to repair its entry when anyone else changes it.
+            rule(
+                &["nodedevicestatuses"],
+                None,
+                &["get", "list", "watch", "create", "patch"],
+            ),
             rule(&["nodedevicestatuses/status"], None, &["get", "patch"]),
         ]),
         ..ClusterRole::default()

@@ -8,22 +8,34 @@ use devplug_api::{
     DeviceCounts, DeviceHealth, DevicePluginPolicy, NodeDeviceStatus, NodeSummary, ResourceExt,
     ResourceStatus, STATE_UNKNOWN, SharingStrategy, UnhealthyDevice,
 };
+#[cfg(doc)]
+use devplug_api::NodeDeviceStatusStatus;
 
 use crate::desired::{label_value, stable_hash};
 
 /// Most unhealthy devices listed in a policy's status.
 pub const MAX_UNHEALTHY: usize = 20;
 
-/// The entries of one policy over all nodes, with their node names.
+/// The entries of one policy over all nodes, with their node names, as
+/// they count: an entry the operator lists as not reporting has its devices
+/// `Unknown` ([`NodeDeviceStatusStatus::effective_resources`]).
 pub fn entries_of<'a>(
     policy: &DevicePluginPolicy,
     all: impl IntoIterator<Item = &'a NodeDeviceStatus>,
-) -> Vec<(String, &'a ResourceStatus)> {
+) -> Vec<(String, ResourceStatus)> {
     let name = policy.name_any();
     let mut out = Vec::new();
     for nds in all {
         let node = nds.name_any();
-        for e in nds.status.iter().flat_map(|s| &s.resources) {
+        let Some(status) = &nds.status else { continue };
+        if !status
+            .resources
+            .iter()
+            .any(|e| e.policy == name && e.resource_name == policy.spec.resource_name)
+        {
+            continue;
+        }
+        for e in status.effective_resources() {
             if e.policy == name && e.resource_name == policy.spec.resource_name {
                 out.push((node.clone(), e));
             }
@@ -40,6 +52,9 @@ pub struct Aggregate {
     pub counts: DeviceCounts,
     /// The first [`MAX_UNHEALTHY`] devices that are not healthy.
     pub unhealthy: Vec<UnhealthyDevice>,
+    /// Every device that is not healthy, by (node, device): what device
+    /// Events are diffed over (never the truncated list).
+    pub all_unhealthy: BTreeMap<(String, String), UnhealthyDevice>,
     /// `node: reason` for entries that report a problem (no NVML, no
     /// PodResources, agent gone).
     pub node_reasons: Vec<String>,
@@ -48,9 +63,10 @@ pub struct Aggregate {
 /// Device counts and the first [`MAX_UNHEALTHY`] devices that are not
 /// healthy (sorted by node and device), with the pods they affect, and the
 /// problems nodes report.
-pub fn aggregate(entries: &[(String, &ResourceStatus)]) -> Aggregate {
+pub fn aggregate(entries: &[(String, ResourceStatus)]) -> Aggregate {
     let mut counts = DeviceCounts::default();
     let mut bad = Vec::new();
+    let mut all_bad = BTreeMap::new();
     let mut node_reasons = Vec::new();
     for (node, e) in entries {
         if let Some(r) = &e.reason {
@@ -66,34 +82,41 @@ pub fn aggregate(entries: &[(String, &ResourceStatus)]) -> Aggregate {
                 continue;
             }
             counts.unhealthy += 1;
+            let pods: BTreeSet<String> = d
+                .allocations
+                .iter()
+                .map(|a| format!("{}/{}", a.namespace, a.pod))
+                .collect();
+            let u = UnhealthyDevice {
+                node: node.clone(),
+                device: d.id.clone(),
+                health: format!("{:?}", d.health),
+                reason: d.reason.clone(),
+                pods: pods.into_iter().collect(),
+            };
             if bad.len() < MAX_UNHEALTHY {
-                let pods: BTreeSet<String> = d
-                    .allocations
-                    .iter()
-                    .map(|a| format!("{}/{}", a.namespace, a.pod))
-                    .collect();
-                bad.push(UnhealthyDevice {
-                    node: node.clone(),
-                    device: d.id.clone(),
-                    health: format!("{:?}", d.health),
-                    reason: d.reason.clone(),
-                    pods: pods.into_iter().collect(),
-                });
+                bad.push(u.clone());
             }
+            all_bad.insert((node.clone(), d.id.clone()), u);
         }
     }
     Aggregate {
         counts,
         unhealthy: bad,
+        all_unhealthy: all_bad,
         node_reasons,
     }
 }
 
 /// Totals over all entries of a node.
 pub fn summary(nds: &NodeDeviceStatus) -> NodeSummary {
-    let entries = nds.status.iter().flat_map(|s| &s.resources);
+    let entries = nds
+        .status
+        .as_ref()
+        .map(|s| s.effective_resources())
+        .unwrap_or_default();
     let (mut healthy, mut total, mut allocated, mut resources) = (0, 0, 0, 0);
-    for e in entries {
+    for e in &entries {
         resources += 1;
         healthy += e.healthy;
         total += e.total;
@@ -136,7 +159,12 @@ pub fn node_labels(
     policies: &BTreeMap<String, &DevicePluginPolicy>,
 ) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    for e in nds.status.iter().flat_map(|s| &s.resources) {
+    let entries = nds
+        .status
+        .as_ref()
+        .map(|s| s.effective_resources())
+        .unwrap_or_default();
+    for e in &entries {
         let Some(p) = policies.get(&e.policy) else {
             continue;
         };
@@ -189,7 +217,7 @@ mod tests {
         );
         n.status = Some(NodeDeviceStatusStatus {
             resources: entries,
-            summary: None,
+            ..Default::default()
         });
         n
     }
@@ -271,6 +299,40 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_whose_agent_is_not_reporting_counts_as_unknown_without_being_rewritten() {
+        let mut n = nds(
+            "n1",
+            vec![entry(
+                "gpu",
+                "x.io/gpu",
+                vec![
+                    dev("a", DeviceHealth::Healthy, &["p1"]),
+                    dev("b", DeviceHealth::Healthy, &[]),
+                ],
+            )],
+        );
+        let p = policy("gpu", "x.io/gpu", false);
+        let a = aggregate(&entries_of(&p, [&n]));
+        assert_eq!((a.counts.healthy, a.counts.unhealthy), (2, 0));
+        n.status.as_mut().unwrap().not_reporting = vec![devplug_api::NotReporting {
+            resource_name: "x.io/gpu".into(),
+            policy: "gpu".into(),
+            reason: "AgentGone: no agent pod runs on this node".into(),
+        }];
+        let a = aggregate(&entries_of(&p, [&n]));
+        assert_eq!((a.counts.total, a.counts.healthy, a.counts.unhealthy), (2, 0, 2));
+        assert_eq!(a.unhealthy[0].health, "Unknown");
+        assert_eq!(a.unhealthy[0].pods, vec!["ns/p1"]);
+        assert!(a.node_reasons[0].contains("AgentGone"), "{:?}", a.node_reasons);
+        assert_eq!(summary(&n).healthy, "0/2");
+        assert!(node_labels(&n, &BTreeMap::from([("gpu".to_string(), &p)])).is_empty());
+        // What the agent wrote is untouched.
+        let stored = &n.status.as_ref().unwrap().resources[0];
+        assert_eq!(stored.devices[0].health, DeviceHealth::Healthy);
+        assert_eq!(stored.state, "Serving");
+    }
+
+    #[test]
     fn node_problems_are_reported() {
         let mut e = entry("gpu", "x.io/gpu", vec![]);
         e.reason = Some("NVML is not available on this node".into());
@@ -295,6 +357,8 @@ mod tests {
         } = aggregate(&entries_of(&policy("gpu", "x.io/gpu", false), &all));
         assert_eq!(c.unhealthy, 50);
         assert_eq!(bad.len(), MAX_UNHEALTHY);
+        let a = aggregate(&entries_of(&policy("gpu", "x.io/gpu", false), &all));
+        assert_eq!(a.all_unhealthy.len(), 50, "events are diffed over all of them");
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod leader;
 pub mod metrics;
 pub mod node_controller;
 pub mod status;
+pub mod synced;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,6 +53,9 @@ pub enum RunError {
 
 const LEASE: Duration = Duration::from_secs(15);
 const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// A leader that could not renew for this long stops acting, well before
+/// the lease (15 s) can be taken over; each renewal try is bounded too.
+const RENEW_DEADLINE: Duration = Duration::from_secs(10);
 const RETRY_EVERY: Duration = Duration::from_secs(2);
 
 /// Runs the operator until it is stopped or loses leadership.
@@ -70,12 +74,12 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     if args.leader_elect {
         let identity = std::env::var("POD_NAME")
             .unwrap_or_else(|_| format!("devplug-operator-{}", std::process::id()));
-        let lock = leader::LeaseLock::new(
+        let lock = Arc::new(leader::LeaseLock::new(
             Api::<Lease>::namespaced(client.clone(), &args.namespace),
             &args.lease_name,
             &identity,
             LEASE,
-        );
+        ));
         ready.store(true, Ordering::SeqCst); // a standby is healthy too
         info!(%identity, lease = %args.lease_name, "waiting for leadership");
         loop {
@@ -88,25 +92,33 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         }
         info!(%identity, "leading");
         let (lost_tx, mut lost_rx) = tokio::sync::oneshot::channel::<()>();
+        let renewer = lock.clone();
         tokio::spawn(async move {
             let mut last_ok = tokio::time::Instant::now();
             loop {
                 tokio::time::sleep(RENEW_EVERY).await;
-                match lock.try_acquire_or_renew().await {
-                    Ok(true) => last_ok = tokio::time::Instant::now(),
-                    Ok(false) => break,
-                    Err(e) => {
-                        warn!(error = %e, "renewing the lease");
-                        if last_ok.elapsed() > LEASE {
-                            break;
-                        }
-                    }
+                match tokio::time::timeout(RENEW_EVERY, renewer.try_acquire_or_renew()).await {
+                    Ok(Ok(true)) => last_ok = tokio::time::Instant::now(),
+                    Ok(Ok(false)) => break,
+                    Ok(Err(e)) => warn!(error = %e, "renewing the lease"),
+                    Err(_) => warn!("renewing the lease timed out"),
+                }
+                if last_ok.elapsed() > RENEW_DEADLINE {
+                    break;
                 }
             }
             let _ = lost_tx.send(());
         });
         tokio::select! {
-            r = controller(client, &args, metrics, ready) => return r,
+            r = controller(client, &args, metrics, ready) => {
+                // Stopped (SIGTERM): hand the lease over at once.
+                match tokio::time::timeout(RENEW_EVERY, lock.release()).await {
+                    Ok(Ok(())) => info!("released the leader lease"),
+                    Ok(Err(e)) => warn!(error = %e, "cannot release the leader lease"),
+                    Err(_) => warn!("releasing the leader lease timed out"),
+                }
+                return r;
+            }
             _ = &mut lost_rx => {
                 error!("lost the leader lease; exiting so a standby can take over");
                 return Err(RunError::LostLease);
@@ -132,24 +144,45 @@ async fn controller(
     let nds: Api<NodeDeviceStatus> = Api::all(client.clone());
     let agent_pods: Api<Pod> = Api::namespaced(client.clone(), &args.namespace);
     let agent_pods_cfg = watcher::Config::default().labels("app.kubernetes.io/name=devplug-agent");
+    let synced = synced::Synced::default();
 
-    // Agent pods, for Unknown marking.
+    // Agent pods, for "not reporting".
     let (pods_store, pods_writer) = reflector::store();
-    let pods_reflector = reflector(
-        pods_writer,
-        watcher(agent_pods.clone(), agent_pods_cfg.clone()),
+    let pods_reflector = synced::mark(
+        reflector(
+            pods_writer,
+            watcher(agent_pods.clone(), agent_pods_cfg.clone()).default_backoff(),
+        ),
+        synced.agent_pods.clone(),
     )
-    .default_backoff()
     .touched_objects()
     .for_each(|_| futures::future::ready(()));
 
-    let node_controller = Controller::new(nds.clone(), watcher::Config::default().any_semantic())
-        .watches(agent_pods, agent_pods_cfg, |pod: Pod| {
-            node_controller::nds_of_pod(&pod)
-        });
-    let nds_store = node_controller.store();
+    let (nds_store, nds_writer) = reflector::store();
+    let nds_stream = synced::mark(
+        reflector(
+            nds_writer,
+            watcher(nds.clone(), watcher::Config::default().any_semantic()).default_backoff(),
+        ),
+        synced.nds.clone(),
+    )
+    .touched_objects();
+    let node_controller = Controller::for_stream(nds_stream, nds_store.clone()).watches(
+        agent_pods,
+        agent_pods_cfg,
+        |pod: Pod| node_controller::nds_of_pod(&pod),
+    );
 
-    let policy_controller = Controller::new(policies, watcher::Config::default().any_semantic())
+    let (policy_store, policy_writer) = reflector::store();
+    let policy_stream = synced::mark(
+        reflector(
+            policy_writer,
+            watcher(policies, watcher::Config::default().any_semantic()).default_backoff(),
+        ),
+        synced.policies.clone(),
+    )
+    .touched_objects();
+    let policy_controller = Controller::for_stream(policy_stream, policy_store.clone())
         .owns(
             daemonsets,
             watcher::Config::default().labels("app.kubernetes.io/managed-by=devplug-operator"),
@@ -157,7 +190,6 @@ async fn controller(
         .watches(nds, watcher::Config::default(), |n: NodeDeviceStatus| {
             node_controller::policies_of_nds(&n)
         });
-    let policy_store = policy_controller.store();
     let ctx = Arc::new(Context::new(
         client.clone(),
         AgentDefaults {
@@ -168,12 +200,14 @@ async fn controller(
         policy_store.clone(),
         nds_store,
         metrics.clone(),
+        synced.clone(),
     ));
     let node_ctx = Arc::new(node_controller::NodeContext {
         client: client.clone(),
         policies: policy_store.clone(),
         agent_pods: pods_store,
         metrics: metrics.clone(),
+        synced,
     });
     let admission = admission::run(client, policy_store, ctx.recorder.clone(), metrics);
     ready.store(true, Ordering::SeqCst);

@@ -1,12 +1,17 @@
-//! Reconciles one `NodeDeviceStatus` (one node):
-//! - owned by its Node, so it is garbage-collected with it (deleted outright
-//!   when the Node is already gone);
-//! - an entry whose agent pod is missing or not ready is marked `Unknown`
-//!   with a reason, so a dead agent never leaves a stale "Healthy"; an entry
-//!   whose policy is gone is removed. Both are written as the entry's own
-//!   agent field manager, so the agent simply takes the entry back when it
-//!   returns (no ownership conflicts);
+//! Reconciles one `NodeDeviceStatus` (one node). Every field has one writer,
+//! and this controller never writes a field an agent owns:
+//! - `metadata.ownerReferences`: owned by its Node, so it is garbage-collected
+//!   with it (deleted outright when the Node is already gone);
+//! - `status.notReporting` (the operator's own list): entries whose agent pod
+//!   is missing or not ready. Readers count their devices `Unknown`; the
+//!   entry keeps what its agent wrote, and the agent, once ready again, has
+//!   nothing to repair;
 //! - `status.summary` for `kubectl get nds`;
+//! - entries of a policy that no longer runs an agent on this node (policy
+//!   gone or renamed, invalid, lost a conflict, node no longer selected, and
+//!   no agent pod left there) are removed: a JSON patch guarded by the
+//!   object's resourceVersion, so an entry an agent has just written is
+//!   never lost (the patch fails and the node is looked at again);
 //! - the node's `devplug.io/<policy>.{count,sharing,replicas}` labels (one
 //!   apply of the full set, so labels of removed policies disappear).
 //!
@@ -16,16 +21,18 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use devplug_api::conditions::{self, types};
 use devplug_api::{
-    DeviceHealth, DevicePluginPolicy, NodeDeviceStatus, OPERATOR_MANAGER, ResourceExt,
-    ResourceStatus, STATE_UNKNOWN, agent_manager,
+    DevicePluginPolicy, NodeDeviceStatus, NodeDeviceStatusSpec, NodeDeviceStatusStatus,
+    NotReporting, OPERATOR_MANAGER, ResourceExt,
 };
 use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource};
-use serde_json::json;
+use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::desired::label_value;
@@ -43,6 +50,8 @@ pub struct NodeContext {
     pub agent_pods: Store<Pod>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Whether the stores have listed the cluster.
+    pub synced: crate::synced::Synced,
 }
 
 fn pod_ready(p: &Pod) -> bool {
@@ -52,17 +61,21 @@ fn pod_ready(p: &Pod) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// Why the agent of `policy` on `node` cannot vouch for its entry, if it cannot.
-pub fn agent_problem(policy: &str, node: &str, pods: &[Arc<Pod>]) -> Option<String> {
+/// The live (not terminating) agent pods of `policy` on `node`.
+fn agent_pods_on<'a>(policy: &str, node: &str, pods: &'a [Arc<Pod>]) -> Vec<&'a Arc<Pod>> {
     let label = label_value(policy);
-    let mine: Vec<&Arc<Pod>> = pods
-        .iter()
+    pods.iter()
         .filter(|p| {
             p.labels().get(devplug_api::POLICY_LABEL) == Some(&label)
                 && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
                 && p.metadata.deletion_timestamp.is_none()
         })
-        .collect();
+        .collect()
+}
+
+/// Why the agent of `policy` on `node` cannot vouch for its entry, if it cannot.
+pub fn agent_problem(policy: &str, node: &str, pods: &[Arc<Pod>]) -> Option<String> {
+    let mine = agent_pods_on(policy, node, pods);
     match mine.iter().find(|p| pod_ready(p)) {
         Some(_) => None,
         None => match mine.first() {
@@ -75,29 +88,109 @@ pub fn agent_problem(policy: &str, node: &str, pods: &[Arc<Pod>]) -> Option<Stri
     }
 }
 
-/// The entry as the operator writes it for an agent that cannot report.
-pub fn unknown_entry(e: &ResourceStatus, reason: &str) -> ResourceStatus {
-    let mut u = e.clone();
-    u.state = STATE_UNKNOWN.into();
-    u.reason = Some(reason.into());
-    u.healthy = 0;
-    for d in &mut u.devices {
-        if d.health != DeviceHealth::Unknown {
-            d.health = DeviceHealth::Unknown;
-            d.reason = Some("the agent on this node is not reporting".into());
-            d.last_transition_time = None;
-        }
+/// Whether `policy` wants an agent on `node`: valid, not the loser of a
+/// conflict, and the node matches its selector.
+pub fn serves_node(policy: &DevicePluginPolicy, node: &Node) -> bool {
+    if policy.spec.validate().is_err() {
+        return false;
     }
-    u
+    let lost = policy
+        .status
+        .as_ref()
+        .is_some_and(|s| conditions::is_true(&s.conditions, types::CONFLICT));
+    if lost {
+        return false;
+    }
+    let labels = node.labels();
+    policy
+        .spec
+        .node_selector
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v))
 }
 
-fn node_owner(node: &Node) -> Option<serde_json::Value> {
-    let uid = node.metadata.uid.as_ref()?;
-    Some(json!({"apiVersion": "v1", "kind": "Node", "name": node.name_any(), "uid": uid}))
+/// What the node controller concludes about one node's entries.
+#[derive(Debug, Default, PartialEq)]
+pub struct Verdict {
+    /// Indexes (into `status.resources`) of entries to remove: no agent
+    /// runs or will run for them on this node.
+    pub remove: Vec<usize>,
+    /// Entries whose agent cannot vouch for them.
+    pub not_reporting: Vec<NotReporting>,
+}
+
+/// Decides, as a pure function of the stores, which entries are stale and
+/// which agents are not reporting.
+pub fn judge(
+    nds: &NodeDeviceStatus,
+    node: &Node,
+    policies: &BTreeMap<String, Arc<DevicePluginPolicy>>,
+    pods: &[Arc<Pod>],
+) -> Verdict {
+    let name = nds.name_any();
+    let mut v = Verdict::default();
+    for (i, e) in nds
+        .status
+        .iter()
+        .flat_map(|s| s.resources.iter())
+        .enumerate()
+    {
+        let policy = policies
+            .get(&e.policy)
+            .filter(|p| p.spec.resource_name == e.resource_name);
+        let serves = policy.is_some_and(|p| serves_node(p, node));
+        let has_pod = !agent_pods_on(&e.policy, &name, pods).is_empty();
+        if !serves && !has_pod {
+            v.remove.push(i);
+            continue;
+        }
+        if let Some(reason) = agent_problem(&e.policy, &name, pods) {
+            v.not_reporting.push(NotReporting {
+                resource_name: e.resource_name.clone(),
+                policy: e.policy.clone(),
+                reason,
+            });
+        }
+    }
+    v
+}
+
+fn node_owner(node: &Node) -> Option<OwnerReference> {
+    Some(OwnerReference {
+        api_version: "v1".into(),
+        kind: "Node".into(),
+        name: node.name_any(),
+        uid: node.metadata.uid.clone()?,
+        ..OwnerReference::default()
+    })
+}
+
+/// The operator's part of a NodeDeviceStatus, as one typed apply.
+fn operator_part(name: &str, status: Option<NodeDeviceStatusStatus>) -> NodeDeviceStatus {
+    let mut obj = NodeDeviceStatus::new(
+        name,
+        NodeDeviceStatusSpec {
+            node_name: name.into(),
+        },
+    );
+    obj.status = status;
+    obj
+}
+
+#[derive(Serialize)]
+struct JsonPatchOp<'a> {
+    op: &'a str,
+    path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<&'a str>,
 }
 
 /// Reconciles one node's NodeDeviceStatus.
 pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Result<Action> {
+    // Never judge from stores that have not seen the whole cluster yet.
+    if !ctx.synced.ready() {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     let name = nds.name_any();
     let api: Api<NodeDeviceStatus> = Api::all(ctx.client.clone());
     let nodes: Api<Node> = Api::all(ctx.client.clone());
@@ -109,28 +202,29 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
         // A status for a node that no longer exists describes nothing.
         if nds.metadata.deletion_timestamp.is_none() {
             match api.delete(&name, &DeleteParams::background()).await {
-                Ok(_) | Err(kube::Error::Api(_)) => {}
+                Ok(_) => ctx.metrics.wrote("NodeDeviceStatusDelete"),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
                 Err(e) => return Err(kube_err("delete", "NodeDeviceStatus", &name)(e)),
             }
-            ctx.metrics.wrote("NodeDeviceStatusDelete");
             info!(node = %name, "removed the device status of a node that is gone");
         }
         return Ok(Action::await_change());
     };
 
     // Owned by the Node.
-    let owner = node_owner(&node);
     let owned = nds
         .owner_references()
         .iter()
         .any(|o| o.kind == "Node" && Some(&o.uid) == node.metadata.uid.as_ref());
-    if let Some(owner) = owner
+    if let Some(owner) = node_owner(&node)
         && !owned
     {
-        let body = json!({
-            "apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
-            "metadata": {"name": name, "ownerReferences": [owner]},
-        });
+        let mut body = operator_part(&name, None);
+        body.metadata = ObjectMeta {
+            name: Some(name.clone()),
+            owner_references: Some(vec![owner]),
+            ..ObjectMeta::default()
+        };
         api.patch(
             &name,
             &PatchParams::apply(OPERATOR_MANAGER).force(),
@@ -141,7 +235,6 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
         ctx.metrics.wrote("NodeDeviceStatusOwner");
     }
 
-    // Entries whose agent cannot speak for them.
     let policies: BTreeMap<String, Arc<DevicePluginPolicy>> = ctx
         .policies
         .state()
@@ -149,61 +242,71 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
         .map(|p| (p.name_any(), p))
         .collect();
     let pods = ctx.agent_pods.state();
-    let mut effective = (*nds).clone();
-    let entries: Vec<ResourceStatus> = nds
-        .status
-        .iter()
-        .flat_map(|s| s.resources.clone())
-        .collect();
-    let mut kept = Vec::new();
-    for e in entries {
-        let manager = agent_manager(&e.policy);
-        let pp = PatchParams::apply(&manager).force();
-        let gone = policies
-            .get(&e.policy)
-            .is_none_or(|p| p.spec.resource_name != e.resource_name);
-        if gone {
-            // Drop what the departed agent's field manager owned.
-            let body = json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
-                              "metadata": {"name": name}, "status": {"resources": []}});
-            api.patch_status(&name, &pp, &Patch::Apply(&body))
-                .await
-                .map_err(kube_err("remove stale entry of", "NodeDeviceStatus", &name))?;
-            ctx.metrics.wrote("NodeDeviceStatusEntry");
-            info!(node = %name, policy = %e.policy, "removed the entry of a policy that is gone");
-            continue;
+    let verdict = judge(&nds, &node, &policies, &pods);
+
+    // Stale entries: removed only if the object is still what was judged.
+    if !verdict.remove.is_empty() {
+        let rv = nds.resource_version().unwrap_or_default();
+        let mut ops = vec![JsonPatchOp {
+            op: "test",
+            path: "/metadata/resourceVersion".into(),
+            value: Some(&rv),
+        }];
+        for i in verdict.remove.iter().rev() {
+            ops.push(JsonPatchOp {
+                op: "remove",
+                path: format!("/status/resources/{i}"),
+                value: None,
+            });
         }
-        match agent_problem(&e.policy, &name, &pods) {
-            Some(reason) if e.state != STATE_UNKNOWN || e.reason.as_deref() != Some(&reason) => {
-                let u = unknown_entry(&e, &reason);
-                let body = json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
-                                  "metadata": {"name": name}, "status": {"resources": [u]}});
-                api.patch_status(&name, &pp, &Patch::Apply(&body))
-                    .await
-                    .map_err(kube_err("mark unknown in", "NodeDeviceStatus", &name))?;
+        let patch: json_patch::Patch = serde_json::to_value(&ops)
+            .and_then(serde_json::from_value)
+            .map_err(|e| Error::Serialize("NodeDeviceStatus", e))?;
+        match api
+            .patch_status(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+            .await
+        {
+            Ok(_) => {
                 ctx.metrics.wrote("NodeDeviceStatusEntry");
-                warn!(node = %name, policy = %e.policy, %reason, "device status marked Unknown");
-                kept.push(u);
+                info!(node = %name, removed = verdict.remove.len(), "removed entries of policies that no longer run here");
             }
-            _ => kept.push(e),
+            // Changed meanwhile (an agent wrote): the new version is judged again.
+            Err(kube::Error::Api(e)) if matches!(e.code, 409 | 422) => {
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
+            Err(e) => return Err(kube_err("remove stale entries of", "NodeDeviceStatus", &name)(e)),
         }
-    }
-    if let Some(s) = effective.status.as_mut() {
-        s.resources = kept;
+        return Ok(Action::requeue(Duration::from_millis(200)));
     }
 
-    // Summary for `kubectl get nds`.
+    // The operator's own fields: notReporting and the summary.
+    let mut effective = (*nds).clone();
+    let status = effective.status.get_or_insert_with(Default::default);
+    status.not_reporting = verdict.not_reporting.clone();
     let summary = devices::summary(&effective);
-    if nds.status.as_ref().and_then(|s| s.summary.as_ref()) != Some(&summary) {
-        let body = json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
-                          "metadata": {"name": name}, "status": {"summary": summary}});
+    let current = nds.status.clone().unwrap_or_default();
+    if current.not_reporting != verdict.not_reporting || current.summary.as_ref() != Some(&summary)
+    {
+        for n in &verdict.not_reporting {
+            if !current.not_reporting.contains(n) {
+                warn!(node = %name, policy = %n.policy, reason = %n.reason, "agent not reporting; its devices count as Unknown");
+            }
+        }
+        let body = operator_part(
+            &name,
+            Some(NodeDeviceStatusStatus {
+                resources: Vec::new(),
+                summary: Some(summary),
+                not_reporting: verdict.not_reporting,
+            }),
+        );
         api.patch_status(
             &name,
             &PatchParams::apply(OPERATOR_MANAGER).force(),
             &Patch::Apply(&body),
         )
         .await
-        .map_err(kube_err("apply summary of", "NodeDeviceStatus", &name))?;
+        .map_err(kube_err("apply operator status of", "NodeDeviceStatus", &name))?;
         ctx.metrics.wrote("NodeDeviceStatusSummary");
     }
 
@@ -223,8 +326,14 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     if want != have {
-        let body =
-            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": want}});
+        let body = Node {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some(want),
+                ..ObjectMeta::default()
+            },
+            ..Node::default()
+        };
         nodes
             .patch(
                 &name,

@@ -1,6 +1,8 @@
-//! The NodeDeviceStatus controller against the fake API server: ownership by
-//! the Node, Unknown for a dead agent, stale entries removed, summary and
-//! node labels, and no writes when nothing changed.
+//! The NodeDeviceStatus controller against the fake API server (with the
+//! chart's RBAC): ownership by the Node, agents not reporting named in the
+//! operator's own field (never by writing the agent's entry), stale entries
+//! removed only on the version judged, summary and node labels, no writes
+//! when nothing changed, and nothing judged before the stores are synced.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -11,10 +13,9 @@ use devplug_api::{DevicePluginPolicy, NodeDeviceStatus};
 use devplug_operator::metrics::Metrics;
 use devplug_operator::node_controller::{self, NodeContext};
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use serde_json::{Value, json};
-use support::{FakeApi, paths, policy_json, seed};
+use support::{FakeApi, paths, policy_json, seed, synced};
 
 const NDS: &str = "/apis/devplug.io/v1alpha1/nodedevicestatuses/n1";
 const NODE: &str = "/api/v1/nodes/n1";
@@ -47,6 +48,7 @@ fn writes(api: &FakeApi) -> Vec<String> {
 #[tokio::test]
 async fn node_status_lifecycle() {
     let (client, api) = FakeApi::start();
+    api.enforce_chart_rbac();
     let (policies, mut pw) = seed(
         &api,
         &[policy_json(
@@ -64,13 +66,13 @@ async fn node_status_lifecycle() {
             "healthy": 2, "total": 2, "allocated": 1,
             "devices": [{"id": "a", "health": "Healthy"},
                         {"id": "b", "health": "Healthy", "allocations": [{"namespace": "ml", "pod": "p", "container": "c"}]}]}]}}));
-    let mut pods = Writer::<Pod>::default();
-    pods.apply_watcher_event(&watcher::Event::Apply(agent_pod(true)));
+    let (pods_store, mut pods) = synced(vec![agent_pod(true)]);
     let ctx = Arc::new(NodeContext {
         client,
         policies: policies.clone(),
-        agent_pods: pods.as_reader(),
+        agent_pods: pods_store,
         metrics: Arc::new(Metrics::default()),
+        synced: devplug_operator::synced::Synced::all(),
     });
 
     // First look: own it, summarise it, label the node.
@@ -101,8 +103,8 @@ async fn node_status_lifecycle() {
         .unwrap();
     assert!(api.writes().is_empty(), "{:?}", writes(&api));
 
-    // The agent stops being ready: its entry turns Unknown, written as the
-    // agent's own field manager so the agent can take it back.
+    // The agent stops being ready: the operator says so in its own field,
+    // under its own field manager; the agent's entry is left as it wrote it.
     pods.apply_watcher_event(&watcher::Event::Apply(agent_pod(false)));
     api.clear_log();
     node_controller::reconcile(current_nds(&api), ctx.clone())
@@ -110,25 +112,21 @@ async fn node_status_lifecycle() {
         .unwrap();
     let w = writes(&api);
     assert!(
-        w[0].contains("/status") && w[0].contains("fieldManager=devplug-agent-foo"),
+        w.iter().all(|w| !w.contains("fieldManager=devplug-agent")),
+        "the operator never writes as an agent: {w:?}"
+    );
+    assert!(
+        w[0].contains("/status") && w[0].contains("fieldManager=devplug-operator"),
         "{w:?}"
     );
     let e = entry(&api);
-    assert_eq!(e["state"], "Unknown");
+    assert_eq!(e["state"], "Serving", "the agent's entry is untouched: {e}");
+    assert!(e["devices"].as_array().unwrap().iter().all(|d| d["health"] == "Healthy"));
+    let nr = &api.get(NDS).unwrap()["status"]["notReporting"];
+    assert_eq!(nr[0]["policy"], "foo");
     assert!(
-        e["reason"].as_str().unwrap().starts_with("AgentNotReady"),
-        "{e}"
-    );
-    assert!(
-        e["devices"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|d| d["health"] == "Unknown")
-    );
-    assert_eq!(
-        e["devices"][1]["allocations"][0]["pod"], "p",
-        "allocations are kept"
+        nr[0]["reason"].as_str().unwrap().starts_with("AgentNotReady"),
+        "{nr}"
     );
     assert_eq!(api.get(NDS).unwrap()["status"]["summary"]["healthy"], "0/2");
     let labels = api.get(NODE).unwrap()["metadata"]["labels"].clone();
@@ -142,31 +140,63 @@ async fn node_status_lifecycle() {
         .unwrap();
     assert!(
         api.writes().is_empty(),
-        "already Unknown: {:?}",
+        "already not reporting: {:?}",
         writes(&api)
     );
 
-    // The pod is gone altogether: a different reason.
-    pods.apply_watcher_event(&watcher::Event::Delete(agent_pod(false)));
+    // Ready again: the operator withdraws its verdict; nothing else to repair.
+    pods.apply_watcher_event(&watcher::Event::Apply(agent_pod(true)));
     node_controller::reconcile(current_nds(&api), ctx.clone())
         .await
         .unwrap();
+    let st = &api.get(NDS).unwrap()["status"];
+    assert!(st.get("notReporting").is_none(), "{st}");
+    assert_eq!(st["summary"]["healthy"], "2/2");
+    assert_eq!(api.get(NODE).unwrap()["metadata"]["labels"]["devplug.io/foo.count"], "2");
+
+    // The pod is gone altogether while the policy still wants the node.
+    pods.apply_watcher_event(&watcher::Event::Delete(agent_pod(true)));
+    node_controller::reconcile(current_nds(&api), ctx.clone())
+        .await
+        .unwrap();
+    let st = &api.get(NDS).unwrap()["status"];
     assert!(
-        entry(&api)["reason"]
+        st["notReporting"][0]["reason"]
             .as_str()
             .unwrap()
-            .starts_with("AgentGone")
+            .starts_with("AgentGone"),
+        "{st}"
     );
+    assert_eq!(st["resources"].as_array().unwrap().len(), 1, "kept while the policy wants the node");
 
-    // The policy is deleted: its entry is removed.
+    // The policy is deleted: its entry is removed, guarded by the
+    // resourceVersion the decision was made on.
     let p: DevicePluginPolicy =
         serde_json::from_value(api.get(&paths::policy("foo")).unwrap()).unwrap();
     pw.apply_watcher_event(&watcher::Event::Delete(p));
+    let judged = current_nds(&api);
+    // An agent writes meanwhile: the stale judgment must not remove anything.
+    let mut newer = api.get(NDS).unwrap();
+    newer["metadata"]["resourceVersion"] = json!("999999");
+    api.put(NDS, newer);
+    node_controller::reconcile(judged, ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        api.get(NDS).unwrap()["status"]["resources"].as_array().unwrap().len(),
+        1,
+        "an entry must not be removed on a judgment of an older version"
+    );
     node_controller::reconcile(current_nds(&api), ctx.clone())
         .await
         .unwrap();
     assert_eq!(api.get(NDS).unwrap()["status"]["resources"], json!([]));
+    node_controller::reconcile(current_nds(&api), ctx.clone())
+        .await
+        .unwrap();
     assert_eq!(api.get(NDS).unwrap()["status"]["summary"]["resources"], 0);
+    assert!(api.get(NDS).unwrap()["status"].get("notReporting").is_none());
+    assert!(api.denied().is_empty(), "{:?}", api.denied());
 
     // The node is gone: so is its status.
     api.delete_object(NODE);
@@ -174,4 +204,65 @@ async fn node_status_lifecycle() {
         .await
         .unwrap();
     assert!(api.get(NDS).is_none());
+}
+
+#[tokio::test]
+async fn nothing_is_judged_before_the_stores_are_synced() {
+    let (client, api) = FakeApi::start();
+    api.enforce_chart_rbac();
+    let (policies, _pw) = seed(
+        &api,
+        &[policy_json("foo", "example.com/foo", "2026-11-01T00:00:00Z", json!({}))],
+    );
+    api.put(NODE, json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "n1", "uid": "node-uid-1"}}));
+    api.put(NDS, json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
+        "metadata": {"name": "n1", "uid": "nds-1", "resourceVersion": "1"}, "spec": {"nodeName": "n1"},
+        "status": {"resources": [{"resourceName": "example.com/foo", "policy": "foo", "state": "Serving",
+            "healthy": 1, "total": 1, "allocated": 0, "devices": [{"id": "a", "health": "Healthy"}]}]}}));
+    // The agent pod store has not listed yet: an empty store must not read
+    // as "no agent runs here". The flags come from the watch streams.
+    let synced = devplug_operator::synced::Synced::all();
+    synced
+        .agent_pods
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let (pods_store, _w) = synced(Vec::<Pod>::new());
+    let ctx = Arc::new(NodeContext {
+        client,
+        policies,
+        agent_pods: pods_store,
+        metrics: Arc::new(Metrics::default()),
+        synced: synced.clone(),
+    });
+    node_controller::reconcile(current_nds(&api), ctx.clone())
+        .await
+        .unwrap();
+    assert!(api.writes().is_empty(), "judged from an unsynced store: {:?}", writes(&api));
+
+    // The listing arrives through the stream that sets the flag.
+    let (pods_store, pods_writer) = kube::runtime::reflector::store::<Pod>();
+    let events = futures::stream::iter(vec![
+        Ok(watcher::Event::Init),
+        Ok(watcher::Event::InitApply(agent_pod(true))),
+        Ok(watcher::Event::InitDone),
+    ]);
+    let stream = devplug_operator::synced::mark(
+        kube::runtime::reflector(pods_writer, events),
+        synced.agent_pods.clone(),
+    );
+    futures::StreamExt::collect::<Vec<_>>(stream).await;
+    assert!(synced.ready());
+    let ctx = Arc::new(NodeContext {
+        client: ctx.client.clone(),
+        policies: ctx.policies.clone(),
+        agent_pods: pods_store,
+        metrics: Arc::new(Metrics::default()),
+        synced,
+    });
+    node_controller::reconcile(current_nds(&api), ctx)
+        .await
+        .unwrap();
+    let st = &api.get(NDS).unwrap()["status"];
+    assert!(st.get("notReporting").is_none(), "{st}");
+    assert_eq!(st["summary"]["healthy"], "1/1");
 }

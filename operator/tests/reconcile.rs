@@ -27,7 +27,7 @@ fn defaults() -> AgentDefaults {
 }
 
 fn ctx(client: kube::Client, store: Store<devplug_api::DevicePluginPolicy>) -> Arc<Context> {
-    ctx_with(client, store, Writer::default().as_reader())
+    ctx_with(client, store, support::synced(Vec::new()).0)
 }
 
 fn ctx_with(
@@ -41,6 +41,7 @@ fn ctx_with(
         store,
         nds,
         Arc::new(Metrics::default()),
+        devplug_operator::synced::Synced::all(),
     ))
 }
 
@@ -428,7 +429,7 @@ async fn device_health_from_every_node_lands_in_the_policy_status() {
             json!({}),
         )],
     );
-    let mut w = Writer::default();
+    let (_, mut w) = support::synced(Vec::new());
     let healthy = |id: &str| json!({"id": id, "health": "Healthy"});
     w.apply_watcher_event(&watcher::Event::Apply(nds(
         "n1",

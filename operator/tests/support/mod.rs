@@ -40,6 +40,14 @@ struct State {
     /// (object path, resourceName) → field manager that applied that
     /// `status.resources[]` entry, to emulate list-map ownership.
     entry_owner: BTreeMap<(String, String), String>,
+    /// (object path, top-level status field) → the field manager that
+    /// applied it: a later apply by that manager without the field removes
+    /// it, as server-side apply does.
+    status_owner: BTreeMap<(String, String), String>,
+    /// The RBAC rules requests are checked against (None: allow all).
+    rbac: Option<rbac::Rules>,
+    /// Messages of every refused request.
+    denied: Vec<String>,
 }
 
 /// Deep merge of JSON objects (arrays and scalars are replaced), as an
@@ -128,6 +136,12 @@ impl FakeApi {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or("").to_string();
+        let content_type = req
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
         let bytes = req.into_body().collect_bytes().await.unwrap();
         let body: Value = if bytes.is_empty() {
             Value::Null
@@ -147,6 +161,19 @@ impl FakeApi {
         {
             let code = *code;
             return respond(code, &status(code, "InternalError", "injected failure"));
+        }
+        // RBAC, as the real API server enforces it for the operator's
+        // service account: the chart's rules, and an apply of an object
+        // that does not exist yet needs `create` too.
+        if let Some(rbac) = &st.rbac {
+            let exists = st
+                .objects
+                .contains_key(path.trim_end_matches("/status"));
+            let watch = query.contains("watch=true") || query.contains("watch=1");
+            if let Err(msg) = rbac::authorize(rbac, &method, &path, watch, &content_type, exists) {
+                st.denied.push(msg.clone());
+                return respond(403, &status(403, "Forbidden", &msg));
+            }
         }
         st.rv += 1;
         let rv = st.rv.to_string();
@@ -172,6 +199,52 @@ impl FakeApi {
                     200,
                     &json!({"kind": list_kind(&path), "apiVersion": "v1", "metadata": {"resourceVersion": rv}, "items": items}),
                 )
+            }
+            Method::PATCH if content_type.starts_with("application/json-patch") => {
+                let obj_path = path.trim_end_matches("/status").to_string();
+                let Some(obj) = st.objects.get(&obj_path).cloned() else {
+                    return respond(404, &status(404, "NotFound", "no such object"));
+                };
+                let mut doc = obj.clone();
+                for op in body.as_array().cloned().unwrap_or_default() {
+                    let ptr = op["path"].as_str().unwrap_or("");
+                    match op["op"].as_str() {
+                        Some("test") => {
+                            if doc.pointer(ptr) != Some(&op["value"]) {
+                                return respond(
+                                    422,
+                                    &status(422, "Invalid", &format!("test failed at {ptr}")),
+                                );
+                            }
+                        }
+                        Some("remove") => {
+                            let (parent, last) = ptr.rsplit_once('/').unwrap();
+                            let Some(target) = doc.pointer_mut(parent) else {
+                                return respond(422, &status(422, "Invalid", "no such path"));
+                            };
+                            match target {
+                                Value::Array(a) => {
+                                    let i: usize = last.parse().unwrap();
+                                    if i >= a.len() {
+                                        return respond(422, &status(422, "Invalid", "index"));
+                                    }
+                                    let removed = a.remove(i);
+                                    if let Some(rn) = removed["resourceName"].as_str() {
+                                        st.entry_owner.remove(&(obj_path.clone(), rn.to_string()));
+                                    }
+                                }
+                                Value::Object(m) => {
+                                    m.remove(last);
+                                }
+                                _ => return respond(422, &status(422, "Invalid", "not a container")),
+                            }
+                        }
+                        other => panic!("the fake does not know JSON patch op {other:?}"),
+                    }
+                }
+                doc["metadata"]["resourceVersion"] = json!(rv);
+                st.objects.insert(obj_path, doc.clone());
+                respond(200, &doc)
             }
             Method::PATCH if path.ends_with("/status") => {
                 let obj_path = path.trim_end_matches("/status").to_string();
@@ -214,9 +287,28 @@ impl FakeApi {
                     }
                     new_status["resources"] = Value::Array(merged);
                 }
+                let dropped: Vec<String> = st
+                    .status_owner
+                    .iter()
+                    .filter(|((p, k), m)| {
+                        *p == obj_path && **m == manager && new_status.get(k.as_str()).is_none()
+                    })
+                    .map(|((_, k), _)| k.clone())
+                    .collect();
+                if let Some(fields) = new_status.as_object() {
+                    for k in fields.keys().filter(|k| *k != "resources") {
+                        st.status_owner
+                            .insert((obj_path.clone(), k.clone()), manager.clone());
+                    }
+                }
                 let obj = st.objects.get_mut(&obj_path).unwrap();
                 if obj.get("status").is_none_or(Value::is_null) {
                     obj["status"] = json!({});
+                }
+                if let Some(old) = obj["status"].as_object_mut() {
+                    for k in &dropped {
+                        old.remove(k);
+                    }
                 }
                 merge(&mut obj["status"], &new_status);
                 if let Some(r) = new_status.get("resources") {
@@ -316,6 +408,17 @@ impl FakeApi {
             },
             _ => respond(405, &status(405, "MethodNotAllowed", "unsupported")),
         }
+    }
+
+    /// Checks every later request against the operator's RBAC as the chart
+    /// renders it (`helm template`), the way the real API server does.
+    pub fn enforce_chart_rbac(&self) {
+        self.state.lock().unwrap().rbac = Some(rbac::chart_rules());
+    }
+
+    /// Messages of the requests RBAC refused.
+    pub fn denied(&self) -> Vec<String> {
+        self.state.lock().unwrap().denied.clone()
     }
 
     /// Puts an object at its API path.
@@ -436,17 +539,171 @@ pub fn seed(
     api: &FakeApi,
     policies: &[Value],
 ) -> (Store<DevicePluginPolicy>, Writer<DevicePluginPolicy>) {
-    let mut w = Writer::default();
+    let mut typed = Vec::new();
     for p in policies {
         let name = p["metadata"]["name"].as_str().unwrap();
         api.put(&paths::policy(name), p.clone());
-        let typed: DevicePluginPolicy = serde_json::from_value(p.clone()).unwrap();
-        w.apply_watcher_event(&watcher::Event::Apply(typed));
+        typed.push(serde_json::from_value(p.clone()).unwrap());
     }
+    synced(typed)
+}
+
+/// A store that has listed `objs` (a watcher's Init, InitApply…, InitDone),
+/// so `wait_until_ready` returns, and its writer for later events.
+pub fn synced<K>(objs: Vec<K>) -> (Store<K>, Writer<K>)
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let mut w = Writer::default();
+    w.apply_watcher_event(&watcher::Event::Init);
+    for o in objs {
+        w.apply_watcher_event(&watcher::Event::InitApply(o));
+    }
+    w.apply_watcher_event(&watcher::Event::InitDone);
     (w.as_reader(), w)
 }
 
 /// The typed policy as currently stored by the fake server.
 pub fn current(api: &FakeApi, name: &str) -> DevicePluginPolicy {
     serde_json::from_value(api.get(&paths::policy(name)).unwrap()).unwrap()
+}
+
+/// The operator's RBAC rules as the chart renders them, and the API
+/// server's authorization of a request against them.
+pub mod rbac {
+    use std::path::PathBuf;
+    use std::sync::OnceLock;
+
+    use http::Method;
+    use serde_json::Value;
+
+    /// (namespace the rule applies in, or None for cluster-wide; the rule).
+    pub type Rules = Vec<(Option<String>, Value)>;
+
+    fn helm() -> PathBuf {
+        if let Ok(p) = std::env::var("DEVPLUG_HELM") {
+            return PathBuf::from(p);
+        }
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let local = root.join(".tools/bin/helm");
+        assert!(
+            local.exists(),
+            "helm not found: run `make tools` (installs it into .tools/bin) or set DEVPLUG_HELM"
+        );
+        local
+    }
+
+    /// The rules of the operator's ClusterRole and Role, from `helm template`.
+    pub fn chart_rules() -> Rules {
+        static RULES: OnceLock<Rules> = OnceLock::new();
+        RULES
+            .get_or_init(|| {
+                let chart = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/devplug");
+                let out = std::process::Command::new(helm())
+                    .args(["template", "devplug"])
+                    .arg(&chart)
+                    .args(["--namespace", "devplug-system"])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                let text = String::from_utf8(out.stdout).unwrap();
+                let mut rules = Vec::new();
+                for doc in serde_yaml::Deserializer::from_str(&text) {
+                    let v: Value = match serde::Deserialize::deserialize(doc) {
+                        Ok(v) => v,
+                        Err(_) => continue,
+                    };
+                    let kind = v["kind"].as_str().unwrap_or("");
+                    if v["metadata"]["name"] != "devplug-operator" {
+                        continue;
+                    }
+                    let ns = match kind {
+                        "ClusterRole" => None,
+                        "Role" => Some(v["metadata"]["namespace"].as_str().unwrap().to_string()),
+                        _ => continue,
+                    };
+                    for r in v["rules"].as_array().cloned().unwrap_or_default() {
+                        rules.push((ns.clone(), r));
+                    }
+                }
+                assert!(!rules.is_empty(), "the chart renders no operator rules");
+                rules
+            })
+            .clone()
+    }
+
+    /// (group, namespace, resource[/subresource], name) of an API path.
+    pub fn parse(path: &str) -> (String, Option<String>, String, Option<String>) {
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (group, rest) = match parts.first() {
+            Some(&"api") => (String::new(), &parts[2..]),
+            _ => (parts[1].to_string(), &parts[3..]),
+        };
+        let (ns, rest) = if rest.first() == Some(&"namespaces") && rest.len() > 2 {
+            (Some(rest[1].to_string()), &rest[2..])
+        } else {
+            (None, rest)
+        };
+        let resource = match rest.get(2) {
+            Some(sub) => format!("{}/{sub}", rest[0]),
+            None => rest[0].to_string(),
+        };
+        (group, ns, resource, rest.get(1).map(|s| s.to_string()))
+    }
+
+    fn allows(rules: &Rules, ns: Option<&str>, group: &str, resource: &str, verb: &str) -> bool {
+        rules.iter().any(|(rns, r)| {
+            let has = |field: &str, want: &str| {
+                r[field]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x == want || x == "*"))
+            };
+            (rns.is_none() || rns.as_deref() == ns)
+                && has("apiGroups", group)
+                && has("resources", resource)
+                && has("verbs", verb)
+        })
+    }
+
+    /// The verbs a request needs, then whether the rules allow each.
+    pub fn authorize(
+        rules: &Rules,
+        method: &Method,
+        path: &str,
+        watch: bool,
+        content_type: &str,
+        exists: bool,
+    ) -> Result<(), String> {
+        let (group, ns, resource, name) = parse(path);
+        let mut verbs = vec![match *method {
+            Method::GET if name.is_none() => {
+                if watch {
+                    "watch"
+                } else {
+                    "list"
+                }
+            }
+            Method::GET => "get",
+            Method::POST => "create",
+            Method::PUT => "update",
+            Method::PATCH => "patch",
+            Method::DELETE => "delete",
+            _ => "unknown",
+        }];
+        if *method == Method::PATCH && content_type.starts_with("application/apply-patch") && !exists
+        {
+            verbs.push("create");
+        }
+        for verb in verbs {
+            if !allows(rules, ns.as_deref(), &group, &resource, verb) {
+                let g = if group.is_empty() { "\"\"".to_string() } else { format!("\"{group}\"") };
+                return Err(format!(
+                    "User \"system:serviceaccount:devplug-system:devplug-operator\" cannot {verb} resource \"{resource}\" in API group {g}{}",
+                    ns.map(|n| format!(" in the namespace \"{n}\"")).unwrap_or_default()
+                ));
+            }
+        }
+        Ok(())
+    }
 }
