@@ -1,7 +1,7 @@
 # One entry point for humans and CI. `make test` is what .ci/run runs.
 CARGO ?= cargo
 
-.PHONY: test tools fmt-check clippy unit bench agent crds e2e
+.PHONY: test tools fmt-check clippy unit bench agent crds e2e images
 
 test: tools fmt-check clippy unit e2e
 
@@ -26,9 +26,16 @@ crds:
 	$(CARGO) run -q -p devplug-api --bin crdgen
 	cp crds/*.yaml charts/devplug/crds/
 
-# The kind end-to-end suite; skips (and says so) without Docker + kind or KUBECONFIG.
+# The end-to-end suite on a real cluster: KUBECONFIG if set, else the
+# single-node kit in ../shared/cluster (brought up and down), else kind;
+# skips (and says so) only where none of the three exists.
 e2e:
 	./tests/e2e/run.sh
+
+# Operator and agent images without Docker (umoci + skopeo), as archives for
+# the kit's load-image.sh or `kind load image-archive`.
+images:
+	./hack/images.sh
 
 agent:
 	$(CARGO) build --release -p devplug-agent

@@ -95,7 +95,9 @@ impl ResourceStatus {
         for d in &mut u.devices {
             if d.health != DeviceHealth::Unknown {
                 d.health = DeviceHealth::Unknown;
-                d.reason = Some(format!("the agent on this node is not reporting ({reason})"));
+                d.reason = Some(format!(
+                    "the agent on this node is not reporting ({reason})"
+                ));
             }
         }
         u

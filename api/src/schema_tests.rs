@@ -110,9 +110,10 @@ fn unbounded(node: &Value, rule: &str, path: &str, out: &mut Vec<String>) {
     }
     if let Some(Value::Object(props)) = node.get("properties") {
         for (k, child) in props {
-            let named = rule
-                .match_indices(k.as_str())
-                .any(|(i, _)| rule[..i].ends_with('.') && !rule[i + k.len()..].starts_with(|c: char| c.is_alphanumeric()));
+            let named = rule.match_indices(k.as_str()).any(|(i, _)| {
+                rule[..i].ends_with('.')
+                    && !rule[i + k.len()..].starts_with(|c: char| c.is_alphanumeric())
+            });
             if named {
                 unbounded(child, rule, &format!("{path}.{k}"), out);
             }
@@ -131,7 +132,10 @@ fn everything_a_cel_rule_reaches_is_bounded() {
     for (path, rule, node) in &all {
         unbounded(node, rule, path, &mut out);
     }
-    assert!(out.is_empty(), "unbounded values reached by CEL rules: {out:#?}");
+    assert!(
+        out.is_empty(),
+        "unbounded values reached by CEL rules: {out:#?}"
+    );
 }
 
 #[test]
@@ -140,7 +144,13 @@ fn the_bound_guard_sees_an_unbounded_list() {
         "globs": {"type": "array", "items": {"type": "string"}}}});
     let mut out = Vec::new();
     unbounded(&node, "self.globs.all(g, g != '')", "", &mut out);
-    assert_eq!(out, vec![".globs: list without maxItems", ".globs[]: string without maxLength"]);
+    assert_eq!(
+        out,
+        vec![
+            ".globs: list without maxItems",
+            ".globs[]: string without maxLength"
+        ]
+    );
     let mut out = Vec::new();
     unbounded(&node, "has(self.other)", "", &mut out);
     assert!(out.is_empty(), "{out:?}");
@@ -220,7 +230,10 @@ fn cel_rules_refuse_bad_specs_with_readable_messages() {
         ),
         (
             with(|s| {
-                s["resourceName"] = json!(format!("{}ex.com/x", format!("{}.", "a".repeat(60)).repeat(4)))
+                s["resourceName"] = json!(format!(
+                    "{}ex.com/x",
+                    format!("{}.", "a".repeat(60)).repeat(4)
+                ))
             }),
             "at most 244",
         ),

@@ -6,6 +6,31 @@ use std::time::Duration;
 
 use devplug_api::{DevicePluginPolicy, MountSpec, SharingStrategy, default_ids_env};
 
+/// Longest policy name used whole in a socket name. A Unix socket path has
+/// at most 107 bytes; the kubelet's directory takes 31
+/// (`/var/lib/kubelet/device-plugins/`), so `devplug-<name>.sock` must stay
+/// well under 76 bytes whatever the policy is called (names go to 253).
+pub const MAX_SOCKET_NAME_PART: usize = 40;
+
+/// The plugin's socket file name: `devplug-<policy>.sock`, or for a long
+/// policy name its first characters and a hash of the whole name, so every
+/// valid name gives a socket path the kernel accepts, and distinct names
+/// distinct sockets.
+pub fn socket_name(policy: &str) -> String {
+    if policy.len() <= MAX_SOCKET_NAME_PART {
+        return format!("devplug-{policy}.sock");
+    }
+    // FNV-1a, 64 bits: stable across versions, so a restarted agent finds
+    // the same socket.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in policy.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let keep: String = policy.chars().take(MAX_SOCKET_NAME_PART - 17).collect();
+    format!("devplug-{keep}-{h:016x}.sock")
+}
+
 /// One policy, ready to serve.
 #[derive(Debug, Clone)]
 pub struct PluginConfig {
@@ -41,7 +66,7 @@ impl PluginConfig {
         let name = p.metadata.name.clone().unwrap_or_default();
         let s = &p.spec;
         Self {
-            socket_name: format!("devplug-{name}.sock"),
+            socket_name: socket_name(&name),
             name,
             resource_name: s.resource_name.clone(),
             replicas: s.sharing.effective_replicas(),
@@ -73,5 +98,40 @@ impl PluginConfig {
             }),
             settle: Duration::from_secs(u64::from(s.health.settle_seconds())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_valid_policy_name_gives_a_socket_path_the_kernel_takes() {
+        let dir = "/var/lib/kubelet/device-plugins/";
+        assert_eq!(socket_name("simulated-foo"), "devplug-simulated-foo.sock");
+        let long = format!("{}.example", "a".repeat(245));
+        assert_eq!(long.len(), 253);
+        let s = socket_name(&long);
+        assert!(
+            dir.len() + s.len() <= 107,
+            "{} bytes: {s}",
+            dir.len() + s.len()
+        );
+        // Bind for real in a directory as long as the kubelet's: the kernel
+        // is the judge of the limit (the unshortened name fails there).
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().as_os_str().len();
+        let same_len = tmp.path().join("x".repeat(dir.len() - base - 2));
+        std::fs::create_dir(&same_len).unwrap();
+        assert_eq!(same_len.as_os_str().len() + 1, dir.len());
+        std::os::unix::net::UnixListener::bind(same_len.join(&s)).unwrap();
+        assert!(
+            std::os::unix::net::UnixListener::bind(same_len.join(format!("devplug-{long}.sock")))
+                .is_err()
+        );
+        // Distinct long names that share a prefix get distinct sockets.
+        let other = format!("{}.example2", "a".repeat(244));
+        assert_ne!(socket_name(&other), s);
+        assert_eq!(socket_name(&long), s, "stable");
     }
 }

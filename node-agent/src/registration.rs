@@ -6,13 +6,25 @@
 //! - every ListAndWatch stream ended and none replaced it within
 //!   [`STREAM_GRACE`]: the kubelet dropped us.
 //!
-//! Failures (kubelet not up yet, or refusing) are retried with backoff,
-//! never fatal; a trigger cuts the backoff short.
+//! Failures (kubelet not up yet, or refusing) are retried, never fatal. A
+//! registration round starts fast: every [`FAST_RETRY`] for
+//! [`FAST_WINDOW`], because a starting kubelet creates `kubelet.sock` before
+//! it listens (a dial right on the inotify event is refused); only then does
+//! the exponential backoff take over. A trigger during the backoff starts a
+//! fast window again.
+//!
+//! One kubelet start means one registration: a trigger that arrives for the
+//! kubelet we are already registered with (the same `kubelet.sock` inode,
+//! our socket still there, a ListAndWatch stream open) is ignored; a
+//! restart's socket removal and socket creation arrive as two events.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use devplug_proto::deviceplugin::v1beta1 as dp;
 use devplug_proto::deviceplugin::v1beta1::registration_client::RegistrationClient;
@@ -26,6 +38,10 @@ use crate::unix::{dial, error_chain};
 /// How long a dropped ListAndWatch stream may go unreplaced.
 pub const STREAM_GRACE: Duration = Duration::from_millis(300);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Retry interval right after a trigger.
+pub const FAST_RETRY: Duration = Duration::from_millis(20);
+/// How long retries stay fast after a trigger.
+pub const FAST_WINDOW: Duration = Duration::from_secs(3);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -104,9 +120,10 @@ pub async fn run(
         options: Some(options(cfg)),
     };
     loop {
-        // Register, retrying with backoff.
+        // Register: fast first, then with backoff.
         let mut backoff = BACKOFF_MIN;
         let mut attempt = 0u32;
+        let mut fast_until = Instant::now() + FAST_WINDOW;
         loop {
             attempt += 1;
             if *shutdown.borrow() {
@@ -129,15 +146,24 @@ pub async fn run(
                     } else {
                         debug!(policy = %cfg.name, error = %e, attempt, retry_in = ?backoff, "registration failed");
                     }
+                    let fast = Instant::now() < fast_until;
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = trigger.changed() => {}
+                        _ = tokio::time::sleep(if fast { FAST_RETRY } else { backoff }) => {
+                            if !fast {
+                                backoff = (backoff * 2).min(BACKOFF_MAX);
+                            }
+                        }
+                        _ = trigger.changed() => {
+                            // A new kubelet.sock: its kubelet listens soon.
+                            fast_until = Instant::now() + FAST_WINDOW;
+                            backoff = BACKOFF_MIN;
+                        }
                         _ = crate::stopped(&mut shutdown) => return,
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
         }
+        let registered_with = socket_id(&kubelet_sock);
         state.registered.store(true, Ordering::SeqCst);
         let n = state.registrations.fetch_add(1, Ordering::SeqCst) + 1;
         info!(policy = %cfg.name, resource = %cfg.resource_name, socket = %cfg.socket_name, registrations = n, "registered with the kubelet");
@@ -147,7 +173,13 @@ pub async fn run(
         let reason = loop {
             tokio::select! {
                 _ = crate::stopped(&mut shutdown) => return,
-                _ = trigger.changed() => break "kubelet socket re-created or plugin socket removed",
+                _ = trigger.changed() => {
+                    if still_registered(&state, &kubelet_sock, &rebind, registered_with) {
+                        debug!(policy = %cfg.name, "trigger for the kubelet we are registered with; not registering twice");
+                        continue;
+                    }
+                    break "kubelet socket re-created or plugin socket removed";
+                }
                 _ = state.streams.closed.notified() => {
                     if state.streams.active() > 0 {
                         continue;
@@ -167,4 +199,23 @@ pub async fn run(
         state.registered.store(false, Ordering::SeqCst);
         info!(policy = %cfg.name, %reason, "registering again");
     }
+}
+
+/// (device, inode) of a socket file: one kubelet start creates one.
+fn socket_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Whether a trigger is stale: the kubelet we registered with still has its
+/// socket, ours is still there, and it streams from us.
+fn still_registered(
+    state: &PluginState,
+    kubelet_sock: &Path,
+    rebind: &Rebind,
+    registered_with: Option<(u64, u64)>,
+) -> bool {
+    registered_with.is_some()
+        && socket_id(kubelet_sock) == registered_with
+        && rebind.path().exists()
+        && state.streams.active() > 0
 }

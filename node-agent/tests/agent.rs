@@ -331,6 +331,46 @@ async fn kubelet_restart_leads_to_reregistration_within_a_second() {
         .await;
 }
 
+/// The real kubelet creates kubelet.sock before it listens: a dial right on
+/// the inotify event is refused. After a kubelet that was down long enough
+/// for the agent's backoff to climb, the agent must still register within
+/// 100 ms of the kubelet listening, exactly once, with one stream open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bind_then_listen_kubelet_gets_one_fast_registration_per_start() {
+    let node = Node::new();
+    let mut kubelet = KubeletSim::start(&node.plugins);
+    let r = "example.com/bindlisten";
+    let _agent = Agent::spawn(&node, &sim_policy("bindlisten", r, ""));
+    kubelet.wait_registrations(1, T).await;
+    let listen_delay = Duration::from_millis(150);
+    for round in 1..=5 {
+        // The kubelet is down for a while (this sleep is the scenario, not
+        // synchronisation: the agent's retries back off meanwhile).
+        kubelet.stop();
+        kubelet.wipe_sockets();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let before = kubelet.registrations().len();
+        let created = kubelet.restart_bind_then_listen(listen_delay);
+        let reg = kubelet.wait_registration_after(created, T).await;
+        let listening = created + listen_delay;
+        let took = reg.at.saturating_duration_since(listening);
+        assert!(
+            took <= Duration::from_millis(100),
+            "round {round}: registered {took:?} after the kubelet listened"
+        );
+        // Watch for a second registration for this start: the restart's two
+        // inotify events (our socket removed, kubelet.sock created) must not
+        // make two. The window is longer than the stream grace period.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(
+            kubelet.registrations().len(),
+            before + 1,
+            "round {round}: one kubelet start, one registration"
+        );
+        assert_eq!(kubelet.open_streams(), 1, "round {round}: one stream open");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubelet_down_then_up_and_only_socket_removed() {
     let node = Node::new();

@@ -4,12 +4,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+#[cfg(doc)]
+use devplug_api::NodeDeviceStatusStatus;
 use devplug_api::{
     DeviceCounts, DeviceHealth, DevicePluginPolicy, NodeDeviceStatus, NodeSummary, ResourceExt,
     ResourceStatus, STATE_UNKNOWN, SharingStrategy, UnhealthyDevice,
 };
-#[cfg(doc)]
-use devplug_api::NodeDeviceStatusStatus;
 
 use crate::desired::{label_value, stable_hash};
 
@@ -320,10 +320,17 @@ mod tests {
             reason: "AgentGone: no agent pod runs on this node".into(),
         }];
         let a = aggregate(&entries_of(&p, [&n]));
-        assert_eq!((a.counts.total, a.counts.healthy, a.counts.unhealthy), (2, 0, 2));
+        assert_eq!(
+            (a.counts.total, a.counts.healthy, a.counts.unhealthy),
+            (2, 0, 2)
+        );
         assert_eq!(a.unhealthy[0].health, "Unknown");
         assert_eq!(a.unhealthy[0].pods, vec!["ns/p1"]);
-        assert!(a.node_reasons[0].contains("AgentGone"), "{:?}", a.node_reasons);
+        assert!(
+            a.node_reasons[0].contains("AgentGone"),
+            "{:?}",
+            a.node_reasons
+        );
         assert_eq!(summary(&n).healthy, "0/2");
         assert!(node_labels(&n, &BTreeMap::from([("gpu".to_string(), &p)])).is_empty());
         // What the agent wrote is untouched.
@@ -358,7 +365,11 @@ mod tests {
         assert_eq!(c.unhealthy, 50);
         assert_eq!(bad.len(), MAX_UNHEALTHY);
         let a = aggregate(&entries_of(&policy("gpu", "x.io/gpu", false), &all));
-        assert_eq!(a.all_unhealthy.len(), 50, "events are diffed over all of them");
+        assert_eq!(
+            a.all_unhealthy.len(),
+            50,
+            "events are diffed over all of them"
+        );
     }
 
     #[test]

@@ -274,7 +274,13 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
             Err(kube::Error::Api(e)) if matches!(e.code, 409 | 422) => {
                 return Ok(Action::requeue(Duration::from_secs(1)));
             }
-            Err(e) => return Err(kube_err("remove stale entries of", "NodeDeviceStatus", &name)(e)),
+            Err(e) => {
+                return Err(kube_err(
+                    "remove stale entries of",
+                    "NodeDeviceStatus",
+                    &name,
+                )(e));
+            }
         }
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
@@ -306,7 +312,11 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
             &Patch::Apply(&body),
         )
         .await
-        .map_err(kube_err("apply operator status of", "NodeDeviceStatus", &name))?;
+        .map_err(kube_err(
+            "apply operator status of",
+            "NodeDeviceStatus",
+            &name,
+        ))?;
         ctx.metrics.wrote("NodeDeviceStatusSummary");
     }
 

@@ -121,11 +121,20 @@ async fn node_status_lifecycle() {
     );
     let e = entry(&api);
     assert_eq!(e["state"], "Serving", "the agent's entry is untouched: {e}");
-    assert!(e["devices"].as_array().unwrap().iter().all(|d| d["health"] == "Healthy"));
+    assert!(
+        e["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["health"] == "Healthy")
+    );
     let nr = &api.get(NDS).unwrap()["status"]["notReporting"];
     assert_eq!(nr[0]["policy"], "foo");
     assert!(
-        nr[0]["reason"].as_str().unwrap().starts_with("AgentNotReady"),
+        nr[0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("AgentNotReady"),
         "{nr}"
     );
     assert_eq!(api.get(NDS).unwrap()["status"]["summary"]["healthy"], "0/2");
@@ -152,7 +161,10 @@ async fn node_status_lifecycle() {
     let st = &api.get(NDS).unwrap()["status"];
     assert!(st.get("notReporting").is_none(), "{st}");
     assert_eq!(st["summary"]["healthy"], "2/2");
-    assert_eq!(api.get(NODE).unwrap()["metadata"]["labels"]["devplug.io/foo.count"], "2");
+    assert_eq!(
+        api.get(NODE).unwrap()["metadata"]["labels"]["devplug.io/foo.count"],
+        "2"
+    );
 
     // The pod is gone altogether while the policy still wants the node.
     pods.apply_watcher_event(&watcher::Event::Delete(agent_pod(true)));
@@ -167,7 +179,11 @@ async fn node_status_lifecycle() {
             .starts_with("AgentGone"),
         "{st}"
     );
-    assert_eq!(st["resources"].as_array().unwrap().len(), 1, "kept while the policy wants the node");
+    assert_eq!(
+        st["resources"].as_array().unwrap().len(),
+        1,
+        "kept while the policy wants the node"
+    );
 
     // The policy is deleted: its entry is removed, guarded by the
     // resourceVersion the decision was made on.
@@ -183,7 +199,10 @@ async fn node_status_lifecycle() {
         .await
         .unwrap();
     assert_eq!(
-        api.get(NDS).unwrap()["status"]["resources"].as_array().unwrap().len(),
+        api.get(NDS).unwrap()["status"]["resources"]
+            .as_array()
+            .unwrap()
+            .len(),
         1,
         "an entry must not be removed on a judgment of an older version"
     );
@@ -195,7 +214,11 @@ async fn node_status_lifecycle() {
         .await
         .unwrap();
     assert_eq!(api.get(NDS).unwrap()["status"]["summary"]["resources"], 0);
-    assert!(api.get(NDS).unwrap()["status"].get("notReporting").is_none());
+    assert!(
+        api.get(NDS).unwrap()["status"]
+            .get("notReporting")
+            .is_none()
+    );
     assert!(api.denied().is_empty(), "{:?}", api.denied());
 
     // The node is gone: so is its status.
@@ -212,10 +235,18 @@ async fn nothing_is_judged_before_the_stores_are_synced() {
     api.enforce_chart_rbac();
     let (policies, _pw) = seed(
         &api,
-        &[policy_json("foo", "example.com/foo", "2026-11-01T00:00:00Z", json!({}))],
+        &[policy_json(
+            "foo",
+            "example.com/foo",
+            "2026-11-01T00:00:00Z",
+            json!({}),
+        )],
     );
-    api.put(NODE, json!({"apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": "n1", "uid": "node-uid-1"}}));
+    api.put(
+        NODE,
+        json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "n1", "uid": "node-uid-1"}}),
+    );
     api.put(NDS, json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
         "metadata": {"name": "n1", "uid": "nds-1", "resourceVersion": "1"}, "spec": {"nodeName": "n1"},
         "status": {"resources": [{"resourceName": "example.com/foo", "policy": "foo", "state": "Serving",
@@ -226,7 +257,7 @@ async fn nothing_is_judged_before_the_stores_are_synced() {
     synced
         .agent_pods
         .store(false, std::sync::atomic::Ordering::SeqCst);
-    let (pods_store, _w) = synced(Vec::<Pod>::new());
+    let (pods_store, _w) = support::synced(Vec::<Pod>::new());
     let ctx = Arc::new(NodeContext {
         client,
         policies,
@@ -237,7 +268,11 @@ async fn nothing_is_judged_before_the_stores_are_synced() {
     node_controller::reconcile(current_nds(&api), ctx.clone())
         .await
         .unwrap();
-    assert!(api.writes().is_empty(), "judged from an unsynced store: {:?}", writes(&api));
+    assert!(
+        api.writes().is_empty(),
+        "judged from an unsynced store: {:?}",
+        writes(&api)
+    );
 
     // The listing arrives through the stream that sets the flag.
     let (pods_store, pods_writer) = kube::runtime::reflector::store::<Pod>();

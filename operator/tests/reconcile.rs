@@ -13,7 +13,6 @@ use devplug_operator::desired::AgentDefaults;
 use devplug_operator::metrics::Metrics;
 use http::Method;
 use kube::runtime::reflector::Store;
-use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use serde_json::json;
 use support::{FakeApi, current, paths, policy_json, seed};

@@ -310,6 +310,11 @@ wait_for "NodeDeviceStatus health after recovery" 60 Healthy entry '.devices[?(@
 wait_for "allocatable after recovery" 60 2 alloc
 ok "$note"
 
+begin "the agent repairs its entry when someone else deletes it"
+kubectl delete nds "$NODE" --wait=true >/dev/null
+wait_for "entry written again by the agent" 30 "Healthy Healthy" entry '.devices[*].health'
+ok
+
 begin "two policies for one resource: the newer gets Conflict and no agents, the older serves on"
 sed -e 's/name: simulated-foo/name: e2e-conflict/' examples/simulated-foo.yaml | kubectl apply -f - >/dev/null
 wait_for "Conflict on the newer policy" 60 True kubectl get dpp e2e-conflict -o jsonpath='{.status.conditions[?(@.type=="Conflict")].status}'
@@ -381,6 +386,11 @@ helm upgrade devplug charts/devplug --namespace $NS "${HELM_SET[@]}" --set opera
   fail "helm upgrade to 2 replicas failed"
 kubectl -n $NS rollout status deploy/devplug-operator --timeout=120s >/dev/null
 leader() { kubectl -n $NS get lease devplug-operator -o jsonpath='{.spec.holderIdentity}'; }
+device_events() {
+  kubectl get events -n default --field-selector involvedObject.name=$POLICY -o jsonpath='{range .items[*]}{.reason}{"\n"}{end}' 2>/dev/null |
+    grep -c '^Device' || true
+}
+events_before=$(device_events)
 old=$(leader)
 [ -n "$old" ] || fail "no leader"
 takeover_start=$SECONDS
@@ -397,7 +407,10 @@ kubectl label dpp $POLICY e2e/touched=yes --overwrite >/dev/null
 kubectl patch dpp $POLICY --type=merge -p '{"spec":{"allocate":{"env":{"FOO_MODE":"after-failover"}}}}' >/dev/null
 gen=$(kubectl get dpp $POLICY -o jsonpath='{.metadata.generation}')
 wait_for "the new leader reconciles the change" 60 "$gen" kubectl get dpp $POLICY -o jsonpath='{.status.observedGeneration}'
-ok "$now leads after $took s"
+[ "$(kubectl get dpp $POLICY -o jsonpath='{.status.devicesHealthy}')" = 2/2 ] || fail "status after failover: $(kubectl get dpp $POLICY -o jsonpath='{.status.devicesHealthy}')"
+[ -z "$(entry '.devices[?(@.health=="Unknown")].id')" ] || fail "devices Unknown after failover"
+[ "$(device_events)" = "$events_before" ] || fail "device events after failover: $events_before before, $(device_events) after"
+ok "$now leads after $took s; status 2/2, no device events"
 
 begin "policy deletion removes agents, the resource, the NodeDeviceStatus entry and the node labels"
 kubectl delete pod -l app=devplug-e2e --wait=true --timeout=60s >/dev/null 2>&1 || true

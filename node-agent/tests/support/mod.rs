@@ -98,7 +98,15 @@ impl Registration for RegistrationSvc {
         // already be serving.
         let socket = self.dir.join(&req.endpoint);
         let mut options = None;
-        if let Ok(ch) = dial(&socket).await {
+        // The kubelet connects to the plugin inside Register and answers
+        // with an error when it cannot.
+        let ch = dial(&socket).await.map_err(|e| {
+            Status::unknown(format!(
+                "failed to dial device plugin {}: {e}",
+                socket.display()
+            ))
+        })?;
+        {
             let mut client = DevicePluginClient::new(ch);
             if let Ok(o) = client.get_device_plugin_options(dp::Empty {}).await {
                 options = Some(o.into_inner());
@@ -167,19 +175,54 @@ impl KubeletSim {
     }
 
     fn serve(&mut self) {
+        self.serve_after(Duration::ZERO);
+    }
+
+    /// Binds kubelet.sock now but listens only after `delay`, as the real
+    /// kubelet does (the file exists, a dial is refused, then it answers).
+    fn serve_after(&mut self, delay: Duration) {
         let sock = self.dir.join(dp::KUBELET_SOCKET);
         let _ = std::fs::remove_file(&sock);
-        let listener = UnixListener::bind(&sock).unwrap();
+        let raw = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        raw.bind(&socket2::SockAddr::unix(&sock).unwrap()).unwrap();
         let svc = RegistrationSvc {
             dir: self.dir.clone(),
             shared: self.shared.clone(),
         };
         self.server = Some(tokio::spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            raw.listen(128).unwrap();
+            raw.set_nonblocking(true).unwrap();
+            let std_listener: std::os::unix::net::UnixListener = raw.into();
+            let listener = UnixListener::from_std(std_listener).unwrap();
             let _ = tonic::transport::Server::builder()
                 .add_service(RegistrationServer::new(svc))
                 .serve_with_incoming(UnixListenerStream::new(listener))
                 .await;
         }));
+    }
+
+    /// A kubelet restart as the real one does it: stop, delete every socket,
+    /// bind kubelet.sock, and listen only `delay` later. Returns when the
+    /// socket file exists again.
+    pub fn restart_bind_then_listen(&mut self, delay: Duration) -> Instant {
+        self.stop();
+        self.wipe_sockets();
+        self.serve_after(delay);
+        Instant::now()
+    }
+
+    /// ListAndWatch streams the simulator holds open now.
+    pub fn open_streams(&self) -> usize {
+        self.shared
+            .streams
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|t| !t.is_finished())
+            .count()
     }
 
     /// Stops the kubelet: drops every plugin stream and its own socket.

@@ -225,7 +225,11 @@ fn rbac_is_scoped_to_the_policy() {
         rules[1].resources,
         Some(vec!["nodedevicestatuses".to_string()])
     );
-    assert_eq!(rules[1].verbs, vec!["get", "create", "patch"]);
+    assert_eq!(
+        rules[1].verbs,
+        vec!["get", "list", "watch", "create", "patch"],
+        "list/watch: the agent watches its own node's object to repair its entry"
+    );
     assert!(
         rules
             .iter()

@@ -116,8 +116,17 @@ fn list_kind(path: &str) -> &'static str {
 }
 
 impl FakeApi {
-    /// A client talking to a new fake server.
+    /// A client talking to a new fake server that enforces the chart's RBAC
+    /// for the operator, as a real API server would.
     pub fn start() -> (Client, FakeApi) {
+        let (client, api) = Self::start_unchecked();
+        api.enforce_chart_rbac();
+        (client, api)
+    }
+
+    /// A fake server that allows every request (the benchmark, which must
+    /// not need helm).
+    pub fn start_unchecked() -> (Client, FakeApi) {
         let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let api = FakeApi {
             state: Arc::default(),
@@ -166,9 +175,7 @@ impl FakeApi {
         // service account: the chart's rules, and an apply of an object
         // that does not exist yet needs `create` too.
         if let Some(rbac) = &st.rbac {
-            let exists = st
-                .objects
-                .contains_key(path.trim_end_matches("/status"));
+            let exists = st.objects.contains_key(path.trim_end_matches("/status"));
             let watch = query.contains("watch=true") || query.contains("watch=1");
             if let Err(msg) = rbac::authorize(rbac, &method, &path, watch, &content_type, exists) {
                 st.denied.push(msg.clone());
@@ -236,7 +243,12 @@ impl FakeApi {
                                 Value::Object(m) => {
                                     m.remove(last);
                                 }
-                                _ => return respond(422, &status(422, "Invalid", "not a container")),
+                                _ => {
+                                    return respond(
+                                        422,
+                                        &status(422, "Invalid", "not a container"),
+                                    );
+                                }
                             }
                         }
                         other => panic!("the fake does not know JSON patch op {other:?}"),
@@ -606,7 +618,11 @@ pub mod rbac {
                     .args(["--namespace", "devplug-system"])
                     .output()
                     .unwrap();
-                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 let text = String::from_utf8(out.stdout).unwrap();
                 let mut rules = Vec::new();
                 for doc in serde_yaml::Deserializer::from_str(&text) {
@@ -691,16 +707,23 @@ pub mod rbac {
             Method::DELETE => "delete",
             _ => "unknown",
         }];
-        if *method == Method::PATCH && content_type.starts_with("application/apply-patch") && !exists
+        if *method == Method::PATCH
+            && content_type.starts_with("application/apply-patch")
+            && !exists
         {
             verbs.push("create");
         }
         for verb in verbs {
             if !allows(rules, ns.as_deref(), &group, &resource, verb) {
-                let g = if group.is_empty() { "\"\"".to_string() } else { format!("\"{group}\"") };
+                let g = if group.is_empty() {
+                    "\"\"".to_string()
+                } else {
+                    format!("\"{group}\"")
+                };
                 return Err(format!(
                     "User \"system:serviceaccount:devplug-system:devplug-operator\" cannot {verb} resource \"{resource}\" in API group {g}{}",
-                    ns.map(|n| format!(" in the namespace \"{n}\"")).unwrap_or_default()
+                    ns.map(|n| format!(" in the namespace \"{n}\""))
+                        .unwrap_or_default()
                 ));
             }
         }
