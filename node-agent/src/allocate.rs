@@ -54,14 +54,6 @@ pub enum RequestError {
         /// The IDs asked for.
         ids: String,
     },
-    /// A preferred-allocation request that cannot be met.
-    #[error("cannot choose {size} device(s): {why}")]
-    Impossible {
-        /// Requested size.
-        size: i32,
-        /// Why.
-        why: String,
-    },
 }
 
 fn check_ids<'s>(
@@ -199,26 +191,28 @@ pub fn prestart_ids(
 /// ID, then as few NUMA nodes as possible (one when it fits, best fit first),
 /// and for shared devices as many distinct physical devices as possible,
 /// preferring the least-used ones. Deterministic for a given input.
+///
+/// Best effort, never an error: the kubelet fails pod admission on any error
+/// here, while it fills a short or empty answer from the available IDs
+/// itself. IDs this agent does not know (a device that just left, a spec
+/// change in flight) are ignored; must-include IDs that exist are honoured.
 pub fn preferred(
-    cfg: &PluginConfig,
+    _cfg: &PluginConfig,
     snap: &Snapshot,
     req: &dp::ContainerPreferredAllocationRequest,
-) -> Result<Vec<String>, RequestError> {
-    let size = req.allocation_size;
-    let impossible = |why: String| RequestError::Impossible { size, why };
-    if size < 1 {
-        return Err(impossible("allocation_size must be at least 1".into()));
+) -> Vec<String> {
+    let Ok(want) = usize::try_from(req.allocation_size) else {
+        return Vec::new();
+    };
+    if want == 0 {
+        return Vec::new();
     }
-    let want = size as usize;
 
     // Known available IDs, deduplicated, with their physical device and NUMA node.
     let mut info: BTreeMap<&str, (&str, Option<i64>, bool)> = BTreeMap::new();
     for id in req.available() {
         let Some(state) = snap.physical(id) else {
-            return Err(RequestError::Unknown {
-                id: id.clone(),
-                resource: cfg.resource_name.clone(),
-            });
+            continue;
         };
         info.insert(
             id.as_str(),
@@ -231,36 +225,24 @@ pub fn preferred(
     }
     let mut chosen: Vec<String> = Vec::with_capacity(want);
     for id in req.must_include() {
-        if !info.contains_key(id.as_str()) {
-            return Err(impossible(format!(
-                "must-include ID {id:?} is not among the available IDs"
-            )));
-        }
-        if !chosen.contains(id) {
+        if info.contains_key(id.as_str()) && !chosen.contains(id) {
             chosen.push(id.clone());
         }
     }
-    if chosen.len() > want {
-        return Err(impossible(format!(
-            "{} must-include IDs exceed the allocation size",
-            chosen.len()
-        )));
+    if chosen.len() >= want {
+        chosen.truncate(want);
+        return chosen;
     }
     let candidates: Vec<&str> = info
         .iter()
         .filter(|(id, (_, _, healthy))| *healthy && !chosen.iter().any(|c| c == *id))
         .map(|(id, _)| *id)
         .collect();
-    let remaining = want - chosen.len();
-    if candidates.len() < remaining {
-        return Err(impossible(format!(
-            "only {} healthy available ID(s) besides the {} must-include",
-            candidates.len(),
-            chosen.len()
-        )));
-    }
+    // Fewer healthy candidates than wanted: prefer them all; the kubelet
+    // decides about the rest.
+    let remaining = (want - chosen.len()).min(candidates.len());
     if remaining == 0 {
-        return Ok(chosen);
+        return chosen;
     }
 
     // Replicas already taken per physical device, and free replicas per device.
@@ -332,19 +314,17 @@ pub fn preferred(
             // Fewest replicas already chosen on that device, then the most
             // NVLinks to devices already chosen, then the device with the
             // most free replicas (least used by others), then ID.
-            let (idx, _) = pool
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, id)| {
-                    let p = info[**id].0;
-                    (
-                        used.get(p).copied().unwrap_or(0),
-                        std::cmp::Reverse(linked_to_chosen(p, &used)),
-                        std::cmp::Reverse(free.get(p).copied().unwrap_or(0)),
-                        **id,
-                    )
-                })
-                .ok_or_else(|| impossible("no candidates left".into()))?;
+            let Some((idx, _)) = pool.iter().enumerate().min_by_key(|(_, id)| {
+                let p = info[**id].0;
+                (
+                    used.get(p).copied().unwrap_or(0),
+                    std::cmp::Reverse(linked_to_chosen(p, &used)),
+                    std::cmp::Reverse(free.get(p).copied().unwrap_or(0)),
+                    **id,
+                )
+            }) else {
+                break;
+            };
             let id = pool.swap_remove(idx);
             *used.entry(info[id].0).or_default() += 1;
             chosen.push(id.to_string());
@@ -354,7 +334,7 @@ pub fn preferred(
             break;
         }
     }
-    Ok(chosen)
+    chosen
 }
 
 #[cfg(test)]

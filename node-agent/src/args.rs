@@ -64,6 +64,11 @@ pub struct ServeArgs {
     )]
     pub sim_control_dir: PathBuf,
 
+    /// The container runtime's CDI spec directory, where policies with
+    /// `allocate.cdi.enabled` get their spec file.
+    #[arg(long, env = "DEVPLUG_CDI_DIR", default_value = "/var/run/cdi")]
+    pub cdi_dir: PathBuf,
+
     /// Address of /healthz and /readyz ("off" disables).
     #[arg(long, env = "DEVPLUG_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
     pub admin_addr: String,

@@ -20,19 +20,23 @@ use crate::sources::Source;
 /// How often sysfs-based sources are re-read without an event.
 pub const RESYNC: Duration = Duration::from_secs(60);
 
-fn mask() -> WatchMask {
-    WatchMask::CREATE
+/// Creation and removal only, unless the source reads file contents.
+fn mask(contents: bool) -> WatchMask {
+    let m = WatchMask::CREATE
         | WatchMask::DELETE
         | WatchMask::MOVED_TO
         | WatchMask::MOVED_FROM
-        | WatchMask::CLOSE_WRITE
-        | WatchMask::ATTRIB
-        | WatchMask::DELETE_SELF
+        | WatchMask::DELETE_SELF;
+    if contents {
+        m | WatchMask::CLOSE_WRITE | WatchMask::ATTRIB
+    } else {
+        m
+    }
 }
 
 /// Watches each directory, or its nearest existing ancestor while it does
 /// not exist yet (so its creation is an event too).
-fn add_watches(watches: &mut Watches, dirs: &[PathBuf]) {
+fn add_watches(watches: &mut Watches, dirs: &[PathBuf], contents: bool) {
     for dir in dirs {
         let mut target: &Path = dir;
         while !target.is_dir() {
@@ -41,7 +45,7 @@ fn add_watches(watches: &mut Watches, dirs: &[PathBuf]) {
                 None => break,
             }
         }
-        if let Err(e) = watches.add(target, mask()) {
+        if let Err(e) = watches.add(target, mask(contents)) {
             debug!(dir = %target.display(), error = %e, "cannot watch directory");
         }
     }
@@ -78,7 +82,7 @@ pub async fn run(
     };
     let dirs = source.watch_dirs();
     if let Some(w) = watches.as_mut() {
-        add_watches(w, &dirs);
+        add_watches(w, &dirs, source.watch_contents());
     }
 
     let rediscover = |inventory: &mut Inventory| {
@@ -115,7 +119,7 @@ pub async fn run(
                     while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, s.next()).await {}
                 }
                 if let Some(w) = watches.as_mut() {
-                    add_watches(w, &source.watch_dirs());
+                    add_watches(w, &source.watch_dirs(), source.watch_contents());
                 }
                 rediscover(&mut inventory)
             }
@@ -139,5 +143,33 @@ pub async fn run(
             info!(%policy, version = snap.version, total, healthy, "device list changed");
             tx.send_replace(Arc::new(snap));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write-and-close in a watched device directory (what every user of
+    /// `/dev/null` does) must not wake discovery; a new node must.
+    #[test]
+    fn device_directories_wake_on_nodes_not_on_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("null"), b"").unwrap();
+        let mut ino = Inotify::init().unwrap();
+        ino.watches().add(dir.path(), mask(false)).unwrap();
+        let mut buf = [0u8; 4096];
+        std::fs::write(dir.path().join("null"), b"x").unwrap();
+        let n = ino.read_events(&mut buf).map(|e| e.count()).unwrap_or(0);
+        assert_eq!(n, 0, "a write-and-close woke discovery");
+        std::fs::write(dir.path().join("foo0"), b"").unwrap();
+        let n = ino.read_events(&mut buf).map(|e| e.count()).unwrap_or(0);
+        assert!(n > 0, "a new node did not wake discovery");
+        // The simulated source's control files are read for their content.
+        let mut ino = Inotify::init().unwrap();
+        ino.watches().add(dir.path(), mask(true)).unwrap();
+        std::fs::write(dir.path().join("null"), b"y").unwrap();
+        let n = ino.read_events(&mut buf).map(|e| e.count()).unwrap_or(0);
+        assert!(n > 0);
     }
 }

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod allocate;
 pub mod args;
+pub mod cdi;
 pub mod config;
 pub mod device;
 pub mod discovery;

@@ -149,7 +149,7 @@ impl DevicePlugin for PluginService {
         let snap = self.0.snapshots.borrow().clone();
         let mut out = Vec::new();
         for c in &req.get_ref().container_requests {
-            let ids = allocate::preferred(&self.0.cfg, &snap, c).map_err(invalid)?;
+            let ids = allocate::preferred(&self.0.cfg, &snap, c);
             out.push(dp::ContainerPreferredAllocationResponse::with_ids(ids));
         }
         Ok(Response::new(dp::PreferredAllocationResponse {

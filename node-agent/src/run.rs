@@ -103,6 +103,7 @@ struct Node {
     plugin_dir: PathBuf,
     kubelet_sock: PathBuf,
     pod_resources: PathBuf,
+    cdi_dir: PathBuf,
     sources: SourceContext,
     triggers: Triggers,
     plugins: Plugins,
@@ -142,6 +143,17 @@ impl Node {
         // Wait for the first discovery so the kubelet never sees an empty
         // list from a plugin that has devices.
         let _ = first.changed().await;
+
+        // CDI names need a spec the runtime can resolve; the NVIDIA source
+        // uses the NVIDIA container toolkit's.
+        if cfg.cdi_kind.is_some() && policy.spec.source.nvidia.is_none() {
+            tasks.push(tokio::spawn(crate::cdi::run(
+                self.cdi_dir.clone(),
+                cfg.clone(),
+                snap_rx.clone(),
+                stopped.clone(),
+            )));
+        }
 
         let (alloc_tx, alloc_rx) = watch::channel(AllocView::default());
         let kick = Arc::new(Notify::new());
@@ -313,6 +325,7 @@ pub async fn run(args: ServeArgs) -> Result<(), AgentError> {
     let node = Node {
         name: node_name.clone(),
         pod_resources: args.pod_resources_socket(),
+        cdi_dir: args.cdi_dir.clone(),
         metrics: Arc::new(AgentMetrics::default()),
         client,
         kubelet_sock: plugin_dir.join(KUBELET_SOCKET),

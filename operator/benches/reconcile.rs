@@ -74,6 +74,7 @@ fn fresh(
             namespace: paths::NS.into(),
             image: "devplug-agent:bench".into(),
             kubelet_root: "/var/lib/kubelet".into(),
+            device_plugin_dir: "/var/lib/kubelet/device-plugins".into(),
         },
         store,
         support::synced(Vec::new()).0,

@@ -24,6 +24,15 @@ pub struct Args {
     #[arg(long, env = "DEVPLUG_KUBELET_ROOT", default_value = "/var/lib/kubelet")]
     pub kubelet_root: String,
 
+    /// The kubelet's device-plugin directory on the nodes (the kubelet fixes
+    /// it; only pod-resources follows the kubelet root).
+    #[arg(
+        long,
+        env = "DEVPLUG_DEVICE_PLUGIN_DIR",
+        default_value = "/var/lib/kubelet/device-plugins"
+    )]
+    pub device_plugin_dir: String,
+
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "DEVPLUG_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,

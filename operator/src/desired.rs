@@ -31,6 +31,10 @@ pub struct AgentDefaults {
     pub image: String,
     /// The kubelet's root directory on the nodes.
     pub kubelet_root: String,
+    /// The kubelet's device-plugin directory. Fixed by the kubelet at
+    /// `/var/lib/kubelet/device-plugins` whatever its `--root-dir` (k0s and
+    /// microk8s move the root, not this directory).
+    pub device_plugin_dir: String,
 }
 
 /// Port of the agent's /healthz and /readyz.
@@ -216,11 +220,14 @@ fn quantity(s: &str) -> Quantity {
     Quantity(s.to_string())
 }
 
+/// The container runtime's CDI spec directory on the nodes.
+pub const CDI_DIR: &str = "/var/run/cdi";
+
 /// The agent pod template, without the config-hash annotation.
 fn pod_template(p: &DevicePluginPolicy, d: &AgentDefaults) -> PodTemplateSpec {
     let name = p.name_any();
     let root = d.kubelet_root.trim_end_matches('/');
-    let plugins = format!("{root}/device-plugins");
+    let plugins = d.device_plugin_dir.trim_end_matches('/').to_string();
     let pod_resources = format!("{root}/pod-resources");
     let (dev, sys) = host_mounts(p);
     // Privileged only when a preStart command must touch host devices; the
@@ -232,6 +239,8 @@ fn pod_template(p: &DevicePluginPolicy, d: &AgentDefaults) -> PodTemplateSpec {
         name.clone(),
         "--kubelet-root".into(),
         root.to_string(),
+        "--plugin-dir".into(),
+        plugins.clone(),
         "--admin-addr".into(),
         format!("0.0.0.0:{AGENT_ADMIN_PORT}"),
     ];
@@ -253,6 +262,13 @@ fn pod_template(p: &DevicePluginPolicy, d: &AgentDefaults) -> PodTemplateSpec {
         args.extend(["--dev-root".into(), "/host/dev".into()]);
         volumes.push(host_path_volume("host-dev", "/dev", "Directory"));
         mounts.push(mount("host-dev", "/host/dev", true));
+    }
+    // The agent writes the CDI spec of a CDI policy into the runtime's
+    // directory (NVIDIA: the NVIDIA container toolkit's spec is used).
+    if p.spec.allocate.cdi.enabled && p.spec.source.nvidia.is_none() {
+        args.extend(["--cdi-dir".into(), CDI_DIR.into()]);
+        volumes.push(host_path_volume("cdi", CDI_DIR, "DirectoryOrCreate"));
+        mounts.push(mount("cdi", CDI_DIR, false));
     }
     if sys {
         args.extend(["--sys-root".into(), "/host/sys".into()]);

@@ -196,6 +196,7 @@ async fn controller(
             namespace: args.namespace.clone(),
             image: args.agent_image.clone(),
             kubelet_root: args.kubelet_root.clone(),
+            device_plugin_dir: args.device_plugin_dir.clone(),
         },
         policy_store.clone(),
         nds_store,

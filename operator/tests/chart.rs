@@ -282,6 +282,12 @@ fn value_sets_change_what_they_should() {
     assert!(
         envs.iter()
             .any(|e| e["name"] == "DEVPLUG_KUBELET_ROOT" && e["value"] == "/var/lib/k0s/kubelet")
+            && c["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["name"] == "DEVPLUG_DEVICE_PLUGIN_DIR"
+                    && e["value"] == "/var/lib/kubelet/device-plugins")
     );
     find(&docs, "ServiceMonitor", "devplug-operator");
     find(&docs, "PodMonitor", "devplug-agents");

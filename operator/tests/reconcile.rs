@@ -22,6 +22,7 @@ fn defaults() -> AgentDefaults {
         namespace: paths::NS.into(),
         image: "devplug-agent:test".into(),
         kubelet_root: "/var/lib/kubelet".into(),
+        device_plugin_dir: "/var/lib/kubelet/device-plugins".into(),
     }
 }
 

@@ -325,6 +325,54 @@ kubectl delete dpp e2e-conflict --wait=true --timeout=60s >/dev/null
 ok
 stop_watch_unknown
 
+begin "a CDI policy's pod runs and sees its device node and env (the agent writes the CDI spec)"
+if [ -c /dev/fuse ] || [ "$mode" != kit ]; then
+  cat <<EOF | kubectl apply -f - >/dev/null
+apiVersion: devplug.io/v1alpha1
+kind: DevicePluginPolicy
+metadata: {name: e2e-cdi}
+spec:
+  resourceName: cdi.example.com/fuse
+  source: {paths: {globs: [/dev/fuse]}}
+  allocate:
+    env: {FUSE_E2E: "yes"}
+    cdi: {enabled: true}
+EOF
+  wait_for "cdi.example.com/fuse allocatable" 120 1 kubectl get node "$NODE" -o jsonpath='{.status.allocatable.cdi\.example\.com/fuse}'
+  cat <<EOF | kubectl apply -f - >/dev/null
+apiVersion: v1
+kind: Pod
+metadata: {name: e2e-cdi-pod, labels: {app: devplug-e2e}}
+spec:
+  restartPolicy: Never
+  containers:
+    - name: c
+      image: registry.k8s.io/e2e-test-images/busybox:1.36.1-1
+      command: ["sh", "-c", "test -c /dev/fuse && echo \"node=/dev/fuse device=\$DEVPLUG_DEVICE_FUSE env=\$FUSE_E2E\""]
+      resources: {limits: {cdi.example.com/fuse: 1}}
+EOF
+  deadline=$((SECONDS + 120))
+  while :; do
+    phase=$(kubectl get pod e2e-cdi-pod -o jsonpath='{.status.phase}' 2>/dev/null || true)
+    [ "$phase" = Succeeded ] && break
+    if [ "$phase" = Failed ] || [ $SECONDS -ge $deadline ]; then
+      fail "CDI pod phase '$phase': $(kubectl get pod e2e-cdi-pod -o jsonpath='{.status.containerStatuses[0].state}') $(kubectl logs e2e-cdi-pod 2>&1 | tail -n 3)"
+    fi
+    waiting=$(kubectl get pod e2e-cdi-pod -o jsonpath='{.status.containerStatuses[0].state.waiting.reason}' 2>/dev/null || true)
+    case "$waiting" in CreateContainerError | RunContainerError)
+      fail "CDI pod: $(kubectl get pod e2e-cdi-pod -o jsonpath='{.status.containerStatuses[0].state.waiting.message}')" ;;
+    esac
+    sleep 1
+  done
+  out=$(kubectl logs e2e-cdi-pod)
+  [ "$out" = "node=/dev/fuse device=fuse env=yes" ] || fail "CDI pod printed '$out'"
+  kubectl delete pod e2e-cdi-pod --wait=true --timeout=60s >/dev/null
+  kubectl delete dpp e2e-cdi --wait=true --timeout=60s >/dev/null
+  ok "$out"
+else
+  skip "this node has no /dev/fuse"
+fi
+
 begin "a live sharing.replicas change is served without restarting the agent pod"
 uid=$(kubectl -n $NS get pod "$AGENT" -o jsonpath='{.metadata.uid}')
 kubectl patch dpp $POLICY --type=merge -p '{"spec":{"sharing":{"strategy":"TimeSlicing","replicas":3}}}' >/dev/null

@@ -54,6 +54,13 @@ pub trait Source: Send + Sync + 'static {
     /// Directories that do not exist yet are watched through their nearest
     /// existing ancestor.
     fn watch_dirs(&self) -> Vec<PathBuf>;
+    /// Whether writes to files in those directories matter too (the
+    /// simulated source's control files). Device directories are watched
+    /// for nodes appearing and disappearing only: every write-and-close of
+    /// `/dev/null` on the host would otherwise re-run discovery.
+    fn watch_contents(&self) -> bool {
+        false
+    }
     /// Signalled when the source has news that no directory shows (NVML
     /// health events); discovery runs again.
     fn wake(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {

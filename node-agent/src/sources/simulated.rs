@@ -103,6 +103,10 @@ impl Source for Simulated {
     fn watch_dirs(&self) -> Vec<PathBuf> {
         vec![self.control.clone()]
     }
+
+    fn watch_contents(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -367,6 +367,11 @@ pub struct Node {
 }
 
 impl Node {
+    /// The CDI spec directory the agents of this node write to.
+    pub fn cdi(&self) -> PathBuf {
+        self.tmp.path().join("cdi")
+    }
+
     pub fn new() -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let mk = |n: &str| {
@@ -438,6 +443,8 @@ impl Agent {
             .arg(&node.sys)
             .arg("--sim-control-dir")
             .arg(&node.sim)
+            .arg("--cdi-dir")
+            .arg(node.cdi())
             .arg("--node-name")
             .arg("test-node")
             .arg("--pod-resources-socket")
@@ -481,6 +488,8 @@ impl Agent {
             .arg(&node.plugins)
             .arg("--sim-control-dir")
             .arg(&node.sim)
+            .arg("--cdi-dir")
+            .arg(node.cdi())
             .env("KUBECONFIG", kubeconfig)
             .env(
                 "DEVPLUG_LOG",

@@ -13,6 +13,7 @@ fn d() -> AgentDefaults {
         namespace: "devplug-system".into(),
         image: "agent:1".into(),
         kubelet_root: "/var/lib/k0s/kubelet".into(),
+        device_plugin_dir: "/var/lib/kubelet/device-plugins".into(),
     }
 }
 
@@ -59,9 +60,11 @@ fn simulated_agent_is_unprivileged_and_mounts_only_kubelet_dirs() {
     assert_eq!(
         mounts(&ds),
         vec![
+            // The kubelet fixes the device-plugin directory whatever its
+            // root; only pod-resources follows the root (k0s here).
             (
                 "device-plugins".into(),
-                "/var/lib/k0s/kubelet/device-plugins".into(),
+                "/var/lib/kubelet/device-plugins".into(),
                 false
             ),
             (
@@ -82,8 +85,15 @@ fn simulated_agent_is_unprivileged_and_mounts_only_kubelet_dirs() {
     );
     let args = container(&ds).args.clone().unwrap();
     assert_eq!(
-        &args[..4],
-        ["--policy", "foo", "--kubelet-root", "/var/lib/k0s/kubelet"]
+        &args[..6],
+        [
+            "--policy",
+            "foo",
+            "--kubelet-root",
+            "/var/lib/k0s/kubelet",
+            "--plugin-dir",
+            "/var/lib/kubelet/device-plugins"
+        ]
     );
     assert!(!args.contains(&"--dev-root".to_string()));
     assert_eq!(container(&ds).image.as_deref(), Some("agent:1"));
@@ -103,6 +113,25 @@ fn simulated_agent_is_unprivileged_and_mounts_only_kubelet_dirs() {
         pod(&ds).node_selector.as_ref().unwrap()["kubernetes.io/os"],
         "linux"
     );
+}
+
+#[test]
+fn a_cdi_policy_mounts_the_runtime_cdi_directory_writable() {
+    let ds = daemonset(
+        &policy("  source: {simulated: {count: 2}}\n  allocate: {cdi: {enabled: true}}\n"),
+        &d(),
+    )
+    .unwrap();
+    assert!(mounts(&ds).contains(&("cdi".into(), "/var/run/cdi".into(), false)));
+    let args = container(&ds).args.clone().unwrap();
+    assert!(args.windows(2).any(|w| w == ["--cdi-dir", "/var/run/cdi"]));
+    // NVIDIA: the toolkit's spec; no CDI directory for the agent.
+    let ds = daemonset(
+        &policy("  source: {nvidia: {}}\n  allocate: {cdi: {enabled: true}}\n"),
+        &d(),
+    )
+    .unwrap();
+    assert!(!mounts(&ds).iter().any(|m| m.0 == "cdi"));
 }
 
 #[test]
