@@ -163,6 +163,134 @@ where
     Ok(applied)
 }
 
+/// The finalizer that keeps a deleted policy until nothing serves it.
+pub const FINALIZER: &str = "devplug.io/cleanup";
+
+/// Deletes an object; gone already is fine, any other error is an error.
+async fn delete_if_present<K>(
+    api: &Api<K>,
+    name: &str,
+    kind: &'static str,
+    ctx: &Context,
+) -> Result<bool>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => {
+            ctx.metrics.wrote(kind);
+            Ok(true)
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(e) => Err(kube_err("delete", kind, name)(e)),
+    }
+}
+
+/// What still serves a deleted policy, in words; empty when nothing does.
+async fn still_serving(p: &DevicePluginPolicy, ctx: &Context) -> Result<Vec<String>> {
+    let name = p.name_any();
+    let d = &ctx.defaults;
+    let c = ctx.client.clone();
+    let agent = desired::agent_name(&name);
+    let mut left = Vec::new();
+    // The agent objects: deleted here, not left to the garbage collector
+    // (which never runs for them if the CRD goes first).
+    if delete_if_present(
+        &Api::<DaemonSet>::namespaced(c.clone(), &d.namespace),
+        &agent,
+        "DaemonSetDelete",
+        ctx,
+    )
+    .await?
+    {
+        left.push(format!("DaemonSet {agent}"));
+    }
+    let pods: Api<Pod> = Api::namespaced(c.clone(), &d.namespace);
+    let running = pods
+        .list(&ListParams::default().labels(&desired::selector(&name)))
+        .await
+        .map_err(kube_err("list", "Pod", &name))?;
+    if !running.items.is_empty() {
+        left.push(format!("{} agent pod(s)", running.items.len()));
+    }
+    // Entries and labels go once no agent runs (the node controller's
+    // work); the RBAC objects last, so a terminating agent can still write.
+    let entries = ctx
+        .nds
+        .state()
+        .iter()
+        .filter(|n| {
+            n.status
+                .iter()
+                .flat_map(|s| &s.resources)
+                .any(|e| e.policy == name)
+        })
+        .count();
+    if entries > 0 {
+        left.push(format!("{entries} NodeDeviceStatus entr(ies)"));
+    }
+    let labelled = Api::<k8s_openapi::api::core::v1::Node>::all(c.clone())
+        .list_metadata(&ListParams::default().labels(&devices::node_label_key(&name, "count")))
+        .await
+        .map_err(kube_err("list", "Node", &name))?;
+    if !labelled.items.is_empty() {
+        left.push(format!("labels on {} node(s)", labelled.items.len()));
+    }
+    if left.is_empty() {
+        delete_if_present(
+            &Api::<ServiceAccount>::namespaced(c.clone(), &d.namespace),
+            &agent,
+            "ServiceAccountDelete",
+            ctx,
+        )
+        .await?;
+        delete_if_present(
+            &Api::<ClusterRoleBinding>::all(c.clone()),
+            &agent,
+            "ClusterRoleBindingDelete",
+            ctx,
+        )
+        .await?;
+        delete_if_present(
+            &Api::<ClusterRole>::all(c),
+            &agent,
+            "ClusterRoleDelete",
+            ctx,
+        )
+        .await?;
+    }
+    Ok(left)
+}
+
+/// Sets or clears this operator's finalizer (server-side apply of the
+/// operator's own entry in the `finalizers` set).
+async fn set_finalizer(p: &DevicePluginPolicy, on: bool, ctx: &Context) -> Result<()> {
+    let name = p.name_any();
+    let api: Api<DevicePluginPolicy> = Api::all(ctx.client.clone());
+    let body = serde_json::json!({
+        "apiVersion": "devplug.io/v1alpha1",
+        "kind": "DevicePluginPolicy",
+        "metadata": {"name": name, "finalizers": if on { vec![FINALIZER] } else { vec![] }},
+    });
+    api.patch(
+        &name,
+        &PatchParams::apply(OPERATOR_MANAGER),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(kube_err(
+        if on {
+            "add finalizer to"
+        } else {
+            "remove finalizer from"
+        },
+        "DevicePluginPolicy",
+        &name,
+    ))?;
+    ctx.metrics.wrote("Finalizer");
+    Ok(())
+}
+
 /// Removes the agent DaemonSet of a policy that must not have agents.
 async fn remove_agents(ctx: &Context, name: &str) -> Result<bool> {
     let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.defaults.namespace);
@@ -377,10 +505,25 @@ pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<
     if !ctx.synced.ready() {
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
+    let ours = p.finalizers().iter().any(|f| f == FINALIZER);
     if p.metadata.deletion_timestamp.is_some() {
-        // Owner references hand the agents to the garbage collector.
         ctx.forget(&name);
-        return Ok(Action::await_change());
+        if !ours {
+            return Ok(Action::await_change());
+        }
+        // Released only when no node serves it any more, so that
+        // `kubectl delete dpp X --wait` means "gone everywhere".
+        let left = still_serving(&p, &ctx).await?;
+        if left.is_empty() {
+            set_finalizer(&p, false, &ctx).await?;
+            info!(policy = %name, "cleaned up; released the policy");
+            return Ok(Action::await_change());
+        }
+        debug!(policy = %name, left = %left.join(", "), "waiting for cleanup");
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
+    if !ours {
+        set_finalizer(&p, true, &ctx).await?;
     }
     let mut seen = Observed::default();
     let result: Result<()> = async {

@@ -91,7 +91,7 @@ pub fn agent_problem(policy: &str, node: &str, pods: &[Arc<Pod>]) -> Option<Stri
 /// Whether `policy` wants an agent on `node`: valid, not the loser of a
 /// conflict, and the node matches its selector.
 pub fn serves_node(policy: &DevicePluginPolicy, node: &Node) -> bool {
-    if policy.spec.validate().is_err() {
+    if policy.metadata.deletion_timestamp.is_some() || policy.spec.validate().is_err() {
         return false;
     }
     let lost = policy
@@ -320,9 +320,10 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
         ctx.metrics.wrote("NodeDeviceStatusSummary");
     }
 
-    // Node labels.
+    // Node labels (none for a policy being deleted).
     let by_name: BTreeMap<String, &DevicePluginPolicy> = policies
         .iter()
+        .filter(|(_, v)| v.metadata.deletion_timestamp.is_none())
         .map(|(k, v)| (k.clone(), v.as_ref()))
         .collect();
     let want = devices::node_labels(&effective, &by_name);

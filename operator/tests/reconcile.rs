@@ -93,6 +93,8 @@ async fn first_reconcile_applies_agent_objects_and_the_second_writes_nothing() {
     assert_eq!(
         write_paths(&api),
         vec![
+            // The cleanup finalizer, then the agent objects.
+            format!("PATCH {}", paths::policy("foo")),
             format!("PATCH {}", paths::service_account("foo")),
             format!("PATCH {}", paths::cluster_role("foo")),
             format!("PATCH {}", paths::cluster_role_binding("foo")),
@@ -102,12 +104,15 @@ async fn first_reconcile_applies_agent_objects_and_the_second_writes_nothing() {
     );
     assert_eq!(
         ctx.metrics.total_writes(),
-        5,
+        6,
         "the write counter counts what was written"
     );
     for w in api.writes() {
         assert!(w.query.contains("fieldManager=devplug-operator"), "{w:?}");
-        assert!(w.query.contains("force=true"), "{w:?}");
+        // The finalizer is a set entry of its own: applied without force,
+        // so it never takes another manager's finalizers.
+        let finalizer = w.path == paths::policy("foo");
+        assert_eq!(w.query.contains("force=true"), !finalizer, "{w:?}");
     }
     let ds = api.get(&paths::daemonset("foo")).unwrap();
     assert_eq!(
@@ -248,6 +253,7 @@ async fn the_newer_of_two_conflicting_policies_gets_no_agents() {
             .cloned()
             .collect::<Vec<_>>(),
         vec![
+            format!("PATCH {}", paths::policy("new")),
             format!("DELETE {}", paths::daemonset("new")),
             format!("PATCH {}/status", paths::policy("new"))
         ]
@@ -506,4 +512,67 @@ async fn device_health_from_every_node_lands_in_the_policy_status() {
             .iter()
             .any(|e| e["reason"] == "DeviceRecovered")
     );
+}
+
+/// `kubectl delete dpp X --wait` returns when nothing serves X any more: the
+/// finalizer stays until the DaemonSet, the agent pods, the NodeDeviceStatus
+/// entries and the node labels are gone, then the RBAC objects go and the
+/// finalizer is released. Nothing is left to the garbage collector, which
+/// never runs for them if the CRD is deleted first.
+#[tokio::test]
+async fn a_deleted_policy_is_released_only_when_nothing_serves_it() {
+    let (client, api) = FakeApi::start();
+    let (store, mut w) = seed(
+        &api,
+        &[policy_json(
+            "foo",
+            "example.com/foo",
+            "2026-11-01T00:00:00Z",
+            json!({}),
+        )],
+    );
+    let ctx = ctx(client, store);
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    assert_eq!(
+        api.get(&paths::policy("foo")).unwrap()["metadata"]["finalizers"],
+        json!(["devplug.io/cleanup"])
+    );
+    // An agent pod still runs; then it is deleted.
+    api.put(
+        &paths::pod("devplug-agent-foo-x"),
+        json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "devplug-agent-foo-x", "namespace": paths::NS,
+            "labels": {"app.kubernetes.io/name": "devplug-agent", "devplug.io/policy": "foo"}}}),
+    );
+    let mut p = api.get(&paths::policy("foo")).unwrap();
+    p["metadata"]["deletionTimestamp"] = json!("2026-11-22T00:00:00Z");
+    api.put(&paths::policy("foo"), p.clone());
+    w.apply_watcher_event(&kube::runtime::watcher::Event::Apply(
+        serde_json::from_value(p).unwrap(),
+    ));
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    assert!(
+        api.get(&paths::daemonset("foo")).is_none(),
+        "DaemonSet deleted at once"
+    );
+    assert!(
+        api.get(&paths::service_account("foo")).is_some(),
+        "RBAC kept while an agent may still write"
+    );
+    assert_eq!(
+        api.get(&paths::policy("foo")).unwrap()["metadata"]["finalizers"],
+        json!(["devplug.io/cleanup"]),
+        "held while an agent pod runs"
+    );
+    api.delete_object(&paths::pod("devplug-agent-foo-x"));
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    assert!(api.get(&paths::service_account("foo")).is_none());
+    assert!(api.get(&paths::cluster_role("foo")).is_none());
+    assert!(api.get(&paths::cluster_role_binding("foo")).is_none());
+    assert_eq!(
+        api.get(&paths::policy("foo")).unwrap()["metadata"]["finalizers"],
+        json!([]),
+        "released"
+    );
+    assert!(api.denied().is_empty(), "{:?}", api.denied());
 }

@@ -123,7 +123,11 @@ trap cleanup EXIT
 # Removes what an earlier, failed run left on a reused cluster.
 leftovers() {
   kubectl delete pod -l app=devplug-e2e --ignore-not-found --wait=true --timeout=60s >/dev/null 2>&1 || true
-  kubectl delete dpp --all --wait=true --timeout=120s >/dev/null 2>&1 || true
+  kubectl delete dpp --all --wait=true --timeout=60s >/dev/null 2>&1 || true
+  # A policy whose operator is gone keeps its finalizer.
+  for p in $(kubectl get dpp -o name 2>/dev/null); do
+    kubectl patch "$p" --type=merge -p '{"metadata":{"finalizers":[]}}' >/dev/null 2>&1 || true
+  done
   helm uninstall devplug -n $NS --wait >/dev/null 2>&1 || true
 }
 
@@ -470,9 +474,18 @@ wait_for "NodeDeviceStatus entry removed" 60 "" entry '.policy'
 wait_for "node labels removed" 60 "" sh -c "kubectl get node $NODE -o jsonpath='{.metadata.labels}' | grep -o 'devplug.io/$POLICY[^\"]*' || true"
 ok
 
-begin "helm uninstall"
+begin "uninstall in the README's order (policies, chart, CRDs) leaves nothing behind"
+kubectl apply -f examples/simulated-foo.yaml >/dev/null
+wait_for "agent pod Ready again" 120 True agent_ready
+kubectl delete dpp --all --wait=true --timeout=120s >/dev/null || fail "kubectl delete dpp --all --wait did not return"
 helm uninstall devplug -n $NS --wait --timeout 2m >/dev/null || fail "helm uninstall failed"
-wait_for "operator gone" 120 "" kubectl -n $NS get deploy -o name
+kubectl delete -f crds/ --wait=true --timeout=120s >/dev/null || fail "deleting the CRDs failed"
+left=$(
+  kubectl -n $NS get ds,pods,sa -o name 2>/dev/null | grep -v 'serviceaccount/default' || true
+  kubectl get clusterroles,clusterrolebindings -o name 2>/dev/null | grep devplug || true
+  kubectl get node "$NODE" -o jsonpath='{.metadata.labels}' | grep -o '"devplug.io/[^"]*"' || true
+)
+[ -z "$left" ] || fail "left behind: $(echo $left)"
 ok
 
 say "$passed passed, 0 failed, $skipped skipped, in $((SECONDS - SUITE_START)) s"

@@ -88,10 +88,14 @@ fn respond(code: u16, body: &Value) -> Response<Body> {
 }
 
 fn labels_match(obj: &Value, selector: &str) -> bool {
-    selector.split(',').filter(|s| !s.is_empty()).all(|kv| {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        obj["metadata"]["labels"][k].as_str() == Some(v)
-    })
+    selector
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .all(|kv| match kv.split_once('=') {
+            Some((k, v)) => obj["metadata"]["labels"][k].as_str() == Some(v),
+            // A bare key: the label exists.
+            None => obj["metadata"]["labels"].get(kv).is_some(),
+        })
 }
 
 fn query_param(query: &str, key: &str) -> Option<String> {
@@ -343,13 +347,19 @@ impl FakeApi {
                         merge(&mut o, &body);
                         o
                     }
-                    Some(o) if path.contains("/nodedevicestatuses/") => {
+                    // Objects several managers apply to: a partial apply
+                    // (finalizers, owner references) keeps the rest.
+                    Some(o)
+                        if path.contains("/nodedevicestatuses/")
+                            || path.contains("/devicepluginpolicies/") =>
+                    {
                         let mut o = o.clone();
                         merge(&mut o, &body);
                         o
                     }
                     _ => body.clone(),
                 };
+                let new_spec = new.get("spec").cloned();
                 let meta = &mut new["metadata"];
                 meta["resourceVersion"] = json!(rv);
                 match &old {
@@ -357,7 +367,7 @@ impl FakeApi {
                         meta["uid"] = o["metadata"]["uid"].clone();
                         meta["creationTimestamp"] = o["metadata"]["creationTimestamp"].clone();
                         let generation = o["metadata"]["generation"].as_i64().unwrap_or(1);
-                        let changed = o.get("spec") != body.get("spec");
+                        let changed = o.get("spec") != new_spec.as_ref();
                         meta["generation"] =
                             json!(if changed { generation + 1 } else { generation });
                         if body.get("status").is_none() && o.get("status").is_some() {
@@ -502,7 +512,7 @@ impl FakeApi {
 
 fn is_collection(path: &str) -> bool {
     let last = path.rsplit('/').next().unwrap_or("");
-    matches!(last, "pods" | "events" | "daemonsets" | "leases")
+    matches!(last, "pods" | "events" | "daemonsets" | "leases" | "nodes")
 }
 
 /// API paths of what the operator manages.
