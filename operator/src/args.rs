@@ -24,6 +24,14 @@ pub struct Args {
     #[arg(long, env = "DEVPLUG_KUBELET_ROOT", default_value = "/var/lib/kubelet")]
     pub kubelet_root: String,
 
+    /// Pull policy of agent images (Always, IfNotPresent, Never).
+    #[arg(long, env = "DEVPLUG_AGENT_IMAGE_PULL_POLICY")]
+    pub agent_image_pull_policy: Option<String>,
+
+    /// Pull secrets of agent pods, comma-separated names.
+    #[arg(long, env = "DEVPLUG_AGENT_IMAGE_PULL_SECRETS", value_delimiter = ',')]
+    pub agent_image_pull_secrets: Vec<String>,
+
     /// The kubelet's device-plugin directory on the nodes (the kubelet fixes
     /// it; only pod-resources follows the kubelet root).
     #[arg(

@@ -13,7 +13,8 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, HostPathVolumeSource, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe,
+    HTTPGetAction, HostPathVolumeSource, LocalObjectReference, ObjectFieldSelector, PodSpec,
+    PodTemplateSpec, Probe,
     ResourceRequirements, SecurityContext, ServiceAccount, Volume, VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
@@ -23,7 +24,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
 /// Operator-wide settings that shape every agent.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct AgentDefaults {
     /// Namespace of the agent DaemonSets and ServiceAccounts.
     pub namespace: String,
@@ -35,6 +36,10 @@ pub struct AgentDefaults {
     /// `/var/lib/kubelet/device-plugins` whatever its `--root-dir` (k0s and
     /// microk8s move the root, not this directory).
     pub device_plugin_dir: String,
+    /// Pull policy of the agent image (the chart's `image.pullPolicy`).
+    pub image_pull_policy: Option<String>,
+    /// Pull secrets of the agent pods (the chart's `imagePullSecrets`).
+    pub image_pull_secrets: Vec<String>,
 }
 
 /// Port of the agent's /healthz and /readyz.
@@ -364,6 +369,12 @@ fn pod_template(p: &DevicePluginPolicy, d: &AgentDefaults) -> PodTemplateSpec {
             ),
             node_selector: Some(node_selector),
             tolerations: (!p.spec.tolerations.is_empty()).then(|| p.spec.tolerations.clone()),
+            image_pull_secrets: (!d.image_pull_secrets.is_empty()).then(|| {
+                d.image_pull_secrets
+                    .iter()
+                    .map(|n| LocalObjectReference { name: n.clone() })
+                    .collect()
+            }),
             termination_grace_period_seconds: Some(10),
             containers: vec![Container {
                 name: "agent".into(),
@@ -374,6 +385,7 @@ fn pod_template(p: &DevicePluginPolicy, d: &AgentDefaults) -> PodTemplateSpec {
                         .clone()
                         .unwrap_or_else(|| d.image.clone()),
                 ),
+                image_pull_policy: d.image_pull_policy.clone(),
                 args: Some(args),
                 env: Some(env),
                 ports: Some(vec![ContainerPort {

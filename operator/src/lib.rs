@@ -197,6 +197,13 @@ async fn controller(
             image: args.agent_image.clone(),
             kubelet_root: args.kubelet_root.clone(),
             device_plugin_dir: args.device_plugin_dir.clone(),
+            image_pull_policy: args.agent_image_pull_policy.clone().filter(|p| !p.is_empty()),
+            image_pull_secrets: args
+                .agent_image_pull_secrets
+                .iter()
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .collect(),
         },
         policy_store.clone(),
         nds_store,

@@ -271,8 +271,25 @@ fn value_sets_change_what_they_should() {
         "samplePolicy.enabled=true",
         "--set",
         "agentNodeRestriction.enabled=false",
+        "--set",
+        "image.pullPolicy=Always",
+        "--set",
+        "imagePullSecrets[0].name=regcred",
+        "--set",
+        "imagePullSecrets[1].name=other",
     ]);
     let dep = find(&docs, "Deployment", "devplug-operator");
+    // The agents are pulled like the operator.
+    let env_of = |name: &str| {
+        dep["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].clone())
+    };
+    assert_eq!(env_of("DEVPLUG_AGENT_IMAGE_PULL_POLICY"), Some("Always".into()));
+    assert_eq!(env_of("DEVPLUG_AGENT_IMAGE_PULL_SECRETS"), Some("regcred,other".into()));
     assert_eq!(dep["spec"]["replicas"], 2);
     let c = &dep["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(c["image"], "registry.local:5000/devplug-operator:dev");

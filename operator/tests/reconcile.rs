@@ -23,6 +23,7 @@ fn defaults() -> AgentDefaults {
         image: "devplug-agent:test".into(),
         kubelet_root: "/var/lib/kubelet".into(),
         device_plugin_dir: "/var/lib/kubelet/device-plugins".into(),
+        ..Default::default()
     }
 }
 

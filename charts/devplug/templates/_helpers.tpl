@@ -20,3 +20,12 @@ app.kubernetes.io/name: devplug-operator
 {{- define "devplug.agentImage" -}}
 {{ .Values.image.registry }}/{{ .Values.image.agent }}:{{ include "devplug.tag" . }}
 {{- end -}}
+
+{{/* Names of the image pull secrets, comma-separated (for the agents). */}}
+{{- define "devplug.pullSecretNames" -}}
+{{- $names := list -}}
+{{- range .Values.imagePullSecrets -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- join "," $names -}}
+{{- end -}}

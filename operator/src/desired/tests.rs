@@ -14,6 +14,7 @@ fn d() -> AgentDefaults {
         image: "agent:1".into(),
         kubelet_root: "/var/lib/k0s/kubelet".into(),
         device_plugin_dir: "/var/lib/kubelet/device-plugins".into(),
+        ..Default::default()
     }
 }
 
@@ -291,4 +292,21 @@ fn stamp_records_the_content_hash() {
     let b = stamp(service_account(&p, &d())).unwrap();
     assert!(applied_hash(&a).is_some());
     assert_eq!(applied_hash(&a), applied_hash(&b));
+}
+
+#[test]
+fn agent_pods_are_pulled_like_the_operator() {
+    let d = AgentDefaults {
+        image_pull_policy: Some("Always".into()),
+        image_pull_secrets: vec!["regcred".into()],
+        ..d()
+    };
+    let ds = daemonset(&policy("  source: {simulated: {count: 1}}\n"), &d).unwrap();
+    assert_eq!(container(&ds).image_pull_policy.as_deref(), Some("Always"));
+    assert_eq!(
+        pod(&ds).image_pull_secrets.as_ref().unwrap()[0].name,
+        "regcred"
+    );
+    let ds = daemonset(&policy("  source: {simulated: {count: 1}}\n"), &self::d()).unwrap();
+    assert!(pod(&ds).image_pull_secrets.is_none());
 }
