@@ -75,7 +75,7 @@ fn fresh(
             image: "devplug-agent:bench".into(),
             kubelet_root: "/var/lib/kubelet".into(),
             device_plugin_dir: "/var/lib/kubelet/device-plugins".into(),
-        ..Default::default()
+            ..Default::default()
         },
         store,
         support::synced(Vec::new()).0,

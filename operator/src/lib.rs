@@ -197,7 +197,10 @@ async fn controller(
             image: args.agent_image.clone(),
             kubelet_root: args.kubelet_root.clone(),
             device_plugin_dir: args.device_plugin_dir.clone(),
-            image_pull_policy: args.agent_image_pull_policy.clone().filter(|p| !p.is_empty()),
+            image_pull_policy: args
+                .agent_image_pull_policy
+                .clone()
+                .filter(|p| !p.is_empty()),
             image_pull_secrets: args
                 .agent_image_pull_secrets
                 .iter()

@@ -288,8 +288,14 @@ fn value_sets_change_what_they_should() {
             .find(|e| e["name"] == name)
             .map(|e| e["value"].clone())
     };
-    assert_eq!(env_of("DEVPLUG_AGENT_IMAGE_PULL_POLICY"), Some("Always".into()));
-    assert_eq!(env_of("DEVPLUG_AGENT_IMAGE_PULL_SECRETS"), Some("regcred,other".into()));
+    assert_eq!(
+        env_of("DEVPLUG_AGENT_IMAGE_PULL_POLICY"),
+        Some("Always".into())
+    );
+    assert_eq!(
+        env_of("DEVPLUG_AGENT_IMAGE_PULL_SECRETS"),
+        Some("regcred,other".into())
+    );
     assert_eq!(dep["spec"]["replicas"], 2);
     let c = &dep["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(c["image"], "registry.local:5000/devplug-operator:dev");

@@ -418,12 +418,33 @@ EOF
     done
     kubectl delete pod "$1" --wait=false >/dev/null
   }
+  metric_regs() {
+    kubectl get --raw "/api/v1/namespaces/$NS/pods/$(agent_pod):8080/proxy/metrics" 2>/dev/null |
+      awk '/^devplug_registrations_total/ {s += $2} END {print s + 0}'
+  }
   uae_events() { kubectl get events -A --field-selector reason=UnexpectedAdmissionError -o name 2>/dev/null | wc -l; }
   uae_before=$(uae_events)
   run_pod e2e-before-restarts
+  heartbeat() { # seconds since the epoch of the kubelet's last node-lease renewal
+    date -d "$(kubectl -n kube-node-lease get lease "$NODE" -o jsonpath='{.spec.renewTime}')" +%s 2>/dev/null || echo 0
+  }
   for i in 1 2 3 4 5; do
+    before=$(metric_regs)
+    restarted=$(date +%s)
     restart_kubelet || fail "restart $i of the kubelet failed"
-    wait_for "node Ready after restart $i" 120 True kubectl get node "$NODE" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}'
+    # The new kubelet is through its start (it has renewed its node lease)
+    # and has our plugin again (the agent counted one more registration).
+    deadline=$((SECONDS + 60))
+    until [ "$(heartbeat)" -gt "$restarted" ]; do
+      [ $SECONDS -lt $deadline ] || fail "no node heartbeat within 60 s of restart $i"
+      sleep 1
+    done
+    deadline=$((SECONDS + 60))
+    until [ "$(metric_regs)" -gt "$before" ] 2>/dev/null; do
+      [ $SECONDS -lt $deadline ] || fail "no re-registration within 60 s of restart $i (registrations stayed $before)"
+      sleep 1
+    done
+    wait_for "allocatable after restart $i" 60 2 alloc
     run_pod "e2e-after-restart-$i"
   done
   uae=$(($(uae_events) - uae_before))
