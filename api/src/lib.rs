@@ -10,8 +10,8 @@ pub mod validation;
 pub use node_status::*;
 pub use policy::*;
 pub use validation::{
-    FieldError, MAX_ADVERTISED_IDS, MAX_DOMAIN, ValidationErrors, validate_device_id,
-    validate_resource_name,
+    FieldError, MAX_ADVERTISED_IDS, MAX_DOMAIN, MAX_PRESTART_SECONDS, ValidationErrors,
+    validate_device_id, validate_resource_name,
 };
 
 /// API group of every devplug resource.
@@ -53,6 +53,14 @@ pub enum LoadError {
         index: usize,
         /// What the document declared.
         found: String,
+    },
+    /// A document has fields the API does not know (typos, misplaced keys).
+    #[error("document {index}: {}", unknown.iter().map(|p| format!("unknown field `{}` (at {p})", p.rsplit('.').next().unwrap_or(p))).collect::<Vec<_>>().join(", "))]
+    Unknown {
+        /// 0-based index of the YAML document.
+        index: usize,
+        /// Paths of the unknown fields, e.g. `spec.replicas`.
+        unknown: Vec<String>,
     },
     /// A policy has no metadata.name.
     #[error("document {index}: metadata.name is required")]
@@ -106,8 +114,17 @@ pub fn policies_from_yaml(text: &str) -> Result<Vec<DevicePluginPolicy>, LoadErr
                 found: format!("apiVersion {api_version:?}, kind {kind:?}"),
             });
         }
+        // The types accept unknown fields (for watches across versions); a
+        // file a person wrote refuses them, as the API server does.
+        let mut unknown = Vec::new();
         let policy: DevicePluginPolicy =
-            serde_yaml::from_value(value).map_err(|source| LoadError::Parse { index, source })?;
+            serde_ignored::deserialize(value, |path| unknown.push(path.to_string()))
+                .map_err(|source| LoadError::Parse { index, source })?;
+        // apiVersion and kind were checked above; the derived type skips them.
+        unknown.retain(|p| p != "apiVersion" && p != "kind");
+        if !unknown.is_empty() {
+            return Err(LoadError::Unknown { index, unknown });
+        }
         let Some(name) = policy.metadata.name.clone() else {
             return Err(LoadError::Unnamed { index });
         };

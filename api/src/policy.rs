@@ -8,6 +8,11 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+// The types of this module accept fields they do not know (a CRD newer than
+// a running agent or operator must not break its watch during an upgrade);
+// unknown fields are refused at admission by the API server, and in
+// standalone configuration files by `crate::policies_from_yaml`.
+
 /// Advertise a class of node devices to the kubelet as one extended resource.
 ///
 /// The operator runs a node agent (a kubelet device plugin) on every node the
@@ -29,7 +34,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "!has(self.source.simulated) || ((has(self.source.simulated.count) ? self.source.simulated.count : 0) + (has(self.source.simulated.devices) ? size(self.source.simulated.devices) : 0)) * (has(self.sharing) && has(self.sharing.replicas) ? self.sharing.replicas : 1) <= 16384",
      "message": "devices x sharing.replicas may be at most 16384: the kubelet's 4 MiB ListAndWatch message cannot carry more IDs"}
@@ -93,7 +98,7 @@ pub struct DevicePluginPolicySpec {
 
 /// Device discovery. Exactly one field must be set.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "[has(self.simulated), has(self.paths), has(self.usb), has(self.pci), has(self.nvidia)].filter(x, x).size() == 1",
      "message": "set exactly one source: simulated, paths, usb, pci or nvidia"}
@@ -142,7 +147,7 @@ impl SourceSpec {
 /// Simulated devices. Either list `devices` explicitly, or give `count` and
 /// the agent names them `<idPrefix>-<n>`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "(has(self.count) && self.count > 0) != (has(self.devices) && size(self.devices) > 0)",
      "message": "set either count >= 1 or a list of devices, not both"}
@@ -173,7 +178,7 @@ pub struct SimulatedSource {
 
 /// One explicit simulated device.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct SimulatedDevice {
     /// Device ID as advertised to the kubelet.
     #[schemars(length(max = 63), regex(pattern = r"^[A-Za-z0-9._:-]{1,63}$"))]
@@ -187,7 +192,7 @@ pub struct SimulatedDevice {
 /// Host device nodes. Each path matching one of `globs` is one device; its
 /// ID is the file name (for example `fuse` for `/dev/fuse`).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PathsSource {
     /// Absolute globs under `/dev`, for example `/dev/foo[0-9]*` (1 to 32,
     /// each at most 256 characters).
@@ -227,7 +232,7 @@ pub struct PathsSource {
 /// USB devices, from sysfs. The device node given to the container is
 /// `/dev/bus/usb/<bus>/<dev>`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct UsbSource {
     /// Devices to match; any match selects the device (1 to 64).
     #[schemars(length(min = 1, max = 64))]
@@ -236,7 +241,7 @@ pub struct UsbSource {
 
 /// A USB vendor and, optionally, product ID (4 hex digits each).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct UsbMatch {
     /// Vendor ID, for example `046d`.
     #[schemars(length(max = 4), regex(pattern = r"^[0-9a-fA-F]{4}$"))]
@@ -251,7 +256,7 @@ pub struct UsbMatch {
 /// device is bound to `vfio-pci` the container gets `/dev/vfio/vfio` and its
 /// IOMMU group node.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "has(self.vendor) || has(self.devices) || has(self.class)",
      "message": "set at least one of vendor, devices, class"}
@@ -281,7 +286,7 @@ pub struct PciSource {
 /// UUIDs; containers get `NVIDIA_VISIBLE_DEVICES` (or CDI names
 /// `nvidia.com/gpu=<UUID>` with `allocate.cdi.enabled`) and the device nodes.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct NvidiaSource {
     /// XIDs that do not make a GPU unhealthy because applications cause them
     /// (default 13, 31, 43, 45, 68, 109).
@@ -302,7 +307,7 @@ pub enum SharingStrategy {
 
 /// How devices are shared.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "has(self.strategy) && self.strategy == 'TimeSlicing' ? has(self.replicas) : !has(self.replicas)",
      "message": "replicas is required with strategy TimeSlicing and not allowed with Exclusive"},
@@ -335,7 +340,7 @@ impl SharingSpec {
 
 /// What a container receives with its devices.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct AllocateSpec {
     /// Environment variables set in the container (at most 64; names are
     /// `[A-Za-z_][A-Za-z0-9_]*`).
@@ -368,7 +373,7 @@ pub struct AllocateSpec {
 
 /// A host path mounted into the container.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct MountSpec {
     /// Absolute path on the host.
     #[schemars(regex(pattern = r"^/"))]
@@ -389,7 +394,7 @@ fn default_true() -> bool {
 /// names `<kind>=<device ID>` and no raw device nodes; the node's container
 /// runtime must have matching CDI specs.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct CdiSpec {
     /// Return CDI device names (default false).
     #[serde(default)]
@@ -409,7 +414,7 @@ pub struct CdiSpec {
 /// received devices starts. The allocated physical device IDs are appended
 /// as arguments and also set in `DEVPLUG_DEVICE_IDS`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PreStartSpec {
     /// Program and arguments; the program is an absolute path (at most 64
     /// words of 4096 characters).
@@ -421,15 +426,16 @@ pub struct PreStartSpec {
         ])
     )]
     pub command: Vec<String>,
-    /// Time limit for one run (default 30 s).
+    /// Time limit for one run, at most 25 s (default 25 s): the kubelet
+    /// gives up on PreStartContainer after 30 s and fails the container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 3600))]
+    #[schemars(range(min = 1, max = 25))]
     pub timeout_seconds: Option<u32>,
 }
 
 /// Health damping.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct HealthSpec {
     /// How long a recovered device must stay good before it is advertised
     /// healthy again (default 5 s). Going unhealthy is never delayed.
@@ -450,7 +456,7 @@ impl HealthSpec {
 
 /// How the agent DaemonSet is deployed.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct AgentSpec {
     /// Agent image (default: the operator's configured agent image).
     #[serde(default, skip_serializing_if = "Option::is_none")]

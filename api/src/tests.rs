@@ -212,6 +212,23 @@ fn unknown_and_misplaced_fields_are_rejected() {
     assert!(e.contains("cuont"), "{e}");
 }
 
+/// What the API server sends is read leniently: a CRD newer than the
+/// running agent or operator (a field it does not know) must not break its
+/// watch; strictness belongs to admission and to files a person wrote.
+#[test]
+fn objects_from_the_api_server_may_carry_fields_this_version_does_not_know() {
+    let json = serde_json::json!({
+        "apiVersion": "devplug.io/v1alpha1", "kind": "DevicePluginPolicy",
+        "metadata": {"name": "foo"},
+        "spec": {"resourceName": "example.com/foo", "kubeletApi": "DRA",
+                 "source": {"simulated": {"count": 2, "futureKnob": true}},
+                 "sharing": {"strategy": "Exclusive", "newSetting": 1}},
+        "status": {"newCounter": 3}
+    });
+    let p: DevicePluginPolicy = serde_json::from_value(json).unwrap();
+    assert_eq!(p.spec.source.simulated.unwrap().count, 2);
+}
+
 #[test]
 fn multi_document_and_duplicates() {
     let two = format!(
@@ -242,4 +259,22 @@ fn ids_env_name() {
         default_ids_env("hardware-vendor.example/foo"),
         "DEVPLUG_HARDWARE_VENDOR_EXAMPLE_FOO"
     );
+}
+
+#[test]
+fn prestart_ends_before_the_kubelet_gives_up() {
+    let spec = spec_with(|s| {
+        s.pre_start = Some(crate::PreStartSpec {
+            command: vec!["/bin/true".into()],
+            timeout_seconds: Some(60),
+        })
+    });
+    assert_eq!(fields(&spec), vec!["spec.preStart.timeoutSeconds"]);
+    let spec = spec_with(|s| {
+        s.pre_start = Some(crate::PreStartSpec {
+            command: vec!["/bin/true".into()],
+            timeout_seconds: Some(25),
+        })
+    });
+    assert!(spec.validate().is_ok());
 }

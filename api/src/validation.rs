@@ -43,6 +43,10 @@ impl Collector {
 /// DNS subdomain.
 pub const MAX_DOMAIN: usize = 253 - "requests.".len();
 
+/// Longest preStart time limit: the kubelet gives up on PreStartContainer
+/// after 30 s and fails the container; the command must end well before.
+pub const MAX_PRESTART_SECONDS: u32 = 25;
+
 /// Most device IDs one policy may advertise on a node (devices x replicas):
 /// the kubelet receives ListAndWatch with a 4 MiB message limit.
 pub const MAX_ADVERTISED_IDS: u64 = 16384;
@@ -412,6 +416,16 @@ impl DevicePluginPolicySpec {
                     format!("program {prog:?} must be an absolute path"),
                 ),
                 Some(_) => {}
+            }
+            if let Some(t) = p.timeout_seconds
+                && t > MAX_PRESTART_SECONDS
+            {
+                c.err(
+                    "spec.preStart.timeoutSeconds",
+                    format!(
+                        "{t} s is longer than the kubelet waits for PreStartContainer (30 s); at most {MAX_PRESTART_SECONDS}"
+                    ),
+                );
             }
             if p.timeout_seconds == Some(0) {
                 c.err("spec.preStart.timeoutSeconds", "must be >= 1");

@@ -93,7 +93,13 @@ impl PluginConfig {
             pre_start: s.pre_start.as_ref().map(|ps| {
                 (
                     ps.command.clone(),
-                    Duration::from_secs(u64::from(ps.timeout_seconds.unwrap_or(30))),
+                    // Below the kubelet's 30 s PreStartContainer limit,
+                    // whatever an older CRD admitted.
+                    Duration::from_secs(u64::from(
+                        ps.timeout_seconds
+                            .unwrap_or(devplug_api::MAX_PRESTART_SECONDS)
+                            .min(devplug_api::MAX_PRESTART_SECONDS),
+                    )),
                 )
             }),
             settle: Duration::from_secs(u64::from(s.health.settle_seconds())),

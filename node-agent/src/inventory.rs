@@ -107,12 +107,10 @@ impl Inventory {
     /// Applies one discovery result; returns true when anything advertised
     /// changed. A failed probe keeps the known devices, as `Unknown`.
     pub fn apply(&mut self, found: Result<Vec<Device>, SourceError>, now: Instant) -> bool {
-        let devices = match found {
-            Ok(d) => {
-                let changed = self.source_error.take().is_some();
-                self.bump(changed);
-                d
-            }
+        // A cleared source error is a change on its own (it is a reason in
+        // the status), even when the devices come back exactly as before.
+        let (devices, mut changed) = match found {
+            Ok(d) => (d, self.source_error.take().is_some()),
             Err(e) => {
                 let reason = format!("probe failed: {e}");
                 let mut changed = self.source_error.as_deref() != Some(&e.to_string());
@@ -125,7 +123,6 @@ impl Inventory {
         };
         self.gone
             .retain(|_, at| now.saturating_duration_since(*at) < self.settle);
-        let mut changed = false;
         let mut next = BTreeMap::new();
         for dev in devices {
             let entry = match self.known.remove(&dev.id) {
@@ -304,6 +301,26 @@ mod tests {
             "same reason"
         );
         assert!(inv.apply(Ok(vec![dev("g", Health::Healthy)]), t0));
+        assert_eq!(inv.snapshot().source_error, None);
+    }
+
+    /// The error clears while the very same devices are found again: that
+    /// is still news (the status carries the error as a reason).
+    #[test]
+    fn a_cleared_source_error_is_published_even_when_no_device_changed() {
+        let t0 = Instant::now();
+        let mut inv = Inventory::new(S, 1);
+        assert!(inv.apply(Ok(vec![dev("g", Health::Healthy)]), t0));
+        assert!(inv.apply(
+            Err(SourceError::Unavailable("sysfs read failed".into())),
+            t0
+        ));
+        let v = inv.snapshot().version;
+        assert!(
+            inv.apply(Ok(vec![dev("g", Health::Healthy)]), t0),
+            "clearing the error must be published"
+        );
+        assert!(inv.snapshot().version > v);
         assert_eq!(inv.snapshot().source_error, None);
     }
 

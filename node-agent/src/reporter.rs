@@ -154,13 +154,20 @@ pub async fn run(
             &snaps.borrow_and_update(),
             &allocs.borrow_and_update(),
         );
-        let foreign = match &*server.borrow_and_update() {
+        let mut foreign = match &*server.borrow_and_update() {
             Some(obj) if written.is_some() => {
                 let held = obj.as_ref().and_then(|o| own_entry(o, &entry));
                 held != answered
             }
             _ => false,
         };
+        if foreign {
+            // A watch event may predate our last write: confirm with a
+            // fresh read before writing again.
+            if let Ok(now) = api.get_opt(&node).await {
+                foreign = now.as_ref().and_then(|o| own_entry(o, &entry)) != answered;
+            }
+        }
         if foreign {
             info!(policy = %cfg.name, "the device status entry was changed or removed by someone else; writing it again");
         }

@@ -120,10 +120,12 @@ async fn health_and_allocations_reach_the_api_with_disciplined_writes() {
     assert_eq!(device(&e, "sim-0")["health"], "Unhealthy");
     assert_eq!(e["healthy"], 2);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        api.writes().len(),
-        before + 1,
-        "burst coalesced into one write"
+    // Coalesced: one write per 100 ms window. The five flips normally land
+    // in one window; on a loaded machine they may straddle two.
+    let burst = api.writes().len() - before;
+    assert!(
+        (1..=2).contains(&burst),
+        "a burst of 5 flips made {burst} writes"
     );
 
     // The API server refuses writes: serving goes on, state is kept.
@@ -144,7 +146,10 @@ async fn health_and_allocations_reach_the_api_with_disciplined_writes() {
         .await;
     assert!(ok.is_ok(), "Allocate must not depend on the API server");
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert!(api.writes().len() > before + 2, "the agent keeps retrying");
+    assert!(
+        api.writes().len() > before + burst + 1,
+        "the agent keeps retrying"
+    );
     api.refuse_writes(false);
     wait_entry(&api, "catch-up after the outage", |e| {
         device(e, "sim-2")["health"] == "Unhealthy"

@@ -17,15 +17,17 @@ use crate::metrics::Metrics;
 pub struct AdminState {
     /// Metrics to render.
     pub metrics: Arc<Metrics>,
-    /// True once the operator is initialised (leader running, or standby waiting).
+    /// True for a standby waiting for the lease, and for the leader once its
+    /// stores have listed the cluster (so the CRDs exist).
     pub ready: Arc<AtomicBool>,
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
     (
+        // prometheus-client writes the OpenMetrics text format.
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         s.metrics.render(),
     )

@@ -24,6 +24,16 @@ pub struct Args {
     #[arg(long, env = "DEVPLUG_KUBELET_ROOT", default_value = "/var/lib/kubelet")]
     pub kubelet_root: String,
 
+    /// Host paths policies may mount into workloads, comma-separated;
+    /// `:ro` requires the mount to be read-only. Empty allows none.
+    #[arg(
+        long,
+        env = "DEVPLUG_ALLOWED_HOST_PATHS",
+        value_delimiter = ',',
+        default_value = "/dev:ro,/sys:ro"
+    )]
+    pub allowed_host_paths: Vec<String>,
+
     /// Pull policy of agent images (Always, IfNotPresent, Never).
     #[arg(long, env = "DEVPLUG_AGENT_IMAGE_PULL_POLICY")]
     pub agent_image_pull_policy: Option<String>,

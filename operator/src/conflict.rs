@@ -1,7 +1,9 @@
 //! Two policies for one resource name on overlapping nodes would have two
 //! agents fight over one kubelet registration. The older policy wins,
 //! deterministically (creation time, then name); the newer gets no agents and
-//! a `Conflict` condition until the overlap is resolved.
+//! a `Conflict` condition until the overlap is resolved. Only policies that
+//! actually serve take nodes: an invalid policy, one being deleted, or one
+//! that itself lost a conflict makes nobody lose.
 
 use std::collections::BTreeMap;
 
@@ -24,20 +26,35 @@ fn age_key(p: &DevicePluginPolicy) -> (Option<i64>, String) {
     )
 }
 
-/// The oldest other live policy that claims `p`'s resource on nodes `p` may
-/// also select, if it is older than `p`.
+/// The oldest older policy that serves `p`'s resource on nodes `p` may also
+/// select, if any. Which older policies serve is decided in age order: a
+/// valid, live policy serves unless an older serving one overlaps it.
 pub fn older_claimant<'a, I>(p: &DevicePluginPolicy, all: I) -> Option<&'a DevicePluginPolicy>
 where
     I: IntoIterator<Item = &'a DevicePluginPolicy>,
 {
     let me = age_key(p);
-    all.into_iter()
+    let mut older: Vec<&DevicePluginPolicy> = all
+        .into_iter()
         .filter(|o| o.name_any() != p.name_any())
         .filter(|o| o.metadata.deletion_timestamp.is_none())
         .filter(|o| o.spec.resource_name == p.spec.resource_name)
-        .filter(|o| may_overlap(&o.spec.node_selector, &p.spec.node_selector))
         .filter(|o| age_key(o) < me)
-        .min_by_key(|o| age_key(o))
+        .filter(|o| o.spec.validate().is_ok())
+        .collect();
+    older.sort_by_key(|o| age_key(o));
+    let mut serving: Vec<&DevicePluginPolicy> = Vec::new();
+    for o in older {
+        if !serving
+            .iter()
+            .any(|s| may_overlap(&s.spec.node_selector, &o.spec.node_selector))
+        {
+            serving.push(o);
+        }
+    }
+    serving
+        .into_iter()
+        .find(|s| may_overlap(&s.spec.node_selector, &p.spec.node_selector))
 }
 
 #[cfg(test)]
@@ -113,6 +130,28 @@ mod tests {
         let mut gone = a.clone();
         gone.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(30).unwrap()));
         assert!(older_claimant(&b, &[gone, b.clone()]).is_none());
+    }
+
+    /// A (zone=a), B (every node, newer), C (zone=b, newest): B loses to A,
+    /// so B serves nothing and cannot make C lose; zone b is served by C.
+    #[test]
+    fn only_policies_that_serve_take_nodes() {
+        let a = pol("a", "x.io/r", 10, &[("zone", "a")]);
+        let b = pol("b", "x.io/r", 20, &[]);
+        let c = pol("c", "x.io/r", 30, &[("zone", "b")]);
+        let all = [a.clone(), b.clone(), c.clone()];
+        assert_eq!(
+            older_claimant(&b, &all).map(|p| p.name_any()),
+            Some("a".into())
+        );
+        assert!(
+            older_claimant(&c, &all).is_none(),
+            "B lost, so C serves zone b"
+        );
+        // An invalid older policy serves nothing either.
+        let mut bad = pol("bad", "x.io/r", 5, &[]);
+        bad.spec.source.simulated = None;
+        assert!(older_claimant(&c, &[bad, c.clone()]).is_none());
     }
 
     #[test]

@@ -527,8 +527,14 @@ pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<
     }
     let mut seen = Observed::default();
     let result: Result<()> = async {
-        if let Err(e) = p.spec.validate() {
-            seen.invalid = Some(e.to_string());
+        let invalid = p
+            .spec
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .or_else(|| desired::host_path_violation(&p, &ctx.defaults));
+        if let Some(why) = invalid {
+            seen.invalid = Some(why);
             remove_agents(&ctx, &name).await?;
             return Ok(());
         }

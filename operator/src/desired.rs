@@ -40,6 +40,86 @@ pub struct AgentDefaults {
     pub image_pull_policy: Option<String>,
     /// Pull secrets of the agent pods (the chart's `imagePullSecrets`).
     pub image_pull_secrets: Vec<String>,
+    /// Host paths a policy may mount into workload containers
+    /// (`allocate.mounts`): (prefix, read-only required). `None` allows any.
+    pub allowed_host_paths: Option<Vec<AllowedHostPath>>,
+}
+
+/// A host path prefix policies may mount from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedHostPath {
+    /// Absolute prefix, e.g. `/dev`.
+    pub prefix: String,
+    /// Mounts under it must be read-only.
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for AllowedHostPath {
+    type Err = String;
+
+    /// `/dev:ro` (read-only) or `/opt/tools` (read-write allowed).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (prefix, ro) = match s.strip_suffix(":ro") {
+            Some(p) => (p, true),
+            None => (s.strip_suffix(":rw").unwrap_or(s), false),
+        };
+        if !prefix.starts_with('/') {
+            return Err(format!(
+                "{s:?}: an allowed host path is absolute, e.g. /dev:ro"
+            ));
+        }
+        Ok(Self {
+            prefix: prefix.trim_end_matches('/').to_string(),
+            read_only: ro,
+        })
+    }
+}
+
+/// Why a policy's `allocate.mounts` breaks the operator's host-path
+/// allow-list, if it does: who may create a policy could otherwise mount
+/// any host path into every workload on every selected node.
+pub fn host_path_violation(p: &DevicePluginPolicy, d: &AgentDefaults) -> Option<String> {
+    let allowed = d.allowed_host_paths.as_ref()?;
+    let under = |path: &str, prefix: &str| {
+        let path = path.trim_end_matches('/');
+        prefix.is_empty() || path == prefix || path.starts_with(&format!("{prefix}/"))
+    };
+    let mut bad = Vec::new();
+    for (i, m) in p.spec.allocate.mounts.iter().enumerate() {
+        let ok = !m.host_path.split('/').any(|c| c == "..")
+            && allowed
+                .iter()
+                .any(|a| under(&m.host_path, &a.prefix) && (m.read_only || !a.read_only));
+        if !ok {
+            bad.push(format!(
+                "spec.allocate.mounts[{i}].hostPath {:?}{}",
+                m.host_path,
+                if m.read_only { "" } else { " (read-write)" }
+            ));
+        }
+    }
+    if bad.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = allowed
+        .iter()
+        .map(|a| {
+            format!(
+                "{}{}",
+                a.prefix,
+                if a.read_only { " (read-only)" } else { "" }
+            )
+        })
+        .collect();
+    Some(format!(
+        "{} outside the host paths this operator allows: {} (chart value allowedHostPaths)",
+        bad.join(", "),
+        if list.is_empty() {
+            "none".into()
+        } else {
+            list.join(", ")
+        }
+    ))
 }
 
 /// Port of the agent's /healthz and /readyz.

@@ -126,9 +126,8 @@ pub async fn run(args: Args) -> Result<(), RunError> {
             r = admin => return r.map_err(|e| RunError::Admin(std::io::Error::other(e)))?.map_err(RunError::Admin),
         }
     }
-    ready.store(true, Ordering::SeqCst);
     tokio::select! {
-        r = controller(client, &args, metrics, Arc::new(AtomicBool::new(true))) => r,
+        r = controller(client, &args, metrics, ready) => r,
         r = admin => r.map_err(|e| RunError::Admin(std::io::Error::other(e)))?.map_err(RunError::Admin),
     }
 }
@@ -201,6 +200,19 @@ async fn controller(
                 .agent_image_pull_policy
                 .clone()
                 .filter(|p| !p.is_empty()),
+            allowed_host_paths: Some(
+                args.allowed_host_paths
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .filter_map(|s| match s.parse() {
+                        Ok(a) => Some(a),
+                        Err(e) => {
+                            error!(error = %e, "ignoring an allowed host path");
+                            None
+                        }
+                    })
+                    .collect(),
+            ),
             image_pull_secrets: args
                 .agent_image_pull_secrets
                 .iter()
@@ -218,10 +230,24 @@ async fn controller(
         policies: policy_store.clone(),
         agent_pods: pods_store,
         metrics: metrics.clone(),
-        synced,
+        synced: synced.clone(),
     });
     let admission = admission::run(client, policy_store, ctx.recorder.clone(), metrics);
-    ready.store(true, Ordering::SeqCst);
+    // Ready once every store has listed the cluster, which also means the
+    // CRDs exist (a watch of a missing CRD never lists). A local flag read,
+    // not an API call.
+    ready.store(false, Ordering::SeqCst);
+    let readiness = {
+        let ready = ready.clone();
+        async move {
+            while !synced.ready() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            ready.store(true, Ordering::SeqCst);
+            info!("stores synced: ready");
+            std::future::pending::<()>().await
+        }
+    };
     info!(namespace = %args.namespace, "controllers started");
     let policies_done = policy_controller
         .shutdown_on_signal()
@@ -248,6 +274,7 @@ async fn controller(
         _ = futures::future::join(policies_done, nodes_done) => {}
         _ = pods_reflector => {}
         _ = admission => {}
+        _ = readiness => {}
     }
     info!("controllers stopped");
     Ok(())

@@ -1,7 +1,10 @@
 //! USB devices from sysfs (`/sys/bus/usb/devices/*/idVendor`...). The ID is
 //! the serial number when the device has one, else `usb-<port path>` (the
 //! physical port, stable across reboots); the container gets
-//! `/dev/bus/usb/<bus>/<dev>`.
+//! `/dev/bus/usb/<bus>/<dev>`. Serials are not unique in practice (many
+//! CP210x adapters ship with `0001`): devices whose serials collide get
+//! `<serial>-usb-<port path>`, unique and stable per port while the twin is
+//! plugged in, so no device is ever hidden behind another.
 
 use std::path::{Path, PathBuf};
 
@@ -77,6 +80,8 @@ impl Source for Usb {
     fn discover(&self) -> Result<Vec<Device>, SourceError> {
         let base = self.roots.sys.join("bus/usb/devices");
         let mut out = Vec::new();
+        // The port of each device in `out`, in the same order.
+        let mut ports: Vec<String> = Vec::new();
         for entry in bus_entries(&base)? {
             let dir = entry.path();
             // Interfaces (1-1:1.0) have no idVendor; skip them.
@@ -108,6 +113,7 @@ impl Source for Usb {
                 Ok(s) if !s.is_empty() => sanitize_id(&s),
                 _ => sanitize_id(&format!("usb-{port}")),
             };
+            ports.push(port.clone());
             let host_path = format!("/dev/bus/usb/{bus:03}/{devnum:03}");
             let health = if self.roots.dev_local(&host_path).exists() {
                 Health::Healthy
@@ -125,6 +131,22 @@ impl Source for Usb {
                 health,
                 links: Vec::new(),
             });
+        }
+        // Colliding IDs (equal serials): qualify each by its port.
+        let mut count: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        for d in &out {
+            *count.entry(d.id.clone()).or_default() += 1;
+        }
+        for (d, port) in out.iter_mut().zip(&ports) {
+            if count.get(&d.id).copied().unwrap_or(0) > 1 {
+                // Keep the port whole: it is what tells the twins apart.
+                let suffix = sanitize_id(&format!("-usb-{port}"));
+                let keep: String =
+                    d.id.chars()
+                        .take(63usize.saturating_sub(suffix.len()))
+                        .collect();
+                d.id = sanitize_id(&format!("{keep}{suffix}"));
+            }
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out.dedup_by(|a, b| a.id == b.id);
@@ -197,6 +219,33 @@ mod tests {
         assert_eq!(d[0].nodes[0].host_path, "/dev/bus/usb/001/002");
         assert!(d[0].health.is_healthy());
         assert!(!d[1].health.is_healthy(), "node 001/003 does not exist");
+    }
+
+    /// Two adapters with the same serial (CP210x ship with `0001`) are two
+    /// devices, each with an ID of its own.
+    #[test]
+    fn equal_serials_are_told_apart_by_port() {
+        let tmp = tempfile::tempdir().unwrap();
+        let roots = Roots {
+            dev: tmp.path().join("dev"),
+            sys: tmp.path().join("sys"),
+        };
+        usb_dev(&roots.sys, "1-1", "10c4", "ea60", 1, 2, Some("0001"));
+        usb_dev(&roots.sys, "1-2", "10c4", "ea60", 1, 3, Some("0001"));
+        usb_dev(&roots.sys, "1-3", "10c4", "ea60", 1, 4, Some("XYZ"));
+        let src = Usb::new(
+            &UsbSource {
+                devices: vec![UsbMatch {
+                    vendor: "10c4".into(),
+                    product: Some("ea60".into()),
+                }],
+            },
+            roots,
+        );
+        let d = src.discover().unwrap();
+        let ids: Vec<_> = d.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, vec!["0001-usb-1-1", "0001-usb-1-2", "XYZ"]);
+        assert_eq!(d[1].nodes[0].host_path, "/dev/bus/usb/001/003");
     }
 
     #[test]

@@ -310,3 +310,45 @@ fn agent_pods_are_pulled_like_the_operator() {
     let ds = daemonset(&policy("  source: {simulated: {count: 1}}\n"), &self::d()).unwrap();
     assert!(pod(&ds).image_pull_secrets.is_none());
 }
+
+#[test]
+fn allocate_mounts_must_stay_inside_the_allowed_host_paths() {
+    let d = AgentDefaults {
+        allowed_host_paths: Some(vec![
+            "/dev:ro".parse().unwrap(),
+            "/opt/tools".parse().unwrap(),
+        ]),
+        ..d()
+    };
+    let with = |m: &str| {
+        policy(&format!(
+            "  source: {{simulated: {{count: 1}}}}\n  allocate: {{mounts: [{m}]}}\n"
+        ))
+    };
+    assert!(host_path_violation(&with("{hostPath: /dev/shm, containerPath: /x}"), &d).is_none());
+    assert!(
+        host_path_violation(
+            &with("{hostPath: /opt/tools/bin, containerPath: /x, readOnly: false}"),
+            &d
+        )
+        .is_none()
+    );
+    let e = host_path_violation(&with("{hostPath: /etc, containerPath: /x}"), &d).unwrap();
+    assert!(
+        e.contains("spec.allocate.mounts[0].hostPath \"/etc\""),
+        "{e}"
+    );
+    let e = host_path_violation(
+        &with("{hostPath: /dev/sda, containerPath: /x, readOnly: false}"),
+        &d,
+    )
+    .unwrap();
+    assert!(e.contains("read-write"), "{e}");
+    assert!(host_path_violation(&with("{hostPath: /dev/../etc, containerPath: /x}"), &d).is_some());
+    assert!(host_path_violation(&with("{hostPath: /devices, containerPath: /x}"), &d).is_some());
+    // No allow-list configured (the library default): anything goes.
+    assert!(
+        host_path_violation(&with("{hostPath: /etc, containerPath: /x}"), &self::d()).is_none()
+    );
+    assert!("relative:ro".parse::<AllowedHostPath>().is_err());
+}
