@@ -481,8 +481,13 @@ device_events() {
     grep -c '^Device' || true
 }
 events_before=$(device_events)
-old=$(leader)
-[ -n "$old" ] || fail "no leader"
+# The rollout replaced both pods; the old leader released the lease on
+# SIGTERM, and one of the new ones takes it at its next try.
+deadline=$((SECONDS + 30))
+until old=$(leader) && [ -n "$old" ] && kubectl -n $NS get pod "$old" >/dev/null 2>&1; do
+  [ $SECONDS -lt $deadline ] || fail "no leader among the running operator pods within 30 s (lease holder '$old')"
+  sleep 1
+done
 takeover_start=$SECONDS
 kubectl -n $NS delete pod "$old" --wait=false >/dev/null
 deadline=$((SECONDS + 20))
