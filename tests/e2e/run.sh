@@ -523,12 +523,17 @@ wait_for "agent pod Ready again" 120 True agent_ready
 kubectl delete dpp --all --wait=true --timeout=120s >/dev/null || fail "kubectl delete dpp --all --wait did not return"
 helm uninstall devplug -n $NS --wait --timeout 2m >/dev/null || fail "helm uninstall failed"
 kubectl delete -f crds/ --wait=true --timeout=120s >/dev/null || fail "deleting the CRDs failed"
-left=$(
+leftover() {
   kubectl -n $NS get ds,pods,sa -o name 2>/dev/null | grep -v 'serviceaccount/default' || true
   kubectl get clusterroles,clusterrolebindings -o name 2>/dev/null | grep devplug || true
   kubectl get node "$NODE" -o jsonpath='{.metadata.labels}' | grep -o '"devplug.io/[^"]*"' || true
-)
-[ -z "$left" ] || fail "left behind: $(echo $left)"
+}
+# Terminating pods (the operator's) go within their grace period.
+deadline=$((SECONDS + 60))
+until [ -z "$(leftover)" ]; do
+  [ $SECONDS -lt $deadline ] || fail "left behind 60 s after uninstalling: $(echo $(leftover))"
+  sleep 1
+done
 ok
 
 say "$passed passed, 0 failed, $skipped skipped, in $((SECONDS - SUITE_START)) s"
