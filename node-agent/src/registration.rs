@@ -140,8 +140,8 @@ pub async fn run(
                 Ok(()) => break,
                 Err(e) => {
                     // A kubelet restart costs a few quick failures; say so
-                    // loudly only when it lasts.
-                    if attempt >= 4 {
+                    // loudly only when it outlasts the fast window.
+                    if attempt >= 4 && Instant::now() >= fast_until {
                         warn!(policy = %cfg.name, error = %e, attempt, retry_in = ?backoff, "registration failed");
                     } else {
                         debug!(policy = %cfg.name, error = %e, attempt, retry_in = ?backoff, "registration failed");
