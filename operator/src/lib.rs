@@ -93,7 +93,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         info!(%identity, "leading");
         let (lost_tx, mut lost_rx) = tokio::sync::oneshot::channel::<()>();
         let renewer = lock.clone();
-        tokio::spawn(async move {
+        let renewing = tokio::spawn(async move {
             let mut last_ok = tokio::time::Instant::now();
             loop {
                 tokio::time::sleep(RENEW_EVERY).await;
@@ -111,7 +111,11 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         });
         tokio::select! {
             r = controller(client, &args, metrics, ready) => {
-                // Stopped (SIGTERM): hand the lease over at once.
+                // Stopped (SIGTERM): stop renewing first (a renewal after
+                // the release would take the lease back for a process that
+                // is about to exit), then hand the lease over at once.
+                renewing.abort();
+                let _ = renewing.await;
                 match tokio::time::timeout(RENEW_EVERY, lock.release()).await {
                     Ok(Ok(())) => info!("released the leader lease"),
                     Ok(Err(e)) => warn!(error = %e, "cannot release the leader lease"),
