@@ -109,7 +109,22 @@ pub async fn run(args: Args) -> Result<(), RunError> {
             }
             let _ = lost_tx.send(());
         });
+        // SIGTERM ends leadership at once: the lease is handed over without
+        // waiting for the controllers' graceful shutdown, which can outlast
+        // the pod's grace period and keep the lease renewed meanwhile.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(RunError::Admin)?;
         tokio::select! {
+            _ = term.recv() => {
+                renewing.abort();
+                let _ = renewing.await;
+                match tokio::time::timeout(RENEW_EVERY, lock.release()).await {
+                    Ok(Ok(())) => info!("SIGTERM: released the leader lease"),
+                    Ok(Err(e)) => warn!(error = %e, "cannot release the leader lease"),
+                    Err(_) => warn!("releasing the leader lease timed out"),
+                }
+                return Ok(());
+            }
             r = controller(client, &args, metrics, ready) => {
                 // Stopped (SIGTERM): stop renewing first (a renewal after
                 // the release would take the lease back for a process that
