@@ -141,6 +141,23 @@ pub struct ResourceStatus {
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"]))]
     pub devices: Vec<DeviceStatus>,
+    /// Device IDs that running containers still hold but the agent no
+    /// longer advertises, for example after `sharing.replicas` was lowered
+    /// or a device was removed from the spec. The kubelet keeps them
+    /// assigned until those pods end; nothing else can get them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"]))]
+    pub orphaned: Vec<OrphanedDevice>,
+}
+
+/// A device ID held by containers but no longer advertised.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrphanedDevice {
+    /// The ID as the kubelet assigned it (a replica ID when shared).
+    pub id: String,
+    /// The containers holding it.
+    pub allocations: Vec<Allocation>,
 }
 
 /// Value of [`ResourceStatus::state`] while the agent reports.

@@ -57,7 +57,7 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
         let (healthy, total) = snap.counts();
         body.push_str(&format!(
             "{} {}: registered={} streams={} registrations={} devices={}/{} healthy\n",
-            p.cfg.name,
+            p.cfg().name,
             if r { "ready" } else { "not-ready" },
             p.registered.load(Ordering::SeqCst),
             p.streams.active(),

@@ -158,14 +158,19 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()>
 /// removes it.
 pub async fn run(
     dir: PathBuf,
-    cfg: PluginConfig,
+    mut cfgs: watch::Receiver<Arc<PluginConfig>>,
     mut snaps: watch::Receiver<Arc<Snapshot>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut cfg = cfgs.borrow_and_update().clone();
     let name = file_name(&cfg);
     let mut written: Option<Vec<u8>> = None;
     loop {
-        let rendered = render(&cfg, &snaps.borrow_and_update());
+        let rendered = if cfg.cdi_spec_owned {
+            render(&cfg, &snaps.borrow_and_update())
+        } else {
+            None
+        };
         match rendered {
             Some(Ok(bytes)) if written.as_ref() != Some(&bytes) => {
                 match write_atomic(&dir, &name, &bytes) {
@@ -183,19 +188,32 @@ pub async fn run(
                 }
             }
             Some(Err(e)) => warn!(policy = %cfg.name, error = %e, "cannot render the CDI spec"),
+            // CDI turned off by a spec change: the spec goes.
+            None if written.is_some() => {
+                remove(&dir, &name, &cfg.name);
+                written = None;
+            }
             _ => {}
         }
         tokio::select! {
             _ = crate::stopped(&mut shutdown) => break,
             r = snaps.changed() => if r.is_err() { break },
+            r = cfgs.changed() => {
+                if r.is_err() { break }
+                cfg = cfgs.borrow_and_update().clone();
+            }
         }
     }
     if written.is_some() {
-        match std::fs::remove_file(dir.join(&name)) {
-            Ok(()) => info!(policy = %cfg.name, "CDI spec removed"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => warn!(policy = %cfg.name, error = %e, "cannot remove the CDI spec"),
-        }
+        remove(&dir, &name, &cfg.name);
+    }
+}
+
+fn remove(dir: &Path, name: &str, policy: &str) {
+    match std::fs::remove_file(dir.join(name)) {
+        Ok(()) => info!(%policy, "CDI spec removed"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!(%policy, error = %e, "cannot remove the CDI spec"),
     }
 }
 

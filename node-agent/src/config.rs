@@ -36,6 +36,8 @@ pub fn socket_name(policy: &str) -> String {
 pub struct PluginConfig {
     /// Policy name.
     pub name: String,
+    /// Policy UID (cluster mode), for Events about the policy.
+    pub uid: Option<String>,
     /// Extended resource name.
     pub resource_name: String,
     /// Socket file name in the plugin directory.
@@ -54,6 +56,9 @@ pub struct PluginConfig {
     pub annotations: BTreeMap<String, String>,
     /// CDI kind when CDI is on.
     pub cdi_kind: Option<String>,
+    /// The agent writes the CDI spec for these devices (CDI on, and not the
+    /// NVIDIA source, which relies on the NVIDIA container toolkit's).
+    pub cdi_spec_owned: bool,
     /// PreStart program and arguments, with its time limit.
     pub pre_start: Option<(Vec<String>, Duration)>,
     /// Health settle time.
@@ -67,6 +72,7 @@ impl PluginConfig {
         let s = &p.spec;
         Self {
             socket_name: socket_name(&name),
+            uid: p.metadata.uid.clone(),
             name,
             resource_name: s.resource_name.clone(),
             replicas: s.sharing.effective_replicas(),
@@ -90,6 +96,7 @@ impl PluginConfig {
                     .clone()
                     .unwrap_or_else(|| s.resource_name.clone())
             }),
+            cdi_spec_owned: s.allocate.cdi.enabled && s.source.nvidia.is_none(),
             pre_start: s.pre_start.as_ref().map(|ps| {
                 (
                     ps.command.clone(),

@@ -101,8 +101,9 @@ impl AgentMetrics {
         for p in plugins {
             let snap = p.snapshots.borrow().clone();
             let allocs = p.allocations.borrow().clone();
-            let res = &p.cfg.resource_name;
-            let report = crate::report::resource_status(&p.cfg, &snap, &allocs);
+            let cfg = p.cfg();
+            let res = &cfg.resource_name;
+            let report = crate::report::resource_status(&cfg, &snap, &allocs);
             for d in &report.devices {
                 let v = match snap.devices.get(&d.id).map(|s| &s.health) {
                     Some(Health::Healthy) => 1,
@@ -141,7 +142,7 @@ impl AgentMetrics {
             let _ = writeln!(
                 out,
                 "devplug_registrations_total{{resource=\"{}\"}} {}",
-                escape(&p.cfg.resource_name),
+                escape(&p.cfg().resource_name),
                 p.registrations.load(Ordering::Relaxed)
             );
         }
@@ -151,7 +152,7 @@ impl AgentMetrics {
         );
         let _ = writeln!(out, "# TYPE devplug_status_writes counter");
         for p in plugins {
-            let r = escape(&p.cfg.resource_name);
+            let r = escape(&p.cfg().resource_name);
             let _ = writeln!(
                 out,
                 "devplug_status_writes_total{{resource=\"{r}\",result=\"success\"}} {}",

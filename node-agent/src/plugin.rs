@@ -60,8 +60,9 @@ impl Drop for StreamGuard {
 
 /// Shared state of one plugin: its config, snapshots and liveness.
 pub struct PluginState {
-    /// The digested policy.
-    pub cfg: PluginConfig,
+    /// The digested policy; replaced in place when a spec change keeps the
+    /// registration (same resource name and options).
+    pub cfg: watch::Receiver<Arc<PluginConfig>>,
     /// Latest device snapshot.
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
     /// ListAndWatch streams.
@@ -83,6 +84,11 @@ pub struct PluginState {
 }
 
 impl PluginState {
+    /// The policy as served now.
+    pub fn cfg(&self) -> Arc<PluginConfig> {
+        self.cfg.borrow().clone()
+    }
+
     /// Registered and at least one ListAndWatch stream open: the kubelet has us.
     pub fn ready(&self) -> bool {
         self.registered.load(Ordering::SeqCst) && self.streams.active() > 0
@@ -107,7 +113,7 @@ impl DevicePlugin for PluginService {
         &self,
         _: Request<dp::Empty>,
     ) -> Result<Response<dp::DevicePluginOptions>, Status> {
-        Ok(Response::new(options(&self.0.cfg)))
+        Ok(Response::new(options(&self.0.cfg())))
     }
 
     async fn list_and_watch(
@@ -115,14 +121,14 @@ impl DevicePlugin for PluginService {
         _: Request<dp::Empty>,
     ) -> Result<Response<Self::ListAndWatchStream>, Status> {
         let guard = self.0.streams.open();
-        info!(policy = %self.0.cfg.name, active = self.0.streams.active(), "ListAndWatch stream opened");
+        let policy = self.0.cfg().name.clone();
+        info!(%policy, active = self.0.streams.active(), "ListAndWatch stream opened");
         // One forwarding task per stream: it sends the current list, then
         // every new one, and ends when the client goes away (the receiver is
         // dropped) or on shutdown.
         let (tx, rx) = mpsc::channel(1);
         let mut snapshots = self.0.snapshots.clone();
         let mut shutdown = self.0.shutdown.clone();
-        let policy = self.0.cfg.name.clone();
         tokio::spawn(async move {
             let _guard = guard;
             loop {
@@ -147,9 +153,10 @@ impl DevicePlugin for PluginService {
         req: Request<dp::PreferredAllocationRequest>,
     ) -> Result<Response<dp::PreferredAllocationResponse>, Status> {
         let snap = self.0.snapshots.borrow().clone();
+        let cfg = self.0.cfg();
         let mut out = Vec::new();
         for c in &req.get_ref().container_requests {
-            let ids = allocate::preferred(&self.0.cfg, &snap, c);
+            let ids = allocate::preferred(&cfg, &snap, c);
             out.push(dp::ContainerPreferredAllocationResponse::with_ids(ids));
         }
         Ok(Response::new(dp::PreferredAllocationResponse {
@@ -163,19 +170,20 @@ impl DevicePlugin for PluginService {
     ) -> Result<Response<dp::AllocateResponse>, Status> {
         let start = std::time::Instant::now();
         let snap = self.0.snapshots.borrow().clone();
-        let result = allocate::allocate(&self.0.cfg, &snap, req.get_ref());
+        let cfg = self.0.cfg();
+        let result = allocate::allocate(&cfg, &snap, req.get_ref());
         self.0
             .metrics
-            .allocated(&self.0.cfg.resource_name, result.is_ok(), start.elapsed());
+            .allocated(&cfg.resource_name, result.is_ok(), start.elapsed());
         match result {
             Ok(r) => {
-                debug!(policy = %self.0.cfg.name, containers = r.container_responses.len(), "allocated");
+                debug!(policy = %cfg.name, containers = r.container_responses.len(), "allocated");
                 // A new allocation will show in PodResources shortly.
                 self.0.kick.notify_one();
                 Ok(Response::new(r))
             }
             Err(e) => {
-                warn!(policy = %self.0.cfg.name, error = %e, "Allocate refused");
+                warn!(policy = %cfg.name, error = %e, "Allocate refused");
                 Err(invalid(e))
             }
         }
@@ -185,14 +193,15 @@ impl DevicePlugin for PluginService {
         &self,
         req: Request<dp::PreStartContainerRequest>,
     ) -> Result<Response<dp::PreStartContainerResponse>, Status> {
-        let Some((command, timeout)) = &self.0.cfg.pre_start else {
+        let cfg = self.0.cfg();
+        let Some((command, timeout)) = &cfg.pre_start else {
             return Ok(Response::new(dp::PreStartContainerResponse {}));
         };
         let snap = self.0.snapshots.borrow().clone();
-        let ids = allocate::prestart_ids(&self.0.cfg, &snap, req.get_ref().device_ids())
-            .map_err(invalid)?;
+        let ids =
+            allocate::prestart_ids(&cfg, &snap, req.get_ref().device_ids()).map_err(invalid)?;
         prestart::run(command, &ids, *timeout).await.map_err(|e| {
-            warn!(policy = %self.0.cfg.name, error = %e, "preStart failed");
+            warn!(policy = %cfg.name, error = %e, "preStart failed");
             Status::internal(e.to_string())
         })?;
         Ok(Response::new(dp::PreStartContainerResponse {}))

@@ -112,12 +112,12 @@ pub async fn run(
     mut trigger: watch::Receiver<u64>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let cfg = &state.cfg;
+    let cfg = state.cfg();
     let req = dp::RegisterRequest {
         version: dp::VERSION.to_string(),
         endpoint: cfg.socket_name.clone(),
         resource_name: cfg.resource_name.clone(),
-        options: Some(options(cfg)),
+        options: Some(options(&cfg)),
     };
     loop {
         // Register: fast first, then with backoff.

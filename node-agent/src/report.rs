@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;
 
-use devplug_api::{Allocation, DeviceHealth, DeviceStatus, ResourceStatus, STATE_SERVING};
+use devplug_api::{
+    Allocation, DeviceHealth, DeviceStatus, OrphanedDevice, ResourceStatus, STATE_SERVING,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
@@ -26,9 +28,17 @@ fn time(t: SystemTime) -> Option<Time> {
 /// Builds the entry of one resource.
 pub fn resource_status(cfg: &PluginConfig, snap: &Snapshot, allocs: &AllocView) -> ResourceStatus {
     let mut by_physical: BTreeMap<&str, BTreeSet<&Allocation>> = BTreeMap::new();
+    let mut orphaned = Vec::new();
     for (id, holders) in &allocs.by_device {
-        if let Some(p) = sharing::physical_of(id, snap.replicas) {
-            by_physical.entry(p).or_default().extend(holders.iter());
+        match sharing::physical_of(id, snap.replicas) {
+            Some(p) if snap.devices.contains_key(p) => {
+                by_physical.entry(p).or_default().extend(holders.iter());
+            }
+            // Held, but not an ID we advertise (any more).
+            _ => orphaned.push(OrphanedDevice {
+                id: id.clone(),
+                allocations: holders.iter().cloned().collect(),
+            }),
         }
     }
     let mut devices = Vec::with_capacity(snap.devices.len());
@@ -67,6 +77,7 @@ pub fn resource_status(cfg: &PluginConfig, snap: &Snapshot, allocs: &AllocView) 
         total: devices.len() as i64,
         allocated,
         devices,
+        orphaned,
     }
 }
 
@@ -85,6 +96,43 @@ mod tests {
         .unwrap()
         .remove(0);
         PluginConfig::from_policy(&p)
+    }
+
+    /// After `sharing.replicas` goes from 4 to 2, the containers holding
+    /// replicas 2 and 3 still run: those IDs are reported as orphaned with
+    /// their holders, and the devices still count the holders they know.
+    #[test]
+    fn ids_dropped_by_a_spec_change_are_orphans_not_lost() {
+        let mut inv = Inventory::new(Duration::from_secs(1), 2);
+        inv.apply(
+            Ok(vec![Device {
+                id: "g0".into(),
+                numa_node: None,
+                nodes: vec![],
+                health: Health::Healthy,
+                links: vec![],
+            }]),
+            Instant::now(),
+        );
+        let a = |pod: &str| Allocation {
+            namespace: "ns".into(),
+            pod: pod.into(),
+            container: "c".into(),
+        };
+        let view = AllocView {
+            by_device: BTreeMap::from([
+                ("g0::1".to_string(), BTreeSet::from([a("kept")])),
+                ("g0::3".to_string(), BTreeSet::from([a("old")])),
+                ("g9::0".to_string(), BTreeSet::from([a("gone")])),
+            ]),
+            error: None,
+        };
+        let r = resource_status(&cfg(), &inv.snapshot(), &view);
+        assert_eq!(r.allocated, 1);
+        assert_eq!(r.devices[0].allocations, vec![a("kept")]);
+        let ids: Vec<_> = r.orphaned.iter().map(|o| o.id.as_str()).collect();
+        assert_eq!(ids, vec!["g0::3", "g9::0"]);
+        assert_eq!(r.orphaned[0].allocations, vec![a("old")]);
     }
 
     #[test]
@@ -139,6 +187,15 @@ mod tests {
             "affected workloads of a broken device"
         );
         assert!(r.devices[1].last_transition_time.is_some());
+        // An ID held by a container but not advertised is reported, not
+        // silently dropped.
+        assert_eq!(
+            r.orphaned,
+            vec![OrphanedDevice {
+                id: "other".into(),
+                allocations: vec![a("x", "y")]
+            }]
+        );
         // Same inputs, same entry: the writer compares entries to skip writes.
         assert_eq!(r, resource_status(&cfg(), &inv.snapshot(), &view));
     }

@@ -16,9 +16,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use devplug_api::{NodeDeviceStatus, ResourceStatus, agent_manager};
+use devplug_api::{DevicePluginPolicy, NodeDeviceStatus, Resource, ResourceStatus, agent_manager};
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use serde_json::json;
 use tokio::sync::watch;
@@ -127,12 +129,23 @@ async fn write(
 pub async fn run(
     client: kube::Client,
     node: String,
-    cfg: PluginConfig,
+    cfgs: watch::Receiver<Arc<PluginConfig>>,
     mut snaps: watch::Receiver<Arc<Snapshot>>,
     mut allocs: watch::Receiver<AllocView>,
     stats: Arc<WriteStats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Name and resource name are fixed for the life of this task (a change
+    // of resource name is a new registration and a new reporter).
+    let cfg = cfgs.borrow().clone();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: agent_manager(&cfg.name),
+            instance: Some(node.clone()),
+        },
+    );
+    let mut orphans_told: Vec<String> = Vec::new();
     let api: Api<NodeDeviceStatus> = Api::all(client);
     let manager = agent_manager(&cfg.name);
     let (server_tx, mut server) = watch::channel::<ServerView>(None);
@@ -171,6 +184,13 @@ pub async fn run(
         if foreign {
             info!(policy = %cfg.name, "the device status entry was changed or removed by someone else; writing it again");
         }
+        let orphans: Vec<String> = entry.orphaned.iter().map(|o| o.id.clone()).collect();
+        if orphans != orphans_told {
+            if !orphans.is_empty() {
+                tell_orphans(&recorder, &cfg, &node, &entry.orphaned).await;
+            }
+            orphans_told = orphans;
+        }
         if written.as_ref() != Some(&entry) || foreign {
             match write(&api, &node, &manager, &entry).await {
                 Ok((bytes, held)) => {
@@ -205,6 +225,50 @@ pub async fn run(
                 }
             } => {}
         }
+    }
+}
+
+/// One Warning Event on the policy when running containers hold device IDs
+/// the agent no longer advertises.
+async fn tell_orphans(
+    recorder: &Recorder,
+    cfg: &PluginConfig,
+    node: &str,
+    orphaned: &[devplug_api::OrphanedDevice],
+) {
+    let held: Vec<String> = orphaned
+        .iter()
+        .map(|o| {
+            let pods: Vec<String> = o
+                .allocations
+                .iter()
+                .map(|a| format!("{}/{}", a.namespace, a.pod))
+                .collect();
+            format!("{} ({})", o.id, pods.join(", "))
+        })
+        .collect();
+    let note = format!(
+        "node {node}: {} device ID(s) of {} are held by running containers but no longer advertised: {}; the kubelet keeps them assigned until those pods end",
+        orphaned.len(),
+        cfg.resource_name,
+        held.join("; ")
+    );
+    let reference = ObjectReference {
+        api_version: Some(DevicePluginPolicy::api_version(&()).into_owned()),
+        kind: Some(DevicePluginPolicy::kind(&()).into_owned()),
+        name: Some(cfg.name.clone()),
+        uid: cfg.uid.clone(),
+        ..ObjectReference::default()
+    };
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: "DevicesOrphaned".into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Serve".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&ev, &reference).await {
+        warn!(policy = %cfg.name, error = %e, "cannot publish the orphaned-devices event");
     }
 }
 

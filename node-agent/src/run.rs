@@ -112,7 +112,10 @@ struct Node {
     client: Option<kube::Client>,
 }
 
-/// One running plugin.
+/// One running plugin: the part the kubelet sees (socket, registration,
+/// ListAndWatch streams, PodResources view, status writer, CDI spec), which
+/// lives as long as the resource name and registration options stay the
+/// same, and its discovery, which a spec change replaces in place.
 struct Plugin {
     name: String,
     spec: DevicePluginPolicySpec,
@@ -120,40 +123,121 @@ struct Plugin {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     socket: PathBuf,
     state: Arc<PluginState>,
+    cfg_tx: watch::Sender<Arc<PluginConfig>>,
+    snap_tx: Arc<watch::Sender<Arc<Snapshot>>>,
+    discovery: Discovery,
+}
+
+/// The discovery of one spec: its source and inventory, publishing into
+/// its own channel until [`Discovery::forward`] connects it to the plugin.
+struct Discovery {
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    snaps: watch::Receiver<Arc<Snapshot>>,
+}
+
+impl Discovery {
+    /// Copies every snapshot into the plugin's channel from now on.
+    fn forward(&mut self, to: Arc<watch::Sender<Arc<Snapshot>>>) {
+        let mut from = self.snaps.clone();
+        let mut stopped = self.stop.subscribe();
+        self.tasks.push(tokio::spawn(async move {
+            loop {
+                let snap = from.borrow_and_update().clone();
+                to.send_replace(snap);
+                tokio::select! {
+                    _ = crate::stopped(&mut stopped) => break,
+                    r = from.changed() => if r.is_err() { break },
+                }
+            }
+        }));
+    }
+
+    async fn stop(self, policy: &str) {
+        let _ = self.stop.send(true);
+        let join = async {
+            for t in self.tasks {
+                let _ = t.await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(5), join)
+            .await
+            .is_err()
+        {
+            warn!(%policy, "discovery did not stop within 5 s");
+        }
+    }
+}
+
+/// Whether `new` can be served by the running plugin of `old` without a new
+/// registration: the kubelet keys a plugin by resource name and learns its
+/// options only when it registers.
+fn same_registration(old: &PluginConfig, new: &PluginConfig) -> bool {
+    old.resource_name == new.resource_name
+        && old.socket_name == new.socket_name
+        && crate::plugin::options(old) == crate::plugin::options(new)
 }
 
 impl Node {
-    async fn start(&self, policy: &DevicePluginPolicy) -> Result<Plugin, AgentError> {
-        let cfg = PluginConfig::from_policy(policy);
+    /// Builds the source of `policy` and runs its first discovery, so the
+    /// kubelet never sees an empty list from a plugin that has devices.
+    async fn discover(
+        &self,
+        policy: &DevicePluginPolicy,
+        cfg: &PluginConfig,
+    ) -> Result<Discovery, AgentError> {
         let source =
             sources::build(policy, &self.sources).map_err(|source| AgentError::Source {
                 policy: cfg.name.clone(),
                 source,
             })?;
         let (stop, stopped) = watch::channel(false);
-        let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
-        let mut first = snap_rx.clone();
-        let mut tasks = vec![tokio::spawn(discovery::run(
+        let (snap_tx, snaps) = watch::channel(Arc::new(Snapshot::default()));
+        let mut first = snaps.clone();
+        let task = tokio::spawn(discovery::run(
             cfg.name.clone(),
             source,
             Inventory::new(cfg.settle, cfg.replicas),
             snap_tx,
-            stopped.clone(),
-        ))];
-        // Wait for the first discovery so the kubelet never sees an empty
-        // list from a plugin that has devices.
+            stopped,
+        ));
         let _ = first.changed().await;
+        Ok(Discovery {
+            stop,
+            tasks: vec![task],
+            snaps,
+        })
+    }
+
+    async fn start(&self, policy: &DevicePluginPolicy) -> Result<Plugin, AgentError> {
+        let cfg = PluginConfig::from_policy(policy);
+        let discovery = self.discover(policy, &cfg).await?;
+        self.serve(policy, cfg, discovery).await
+    }
+
+    /// Serves `discovery` to the kubelet under a new registration.
+    async fn serve(
+        &self,
+        policy: &DevicePluginPolicy,
+        cfg: PluginConfig,
+        mut discovery: Discovery,
+    ) -> Result<Plugin, AgentError> {
+        let (stop, stopped) = watch::channel(false);
+        let snap_tx = Arc::new(watch::Sender::new(discovery.snaps.borrow().clone()));
+        let snap_rx = snap_tx.subscribe();
+        discovery.forward(snap_tx.clone());
+        let (cfg_tx, cfg_rx) = watch::channel(Arc::new(cfg.clone()));
+        let mut tasks = Vec::new();
 
         // CDI names need a spec the runtime can resolve; the NVIDIA source
-        // uses the NVIDIA container toolkit's.
-        if cfg.cdi_kind.is_some() && policy.spec.source.nvidia.is_none() {
-            tasks.push(tokio::spawn(crate::cdi::run(
-                self.cdi_dir.clone(),
-                cfg.clone(),
-                snap_rx.clone(),
-                stopped.clone(),
-            )));
-        }
+        // uses the NVIDIA container toolkit's. The task follows spec
+        // changes (CDI switched on or off included).
+        tasks.push(tokio::spawn(crate::cdi::run(
+            self.cdi_dir.clone(),
+            cfg_rx.clone(),
+            snap_rx.clone(),
+            stopped.clone(),
+        )));
 
         let (alloc_tx, alloc_rx) = watch::channel(AllocView::default());
         let kick = Arc::new(Notify::new());
@@ -169,7 +253,7 @@ impl Node {
             tasks.push(tokio::spawn(reporter::run(
                 client.clone(),
                 self.name.clone(),
-                cfg.clone(),
+                cfg_rx.clone(),
                 snap_rx.clone(),
                 alloc_rx.clone(),
                 writes.clone(),
@@ -177,7 +261,7 @@ impl Node {
             )));
         }
         let state = Arc::new(PluginState {
-            cfg: cfg.clone(),
+            cfg: cfg_rx,
             snapshots: snap_rx,
             streams: Arc::new(Streams::default()),
             registered: AtomicBool::new(false),
@@ -197,6 +281,10 @@ impl Node {
             Ok(x) => x,
             Err(source) => {
                 let _ = stop.send(true);
+                for t in tasks {
+                    let _ = t.await;
+                }
+                discovery.stop(&cfg.name).await;
                 return Err(AgentError::Io {
                     what: "listening on",
                     path: socket.display().to_string(),
@@ -227,10 +315,54 @@ impl Node {
             tasks,
             socket,
             state,
+            cfg_tx,
+            snap_tx,
+            discovery,
         })
     }
 
+    /// Moves a running plugin to a new spec without a gap in service. When
+    /// the registration stays the same the new discovery is swapped in
+    /// behind the same socket, registration and ListAndWatch stream (the
+    /// kubelet sees a new device list, never a disconnect). Otherwise the
+    /// new source is built first and only then the old plugin is stopped
+    /// and the new one registered. On any error before the switch the old
+    /// spec keeps serving.
+    async fn update(
+        &self,
+        running: &mut Vec<Plugin>,
+        policy: &DevicePluginPolicy,
+    ) -> Result<(), AgentError> {
+        let cfg = PluginConfig::from_policy(policy);
+        let Some(mut current) = running.pop() else {
+            running.push(self.start(policy).await?);
+            return Ok(());
+        };
+        let discovery = match self.discover(policy, &cfg).await {
+            Ok(d) => d,
+            Err(e) => {
+                running.push(current);
+                return Err(e);
+            }
+        };
+        if same_registration(&current.state.cfg(), &cfg) {
+            let old = std::mem::replace(&mut current.discovery, discovery);
+            old.stop(&current.name).await;
+            current.cfg_tx.send_replace(Arc::new(cfg));
+            current.discovery.forward(current.snap_tx.clone());
+            current.spec = policy.spec.clone();
+            info!(policy = %current.name, "spec change served in place (same registration)");
+            running.push(current);
+            return Ok(());
+        }
+        info!(policy = %current.name, "resource name or registration options changed: registering anew");
+        self.stop(current).await;
+        running.push(self.serve(policy, cfg, discovery).await?);
+        Ok(())
+    }
+
     async fn stop(&self, p: Plugin) {
+        p.discovery.stop(&p.name).await;
         let _ = p.stop.send(true);
         let join = async {
             for t in p.tasks {
@@ -245,7 +377,7 @@ impl Node {
         }
         let _ = std::fs::remove_file(&p.socket);
         if let Ok(mut t) = self.triggers.lock() {
-            t.remove(&p.state.cfg.socket_name);
+            t.remove(&p.state.cfg().socket_name);
         }
         if let Ok(mut list) = self.plugins.write() {
             list.retain(|s| !Arc::ptr_eq(s, &p.state));
@@ -253,6 +385,10 @@ impl Node {
         info!(policy = %p.name, "stopped serving");
     }
 }
+
+/// First and longest wait before serving a spec that failed to start again.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// The parts of a spec the agent serves from; the rest (placement, agent
 /// image) is the operator's business and needs no plugin restart.
@@ -424,10 +560,28 @@ async fn cluster_mode(
         .applied_objects()
         .boxed();
     info!(policy = %name, "cluster mode: watching the policy");
+    // The newest valid spec not served yet, and when to try it next: a
+    // failed start keeps the last good spec serving and is retried.
+    let mut wanted: Option<DevicePluginPolicy> = None;
+    let mut retry_at = tokio::time::Instant::now();
+    let mut backoff = RETRY_MIN;
     loop {
+        if let Some(policy) = wanted.take_if(|_| tokio::time::Instant::now() >= retry_at) {
+            match node.update(running, &policy).await {
+                Ok(()) => backoff = RETRY_MIN,
+                Err(e) => {
+                    error!(policy = %name, error = %e, retry_in = ?backoff, serving_last_good = !running.is_empty(), "cannot serve the new spec");
+                    retry_at = tokio::time::Instant::now() + backoff;
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                    wanted = Some(policy);
+                }
+            }
+            continue;
+        }
         let next = tokio::select! {
             _ = terminated(sigterm, sigint) => return Ok(()),
             next = policies.next() => next,
+            _ = tokio::time::sleep_until(retry_at), if wanted.is_some() => continue,
         };
         let policy = match next {
             Some(Ok(p)) => p,
@@ -445,15 +599,13 @@ async fn cluster_mode(
         if let Some(current) = running.first()
             && !serving_part_changed(&current.spec, &policy.spec)
         {
+            // Back to what is served: a pending retry is moot.
+            wanted = None;
             continue;
         }
-        if let Some(old) = running.pop() {
-            info!(policy = %name, "spec changed: restarting the plugin");
-            node.stop(old).await;
-        }
-        match node.start(&policy).await {
-            Ok(p) => running.push(p),
-            Err(e) => error!(policy = %name, error = %e, "cannot serve the new spec"),
-        }
+        // A new spec is tried at once, whatever the backoff of the last.
+        backoff = RETRY_MIN;
+        retry_at = tokio::time::Instant::now();
+        wanted = Some(policy);
     }
 }

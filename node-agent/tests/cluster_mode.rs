@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use devplug_proto::deviceplugin::v1beta1 as dp;
 use serde_json::json;
 use support::apiserver::ApiServer;
+use support::podresources::FakePodResources;
 use support::{Agent, KubeletSim, Node};
 
 const T: Duration = Duration::from_secs(15);
@@ -79,4 +80,134 @@ async fn watches_its_policy_reloads_and_survives_the_api_server() {
         })
         .await;
     assert_eq!(env_of(&kubelet, "MODE").await.as_deref(), Some("two"));
+}
+
+fn shared_policy(replicas: u32) -> serde_json::Value {
+    json!({
+        "apiVersion": "devplug.io/v1alpha1", "kind": "DevicePluginPolicy",
+        "metadata": {"name": "live", "uid": "u-live", "generation": 1},
+        "spec": {"resourceName": R, "source": {"simulated": {"count": 2}},
+                 "sharing": {"strategy": "TimeSlicing", "replicas": replicas}},
+    })
+}
+
+/// A `sharing.replicas` change needs no new registration: the new list goes
+/// down the open ListAndWatch stream. Before, the agent stopped the plugin
+/// and registered again, and the kubelet saw the resource disconnected
+/// (every device Unhealthy) in between. IDs that running containers hold
+/// but the new spec no longer advertises are reported, with an Event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicas_change_keeps_the_registration_and_reports_orphans() {
+    let node = Node::new();
+    let (pods, _pr) = FakePodResources::start(&node.pod_resources_socket());
+    let mut kubelet = KubeletSim::start(&node.plugins);
+    let api = ApiServer::start(shared_policy(3)).await;
+    let kubeconfig = api.kubeconfig(node.tmp.path());
+    let _agent = Agent::spawn_cluster(&node, "live", &kubeconfig);
+    kubelet.wait_registrations(1, T).await;
+    kubelet.wait_list(R, T, |l| l.len() == 6).await;
+
+    api.update(|p| p["spec"]["sharing"]["replicas"] = json!(6));
+    kubelet
+        .wait_list(R, T, |l| {
+            l.len() == 12 && l.iter().all(|d| d.health == "Healthy")
+        })
+        .await;
+    pods.hold("ml", "old", "main", R, &["sim-0::5"]);
+    pods.hold("ml", "kept", "main", R, &["sim-1::0"]);
+    api.update(|p| p["spec"]["sharing"]["replicas"] = json!(2));
+    let (list, _) = kubelet
+        .wait_list(R, T, |l| {
+            l.len() == 4 && l.iter().all(|d| d.health == "Healthy")
+        })
+        .await;
+    assert!(list.iter().any(|d| d.id == "sim-1::0"));
+    assert_eq!(kubelet.registrations().len(), 1, "re-registered");
+    assert_eq!(kubelet.disconnects(R), 0, "the kubelet saw a disconnect");
+    assert_eq!(kubelet.open_streams(), 1);
+
+    // The orphan is in the agent's entry, with its holder, and an Event on
+    // the policy names it.
+    let deadline = Instant::now() + T;
+    loop {
+        let entry = api.nds("test-node").and_then(|n| {
+            n["status"]["resources"]
+                .as_array()
+                .and_then(|a| a.iter().find(|e| e["resourceName"] == R).cloned())
+        });
+        if let Some(e) = &entry
+            && e["orphaned"]
+                == json!([{"id": "sim-0::5", "allocations": [{"namespace": "ml", "pod": "old", "container": "main"}]}])
+        {
+            assert_eq!(e["allocated"], json!(1), "sim-1 is held by ml/kept");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no orphan in the entry: {entry:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + T;
+    loop {
+        let events = api.events();
+        if let Some(ev) = events.iter().find(|e| e["reason"] == "DevicesOrphaned") {
+            assert_eq!(ev["type"], "Warning");
+            assert_eq!(ev["regarding"]["kind"], "DevicePluginPolicy");
+            assert_eq!(ev["regarding"]["name"], "live");
+            assert_eq!(ev["regarding"]["uid"], "u-live");
+            let note = ev["note"].as_str().unwrap();
+            assert!(note.contains("sim-0::5 (ml/old)"), "{note}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no DevicesOrphaned event: {events:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Once the pod ends, the orphan goes from the entry.
+    pods.clear();
+    pods.hold("ml", "kept", "main", R, &["sim-1::0"]);
+    let deadline = Instant::now() + T;
+    loop {
+        let e = api.nds("test-node").unwrap()["status"]["resources"][0].clone();
+        if e.get("orphaned").is_none() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "orphan never cleared: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A spec whose source cannot start keeps the last good spec serving (no
+/// withdrawal, no new registration) and is retried on a backoff, without
+/// waiting for another change of the policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_that_cannot_start_keeps_the_last_good_one_and_is_retried() {
+    let node = Node::new();
+    let mut kubelet = KubeletSim::start(&node.plugins);
+    let api = ApiServer::start(shared_policy(1)).await;
+    let kubeconfig = api.kubeconfig(node.tmp.path());
+    let _agent = Agent::spawn_cluster(&node, "live", &kubeconfig);
+    kubelet.wait_registrations(1, T).await;
+    kubelet.wait_list(R, T, |l| l.len() == 2).await;
+
+    // The simulated source's control directory cannot be created: a file
+    // stands where it should be.
+    let control = node.sim.join("live");
+    std::fs::remove_dir_all(&control).unwrap();
+    std::fs::write(&control, b"in the way").unwrap();
+    api.update(|p| p["spec"]["source"]["simulated"]["count"] = json!(3));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let list = kubelet.list(R).unwrap();
+    assert_eq!(list.len(), 2, "the last good spec must keep serving");
+    assert_eq!(kubelet.registrations().len(), 1);
+    assert_eq!(kubelet.disconnects(R), 0);
+
+    // The obstacle goes; the retry serves the new spec on its own.
+    std::fs::remove_file(&control).unwrap();
+    kubelet.wait_list(R, T, |l| l.len() == 3).await;
+    assert_eq!(kubelet.registrations().len(), 1);
+    assert_eq!(kubelet.disconnects(R), 0);
 }

@@ -222,8 +222,8 @@ pub fn service_account(p: &DevicePluginPolicy, d: &AgentDefaults) -> ServiceAcco
     }
 }
 
-/// What one agent may do: read its own policy and apply NodeDeviceStatus
-/// objects, nothing else cluster-wide. (The chart's ValidatingAdmissionPolicy
+/// What one agent may do: read its own policy, apply NodeDeviceStatus
+/// objects and record Events, nothing else cluster-wide. (The chart's ValidatingAdmissionPolicy
 /// narrows the latter to the agent's own node.)
 pub fn cluster_role(p: &DevicePluginPolicy) -> ClusterRole {
     let rule = |resources: &[&str], names: Option<Vec<String>>, verbs: &[&str]| PolicyRule {
@@ -249,6 +249,13 @@ pub fn cluster_role(p: &DevicePluginPolicy) -> ClusterRole {
                 &["get", "list", "watch", "create", "patch"],
             ),
             rule(&["nodedevicestatuses/status"], None, &["get", "patch"]),
+            // Events about its policy (devices orphaned by a spec change).
+            PolicyRule {
+                api_groups: Some(vec!["events.k8s.io".into()]),
+                resources: Some(vec!["events".into()]),
+                verbs: vec!["create".into(), "patch".into()],
+                ..PolicyRule::default()
+            },
         ]),
         ..ClusterRole::default()
     }

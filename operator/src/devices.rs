@@ -237,6 +237,7 @@ mod tests {
             total: devices.len() as i64,
             allocated,
             devices,
+            orphaned: Vec::new(),
         }
     }
 

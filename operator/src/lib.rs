@@ -46,6 +46,9 @@ pub enum RunError {
     /// The admin server cannot listen.
     #[error("admin server: {0}")]
     Admin(#[source] std::io::Error),
+    /// The SIGTERM handler cannot be installed.
+    #[error("installing the SIGTERM handler: {0}")]
+    Signal(#[source] std::io::Error),
     /// Leadership was lost; a new process should start as a standby.
     #[error("lost the leader lease")]
     LostLease,
@@ -58,9 +61,30 @@ const RENEW_EVERY: Duration = Duration::from_secs(5);
 const RENEW_DEADLINE: Duration = Duration::from_secs(10);
 const RETRY_EVERY: Duration = Duration::from_secs(2);
 
-/// Runs the operator until it is stopped or loses leadership.
+/// Runs the operator until SIGTERM or until it loses leadership.
 pub async fn run(args: Args) -> Result<(), RunError> {
+    // First of all: a SIGTERM that arrives before the handler exists is
+    // lost (PID 1 in a container ignores signals it does not handle), and a
+    // standby or a fresh leader then runs on until the grace period ends.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(RunError::Signal)?;
     let client = Client::try_default().await.map_err(RunError::Client)?;
+    run_with(client, args, async move {
+        term.recv().await;
+        info!("SIGTERM");
+    })
+    .await
+}
+
+/// Runs the operator with `client` until `stop` completes or leadership is
+/// lost. A standby stops at once; a leader stops renewing, releases the
+/// lease so a standby takes over at its next try, and returns.
+pub async fn run_with(
+    client: Client,
+    args: Args,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), RunError> {
+    tokio::pin!(stop);
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let admin = tokio::spawn(admin::serve(
@@ -83,12 +107,26 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         ready.store(true, Ordering::SeqCst); // a standby is healthy too
         info!(%identity, lease = %args.lease_name, "waiting for leadership");
         loop {
-            match lock.try_acquire_or_renew().await {
-                Ok(true) => break,
-                Ok(false) => {}
-                Err(e) => warn!(error = %e, "leader election"),
+            let held = tokio::select! {
+                _ = &mut stop => {
+                    info!("stopped while standing by");
+                    return Ok(());
+                }
+                r = tokio::time::timeout(RENEW_EVERY, lock.try_acquire_or_renew()) => r,
+            };
+            match held {
+                Ok(Ok(true)) => break,
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => warn!(error = %e, "leader election"),
+                Err(_) => warn!("leader election: the API server did not answer in time"),
             }
-            tokio::time::sleep(RETRY_EVERY).await;
+            tokio::select! {
+                _ = &mut stop => {
+                    info!("stopped while standing by");
+                    return Ok(());
+                }
+                _ = tokio::time::sleep(RETRY_EVERY) => {}
+            }
         }
         info!(%identity, "leading");
         let (lost_tx, mut lost_rx) = tokio::sync::oneshot::channel::<()>();
@@ -109,43 +147,31 @@ pub async fn run(args: Args) -> Result<(), RunError> {
             }
             let _ = lost_tx.send(());
         });
-        // SIGTERM ends leadership at once: the lease is handed over without
-        // waiting for the controllers' graceful shutdown, which can outlast
-        // the pod's grace period and keep the lease renewed meanwhile.
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(RunError::Admin)?;
-        tokio::select! {
-            _ = term.recv() => {
-                renewing.abort();
-                let _ = renewing.await;
-                match tokio::time::timeout(RENEW_EVERY, lock.release()).await {
-                    Ok(Ok(())) => info!("SIGTERM: released the leader lease"),
-                    Ok(Err(e)) => warn!(error = %e, "cannot release the leader lease"),
-                    Err(_) => warn!("releasing the leader lease timed out"),
-                }
-                return Ok(());
-            }
-            r = controller(client, &args, metrics, ready) => {
-                // Stopped (SIGTERM): stop renewing first (a renewal after
-                // the release would take the lease back for a process that
-                // is about to exit), then hand the lease over at once.
-                renewing.abort();
-                let _ = renewing.await;
-                match tokio::time::timeout(RENEW_EVERY, lock.release()).await {
-                    Ok(Ok(())) => info!("released the leader lease"),
-                    Ok(Err(e)) => warn!(error = %e, "cannot release the leader lease"),
-                    Err(_) => warn!("releasing the leader lease timed out"),
-                }
-                return r;
-            }
+        // Stopping ends leadership at once: renewing stops first (a renewal
+        // after the release would take the lease back for a process that is
+        // about to exit), then the lease is handed over, without waiting for
+        // the controllers' graceful shutdown, which can outlast the pod's
+        // grace period.
+        let r = tokio::select! {
+            _ = &mut stop => Ok(()),
+            r = controller(client, &args, metrics, ready) => r,
             _ = &mut lost_rx => {
                 error!("lost the leader lease; exiting so a standby can take over");
                 return Err(RunError::LostLease);
             }
             r = admin => return r.map_err(|e| RunError::Admin(std::io::Error::other(e)))?.map_err(RunError::Admin),
+        };
+        renewing.abort();
+        let _ = renewing.await;
+        match tokio::time::timeout(RENEW_EVERY, lock.release()).await {
+            Ok(Ok(())) => info!("released the leader lease"),
+            Ok(Err(e)) => warn!(error = %e, "cannot release the leader lease"),
+            Err(_) => warn!("releasing the leader lease timed out"),
         }
+        return r;
     }
     tokio::select! {
+        _ = &mut stop => Ok(()),
         r = controller(client, &args, metrics, ready) => r,
         r = admin => r.map_err(|e| RunError::Admin(std::io::Error::other(e)))?.map_err(RunError::Admin),
     }

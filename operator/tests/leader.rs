@@ -77,3 +77,88 @@ async fn a_concurrent_writer_wins_and_the_other_backs_off() {
         "API errors surface to the caller"
     );
 }
+
+fn args() -> devplug_operator::args::Args {
+    use clap::Parser;
+    devplug_operator::args::Args::parse_from(["devplug-operator", "--metrics-addr", "127.0.0.1:0"])
+}
+
+/// Seen on the real cluster: a replica deleted while it stood by (or just
+/// after it started) ignored SIGTERM, because the handler was installed only
+/// once it led, and ran on for the whole grace period. A standby stops at
+/// once and leaves the lease alone.
+#[tokio::test]
+async fn a_standby_stops_at_once_when_told() {
+    let (client, api) = FakeApi::start();
+    let now = k8s_openapi::jiff::Timestamp::now();
+    api.put(
+        PATH,
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+               "metadata": {"name": "devplug-operator", "namespace": "devplug-system"},
+               "spec": {"holderIdentity": "someone-else", "leaseDurationSeconds": 15,
+                        "renewTime": now.to_string()}}),
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(devplug_operator::run_with(client, args(), async move {
+        let _ = stop_rx.await;
+    }));
+    // Standing by: it has read the lease at least once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !api
+        .log()
+        .iter()
+        .any(|c| c.path.ends_with("/leases/devplug-operator"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never tried the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let told = std::time::Instant::now();
+    stop_tx.send(()).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(2), run)
+        .await
+        .expect("a standby must stop within 2 s of being told");
+    assert!(r.unwrap().is_ok());
+    assert!(told.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        api.get(PATH).unwrap()["spec"]["holderIdentity"],
+        "someone-else"
+    );
+}
+
+/// A leader told to stop releases the lease before it returns, so a standby
+/// takes over at its next try instead of after the lease expires.
+#[tokio::test]
+async fn a_leader_told_to_stop_releases_the_lease() {
+    let (client, api) = FakeApi::start();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(devplug_operator::run_with(client, args(), async move {
+        let _ = stop_rx.await;
+    }));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let holder = api
+            .get(PATH)
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string));
+        if holder.is_some_and(|h| !h.is_empty()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never led");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop_tx.send(()).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("a leader must stop promptly");
+    assert!(r.unwrap().is_ok());
+    let lease = api.get(PATH).unwrap();
+    assert!(
+        lease["spec"]["holderIdentity"]
+            .as_str()
+            .unwrap_or("")
+            .is_empty(),
+        "lease still held after stopping: {lease}"
+    );
+}

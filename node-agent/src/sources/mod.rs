@@ -94,7 +94,12 @@ pub fn build(
         // Our own directory: create it so the watch lands on it rather than
         // on a busy ancestor such as /run.
         let control = ctx.sim_control_dir.join(&name);
-        std::fs::create_dir_all(&control).map_err(|e| SourceError::io(&control, e))?;
+        std::fs::create_dir_all(&control).map_err(|e| {
+            SourceError::Config(format!(
+                "cannot create the simulation control directory {}: {e}",
+                control.display()
+            ))
+        })?;
         return Ok(Box::new(simulated::Simulated::new(s, control)));
     }
     if let Some(p) = paths {

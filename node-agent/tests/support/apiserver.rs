@@ -36,6 +36,24 @@ struct Shared {
     nds: Arc<Mutex<std::collections::BTreeMap<String, Value>>>,
     writes: Arc<Mutex<Vec<Write>>>,
     refuse_writes: Arc<Mutex<bool>>,
+    posted_events: Arc<Mutex<Vec<Value>>>,
+}
+
+/// `events.k8s.io/v1` Events: created ones are kept for the test to read.
+async fn events(
+    State(s): State<Shared>,
+    method: axum::http::Method,
+    body: axum::body::Bytes,
+) -> Response {
+    let mut ev: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if method != axum::http::Method::POST || ev.is_null() {
+        return json_response(405, &json!({"kind": "Status", "code": 405}));
+    }
+    let mut list = s.posted_events.lock().unwrap();
+    ev["metadata"]["name"] = json!(format!("ev-{}", list.len()));
+    ev["metadata"]["resourceVersion"] = json!("1");
+    list.push(ev.clone());
+    json_response(201, &ev)
 }
 
 fn json_response(code: u16, v: &Value) -> Response {
@@ -168,6 +186,7 @@ impl ApiServer {
             nds: Arc::default(),
             writes: Arc::default(),
             refuse_writes: Arc::default(),
+            posted_events: Arc::default(),
         };
         let app = Router::new()
             .route(
@@ -178,6 +197,10 @@ impl ApiServer {
                 "/apis/devplug.io/v1alpha1/nodedevicestatuses/{*rest}",
                 axum::routing::any(nds),
             )
+            .route(
+                "/apis/events.k8s.io/v1/namespaces/{ns}/events",
+                axum::routing::any(events),
+            )
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -185,6 +208,11 @@ impl ApiServer {
             let _ = axum::serve(listener, app).await;
         });
         Self { addr, shared, task }
+    }
+
+    /// Events created so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.shared.posted_events.lock().unwrap().clone()
     }
 
     /// Changes the policy and sends a MODIFIED watch event.

@@ -52,6 +52,11 @@ struct Shared {
     lists: Mutex<Lists>,
     streams: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     refuse: Mutex<usize>,
+    /// Per resource: how often a plugin-side stream end made the kubelet
+    /// disconnect the resource (PluginDisconnected: every device Unhealthy).
+    disconnects: Mutex<HashMap<String, usize>>,
+    /// Every stream task, current or replaced, so a kubelet stop ends them all.
+    all_streams: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 #[derive(Clone)]
@@ -120,21 +125,48 @@ impl Registration for RegistrationSvc {
                         .or_insert_with(|| watch::channel(None).0)
                         .clone()
                 };
+                let shared = self.shared.clone();
+                let resource = req.resource_name.clone();
                 let task = tokio::spawn(async move {
                     while let Ok(Some(msg)) = stream.message().await {
                         tx.send_replace(Some((msg.devices, Instant::now())));
                     }
+                    // The plugin ended this stream. The kubelet (1.36,
+                    // plugin/v1beta1 runClient) then disconnects whichever
+                    // client is registered for the resource *now*, even a
+                    // newer one, and marks every device Unhealthy.
+                    if let Some(current) = shared.streams.lock().unwrap().remove(&resource) {
+                        current.abort();
+                    }
+                    *shared
+                        .disconnects
+                        .lock()
+                        .unwrap()
+                        .entry(resource)
+                        .or_default() += 1;
+                    tx.send_modify(|l| {
+                        if let Some((devices, at)) = l {
+                            for d in devices.iter_mut() {
+                                d.health = "Unhealthy".into();
+                            }
+                            *at = Instant::now();
+                        }
+                    });
                 });
-                // A new registration replaces the old endpoint, as in the kubelet.
-                if let Some(old) = self
+                // A new registration replaces the old endpoint in the map,
+                // as in the kubelet, which does not close the old one: its
+                // stream runs until the plugin ends it (see above).
+                self.shared
+                    .all_streams
+                    .lock()
+                    .unwrap()
+                    .push(task.abort_handle());
+                let _ = self
                     .shared
                     .streams
                     .lock()
                     .unwrap()
-                    .insert(req.resource_name.clone(), task)
-                {
-                    old.abort();
-                }
+                    .insert(req.resource_name.clone(), task);
             }
         }
         self.shared
@@ -214,15 +246,27 @@ impl KubeletSim {
         Instant::now()
     }
 
-    /// ListAndWatch streams the simulator holds open now.
+    /// ListAndWatch streams the simulator holds open now, replaced ones
+    /// included (the kubelet does not close those itself).
     pub fn open_streams(&self) -> usize {
         self.shared
-            .streams
+            .all_streams
             .lock()
             .unwrap()
-            .values()
+            .iter()
             .filter(|t| !t.is_finished())
             .count()
+    }
+
+    /// How often the resource was disconnected by a stream the plugin ended.
+    pub fn disconnects(&self, resource: &str) -> usize {
+        self.shared
+            .disconnects
+            .lock()
+            .unwrap()
+            .get(resource)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Stops the kubelet: drops every plugin stream and its own socket.
@@ -231,6 +275,9 @@ impl KubeletSim {
             s.abort();
         }
         for (_, t) in self.shared.streams.lock().unwrap().drain() {
+            t.abort();
+        }
+        for t in self.shared.all_streams.lock().unwrap().drain(..) {
             t.abort();
         }
     }

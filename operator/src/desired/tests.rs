@@ -248,7 +248,7 @@ fn rbac_is_scoped_to_the_policy() {
     let p = policy("  source: {simulated: {count: 1}}\n");
     let cr = cluster_role(&p);
     let rules = cr.rules.unwrap();
-    assert_eq!(rules.len(), 3);
+    assert_eq!(rules.len(), 4);
     assert_eq!(rules[0].resource_names, Some(vec!["foo".to_string()]));
     assert_eq!(rules[0].verbs, vec!["get", "list", "watch"]);
     assert_eq!(
@@ -261,11 +261,20 @@ fn rbac_is_scoped_to_the_policy() {
         "list/watch: the agent watches its own node's object to repair its entry"
     );
     assert!(
-        rules
+        rules[..3]
             .iter()
             .all(|r| r.api_groups == Some(vec!["devplug.io".to_string()])),
-        "nothing outside devplug.io"
+        "nothing outside devplug.io but Events"
     );
+    // Events about its policy (orphaned device IDs); the operator holds the
+    // same verbs, so the API server lets it grant them.
+    assert_eq!(
+        rules[3].api_groups,
+        Some(vec!["events.k8s.io".to_string()])
+    );
+    assert_eq!(rules[3].resources, Some(vec!["events".to_string()]));
+    assert_eq!(rules[3].verbs, vec!["create", "patch"]);
+    assert_eq!(rules[3].resource_names, None);
     let crb = cluster_role_binding(&p, &d());
     let s = &crb.subjects.unwrap()[0];
     assert_eq!(
