@@ -14,11 +14,50 @@ use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tracing::{debug, info, warn};
 
+use crate::device::Device;
 use crate::inventory::{Inventory, Snapshot};
-use crate::sources::Source;
+use crate::sources::{Source, SourceError};
 
 /// How often sysfs-based sources are re-read without an event.
 pub const RESYNC: Duration = Duration::from_secs(60);
+
+/// Longest a source may take to answer (an NVML call, a sysfs walk) before
+/// its devices read `Unknown`. Sources run on the blocking pool, never on
+/// the async workers that answer the kubelet.
+pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Pending = tokio::task::JoinHandle<Result<Vec<Device>, SourceError>>;
+
+/// Runs the source on the blocking pool and waits at most `timeout`. A call
+/// that is still running from before is not doubled: while it hangs, the
+/// answer is "stalled" at once.
+async fn discover_bounded(
+    source: &Arc<dyn Source>,
+    pending: &mut Option<Pending>,
+    timeout: Duration,
+) -> Result<Vec<Device>, SourceError> {
+    let mut call = match pending.take() {
+        Some(call) if !call.is_finished() => {
+            *pending = Some(call);
+            return Err(SourceError::Stalled(timeout));
+        }
+        Some(call) => call,
+        None => {
+            let s = source.clone();
+            tokio::task::spawn_blocking(move || s.discover())
+        }
+    };
+    match tokio::time::timeout(timeout, &mut call).await {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => Err(SourceError::Config(format!(
+            "the device source failed: {e}"
+        ))),
+        Err(_) => {
+            *pending = Some(call);
+            Err(SourceError::Stalled(timeout))
+        }
+    }
+}
 
 /// Creation and removal only, unless the source reads file contents.
 fn mask(contents: bool) -> WatchMask {
@@ -58,6 +97,7 @@ pub async fn run(
     mut inventory: Inventory,
     tx: watch::Sender<Arc<Snapshot>>,
     mut shutdown: watch::Receiver<bool>,
+    timeout: Duration,
 ) {
     let source: Arc<dyn Source> = Arc::from(source);
     let inotify = match Inotify::init() {
@@ -85,15 +125,18 @@ pub async fn run(
         add_watches(w, &dirs, source.watch_contents());
     }
 
-    let rediscover = |inventory: &mut Inventory| {
-        let found = source.discover();
-        if let Err(e) = &found {
-            warn!(%policy, source = source.kind(), error = %e, "discovery failed");
-        }
-        inventory.apply(found, Instant::now().into_std())
-    };
+    let mut pending: Option<Pending> = None;
+    macro_rules! rediscover {
+        ($inv:expr) => {{
+            let found = discover_bounded(&source, &mut pending, timeout).await;
+            if let Err(e) = &found {
+                warn!(%policy, source = source.kind(), error = %e, "discovery failed");
+            }
+            $inv.apply(found, Instant::now().into_std())
+        }};
+    }
 
-    rediscover(&mut inventory);
+    rediscover!(inventory);
     let first = inventory.snapshot();
     let (healthy, total) = first.counts();
     info!(%policy, source = source.kind(), total, healthy, "devices discovered");
@@ -121,7 +164,7 @@ pub async fn run(
                 if let Some(w) = watches.as_mut() {
                     add_watches(w, &source.watch_dirs(), source.watch_contents());
                 }
-                rediscover(&mut inventory)
+                rediscover!(inventory)
             }
             _ = async {
                 match deadline {
@@ -129,13 +172,13 @@ pub async fn run(
                     None => std::future::pending().await,
                 }
             } => inventory.tick(Instant::now().into_std()),
-            _ = resync.tick() => rediscover(&mut inventory),
+            _ = resync.tick() => rediscover!(inventory),
             _ = async {
                 match &wake {
                     Some(w) => w.notified().await,
                     None => std::future::pending().await,
                 }
-            } => rediscover(&mut inventory),
+            } => rediscover!(inventory),
         };
         if changed {
             let snap = inventory.snapshot();
@@ -149,6 +192,104 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::Health;
+
+    /// Answers once, then hangs (as a wedged NVML call does) until released.
+    struct Wedged {
+        calls: std::sync::atomic::AtomicUsize,
+        release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+        wake: Arc<tokio::sync::Notify>,
+    }
+
+    impl Source for Wedged {
+        fn kind(&self) -> &'static str {
+            "wedged"
+        }
+        fn discover(&self) -> Result<Vec<Device>, SourceError> {
+            if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+                // Bounded so a broken test fails instead of hanging.
+                let _ = self
+                    .release
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(20));
+            }
+            Ok(vec![Device {
+                id: "d0".into(),
+                numa_node: None,
+                nodes: vec![],
+                health: Health::Healthy,
+                links: vec![],
+            }])
+        }
+        fn watch_dirs(&self) -> Vec<PathBuf> {
+            Vec::new()
+        }
+        fn wake(&self) -> Option<Arc<tokio::sync::Notify>> {
+            Some(self.wake.clone())
+        }
+    }
+
+    /// Before: discovery ran on the async worker, so a wedged source call
+    /// stalled the runtime (on this single-threaded one, everything, Allocate
+    /// included) and the devices kept their last health. Now it times out
+    /// and the devices read Unknown with the reason, while the runtime goes on.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_wedged_source_turns_devices_unknown_without_stalling_the_runtime() {
+        let (release_tx, release_rx) = std::sync::mpsc::channel();
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let source = Box::new(Wedged {
+            calls: Default::default(),
+            release: std::sync::Mutex::new(release_rx),
+            wake: wake.clone(),
+        });
+        let (tx, mut rx) = watch::channel(Arc::new(Snapshot::default()));
+        let (_stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(run(
+            "p".into(),
+            source,
+            Inventory::new(Duration::ZERO, 1),
+            tx,
+            stop,
+            Duration::from_millis(300),
+        ));
+        rx.changed().await.unwrap();
+        assert!(rx.borrow_and_update().devices["d0"].health.is_healthy());
+        let started = std::time::Instant::now();
+        wake.notify_one();
+        // The runtime keeps running: this very timer fires.
+        let snap = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                rx.changed().await.unwrap();
+                let s = rx.borrow_and_update().clone();
+                if !s.devices["d0"].health.is_healthy() {
+                    return s;
+                }
+            }
+        })
+        .await
+        .expect("devices never turned Unknown");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        match &snap.devices["d0"].health {
+            Health::Unknown(r) => assert!(r.contains("did not answer within"), "{r}"),
+            h => panic!("wanted Unknown, got {h:?}"),
+        }
+        // Released: healthy again on the next discovery.
+        release_tx.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        wake.notify_one();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                rx.changed().await.unwrap();
+                if rx.borrow_and_update().devices["d0"].health.is_healthy() {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("never healthy again");
+        task.abort();
+    }
 
     /// A write-and-close in a watched device directory (what every user of
     /// `/dev/null` does) must not wake discovery; a new node must.

@@ -200,6 +200,7 @@ impl Node {
             Inventory::new(cfg.settle, cfg.replicas),
             snap_tx,
             stopped,
+            discovery::DISCOVERY_TIMEOUT,
         ));
         let _ = first.changed().await;
         Ok(Discovery {

@@ -377,14 +377,26 @@ else
   skip "this node has no /dev/fuse"
 fi
 
-begin "a live sharing.replicas change is served without restarting the agent pod"
+metric_regs() { # registrations the agent has made since it started
+  kubectl get --raw "/api/v1/namespaces/$NS/pods/$(agent_pod):8080/proxy/metrics" 2>/dev/null |
+    awk '/^devplug_registrations_total/ {s += $2} END {print s + 0}'
+}
+
+begin "a live sharing.replicas change is served in place: same agent pod, no new registration, held IDs reported"
 uid=$(kubectl -n $NS get pod "$AGENT" -o jsonpath='{.metadata.uid}')
+regs=$(metric_regs)
 kubectl patch dpp $POLICY --type=merge -p '{"spec":{"sharing":{"strategy":"TimeSlicing","replicas":3}}}' >/dev/null
 wait_for "allocatable with 3 replicas" 90 6 alloc
 [ "$(kubectl -n $NS get pod "$AGENT" -o jsonpath='{.metadata.uid}' 2>/dev/null)" = "$uid" ] || fail "the agent pod was replaced"
+# demo-pod holds foo-0 and foo-1, which 3 replicas no longer advertise.
+wait_for "demo-pod's IDs listed as orphaned" 30 "foo-0 foo-1" entry '.orphaned[*].id'
+wait_for "a DevicesOrphaned event on the policy" 30 1 sh -c \
+  "kubectl get events -n default --field-selector involvedObject.name=$POLICY,reason=DevicesOrphaned -o name | head -1 | wc -l"
 kubectl patch dpp $POLICY --type=json -p '[{"op":"remove","path":"/spec/sharing"}]' >/dev/null
 wait_for "allocatable back to 2" 90 2 alloc
-ok
+wait_for "no orphans once the IDs are advertised again" 30 "" entry '.orphaned[*].id'
+[ "$(metric_regs)" = "$regs" ] || fail "the agent registered again ($regs before, $(metric_regs) after): the kubelet saw the resource disconnected"
+ok "registrations stayed $regs"
 
 begin "kubelet restarted 5 times in a row, a new pod runs after each"
 if can_restart_kubelet; then
@@ -423,10 +435,6 @@ EOF
     curl -sf --max-time 5 --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" \
       https://127.0.0.1:10250/pods 2>/dev/null |
       python3 -c 'import json,sys; [print(p["metadata"]["name"]) for p in json.load(sys.stdin)["items"]]' 2>/dev/null || true
-  }
-  metric_regs() {
-    kubectl get --raw "/api/v1/namespaces/$NS/pods/$(agent_pod):8080/proxy/metrics" 2>/dev/null |
-      awk '/^devplug_registrations_total/ {s += $2} END {print s + 0}'
   }
   uae_events() { kubectl get events -A --field-selector reason=UnexpectedAdmissionError -o name 2>/dev/null | wc -l; }
   uae_before=$(uae_events)

@@ -33,6 +33,9 @@ pub enum SourceError {
     /// What the source needs is not on this node (for example NVML).
     #[error("{0}")]
     Unavailable(String),
+    /// The source did not answer in time (a wedged driver call or sysfs read).
+    #[error("the device source did not answer within {0:?} (a wedged driver call or sysfs read?)")]
+    Stalled(std::time::Duration),
 }
 
 impl SourceError {

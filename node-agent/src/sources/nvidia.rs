@@ -8,9 +8,14 @@
 //!   XID in the reason, except the XIDs applications cause (13, 31, 43, 45,
 //!   68, 109 by default; `spec.source.nvidia.ignoredXids`); double-bit ECC
 //!   errors too. NVML reports no recovery, so a GPU stays unhealthy until it
-//!   disappears and comes back, or the agent restarts;
-//! - a GPU that falls off the bus is no longer enumerated, so it leaves the
-//!   list; NVLink peers feed GetPreferredAllocation;
+//!   disappears and comes back (its health starts afresh then), or the agent
+//!   restarts;
+//! - a GPU that falls off the bus is no longer enumerated by NVML: it stays
+//!   in the list as Unhealthy, "GPU lost", so the pods holding it show up in
+//!   the status, until it is enumerated again or the agent restarts; NVLink
+//!   peers feed GetPreferredAllocation;
+//! - the NVML event thread belongs to the source and stops when the source
+//!   is dropped (a spec change builds a new source);
 //! - no NVML on the node: discovery fails with a clear reason, which shows
 //!   in NodeDeviceStatus and the policy status, and is retried on every
 //!   resync (a driver installed later is picked up).
@@ -19,6 +24,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devplug_api::NvidiaSource;
@@ -67,8 +73,12 @@ pub trait GpuLibrary: Send + Sync + 'static {
     /// Every GPU present now.
     fn gpus(&self) -> Result<Vec<Gpu>, String>;
     /// Starts delivering health events to `sink` (on a thread of the
-    /// library's own); returns once watching has started.
-    fn watch(&self, sink: Box<dyn Fn(GpuEvent) + Send + Sync>) -> Result<(), String>;
+    /// library's own) until `stop` is set; returns once watching has started.
+    fn watch(
+        &self,
+        sink: Box<dyn Fn(GpuEvent) + Send + Sync>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<(), String>;
 }
 
 /// Loads the GPU library; called again on every discovery until it works.
@@ -81,8 +91,21 @@ pub struct Nvidia {
     loader: Loader,
     lib: Mutex<Option<Arc<dyn GpuLibrary>>>,
     health: Arc<Mutex<HashMap<String, Health>>>,
+    /// Every GPU seen since start, for reporting one NVML stops listing.
+    seen: Mutex<BTreeMap<String, Gpu>>,
     wake: Arc<Notify>,
+    /// Ends the event thread when the source goes.
+    stop: Arc<AtomicBool>,
 }
+
+impl Drop for Nvidia {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Health of a GPU NVML no longer enumerates.
+pub const GPU_LOST: &str = "GPU lost: NVML no longer enumerates it (fallen off the bus?); the node needs a GPU reset or reboot";
 
 /// sysfs name of an NVML bus id: `00000000:3B:00.0` → `0000:3b:00.0`.
 pub fn sysfs_bus_id(nvml: &str) -> Option<String> {
@@ -108,7 +131,9 @@ impl Nvidia {
             loader,
             lib: Mutex::new(None),
             health: Arc::default(),
+            seen: Mutex::default(),
             wake: Arc::new(Notify::new()),
+            stop: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -124,22 +149,25 @@ impl Nvidia {
         let health = self.health.clone();
         let wake = self.wake.clone();
         let ignored = self.ignored.clone();
-        let watching = lib.watch(Box::new(move |ev| {
-            let (uuid, h) = match ev {
-                GpuEvent::Xid { xid, .. } if ignored.contains(&xid) => return,
-                GpuEvent::Xid { uuid, xid } => {
-                    (uuid, Health::Unhealthy(format!("XID {xid} (critical)")))
+        let watching = lib.watch(
+            Box::new(move |ev| {
+                let (uuid, h) = match ev {
+                    GpuEvent::Xid { xid, .. } if ignored.contains(&xid) => return,
+                    GpuEvent::Xid { uuid, xid } => {
+                        (uuid, Health::Unhealthy(format!("XID {xid} (critical)")))
+                    }
+                    GpuEvent::DoubleBitEcc { uuid } => {
+                        (uuid, Health::Unhealthy("double-bit ECC error".into()))
+                    }
+                };
+                warn!(gpu = %uuid, health = %h, "GPU health event");
+                if let Ok(mut m) = health.lock() {
+                    m.insert(uuid, h);
                 }
-                GpuEvent::DoubleBitEcc { uuid } => {
-                    (uuid, Health::Unhealthy("double-bit ECC error".into()))
-                }
-            };
-            warn!(gpu = %uuid, health = %h, "GPU health event");
-            if let Ok(mut m) = health.lock() {
-                m.insert(uuid, h);
-            }
-            wake.notify_one();
-        }));
+                wake.notify_one();
+            }),
+            self.stop.clone(),
+        );
         if let Err(e) = watching {
             // Still serve the GPUs; their health just cannot be watched.
             warn!(error = %e, "cannot watch NVML events; GPU health is not monitored");
@@ -184,7 +212,28 @@ impl Source for Nvidia {
             .iter()
             .map(|g| (g.bus_id.to_ascii_lowercase(), g.uuid.clone()))
             .collect();
-        let health = self.health.lock().map(|m| m.clone()).unwrap_or_default();
+        let lost: Vec<Gpu> = match self.seen.lock() {
+            Ok(mut seen) => {
+                for g in &gpus {
+                    seen.insert(g.uuid.clone(), g.clone());
+                }
+                seen.values()
+                    .filter(|s| !gpus.iter().any(|g| g.uuid == s.uuid))
+                    .cloned()
+                    .collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        let health = match self.health.lock() {
+            Ok(mut m) => {
+                // A lost GPU starts afresh if it comes back.
+                for g in &lost {
+                    m.remove(&g.uuid);
+                }
+                m.clone()
+            }
+            Err(_) => HashMap::new(),
+        };
         let control: Vec<DeviceNode> =
             ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"]
                 .iter()
@@ -215,6 +264,15 @@ impl Source for Nvidia {
                 links,
             });
         }
+        for g in lost {
+            out.push(Device {
+                numa_node: self.numa(&g.bus_id),
+                id: g.uuid,
+                nodes: Vec::new(),
+                health: Health::Unhealthy(GPU_LOST.into()),
+                links: Vec::new(),
+            });
+        }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
@@ -231,6 +289,7 @@ impl Source for Nvidia {
 /// The real NVML, through `nvml-wrapper`.
 mod real {
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     use nvml_wrapper::Nvml;
     use nvml_wrapper::bitmasks::event::EventTypes;
@@ -303,7 +362,11 @@ mod real {
             Ok(out)
         }
 
-        fn watch(&self, sink: Box<dyn Fn(GpuEvent) + Send + Sync>) -> Result<(), String> {
+        fn watch(
+            &self,
+            sink: Box<dyn Fn(GpuEvent) + Send + Sync>,
+            stop: Arc<AtomicBool>,
+        ) -> Result<(), String> {
             let nvml = self.nvml.clone();
             let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<(), String>>();
             std::thread::Builder::new()
@@ -337,8 +400,10 @@ mod real {
                         };
                     }
                     let _ = started_tx.send(Ok(()));
-                    loop {
-                        match set.wait(5000) {
+                    // Ends (dropping the event set and NVML) when the source
+                    // that started it is dropped.
+                    while !stop.load(Ordering::SeqCst) {
+                        match set.wait(1000) {
                             Ok(ev) => {
                                 let Ok(uuid) = ev.device.uuid() else { continue };
                                 if ev.event_type.contains(EventTypes::CRITICAL_XID_ERROR) {

@@ -268,10 +268,7 @@ fn rbac_is_scoped_to_the_policy() {
     );
     // Events about its policy (orphaned device IDs); the operator holds the
     // same verbs, so the API server lets it grant them.
-    assert_eq!(
-        rules[3].api_groups,
-        Some(vec!["events.k8s.io".to_string()])
-    );
+    assert_eq!(rules[3].api_groups, Some(vec!["events.k8s.io".to_string()]));
     assert_eq!(rules[3].resources, Some(vec!["events".to_string()]));
     assert_eq!(rules[3].verbs, vec!["create", "patch"]);
     assert_eq!(rules[3].resource_names, None);

@@ -1,4 +1,4 @@
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::*;
 
@@ -8,6 +8,7 @@ type Sink = Box<dyn Fn(GpuEvent) + Send + Sync>;
 struct FakeGpus {
     gpus: Mutex<Vec<Gpu>>,
     sink: Mutex<Option<Sink>>,
+    stop: Mutex<Option<Arc<AtomicBool>>>,
 }
 
 impl FakeGpus {
@@ -22,8 +23,9 @@ impl GpuLibrary for FakeGpus {
     fn gpus(&self) -> Result<Vec<Gpu>, String> {
         Ok(self.gpus.lock().unwrap().clone())
     }
-    fn watch(&self, sink: Sink) -> Result<(), String> {
+    fn watch(&self, sink: Sink, stop: Arc<AtomicBool>) -> Result<(), String> {
         *self.sink.lock().unwrap() = Some(sink);
+        *self.stop.lock().unwrap() = Some(stop);
         Ok(())
     }
 }
@@ -174,14 +176,43 @@ fn ignored_xids_are_configurable() {
     );
 }
 
+/// Before: a GPU that fell off the bus silently left the list, so its pods
+/// vanished from the status too, and a GPU that came back kept the health
+/// it had before it left.
 #[test]
-fn a_gpu_that_falls_off_the_bus_leaves_the_list() {
+fn a_gpu_that_falls_off_the_bus_is_reported_lost_and_starts_afresh_on_return() {
     let f = fixture(NvidiaSource::default());
     assert_eq!(f.src.discover().unwrap().len(), 2);
-    f.lib.gpus.lock().unwrap().remove(1);
+    f.lib.fire(GpuEvent::Xid {
+        uuid: "GPU-bbbb".into(),
+        xid: 79,
+    });
+    let gone = f.lib.gpus.lock().unwrap().remove(1);
     let d = f.src.discover().unwrap();
-    assert_eq!(d.len(), 1);
-    assert!(d[0].links.is_empty(), "its NVLink peer is gone too");
+    assert_eq!(d.len(), 2, "a lost GPU stays listed");
+    assert_eq!(d[1].id, "GPU-bbbb");
+    assert_eq!(d[1].health, Health::Unhealthy(GPU_LOST.into()));
+    assert!(d[1].nodes.is_empty());
+    assert!(d[0].links.is_empty(), "its NVLink peer is gone");
+    assert!(d[0].health.is_healthy());
+    // Back on the bus: healthy again, the old XID forgotten.
+    f.lib.gpus.lock().unwrap().push(gone);
+    let d = f.src.discover().unwrap();
+    assert_eq!(d.len(), 2);
+    assert!(d.iter().all(|g| g.health.is_healthy()), "{d:?}");
+    assert_eq!(d[0].links, vec!["GPU-bbbb"]);
+}
+
+/// Before: every spec change built a new source whose NVML event thread
+/// (and NVML handle) lived on forever.
+#[test]
+fn the_event_thread_is_told_to_stop_when_the_source_goes() {
+    let f = fixture(NvidiaSource::default());
+    f.src.discover().unwrap();
+    let stop = f.lib.stop.lock().unwrap().clone().expect("watching");
+    assert!(!stop.load(Ordering::SeqCst));
+    drop(f.src);
+    assert!(stop.load(Ordering::SeqCst), "the event thread must stop");
 }
 
 #[test]
