@@ -2,12 +2,15 @@
 //! agents fight over one kubelet registration. The older policy wins,
 //! deterministically (creation time, then name); the newer gets no agents and
 //! a `Conflict` condition until the overlap is resolved. Only policies that
-//! actually serve take nodes: an invalid policy, one being deleted, or one
-//! that itself lost a conflict makes nobody lose.
+//! actually serve take nodes: an invalid policy, one the operator refuses
+//! (host mounts outside the allow-list), one being deleted, or one that
+//! itself lost a conflict makes nobody lose.
 
 use std::collections::BTreeMap;
 
 use devplug_api::{DevicePluginPolicy, ResourceExt};
+
+use crate::desired::{AgentDefaults, refusal};
 
 /// Whether two node selectors can select a common node. Selectors that
 /// require different values for one label key are disjoint; anything else
@@ -29,7 +32,11 @@ fn age_key(p: &DevicePluginPolicy) -> (Option<i64>, String) {
 /// The oldest older policy that serves `p`'s resource on nodes `p` may also
 /// select, if any. Which older policies serve is decided in age order: a
 /// valid, live policy serves unless an older serving one overlaps it.
-pub fn older_claimant<'a, I>(p: &DevicePluginPolicy, all: I) -> Option<&'a DevicePluginPolicy>
+pub fn older_claimant<'a, I>(
+    p: &DevicePluginPolicy,
+    all: I,
+    defaults: &AgentDefaults,
+) -> Option<&'a DevicePluginPolicy>
 where
     I: IntoIterator<Item = &'a DevicePluginPolicy>,
 {
@@ -40,7 +47,7 @@ where
         .filter(|o| o.metadata.deletion_timestamp.is_none())
         .filter(|o| o.spec.resource_name == p.spec.resource_name)
         .filter(|o| age_key(o) < me)
-        .filter(|o| o.spec.validate().is_ok())
+        .filter(|o| refusal(o, defaults).is_none())
         .collect();
     older.sort_by_key(|o| age_key(o));
     let mut serving: Vec<&DevicePluginPolicy> = Vec::new();
@@ -99,11 +106,11 @@ mod tests {
         let b = pol("b", "x.io/r", 20, &[("gpu", "yes")]);
         let all = [a.clone(), b.clone()];
         assert_eq!(
-            older_claimant(&b, &all).map(|p| p.name_any()),
+            older_claimant(&b, &all, &AgentDefaults::default()).map(|p| p.name_any()),
             Some("a".into())
         );
         assert!(
-            older_claimant(&a, &all).is_none(),
+            older_claimant(&a, &all, &AgentDefaults::default()).is_none(),
             "the older one keeps its agents"
         );
     }
@@ -114,7 +121,7 @@ mod tests {
         let b = pol("b", "x.io/r", 20, &[("zone", "b")]);
         let c = pol("c", "x.io/other", 5, &[]);
         let all = [a.clone(), b.clone(), c];
-        assert!(older_claimant(&b, &all).is_none());
+        assert!(older_claimant(&b, &all, &AgentDefaults::default()).is_none());
     }
 
     #[test]
@@ -123,13 +130,13 @@ mod tests {
         let b = pol("b", "x.io/r", 10, &[]);
         let all = [a.clone(), b.clone()];
         assert_eq!(
-            older_claimant(&b, &all).map(|p| p.name_any()),
+            older_claimant(&b, &all, &AgentDefaults::default()).map(|p| p.name_any()),
             Some("a".into())
         );
-        assert!(older_claimant(&a, &all).is_none());
+        assert!(older_claimant(&a, &all, &AgentDefaults::default()).is_none());
         let mut gone = a.clone();
         gone.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(30).unwrap()));
-        assert!(older_claimant(&b, &[gone, b.clone()]).is_none());
+        assert!(older_claimant(&b, &[gone, b.clone()], &AgentDefaults::default()).is_none());
     }
 
     /// A (zone=a), B (every node, newer), C (zone=b, newest): B loses to A,
@@ -141,17 +148,42 @@ mod tests {
         let c = pol("c", "x.io/r", 30, &[("zone", "b")]);
         let all = [a.clone(), b.clone(), c.clone()];
         assert_eq!(
-            older_claimant(&b, &all).map(|p| p.name_any()),
+            older_claimant(&b, &all, &AgentDefaults::default()).map(|p| p.name_any()),
             Some("a".into())
         );
         assert!(
-            older_claimant(&c, &all).is_none(),
+            older_claimant(&c, &all, &AgentDefaults::default()).is_none(),
             "B lost, so C serves zone b"
         );
         // An invalid older policy serves nothing either.
         let mut bad = pol("bad", "x.io/r", 5, &[]);
         bad.spec.source.simulated = None;
-        assert!(older_claimant(&c, &[bad, c.clone()]).is_none());
+        assert!(older_claimant(&c, &[bad, c.clone()], &AgentDefaults::default()).is_none());
+    }
+
+    /// Before: an older policy the operator refuses for its host mounts
+    /// (outside the allow-list) still made a newer one lose, so nobody
+    /// served the resource.
+    #[test]
+    fn a_policy_refused_for_its_host_mounts_takes_no_node() {
+        let mut old = pol("old", "x.io/r", 10, &[]);
+        old.spec.allocate.mounts = vec![devplug_api::MountSpec {
+            host_path: "/etc".into(),
+            container_path: "/host-etc".into(),
+            read_only: true,
+        }];
+        let new = pol("new", "x.io/r", 20, &[]);
+        let all = [old.clone(), new.clone()];
+        let strict = AgentDefaults {
+            allowed_host_paths: Some(vec!["/dev:ro".parse().unwrap()]),
+            ..AgentDefaults::default()
+        };
+        assert!(older_claimant(&new, &all, &strict).is_none());
+        // Without an allow-list the older policy serves, and wins.
+        assert_eq!(
+            older_claimant(&new, &all, &AgentDefaults::default()).map(|p| p.name_any()),
+            Some("old".into())
+        );
     }
 
     #[test]

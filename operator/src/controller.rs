@@ -527,19 +527,14 @@ pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<
     }
     let mut seen = Observed::default();
     let result: Result<()> = async {
-        let invalid = p
-            .spec
-            .validate()
-            .err()
-            .map(|e| e.to_string())
-            .or_else(|| desired::host_path_violation(&p, &ctx.defaults));
+        let invalid = desired::refusal(&p, &ctx.defaults);
         if let Some(why) = invalid {
             seen.invalid = Some(why);
             remove_agents(&ctx, &name).await?;
             return Ok(());
         }
         let all = ctx.policies.state();
-        if let Some(winner) = conflict::older_claimant(&p, all.iter().map(|a| a.as_ref())) {
+        if let Some(winner) = conflict::older_claimant(&p, all.iter().map(|a| a.as_ref()), &ctx.defaults) {
             seen.conflict_with = Some(winner.name_any());
             if remove_agents(&ctx, &name).await? {
                 info!(policy = %name, winner = %winner.name_any(), "removed agents of a conflicting policy");

@@ -75,6 +75,17 @@ impl std::str::FromStr for AllowedHostPath {
     }
 }
 
+/// Why the operator refuses to serve `p`, if it does: an invalid spec (one
+/// that bypassed admission) or host mounts outside the allow-list. A refused
+/// policy serves no node, so it takes no node from another in a conflict.
+pub fn refusal(p: &DevicePluginPolicy, d: &AgentDefaults) -> Option<String> {
+    p.spec
+        .validate()
+        .err()
+        .map(|e| e.to_string())
+        .or_else(|| host_path_violation(p, d))
+}
+
 /// Why a policy's `allocate.mounts` breaks the operator's host-path
 /// allow-list, if it does: who may create a policy could otherwise mount
 /// any host path into every workload on every selected node.

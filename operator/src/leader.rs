@@ -2,13 +2,22 @@
 //! replicas are safe: only the holder reconciles. The lease is renewed by
 //! optimistic concurrency (a replace carrying the resourceVersion read), so
 //! two candidates can never both believe they hold it.
+//!
+//! Expiry is judged on the local clock as observed, the way client-go does:
+//! another holder's lease is expired when it has not changed for its
+//! duration since *we* first saw it in that state. The holder's `renewTime`
+//! is never compared with our clock, so clock skew between nodes can
+//! neither shorten a lease (a takeover while the leader still acts) nor
+//! stretch it.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
+use tokio::time::Instant;
 
 /// A lease-based lock.
 pub struct LeaseLock {
@@ -16,10 +25,33 @@ pub struct LeaseLock {
     name: String,
     identity: String,
     duration: Duration,
+    /// The other holder's lease as last seen (holder, renewTime,
+    /// resourceVersion) and when we first saw it so.
+    observed: Mutex<Option<(String, Instant)>>,
 }
 
 fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+/// Whether another holder's lease, in the state `key`, has stood still for
+/// `secs` on our clock since we first saw that state (recorded in `seen`).
+fn expired_as_observed(
+    seen: &Mutex<Option<(String, Instant)>>,
+    key: String,
+    secs: u64,
+    now: Instant,
+) -> bool {
+    let Ok(mut seen) = seen.lock() else {
+        return false;
+    };
+    match seen.as_ref() {
+        Some((k, since)) if *k == key => now.duration_since(*since) > Duration::from_secs(secs),
+        _ => {
+            *seen = Some((key, now));
+            false
+        }
+    }
 }
 
 impl LeaseLock {
@@ -30,18 +62,8 @@ impl LeaseLock {
             name: name.into(),
             identity: identity.into(),
             duration,
+            observed: Mutex::new(None),
         }
-    }
-
-    /// Who holds the lease according to `spec`, and whether it has expired.
-    fn holder(spec: &LeaseSpec, now: Timestamp) -> (Option<&str>, bool) {
-        let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty());
-        let secs = i64::from(spec.lease_duration_seconds.unwrap_or(15));
-        let expired = match &spec.renew_time {
-            Some(MicroTime(t)) => *t + SignedDuration::from_secs(secs) < now,
-            None => true,
-        };
-        (holder, expired)
     }
 
     /// Takes the lease if it is free or expired, or renews it if we hold it.
@@ -70,11 +92,23 @@ impl LeaseLock {
                 Err(e) => Err(e),
             };
         };
+        let version = lease.metadata.resource_version.clone().unwrap_or_default();
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-        let (holder, expired) = Self::holder(spec, now);
+        let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty());
         let mine = holder == Some(self.identity.as_str());
-        if !mine && holder.is_some() && !expired {
-            return Ok(false);
+        if let Some(h) = holder
+            && !mine
+        {
+            let renewed = spec
+                .renew_time
+                .as_ref()
+                .map(|MicroTime(t)| t.to_string())
+                .unwrap_or_default();
+            let secs = u64::try_from(spec.lease_duration_seconds.unwrap_or(15)).unwrap_or(15);
+            let key = format!("{h}|{renewed}|{version}");
+            if !expired_as_observed(&self.observed, key, secs, Instant::now()) {
+                return Ok(false);
+            }
         }
         if !mine {
             spec.holder_identity = Some(self.identity.clone());
@@ -125,22 +159,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn holder_and_expiry() {
-        let now = Timestamp::from_second(1000).unwrap();
-        let spec = |holder: Option<&str>, renewed: i64| LeaseSpec {
-            holder_identity: holder.map(str::to_string),
-            lease_duration_seconds: Some(15),
-            renew_time: Some(MicroTime(Timestamp::from_second(renewed).unwrap())),
-            ..LeaseSpec::default()
-        };
-        assert_eq!(
-            LeaseLock::holder(&spec(Some("a"), 990), now),
-            (Some("a"), false)
+    fn expiry_is_judged_by_how_long_we_have_seen_the_lease_unchanged() {
+        let seen = Mutex::new(None);
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        assert!(
+            !expired_as_observed(&seen, "a|1|r1".into(), 15, t0),
+            "first sight"
         );
-        assert_eq!(
-            LeaseLock::holder(&spec(Some("a"), 980), now),
-            (Some("a"), true)
-        );
-        assert_eq!(LeaseLock::holder(&spec(Some(""), 999), now), (None, false));
+        assert!(!expired_as_observed(&seen, "a|1|r1".into(), 15, t0 + s(15)));
+        assert!(expired_as_observed(&seen, "a|1|r1".into(), 15, t0 + s(16)));
+        // A renewal (a new state) restarts the clock.
+        assert!(!expired_as_observed(&seen, "a|2|r2".into(), 15, t0 + s(17)));
+        assert!(!expired_as_observed(&seen, "a|2|r2".into(), 15, t0 + s(30)));
+        assert!(expired_as_observed(&seen, "a|2|r2".into(), 15, t0 + s(33)));
     }
 }

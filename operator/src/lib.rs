@@ -276,6 +276,7 @@ async fn controller(
         agent_pods: pods_store,
         metrics: metrics.clone(),
         synced: synced.clone(),
+        defaults: ctx.defaults.clone(),
     });
     let admission = admission::run(client, policy_store, ctx.recorder.clone(), metrics);
     // Ready once every store has listed the cluster, which also means the

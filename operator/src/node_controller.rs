@@ -52,6 +52,8 @@ pub struct NodeContext {
     pub metrics: Arc<Metrics>,
     /// Whether the stores have listed the cluster.
     pub synced: crate::synced::Synced,
+    /// What decides whether a policy is served at all (the allow-list).
+    pub defaults: crate::desired::AgentDefaults,
 }
 
 fn pod_ready(p: &Pod) -> bool {
@@ -88,10 +90,17 @@ pub fn agent_problem(policy: &str, node: &str, pods: &[Arc<Pod>]) -> Option<Stri
     }
 }
 
-/// Whether `policy` wants an agent on `node`: valid, not the loser of a
-/// conflict, and the node matches its selector.
-pub fn serves_node(policy: &DevicePluginPolicy, node: &Node) -> bool {
-    if policy.metadata.deletion_timestamp.is_some() || policy.spec.validate().is_err() {
+/// Whether `policy` wants an agent on `node`: not refused (valid, host
+/// mounts allowed), not the loser of a conflict, and the node matches its
+/// selector.
+pub fn serves_node(
+    policy: &DevicePluginPolicy,
+    node: &Node,
+    defaults: &crate::desired::AgentDefaults,
+) -> bool {
+    if policy.metadata.deletion_timestamp.is_some()
+        || crate::desired::refusal(policy, defaults).is_some()
+    {
         return false;
     }
     let lost = policy
@@ -126,6 +135,7 @@ pub fn judge(
     node: &Node,
     policies: &BTreeMap<String, Arc<DevicePluginPolicy>>,
     pods: &[Arc<Pod>],
+    defaults: &crate::desired::AgentDefaults,
 ) -> Verdict {
     let name = nds.name_any();
     let mut v = Verdict::default();
@@ -138,7 +148,7 @@ pub fn judge(
         let policy = policies
             .get(&e.policy)
             .filter(|p| p.spec.resource_name == e.resource_name);
-        let serves = policy.is_some_and(|p| serves_node(p, node));
+        let serves = policy.is_some_and(|p| serves_node(p, node, defaults));
         let has_pod = !agent_pods_on(&e.policy, &name, pods).is_empty();
         if !serves && !has_pod {
             v.remove.push(i);
@@ -242,7 +252,7 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
         .map(|p| (p.name_any(), p))
         .collect();
     let pods = ctx.agent_pods.state();
-    let verdict = judge(&nds, &node, &policies, &pods);
+    let verdict = judge(&nds, &node, &policies, &pods, &ctx.defaults);
 
     // Stale entries: removed only if the object is still what was judged.
     if !verdict.remove.is_empty() {

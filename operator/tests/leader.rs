@@ -39,13 +39,21 @@ async fn one_holder_at_a_time_and_takeover_after_expiry() {
     assert!(a.try_acquire_or_renew().await.unwrap(), "a renews");
     assert_eq!(api.get(PATH).unwrap()["spec"]["holderIdentity"], "a");
 
-    // a stops renewing; its lease expires.
+    // a stops renewing. Its renewTime says 2020 (a clock far behind), but
+    // b judges on its own clock: the lease expires only once b has seen it
+    // unchanged for its duration (1 s here).
     let mut lease = api.get(PATH).unwrap();
     lease["spec"]["renewTime"] = json!("2020-01-01T00:00:00.000000Z");
+    lease["spec"]["leaseDurationSeconds"] = json!(1);
     api.put(PATH, lease);
     assert!(
+        !b.try_acquire_or_renew().await.unwrap(),
+        "an old renewTime alone is no expiry (clock skew)"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(
         b.try_acquire_or_renew().await.unwrap(),
-        "b takes over an expired lease"
+        "b takes over a lease unchanged for its duration"
     );
     let lease = api.get(PATH).unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "b");
@@ -76,6 +84,50 @@ async fn a_concurrent_writer_wins_and_the_other_backs_off() {
         a.try_acquire_or_renew().await.is_err(),
         "API errors surface to the caller"
     );
+}
+
+/// Two real candidates race for a free lease, again and again: each time
+/// exactly one wins (the API server's optimistic concurrency decides, not an
+/// injected error), and the loser keeps standing by while the winner renews.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_candidates_racing_never_both_lead() {
+    let (client, api) = FakeApi::start();
+    let leases: Api<Lease> = Api::namespaced(client, "devplug-system");
+    let lock = |id: &str| {
+        LeaseLock::new(
+            leases.clone(),
+            "devplug-operator",
+            id,
+            Duration::from_secs(15),
+        )
+    };
+    for round in 0..40 {
+        let (a, b) = (lock("a"), lock("b"));
+        if round % 2 == 0 {
+            api.delete_object(PATH); // free: both try to create it
+        } else if let Some(mut l) = api.get(PATH) {
+            l["spec"]["holderIdentity"] = json!(""); // released: both try to take it
+            api.put(PATH, l);
+        }
+        let (ra, rb) = tokio::join!(
+            tokio::spawn(async move { (a.try_acquire_or_renew().await.unwrap(), a) }),
+            tokio::spawn(async move { (b.try_acquire_or_renew().await.unwrap(), b) }),
+        );
+        let ((wa, a), (wb, b)) = (ra.unwrap(), rb.unwrap());
+        assert!(
+            wa ^ wb,
+            "round {round}: a={wa} b={wb}, exactly one must lead"
+        );
+        let (winner, loser) = if wa { (a, b) } else { (b, a) };
+        assert!(
+            winner.try_acquire_or_renew().await.unwrap(),
+            "the winner renews"
+        );
+        assert!(
+            !loser.try_acquire_or_renew().await.unwrap(),
+            "the loser stands by"
+        );
+    }
 }
 
 fn args() -> devplug_operator::args::Args {

@@ -73,6 +73,7 @@ async fn node_status_lifecycle() {
         agent_pods: pods_store,
         metrics: Arc::new(Metrics::default()),
         synced: devplug_operator::synced::Synced::all(),
+        defaults: Default::default(),
     });
 
     // First look: own it, summarise it, label the node.
@@ -264,6 +265,7 @@ async fn nothing_is_judged_before_the_stores_are_synced() {
         agent_pods: pods_store,
         metrics: Arc::new(Metrics::default()),
         synced: synced.clone(),
+        defaults: Default::default(),
     });
     node_controller::reconcile(current_nds(&api), ctx.clone())
         .await
@@ -293,6 +295,7 @@ async fn nothing_is_judged_before_the_stores_are_synced() {
         agent_pods: pods_store,
         metrics: Arc::new(Metrics::default()),
         synced,
+        defaults: Default::default(),
     });
     node_controller::reconcile(current_nds(&api), ctx)
         .await
