@@ -34,6 +34,12 @@ pub struct Args {
     )]
     pub allowed_host_paths: Vec<String>,
 
+    /// Pod Security level the operator puts on its namespace at start
+    /// (`pod-security.kubernetes.io/enforce`); agents need `privileged`.
+    /// Empty leaves the namespace alone.
+    #[arg(long, env = "DEVPLUG_NAMESPACE_POD_SECURITY", default_value = "")]
+    pub namespace_pod_security: String,
+
     /// Pull policy of agent images (Always, IfNotPresent, Never).
     #[arg(long, env = "DEVPLUG_AGENT_IMAGE_PULL_POLICY")]
     pub agent_image_pull_policy: Option<String>,

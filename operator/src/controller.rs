@@ -352,6 +352,43 @@ async fn apply_agents(p: &DevicePluginPolicy, ctx: &Context) -> Result<(DaemonSe
     Ok((ds, list.items))
 }
 
+/// While the DaemonSet has fewer pods than nodes to run on, the message of
+/// its latest `FailedCreate` event (Pod Security, quota, a webhook), with
+/// what to do where known. One LIST, only in that state.
+async fn create_failure(ds: &DaemonSet, ctx: &Context) -> Option<String> {
+    let st = ds.status.as_ref()?;
+    if st.current_number_scheduled >= st.desired_number_scheduled {
+        return None;
+    }
+    let name = ds.metadata.name.clone()?;
+    let events: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(ctx.client.clone(), &ctx.defaults.namespace);
+    let list = match events
+        .list(&ListParams::default().fields(&format!(
+            "involvedObject.kind=DaemonSet,involvedObject.name={name},reason=FailedCreate"
+        )))
+        .await
+    {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(daemonset = %name, error = %crate::error::describe(&e), "cannot read the DaemonSet's events");
+            return None;
+        }
+    };
+    let latest = list.items.into_iter().max_by_key(|e| {
+        e.last_timestamp
+            .as_ref()
+            .map(|t| t.0)
+            .or_else(|| e.event_time.as_ref().map(|t| t.0))
+    })?;
+    let msg = latest.message.unwrap_or_default();
+    Some(status::create_failure_message(
+        &name,
+        &ctx.defaults.namespace,
+        &msg,
+    ))
+}
+
 /// Writes the status when it differs from the current one.
 async fn write_status(
     p: &DevicePluginPolicy,
@@ -542,6 +579,7 @@ pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<
             return Ok(());
         }
         let (ds, pods) = apply_agents(&p, &ctx).await?;
+        seen.create_failure = create_failure(&ds, &ctx).await;
         seen.pod_problems = status::pod_problems(&pods);
         seen.daemonset = Some(ds);
         let all = ctx.nds.state();

@@ -177,12 +177,40 @@ pub async fn run_with(
     }
 }
 
+/// Puts the Pod Security level agents need on the operator's namespace.
+/// Not fatal: without it agents may not be created, which their policies'
+/// Degraded condition then says.
+async fn label_namespace(client: &Client, namespace: &str, level: &str) {
+    use k8s_openapi::api::core::v1::Namespace;
+    let api: Api<Namespace> = Api::all(client.clone());
+    let patch = serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": namespace, "labels": {POD_SECURITY_ENFORCE: level}},
+    });
+    let params = kube::api::PatchParams::apply(devplug_api::OPERATOR_MANAGER);
+    match api
+        .patch(namespace, &params, &kube::api::Patch::Apply(&patch))
+        .await
+    {
+        Ok(_) => info!(%namespace, %level, "namespace labelled for Pod Security"),
+        Err(e) => {
+            warn!(%namespace, error = %error::describe(&e), "cannot label the namespace for Pod Security; agents may be refused")
+        }
+    }
+}
+
+/// The Pod Security admission label that sets the enforced level.
+pub const POD_SECURITY_ENFORCE: &str = "pod-security.kubernetes.io/enforce";
+
 async fn controller(
     client: Client,
     args: &Args,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
 ) -> Result<(), RunError> {
+    if !args.namespace_pod_security.is_empty() {
+        label_namespace(&client, &args.namespace, &args.namespace_pod_security).await;
+    }
     let policies: Api<DevicePluginPolicy> = Api::all(client.clone());
     let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), &args.namespace);
     let nds: Api<NodeDeviceStatus> = Api::all(client.clone());

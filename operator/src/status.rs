@@ -19,6 +19,9 @@ pub struct Observed {
     pub invalid: Option<String>,
     /// The last API error while applying agents, if any.
     pub apply_error: Option<String>,
+    /// Why the DaemonSet controller cannot create agent pods (its latest
+    /// `FailedCreate` event), while it has fewer pods than nodes.
+    pub create_failure: Option<String>,
     /// Device counts, unhealthy devices and node problems over all nodes.
     pub devices: Option<crate::devices::Aggregate>,
 }
@@ -32,6 +35,19 @@ const STUCK_REASONS: &[&str] = &[
     "CreateContainerError",
     "RunContainerError",
 ];
+
+/// The Degraded message for agent pods the DaemonSet controller cannot
+/// create, with the fix for the common cause.
+pub fn create_failure_message(daemonset: &str, namespace: &str, event: &str) -> String {
+    let mut m = format!("DaemonSet {daemonset} cannot create agent pods: {event}");
+    if event.contains("PodSecurity") {
+        m.push_str(&format!(
+            "; agents need host paths and root: label namespace {namespace} \
+             pod-security.kubernetes.io/enforce=privileged (the chart's podSecurity.enforce does)"
+        ));
+    }
+    m.chars().take(1024).collect()
+}
 
 /// Agent pods that cannot run, in words.
 pub fn pod_problems(pods: &[Pod]) -> Vec<String> {
@@ -160,6 +176,8 @@ pub fn compute(
             .unwrap_or_default();
         if let Some(err) = &seen.apply_error {
             set(types::DEGRADED, true, "ApplyFailed", err.clone());
+        } else if let Some(why) = &seen.create_failure {
+            set(types::DEGRADED, true, "AgentsNotCreated", why.clone());
         } else if !seen.pod_problems.is_empty() {
             let reason = if seen
                 .pod_problems

@@ -186,7 +186,14 @@ async fn a_standby_stops_at_once_when_told() {
 async fn a_leader_told_to_stop_releases_the_lease() {
     let (client, api) = FakeApi::start();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(devplug_operator::run_with(client, args(), async move {
+    // The operator's namespace exists (it runs in it).
+    api.put(
+        "/api/v1/namespaces/devplug-system",
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "devplug-system"}}),
+    );
+    let mut args = args();
+    args.namespace_pod_security = "privileged".into();
+    let run = tokio::spawn(devplug_operator::run_with(client, args, async move {
         let _ = stop_rx.await;
     }));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -198,6 +205,23 @@ async fn a_leader_told_to_stop_releases_the_lease() {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "never led");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Leading, it labels its namespace for the Pod Security agents need
+    // (under the chart's RBAC, which the fake enforces).
+    let ns = "/api/v1/namespaces/devplug-system";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while api
+        .get(ns)
+        .map(|n| n["metadata"]["labels"]["pod-security.kubernetes.io/enforce"].clone())
+        != Some(json!("privileged"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "namespace never labelled: {:?}; denied {:?}",
+            api.get(ns),
+            api.denied()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop_tx.send(()).unwrap();

@@ -222,6 +222,82 @@ async fn crashing_or_unschedulable_agents_degrade_the_policy() {
     );
 }
 
+/// Seen on a namespace enforcing `baseline`: the DaemonSet creates no pods
+/// and the policy said only AgentsNotReady. Now the DaemonSet controller's
+/// FailedCreate message is in Degraded, with the fix.
+#[tokio::test]
+async fn agents_the_daemonset_cannot_create_degrade_the_policy_with_the_reason() {
+    let (client, api) = FakeApi::start();
+    let (store, _w) = seed(
+        &api,
+        &[policy_json(
+            "foo",
+            "example.com/foo",
+            "2026-11-01T00:00:00Z",
+            json!({}),
+        )],
+    );
+    let ctx = ctx(client, store);
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    // One node, no pod: the DaemonSet controller was refused.
+    let path = paths::daemonset("foo");
+    let mut ds = api.get(&path).unwrap();
+    let ds_name = ds["metadata"]["name"].as_str().unwrap().to_string();
+    ds["status"] = json!({"desiredNumberScheduled": 1, "currentNumberScheduled": 0, "numberReady": 0,
+                          "numberMisscheduled": 0, "observedGeneration": ds["metadata"]["generation"].clone()});
+    api.put(&path, ds);
+    let ev = |name: &str, obj: &str, reason: &str, msg: &str, at: &str| {
+        json!({"apiVersion": "v1", "kind": "Event",
+               "metadata": {"name": name, "namespace": paths::NS},
+               "involvedObject": {"kind": "DaemonSet", "name": obj, "namespace": paths::NS},
+               "reason": reason, "message": msg, "lastTimestamp": at, "type": "Warning"})
+    };
+    api.put(
+        &format!("{}/e1", paths::CORE_EVENTS),
+        ev(
+            "e1",
+            &ds_name,
+            "FailedCreate",
+            "Error creating: pods \"x\" is forbidden: old",
+            "2026-11-30T00:00:00Z",
+        ),
+    );
+    api.put(&format!("{}/e2", paths::CORE_EVENTS), ev("e2", &ds_name, "FailedCreate",
+        "Error creating: pods \"x\" is forbidden: violates PodSecurity \"baseline:latest\": hostPath volumes", "2026-11-30T00:01:00Z"));
+    api.put(
+        &format!("{}/e3", paths::CORE_EVENTS),
+        ev(
+            "e3",
+            "other",
+            "FailedCreate",
+            "not ours",
+            "2026-11-30T00:02:00Z",
+        ),
+    );
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    let (st, reason, msg) = condition(&api, "foo", types::DEGRADED);
+    assert_eq!((st.as_str(), reason.as_str()), ("True", "AgentsNotCreated"));
+    assert!(
+        msg.contains("violates PodSecurity"),
+        "the latest event: {msg}"
+    );
+    assert!(
+        msg.contains("pod-security.kubernetes.io/enforce=privileged"),
+        "the fix: {msg}"
+    );
+    assert!(
+        api.denied().is_empty(),
+        "under the chart's RBAC: {:?}",
+        api.denied()
+    );
+
+    // Pods created: the condition clears.
+    set_ds_status(&api, "foo", 1, 1, 1);
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    let (st, _, _) = condition(&api, "foo", types::DEGRADED);
+    assert_eq!(st, "False");
+}
+
 #[tokio::test]
 async fn the_newer_of_two_conflicting_policies_gets_no_agents() {
     let (client, api) = FakeApi::start();

@@ -529,6 +529,26 @@ wait_for "the new leader reconciles the change" 60 "$gen" kubectl get dpp $POLIC
 [ "$(device_events)" = "$events_before" ] || fail "device events after failover: $events_before before, $(device_events) after"
 ok "$now leads after $took s; status 2/2, no device events"
 
+begin "agents the namespace's Pod Security forbids: the policy's Degraded says why and how to fix it"
+psa=$(kubectl get ns $NS -o jsonpath='{.metadata.labels.pod-security\.kubernetes\.io/enforce}')
+[ "$psa" = privileged ] || fail "the operator did not label namespace $NS for Pod Security (enforce='$psa')"
+kubectl label ns $NS pod-security.kubernetes.io/enforce=baseline --overwrite >/dev/null
+cat <<EOF | kubectl apply -f - >/dev/null
+apiVersion: devplug.io/v1alpha1
+kind: DevicePluginPolicy
+metadata: {name: e2e-psa}
+spec:
+  resourceName: hardware-vendor.example/psa
+  source: {simulated: {count: 1}}
+EOF
+degraded() { kubectl get dpp e2e-psa -o jsonpath='{.status.conditions[?(@.type=="Degraded")].status} {.status.conditions[?(@.type=="Degraded")].reason}'; }
+wait_for "Degraded AgentsNotCreated" 90 "True AgentsNotCreated" degraded
+msg=$(kubectl get dpp e2e-psa -o jsonpath='{.status.conditions[?(@.type=="Degraded")].message}')
+case $msg in *PodSecurity*enforce=privileged*) ;; *) fail "Degraded message without the cause or the fix: $msg" ;; esac
+kubectl label ns $NS pod-security.kubernetes.io/enforce=privileged --overwrite >/dev/null
+kubectl delete dpp e2e-psa --wait=true --timeout=90s >/dev/null || fail "e2e-psa was not deleted"
+ok "${msg:0:160}"
+
 begin "policy deletion removes agents, the resource, the NodeDeviceStatus entry and the node labels"
 kubectl delete pod -l app=devplug-e2e --wait=true --timeout=60s >/dev/null 2>&1 || true
 kubectl delete dpp $POLICY --wait=true --timeout=120s >/dev/null || fail "deleting the policy did not finish"

@@ -98,6 +98,20 @@ fn labels_match(obj: &Value, selector: &str) -> bool {
         })
 }
 
+/// `a.b=c,d=e` field selectors over the object's JSON (equality only).
+fn fields_match(obj: &Value, selector: &str) -> bool {
+    selector
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .all(|kv| match kv.split_once('=') {
+            Some((k, v)) => {
+                let ptr = format!("/{}", k.replace('.', "/"));
+                obj.pointer(&ptr).and_then(Value::as_str) == Some(v)
+            }
+            None => false,
+        })
+}
+
 fn query_param(query: &str, key: &str) -> Option<String> {
     query.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
@@ -196,11 +210,13 @@ impl FakeApi {
                 // A collection: list what lies directly under it.
                 let prefix = format!("{path}/");
                 let selector = query_param(&query, "labelSelector").unwrap_or_default();
+                let fields = query_param(&query, "fieldSelector").unwrap_or_default();
                 let items: Vec<Value> = st
                     .objects
                     .iter()
                     .filter(|(k, _)| k.starts_with(&prefix) && !k[prefix.len()..].contains('/'))
                     .filter(|(_, v)| labels_match(v, &selector))
+                    .filter(|(_, v)| fields_match(v, &fields))
                     .map(|(_, v)| v.clone())
                     .collect();
                 if items.is_empty() && !is_collection(&path) {
@@ -537,6 +553,8 @@ pub mod paths {
         format!("/api/v1/namespaces/{NS}/pods/{name}")
     }
     pub const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
+    /// Core events in the operator's namespace (the DaemonSet controller's).
+    pub const CORE_EVENTS: &str = "/api/v1/namespaces/devplug-system/events";
 }
 
 /// A policy as the API server would hold it.
