@@ -238,3 +238,84 @@ async fn a_leader_told_to_stop_releases_the_lease() {
         "lease still held after stopping: {lease}"
     );
 }
+
+/// `GET path` over plain HTTP/1.0: (status code, content type, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    let ctype = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type:")
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    Some((code, ctype, body.to_string()))
+}
+
+/// The leader is ready only once its stores have listed the cluster (so
+/// the CRDs exist): a readiness probe must not pass while it cannot see
+/// the policies. `/metrics` answers with the content type of what it writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_waits_for_the_stores_and_metrics_say_their_format() {
+    let (client, api) = FakeApi::start();
+    // The policies cannot be listed (as when the CRD is missing).
+    api.fail(http::Method::GET, "/devicepluginpolicies", 404);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut a = args();
+    a.metrics_addr = addr;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(devplug_operator::run_with(client, a, async move {
+        let _ = stop_rx.await;
+    }));
+    // Leading, but blind: not ready, and it stays so.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while api.get(PATH).is_none() {
+        assert!(std::time::Instant::now() < deadline, "never led");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..10 {
+        let got = http_get(addr, "/readyz").await.map(|r| r.0);
+        assert_eq!(got, Some(503), "ready while its stores are empty");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    api.heal();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if http_get(addr, "/readyz").await.map(|r| r.0) == Some(200) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never ready once the stores listed: denied {:?}; calls {:?}",
+            api.denied(),
+            api.log()
+                .iter()
+                .map(|c| format!("{} {}?{}", c.method, c.path, c.query))
+                .collect::<std::collections::BTreeSet<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, ctype, body) = http_get(addr, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
+    assert!(
+        body.trim_end().ends_with("# EOF"),
+        "OpenMetrics ends with # EOF"
+    );
+    stop_tx.send(()).unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
+}

@@ -526,9 +526,20 @@ impl FakeApi {
     }
 }
 
+/// Collections this fake serves even when empty (the CRDs are installed;
+/// a test simulates a missing CRD by injecting a 404).
 fn is_collection(path: &str) -> bool {
     let last = path.rsplit('/').next().unwrap_or("");
-    matches!(last, "pods" | "events" | "daemonsets" | "leases" | "nodes")
+    matches!(
+        last,
+        "pods"
+            | "events"
+            | "daemonsets"
+            | "leases"
+            | "nodes"
+            | "devicepluginpolicies"
+            | "nodedevicestatuses"
+    )
 }
 
 /// API paths of what the operator manages.
