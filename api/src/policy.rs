@@ -37,7 +37,9 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "!has(self.source.simulated) || ((has(self.source.simulated.count) ? self.source.simulated.count : 0) + (has(self.source.simulated.devices) ? size(self.source.simulated.devices) : 0)) * (has(self.sharing) && has(self.sharing.replicas) ? self.sharing.replicas : 1) <= 16384",
-     "message": "devices x sharing.replicas may be at most 16384: the kubelet's 4 MiB ListAndWatch message cannot carry more IDs"}
+     "message": "devices x sharing.replicas may be at most 16384: the kubelet's 4 MiB ListAndWatch message cannot carry more IDs"},
+    {"rule": "!has(self.preStart) || (has(self.agent) && has(self.agent.image))",
+     "message": "spec.preStart runs its program inside the agent container, and the stock agent image is distroless (no shell, no tools): set spec.agent.image to an image that contains the program"}
 ]))]
 pub struct DevicePluginPolicySpec {
     /// Extended resource name, `<domain>/<name>`, for example
@@ -83,7 +85,10 @@ pub struct DevicePluginPolicySpec {
     #[serde(default)]
     pub allocate: AllocateSpec,
 
-    /// Optional command run before each container that uses the devices starts.
+    /// Optional command run before each container that uses the devices
+    /// starts. It runs inside the agent container, so the cluster requires
+    /// `spec.agent.image` with it: the stock agent image is distroless (no
+    /// shell, no tools).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pre_start: Option<PreStartSpec>,
 
@@ -460,6 +465,7 @@ impl HealthSpec {
 pub struct AgentSpec {
     /// Agent image (default: the operator's configured agent image).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
     pub image: Option<String>,
     /// Resource requests and limits of the agent container.
     #[serde(default, skip_serializing_if = "Option::is_none")]

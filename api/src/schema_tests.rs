@@ -65,7 +65,7 @@ fn rules(node: &Value, path: &str, out: &mut Vec<(String, String, Value)>) {
 fn every_rule_compiles_and_fits_the_cost_budget() {
     let mut all = Vec::new();
     rules(&schema(), "", &mut all);
-    assert_eq!(all.len(), 12, "the policy has 12 CEL rules");
+    assert_eq!(all.len(), 13, "the policy has 13 CEL rules");
     for (path, rule, node) in &all {
         let compiled = compile_schema(node);
         assert!(
@@ -219,6 +219,10 @@ fn cel_rules_refuse_bad_specs_with_readable_messages() {
         (
             with(|s| s["preStart"] = json!({"command": ["reset-gpu"]})),
             "absolute path",
+        ),
+        (
+            with(|s| s["preStart"] = json!({"command": ["/usr/bin/reset-gpu"]})),
+            "distroless",
         ),
         (
             with(|s| s["resourceName"] = json!("requests.example.com/foo")),

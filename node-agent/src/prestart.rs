@@ -17,6 +17,16 @@ pub enum PreStartError {
         #[source]
         source: std::io::Error,
     },
+    /// The program is not in the agent's image.
+    #[error(
+        "preStart for devices {ids}: {program} does not exist in the agent's image; the stock image is distroless, so spec.agent.image must name an image that contains it"
+    )]
+    Missing {
+        /// Device IDs.
+        ids: String,
+        /// The program.
+        program: String,
+    },
     /// It exited unsuccessfully.
     #[error("preStart for devices {ids} failed ({status}): {stderr}")]
     Failed {
@@ -57,10 +67,19 @@ pub async fn run(
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|source| PreStartError::Spawn {
-            ids: joined.clone(),
-            program: program.clone(),
-            source,
+        .map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                PreStartError::Missing {
+                    ids: joined.clone(),
+                    program: program.clone(),
+                }
+            } else {
+                PreStartError::Spawn {
+                    ids: joined.clone(),
+                    program: program.clone(),
+                    source,
+                }
+            }
         })?;
     let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(Ok(out)) => out,
@@ -124,6 +143,25 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(std::fs::read_to_string(out).unwrap().trim(), "a b|a,b");
+    }
+
+    /// The shipped image has no shell and no tools: a program that is not
+    /// there says so, and how to fix it.
+    #[tokio::test]
+    async fn a_program_missing_from_the_image_says_what_to_do() {
+        let e = run(
+            &["/nonexistent/reset-gpu".into()],
+            &["gpu7".into()],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("gpu7") && e.contains("/nonexistent/reset-gpu"),
+            "{e}"
+        );
+        assert!(e.contains("spec.agent.image"), "{e}");
     }
 
     #[tokio::test]

@@ -206,10 +206,11 @@ bad spec.source.usb.devices '{resourceName: example.com/foo, source: {usb: {devi
 bad spec.sharing '{resourceName: example.com/foo, source: {simulated: {count: 1}}, sharing: {strategy: TimeSlicing}}'
 bad spec.sharing.replicas '{resourceName: example.com/foo, source: {simulated: {count: 1}}, sharing: {strategy: TimeSlicing, replicas: 0}}'
 bad spec.preStart.command '{resourceName: example.com/foo, source: {simulated: {count: 1}}, preStart: {command: [reset]}}'
+bad spec.agent.image '{resourceName: example.com/foo, source: {simulated: {count: 1}}, preStart: {command: [/usr/bin/reset]}}'
 bad spec.allocate.env '{resourceName: example.com/foo, source: {simulated: {count: 1}}, allocate: {env: {1BAD: x}}}'
 bad spec '{resourceName: example.com/foo, source: {simulated: {count: 4096}}, sharing: {strategy: TimeSlicing, replicas: 8}}'
 bad spec.unknownField '{resourceName: example.com/foo, source: {simulated: {count: 1}}, unknownField: 1}'
-ok "15 refused"
+ok "16 refused"
 
 # ----------------------------------------------------------------- install
 begin "helm install (as the README says)"
