@@ -79,6 +79,10 @@ fn fresh(
         },
         store,
         support::synced(Vec::new()).0,
+        devplug_operator::controller::Caches {
+            daemonsets: support::synced(Vec::new()).0,
+            agent_pods: support::synced(Vec::new()).0,
+        },
         Arc::new(Metrics::default()),
         devplug_operator::synced::Synced::all(),
     ));

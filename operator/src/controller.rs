@@ -24,7 +24,7 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
@@ -51,6 +51,14 @@ pub struct Context {
     pub policies: Store<DevicePluginPolicy>,
     /// Every NodeDeviceStatus, for device counts.
     pub nds: Store<NodeDeviceStatus>,
+    /// The agent DaemonSets, from a watch: what `ensure` compares with.
+    pub daemonsets: Store<DaemonSet>,
+    /// The agent pods, from a watch: their problems go into the status.
+    pub agent_pods: Store<Pod>,
+    /// Objects this process applied that no watch reports back
+    /// (ServiceAccounts, ClusterRoles, ClusterRoleBindings): kind/name → the
+    /// hash applied and when. A repeat within [`RESYNC`] needs no read.
+    applied: Mutex<HashMap<String, (String, std::time::Instant)>>,
     /// Event publisher.
     pub recorder: Recorder,
     /// Metrics.
@@ -65,6 +73,14 @@ pub struct Context {
     last_unhealthy: Mutex<HashMap<String, UnhealthySet>>,
 }
 
+/// Watch-fed stores a reconcile reads instead of the API server.
+pub struct Caches {
+    /// Agent DaemonSets in the operator's namespace.
+    pub daemonsets: Store<DaemonSet>,
+    /// Agent pods in the operator's namespace.
+    pub agent_pods: Store<Pod>,
+}
+
 /// Unhealthy devices of a policy by (node, device).
 type UnhealthySet = BTreeMap<(String, String), UnhealthyDevice>;
 
@@ -75,6 +91,7 @@ impl Context {
         defaults: AgentDefaults,
         policies: Store<DevicePluginPolicy>,
         nds: Store<NodeDeviceStatus>,
+        caches: Caches,
         metrics: Arc<Metrics>,
         synced: crate::synced::Synced,
     ) -> Self {
@@ -90,6 +107,9 @@ impl Context {
             defaults,
             policies,
             nds,
+            daemonsets: caches.daemonsets,
+            agent_pods: caches.agent_pods,
+            applied: Mutex::new(HashMap::new()),
             recorder,
             metrics,
             synced,
@@ -136,21 +156,55 @@ pub fn backoff(n: u32) -> Duration {
     Duration::from_secs(secs.min(300))
 }
 
+/// Where `ensure` learns the live object from.
+enum Live<K> {
+    /// A watch cache: the object as it holds it (`None`: not there).
+    Cached(Option<K>),
+    /// No watch for this kind: remember what was applied, read when unsure.
+    Unwatched,
+}
+
 /// Applies `obj` unless the live object was applied from the same content.
-/// Returns the live object.
-async fn ensure<K>(api: &Api<K>, obj: K, kind: &'static str, ctx: &Context) -> Result<K>
+/// Reads nothing when a watch cache holds the object, or when this process
+/// applied the same content within [`RESYNC`]. Returns the live object (or
+/// the desired one when it was not read).
+async fn ensure<K>(
+    api: &Api<K>,
+    obj: K,
+    kind: &'static str,
+    ctx: &Context,
+    live: Live<K>,
+) -> Result<K>
 where
     K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
 {
     let obj = desired::stamp(obj).map_err(|e| Error::Serialize(kind, e))?;
     let name = obj.name_any();
-    let live = api
-        .get_opt(&name)
-        .await
-        .map_err(kube_err("get", kind, &name))?;
+    let want = desired::applied_hash(&obj).map(str::to_string);
+    let key = format!("{kind}/{name}");
+    let live = match live {
+        Live::Cached(live) => live,
+        Live::Unwatched => {
+            let recent = ctx
+                .applied
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key)
+                .is_some_and(|(h, at)| {
+                    want.as_deref() == Some(h.as_str()) && at.elapsed() < RESYNC
+                });
+            if recent {
+                return Ok(obj);
+            }
+            api.get_opt(&name)
+                .await
+                .map_err(kube_err("get", kind, &name))?
+        }
+    };
     if let Some(live) = live
-        && desired::applied_hash(&live) == desired::applied_hash(&obj)
+        && desired::applied_hash(&live) == want.as_deref()
     {
+        remember(ctx, key, want);
         return Ok(live);
     }
     let pp = PatchParams::apply(OPERATOR_MANAGER).force();
@@ -160,7 +214,37 @@ where
         .map_err(kube_err("apply", kind, &name))?;
     ctx.metrics.wrote(kind);
     info!(kind, %name, "applied");
+    remember(ctx, key, want);
     Ok(applied)
+}
+
+fn remember(ctx: &Context, key: String, hash: Option<String>) {
+    let mut applied = ctx.applied.lock().unwrap_or_else(|e| e.into_inner());
+    match hash {
+        Some(h) => {
+            applied.insert(key, (h, std::time::Instant::now()));
+        }
+        None => {
+            applied.remove(&key);
+        }
+    }
+}
+
+/// The cached live DaemonSet of `name` in the operator's namespace.
+fn cached_daemonset(ctx: &Context, name: &str) -> Option<DaemonSet> {
+    ctx.daemonsets
+        .get(&ObjectRef::new(name).within(&ctx.defaults.namespace))
+        .map(|d| (*d).clone())
+}
+
+/// The agent pods of `policy`, from the watch cache.
+fn cached_agent_pods(ctx: &Context, policy: &str) -> Vec<Pod> {
+    ctx.agent_pods
+        .state()
+        .iter()
+        .filter(|p| desired::is_agent_of(p.labels(), policy))
+        .map(|p| (**p).clone())
+        .collect()
 }
 
 /// The finalizer that keeps a deleted policy until nothing serves it.
@@ -205,13 +289,9 @@ async fn still_serving(p: &DevicePluginPolicy, ctx: &Context) -> Result<Vec<Stri
     {
         left.push(format!("DaemonSet {agent}"));
     }
-    let pods: Api<Pod> = Api::namespaced(c.clone(), &d.namespace);
-    let running = pods
-        .list(&ListParams::default().labels(&desired::selector(&name)))
-        .await
-        .map_err(kube_err("list", "Pod", &name))?;
-    if !running.items.is_empty() {
-        left.push(format!("{} agent pod(s)", running.items.len()));
+    let running = cached_agent_pods(ctx, &name);
+    if !running.is_empty() {
+        left.push(format!("{} agent pod(s)", running.len()));
     }
     // Entries and labels go once no agent runs (the node controller's
     // work); the RBAC objects last, so a terminating agent can still write.
@@ -237,6 +317,9 @@ async fn still_serving(p: &DevicePluginPolicy, ctx: &Context) -> Result<Vec<Stri
         left.push(format!("labels on {} node(s)", labelled.items.len()));
     }
     if left.is_empty() {
+        for kind in ["ServiceAccount", "ClusterRoleBinding", "ClusterRole"] {
+            remember(ctx, format!("{kind}/{agent}"), None);
+        }
         delete_if_present(
             &Api::<ServiceAccount>::namespaced(c.clone(), &d.namespace),
             &agent,
@@ -295,12 +378,7 @@ async fn set_finalizer(p: &DevicePluginPolicy, on: bool, ctx: &Context) -> Resul
 async fn remove_agents(ctx: &Context, name: &str) -> Result<bool> {
     let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.defaults.namespace);
     let ds = desired::agent_name(name);
-    if api
-        .get_opt(&ds)
-        .await
-        .map_err(kube_err("get", "DaemonSet", &ds))?
-        .is_none()
-    {
+    if cached_daemonset(ctx, &ds).is_none() {
         return Ok(false);
     }
     match api.delete(&ds, &DeleteParams::background()).await {
@@ -320,6 +398,7 @@ async fn apply_agents(p: &DevicePluginPolicy, ctx: &Context) -> Result<(DaemonSe
         desired::service_account(p, d),
         "ServiceAccount",
         ctx,
+        Live::Unwatched,
     )
     .await?;
     ensure(
@@ -327,6 +406,7 @@ async fn apply_agents(p: &DevicePluginPolicy, ctx: &Context) -> Result<(DaemonSe
         desired::cluster_role(p),
         "ClusterRole",
         ctx,
+        Live::Unwatched,
     )
     .await?;
     ensure(
@@ -334,22 +414,20 @@ async fn apply_agents(p: &DevicePluginPolicy, ctx: &Context) -> Result<(DaemonSe
         desired::cluster_role_binding(p, d),
         "ClusterRoleBinding",
         ctx,
+        Live::Unwatched,
     )
     .await?;
     let ds = desired::daemonset(p, d).map_err(|e| Error::Serialize("DaemonSet", e))?;
+    let live = cached_daemonset(ctx, &desired::agent_name(&p.name_any()));
     let ds = ensure(
         &Api::<DaemonSet>::namespaced(c.clone(), &d.namespace),
         ds,
         "DaemonSet",
         ctx,
+        Live::Cached(live),
     )
     .await?;
-    let pods: Api<Pod> = Api::namespaced(c, &d.namespace);
-    let list = pods
-        .list(&ListParams::default().labels(&desired::selector(&p.name_any())))
-        .await
-        .map_err(kube_err("list", "Pod", &p.name_any()))?;
-    Ok((ds, list.items))
+    Ok((ds, cached_agent_pods(ctx, &p.name_any())))
 }
 
 /// While the DaemonSet has fewer pods than nodes to run on, the message of

@@ -182,6 +182,12 @@ pub fn labels(policy: &str) -> BTreeMap<String, String> {
     ])
 }
 
+/// Whether labels mark an agent pod of `policy` (what [`selector`] selects).
+pub fn is_agent_of(labels: &BTreeMap<String, String>, policy: &str) -> bool {
+    labels.get(APP_LABEL).map(String::as_str) == Some(APP)
+        && labels.get(POLICY_LABEL) == Some(&label_value(policy))
+}
+
 /// Label selector of a policy's agent pods.
 pub fn selector(policy: &str) -> String {
     format!("{APP_LABEL}={APP},{POLICY_LABEL}={}", label_value(policy))

@@ -60,6 +60,9 @@ const RENEW_EVERY: Duration = Duration::from_secs(5);
 /// the lease (15 s) can be taken over; each renewal try is bounded too.
 const RENEW_DEADLINE: Duration = Duration::from_secs(10);
 const RETRY_EVERY: Duration = Duration::from_secs(2);
+/// Events for one object within this window make one reconcile (a burst of
+/// agent writes across a fleet is one pass per policy, not one per write).
+const DEBOUNCE: Duration = Duration::from_millis(250);
 
 /// Runs the operator until SIGTERM or until it loses leadership.
 pub async fn run(args: Args) -> Result<(), RunError> {
@@ -218,17 +221,49 @@ async fn controller(
     let agent_pods_cfg = watcher::Config::default().labels("app.kubernetes.io/name=devplug-agent");
     let synced = synced::Synced::default();
 
-    // Agent pods, for "not reporting".
+    // One watch per kind, each feeding a store that reconciles read
+    // instead of the API server, and the controllers' triggers.
+    // Agent pods: "not reporting" and the policy's pod problems.
     let (pods_store, pods_writer) = reflector::store();
-    let pods_reflector = synced::mark(
+    let pods_stream = synced::mark(
         reflector(
             pods_writer,
-            watcher(agent_pods.clone(), agent_pods_cfg.clone()).default_backoff(),
+            watcher(agent_pods, agent_pods_cfg).default_backoff(),
         ),
         synced.agent_pods.clone(),
     )
-    .touched_objects()
-    .for_each(|_| futures::future::ready(()));
+    .touched_objects();
+    // Agent DaemonSets: what `ensure` compares the desired one with.
+    let (ds_store, ds_writer) = reflector::store();
+    let ds_stream = synced::mark(
+        reflector(
+            ds_writer,
+            watcher(
+                daemonsets,
+                watcher::Config::default().labels("app.kubernetes.io/managed-by=devplug-operator"),
+            )
+            .default_backoff(),
+        ),
+        synced.daemonsets.clone(),
+    )
+    .touched_objects();
+    // Nodes, metadata only (labels decide which policies serve a node; a
+    // full Node carries images and conditions the operator never reads).
+    let (nodes_store, nodes_writer) = reflector::store();
+    let nodes_stream = synced::mark(
+        reflector(
+            nodes_writer,
+            watcher(
+                Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Node>>::all(
+                    client.clone(),
+                ),
+                watcher::Config::default(),
+            )
+            .default_backoff(),
+        ),
+        synced.nodes.clone(),
+    )
+    .touched_objects();
 
     let (nds_store, nds_writer) = reflector::store();
     let nds_stream = synced::mark(
@@ -239,11 +274,14 @@ async fn controller(
         synced.nds.clone(),
     )
     .touched_objects();
-    let node_controller = Controller::for_stream(nds_stream, nds_store.clone()).watches(
-        agent_pods,
-        agent_pods_cfg,
-        |pod: Pod| node_controller::nds_of_pod(&pod),
-    );
+    let node_controller = Controller::for_stream(nds_stream, nds_store.clone())
+        .watches_stream(pods_stream, |pod: Pod| node_controller::nds_of_pod(&pod))
+        .watches_stream(nodes_stream, |node| {
+            Some(kube::runtime::reflector::ObjectRef::new(
+                &kube::ResourceExt::name_any(&node),
+            ))
+        })
+        .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE));
 
     let (policy_store, policy_writer) = reflector::store();
     let policy_stream = synced::mark(
@@ -255,13 +293,11 @@ async fn controller(
     )
     .touched_objects();
     let policy_controller = Controller::for_stream(policy_stream, policy_store.clone())
-        .owns(
-            daemonsets,
-            watcher::Config::default().labels("app.kubernetes.io/managed-by=devplug-operator"),
-        )
+        .owns_stream(ds_stream)
         .watches(nds, watcher::Config::default(), |n: NodeDeviceStatus| {
             node_controller::policies_of_nds(&n)
-        });
+        })
+        .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE));
     let ctx = Arc::new(Context::new(
         client.clone(),
         AgentDefaults {
@@ -295,6 +331,10 @@ async fn controller(
         },
         policy_store.clone(),
         nds_store,
+        controller::Caches {
+            daemonsets: ds_store,
+            agent_pods: pods_store.clone(),
+        },
         metrics.clone(),
         synced.clone(),
     ));
@@ -302,6 +342,7 @@ async fn controller(
         client: client.clone(),
         policies: policy_store.clone(),
         agent_pods: pods_store,
+        nodes: nodes_store,
         metrics: metrics.clone(),
         synced: synced.clone(),
         defaults: ctx.defaults.clone(),
@@ -346,7 +387,6 @@ async fn controller(
     // The controllers end on SIGTERM; the watchers then go with the process.
     tokio::select! {
         _ = futures::future::join(policies_done, nodes_done) => {}
-        _ = pods_reflector => {}
         _ = admission => {}
         _ = readiness => {}
     }

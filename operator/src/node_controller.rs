@@ -29,8 +29,9 @@ use devplug_api::{
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource};
 use serde::Serialize;
 use tracing::{info, warn};
@@ -48,6 +49,8 @@ pub struct NodeContext {
     pub policies: Store<DevicePluginPolicy>,
     /// Agent pods (operator namespace, labelled `app.kubernetes.io/name=devplug-agent`).
     pub agent_pods: Store<Pod>,
+    /// Nodes, metadata only (a watch; no GET per reconcile).
+    pub nodes: Store<PartialObjectMeta<Node>>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Whether the stores have listed the cluster.
@@ -203,12 +206,20 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
     }
     let name = nds.name_any();
     let api: Api<NodeDeviceStatus> = Api::all(ctx.client.clone());
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let Some(node) = nodes
-        .get_opt(&name)
-        .await
-        .map_err(kube_err("get", "Node", &name))?
-    else {
+    let cached = ctx.nodes.get(&ObjectRef::new(&name)).map(|m| Node {
+        metadata: m.metadata.clone(),
+        ..Node::default()
+    });
+    let node = match cached {
+        Some(n) => Some(n),
+        // Not in the cache: confirm with the API server before concluding
+        // the node is gone (a rare path: the watch normally knows first).
+        None => Api::<Node>::all(ctx.client.clone())
+            .get_opt(&name)
+            .await
+            .map_err(kube_err("get", "Node", &name))?,
+    };
+    let Some(node) = node else {
         // A status for a node that no longer exists describes nothing.
         if nds.metadata.deletion_timestamp.is_none() {
             match api.delete(&name, &DeleteParams::background()).await {
@@ -355,7 +366,7 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
             },
             ..Node::default()
         };
-        nodes
+        Api::<Node>::all(ctx.client.clone())
             .patch(
                 &name,
                 &PatchParams::apply(OPERATOR_MANAGER).force(),

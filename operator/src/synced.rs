@@ -24,23 +24,35 @@ pub struct Synced {
     pub nds: Arc<AtomicBool>,
     /// Agent pods.
     pub agent_pods: Arc<AtomicBool>,
+    /// Agent DaemonSets.
+    pub daemonsets: Arc<AtomicBool>,
+    /// Nodes (metadata only).
+    pub nodes: Arc<AtomicBool>,
 }
 
 impl Synced {
     /// Flags that are all set: for tests whose stores are filled by hand.
     pub fn all() -> Self {
         let s = Self::default();
-        for f in [&s.policies, &s.nds, &s.agent_pods] {
+        for f in s.flags() {
             f.store(true, Ordering::SeqCst);
         }
         s
     }
 
+    fn flags(&self) -> [&Arc<AtomicBool>; 5] {
+        [
+            &self.policies,
+            &self.nds,
+            &self.agent_pods,
+            &self.daemonsets,
+            &self.nodes,
+        ]
+    }
+
     /// Whether every store has listed once.
     pub fn ready(&self) -> bool {
-        [&self.policies, &self.nds, &self.agent_pods]
-            .iter()
-            .all(|f| f.load(Ordering::SeqCst))
+        self.flags().iter().all(|f| f.load(Ordering::SeqCst))
     }
 }
 

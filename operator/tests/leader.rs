@@ -293,7 +293,8 @@ async fn readyz_waits_for_the_stores_and_metrics_say_their_format() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     api.heal();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    // The policy watch retries on kube's backoff (up to 30 s between tries).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         if http_get(addr, "/readyz").await.map(|r| r.0) == Some(200) {
             break;

@@ -564,6 +564,9 @@ pub mod paths {
         format!("/api/v1/namespaces/{NS}/pods/{name}")
     }
     pub const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
+    /// The agent DaemonSets and pods, as collections.
+    pub const DAEMONSETS: &str = "/apis/apps/v1/namespaces/devplug-system/daemonsets";
+    pub const PODS: &str = "/api/v1/namespaces/devplug-system/pods";
     /// Core events in the operator's namespace (the DaemonSet controller's).
     pub const CORE_EVENTS: &str = "/api/v1/namespaces/devplug-system/events";
 }
