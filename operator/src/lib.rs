@@ -71,8 +71,22 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     // standby or a fresh leader then runs on until the grace period ends.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(RunError::Signal)?;
-    let client = Client::try_default().await.map_err(RunError::Client)?;
-    run_with(client, args, async move {
+    let metrics = Arc::new(Metrics::default());
+    // Every request the operator makes is counted by verb on /metrics.
+    let config = kube::Config::infer()
+        .await
+        .map_err(|e| RunError::Client(kube::Error::InferConfig(e)))?;
+    let counting = metrics.clone();
+    let client = kube::client::ClientBuilder::try_from(config)
+        .map_err(RunError::Client)?
+        .with_layer(&tower::util::MapRequestLayer::new(
+            move |req: http::Request<kube::client::Body>| {
+                counting.requested(req.method(), req.uri().query());
+                req
+            },
+        ))
+        .build();
+    run_with(client, args, metrics, async move {
         term.recv().await;
         info!("SIGTERM");
     })
@@ -85,10 +99,10 @@ pub async fn run(args: Args) -> Result<(), RunError> {
 pub async fn run_with(
     client: Client,
     args: Args,
+    metrics: Arc<Metrics>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), RunError> {
     tokio::pin!(stop);
-    let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let admin = tokio::spawn(admin::serve(
         args.metrics_addr,

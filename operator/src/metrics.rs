@@ -18,6 +18,7 @@ pub struct Metrics {
     duration: Histogram,
     writes: Family<Labels, Counter>,
     total_writes: Counter,
+    requests: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -43,7 +44,14 @@ impl Default for Metrics {
             "Writes sent to the API server, by kind",
             writes.clone(),
         );
+        let requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "api_requests",
+            "Requests sent to the API server, by verb (read = get or list)",
+            requests.clone(),
+        );
         Self {
+            requests,
             registry,
             reconciles,
             failures,
@@ -76,6 +84,24 @@ impl Metrics {
         self.total_writes.inc();
     }
 
+    /// Counts one request to the API server.
+    pub fn requested(&self, method: &http::Method, query: Option<&str>) {
+        let watch =
+            query.is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+        let verb = match *method {
+            http::Method::GET if watch => "watch",
+            http::Method::GET => "read",
+            http::Method::POST => "create",
+            http::Method::PATCH => "patch",
+            http::Method::PUT => "update",
+            http::Method::DELETE => "delete",
+            _ => "other",
+        };
+        self.requests
+            .get_or_create(&vec![("verb".into(), verb.into())])
+            .inc();
+    }
+
     /// Total writes so far (all kinds).
     pub fn total_writes(&self) -> u64 {
         self.total_writes.get()
@@ -88,5 +114,32 @@ impl Metrics {
             s.clear();
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_counted_by_verb() {
+        let m = Metrics::default();
+        m.requested(&http::Method::GET, Some("&watch=true&timeoutSeconds=290"));
+        m.requested(&http::Method::GET, Some("&limit=500"));
+        m.requested(&http::Method::GET, None);
+        m.requested(&http::Method::PATCH, Some("fieldManager=x"));
+        let text = m.render();
+        assert!(
+            text.contains(r#"devplug_operator_api_requests_total{verb="watch"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"devplug_operator_api_requests_total{verb="read"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"devplug_operator_api_requests_total{verb="patch"} 1"#),
+            "{text}"
+        );
     }
 }

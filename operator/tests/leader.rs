@@ -151,9 +151,14 @@ async fn a_standby_stops_at_once_when_told() {
                         "renewTime": now.to_string()}}),
     );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(devplug_operator::run_with(client, args(), async move {
-        let _ = stop_rx.await;
-    }));
+    let run = tokio::spawn(devplug_operator::run_with(
+        client,
+        args(),
+        Default::default(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
     // Standing by: it has read the lease at least once.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !api
@@ -193,9 +198,14 @@ async fn a_leader_told_to_stop_releases_the_lease() {
     );
     let mut args = args();
     args.namespace_pod_security = "privileged".into();
-    let run = tokio::spawn(devplug_operator::run_with(client, args, async move {
-        let _ = stop_rx.await;
-    }));
+    let run = tokio::spawn(devplug_operator::run_with(
+        client,
+        args,
+        Default::default(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let holder = api
@@ -278,9 +288,14 @@ async fn readyz_waits_for_the_stores_and_metrics_say_their_format() {
     let mut a = args();
     a.metrics_addr = addr;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(devplug_operator::run_with(client, a, async move {
-        let _ = stop_rx.await;
-    }));
+    let run = tokio::spawn(devplug_operator::run_with(
+        client,
+        a,
+        Default::default(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
     // Leading, but blind: not ready, and it stays so.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while api.get(PATH).is_none() {
