@@ -65,9 +65,13 @@ fn fresh(
     FakeApi,
     Arc<Context>,
     kube::runtime::reflector::store::Writer<devplug_api::DevicePluginPolicy>,
+    std::sync::Mutex<
+        kube::runtime::reflector::store::Writer<k8s_openapi::api::apps::v1::DaemonSet>,
+    >,
 ) {
     let (client, api) = FakeApi::start_unchecked();
     let (store, writer) = seed(&api, policies);
+    let (ds_store, ds_writer) = support::synced(Vec::new());
     let ctx = Arc::new(Context::new(
         client,
         AgentDefaults {
@@ -80,13 +84,13 @@ fn fresh(
         store,
         support::synced(Vec::new()).0,
         devplug_operator::controller::Caches {
-            daemonsets: support::synced(Vec::new()).0,
+            daemonsets: ds_store,
             agent_pods: support::synced(Vec::new()).0,
         },
         Arc::new(Metrics::default()),
         devplug_operator::synced::Synced::all(),
     ));
-    (api, ctx, writer)
+    (api, ctx, writer, std::sync::Mutex::new(ds_writer))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -107,12 +111,12 @@ async fn main() {
         "devplug-operator reconcile benchmark ({POLICIES} policies, fake API server in-process, release build)"
     );
     for (label, concurrency) in [("sequential", 1), ("concurrent", CONCURRENCY)] {
-        let (api, ctx, _writer) = fresh(&policies);
-        run_passes(&api, &ctx, &names, label, concurrency).await;
+        let (api, ctx, _writer, ds) = fresh(&policies);
+        run_passes(&api, &ctx, &names, label, concurrency, &ds).await;
         assert_eq!(
             ctx.metrics.total_writes() as usize,
-            POLICIES * 5,
-            "5 writes per policy, then none"
+            POLICIES * 6,
+            "6 writes per policy (finalizer, 4 agent objects, status), then none"
         );
     }
     println!(
@@ -127,8 +131,13 @@ async fn run_passes(
     names: &[String],
     label: &str,
     concurrency: usize,
+    ds: &std::sync::Mutex<
+        kube::runtime::reflector::store::Writer<k8s_openapi::api::apps::v1::DaemonSet>,
+    >,
 ) {
     let (rate, reqs, writes) = pass(api, ctx, names, concurrency).await;
+    // The DaemonSet watch reports what the first pass created.
+    support::mirror(api, paths::DAEMONSETS, ds);
     println!(
         "{label:>10} (x{concurrency:<2}) first pass : {rate:>7.0} reconciles/s, {:.1} requests and {:.1} writes per reconcile",
         reqs as f64 / names.len() as f64,

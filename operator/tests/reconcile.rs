@@ -75,25 +75,9 @@ fn ctx_with(
     }
 }
 
-/// Relists `collection` of the fake server into a store, as a watch does.
-fn mirror<K>(api: &FakeApi, collection: &str, w: &std::sync::Mutex<Writer<K>>)
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let mut w = w.lock().unwrap();
-    w.apply_watcher_event(&watcher::Event::Init);
-    for o in api.objects_under(collection) {
-        w.apply_watcher_event(&watcher::Event::InitApply(
-            serde_json::from_value(o).unwrap(),
-        ));
-    }
-    w.apply_watcher_event(&watcher::Event::InitDone);
-}
-
 async fn reconcile(api: &FakeApi, ctx: &TestCtx, name: &str) -> Result<(), String> {
-    mirror(api, paths::DAEMONSETS, &ctx.daemonsets);
-    mirror(api, paths::PODS, &ctx.pods);
+    support::mirror(api, paths::DAEMONSETS, &ctx.daemonsets);
+    support::mirror(api, paths::PODS, &ctx.pods);
     controller::reconcile(Arc::new(current(api, name)), ctx.ctx.clone())
         .await
         .map(|_| ())

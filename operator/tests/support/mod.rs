@@ -618,6 +618,22 @@ where
     (w.as_reader(), w)
 }
 
+/// Relists `collection` of the fake server into a store, as a watch does.
+pub fn mirror<K>(api: &FakeApi, collection: &str, w: &Mutex<Writer<K>>)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let mut w = w.lock().unwrap();
+    w.apply_watcher_event(&watcher::Event::Init);
+    for o in api.objects_under(collection) {
+        w.apply_watcher_event(&watcher::Event::InitApply(
+            serde_json::from_value(o).unwrap(),
+        ));
+    }
+    w.apply_watcher_event(&watcher::Event::InitDone);
+}
+
 /// The typed policy as currently stored by the fake server.
 pub fn current(api: &FakeApi, name: &str) -> DevicePluginPolicy {
     serde_json::from_value(api.get(&paths::policy(name)).unwrap()).unwrap()
