@@ -1,7 +1,7 @@
 # One entry point for humans and CI. `make test` is what .ci/run runs.
 CARGO ?= cargo
 
-.PHONY: test tools fmt-check clippy unit bench agent crds e2e images
+.PHONY: test tools fmt-check clippy unit bench bench-scale agent crds e2e images
 
 test: tools fmt-check clippy unit e2e
 
@@ -21,6 +21,15 @@ unit:
 bench:
 	$(CARGO) bench -p devplug-agent --bench agent
 	$(CARGO) bench -p devplug-operator --bench reconcile
+
+# The operator against a real API server with a simulated fleet (not part of
+# `make test`): KUBECONFIG, or the cluster kit (brought up if it is not).
+# SCALE_NODES=500,1000,2000,5000 by default.
+bench-scale:
+	./hack/tools.sh >/dev/null
+	@if [ -z "$$KUBECONFIG" ] && [ -x ../shared/cluster/up.sh ]; then ../shared/cluster/up.sh >/dev/null; fi
+	KUBECONFIG=$${KUBECONFIG:-/var/lib/devplug-cluster/admin.kubeconfig} ./.tools/bin/kubectl apply --server-side --force-conflicts -f crds/ >/dev/null
+	$(CARGO) bench -p devplug-operator --bench scale
 
 crds:
 	$(CARGO) run -q -p devplug-api --bin crdgen

@@ -1,0 +1,672 @@
+//! Scale benchmark against a real API server: `make bench-scale` (not part
+//! of `make test`). Prints figures; asserts nothing about time.
+//!
+//! Uses `KUBECONFIG` (default: the cluster kit's admin kubeconfig) and
+//! `SCALE_NODES` (default `500,1000,2000,5000`; the fleet grows from one
+//! size to the next). Per size it builds a simulated fleet the way a real
+//! one looks to the control plane:
+//! - N Node objects, tainted `devplug.io/bench=true:NoSchedule` so no real
+//!   pod lands there, with a Ready condition and a node Lease renewed every
+//!   15 s (as a kubelet does; KWOK does the same), so the node lifecycle
+//!   controller leaves them and their pods alone;
+//! - per node and policy, an agent pod bound to the node, Running and Ready,
+//!   labelled like the operator's agents (4 policies: 4 pods per node);
+//! - per node and policy, the NodeDeviceStatus entry applied exactly as the
+//!   agent applies it (its field manager, its payload: 64 devices, 8 held).
+//!
+//! The released operator binary runs against it (out of cluster, leader
+//! election off) and the benchmark prints, per size: the operator's peak
+//! RSS and CPU seconds per minute and its API requests per second by verb
+//! (its own `devplug_operator_api_requests_total`), at steady state and
+//! during a burst; the time from 500 devices flipping Unhealthy across the
+//! fleet to the policy status showing them, and back; the time from
+//! applying a new policy to its DaemonSet existing and its status written;
+//! and the API server's RSS.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use devplug_api::{
+    Allocation, DeviceHealth, DevicePluginPolicy, DeviceStatus, NodeDeviceStatus, ResourceStatus,
+    agent_manager,
+};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+
+const NS: &str = "devplug-bench";
+const POLICIES: usize = 4;
+const DEVICES: usize = 64;
+const HELD: usize = 8;
+const CONCURRENCY: usize = 32;
+const FLIPS: usize = 500;
+const METRICS: &str = "127.0.0.1:18931";
+const BENCH_LABEL: &str = "devplug.io/bench";
+
+fn node_name(i: usize) -> String {
+    format!("bench-node-{i:05}")
+}
+fn policy_name(k: usize) -> String {
+    format!("bench-p{k}")
+}
+fn resource(k: usize) -> String {
+    format!("bench.example/r{k}")
+}
+
+/// Runs `f` over `items` with bounded concurrency; panics on the first error.
+async fn each<T, F, Fut>(items: Vec<T>, f: F)
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = Result<(), kube::Error>>,
+{
+    let results: Vec<_> = futures::stream::iter(items.into_iter().map(f))
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    for r in results {
+        if let Err(e) = r {
+            panic!("API error while building the fleet: {e}");
+        }
+    }
+}
+
+/// The entry an agent of policy `k` writes for node `i`.
+fn entry(k: usize, i: usize, unhealthy: bool) -> ResourceStatus {
+    let devices: Vec<DeviceStatus> = (0..DEVICES)
+        .map(|d| DeviceStatus {
+            id: format!("dev-{d:02}"),
+            health: if unhealthy && d == 0 {
+                DeviceHealth::Unhealthy
+            } else {
+                DeviceHealth::Healthy
+            },
+            reason: (unhealthy && d == 0).then(|| "XID 79 (critical)".to_string()),
+            last_transition_time: None,
+            numa_nodes: vec![(d / 32) as i64],
+            allocations: if d < HELD {
+                vec![Allocation {
+                    namespace: "ml".into(),
+                    pod: format!("job-{i}-{d}"),
+                    container: "main".into(),
+                }]
+            } else {
+                Vec::new()
+            },
+        })
+        .collect();
+    let healthy = devices
+        .iter()
+        .filter(|d| d.health == DeviceHealth::Healthy)
+        .count() as i64;
+    ResourceStatus {
+        resource_name: resource(k),
+        policy: policy_name(k),
+        state: "Serving".into(),
+        reason: None,
+        healthy,
+        total: DEVICES as i64,
+        allocated: HELD as i64,
+        devices,
+        orphaned: Vec::new(),
+    }
+}
+
+/// Applies an agent's entry exactly as the agent does (reporter.rs).
+async fn write_entry(
+    client: &Client,
+    k: usize,
+    i: usize,
+    unhealthy: bool,
+) -> Result<(), kube::Error> {
+    let api: Api<NodeDeviceStatus> = Api::all(client.clone());
+    let node = node_name(i);
+    let pp = PatchParams::apply(&agent_manager(&policy_name(k))).force();
+    let body = json!({
+        "apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
+        "metadata": {"name": node},
+        "status": {"resources": [entry(k, i, unhealthy)]},
+    });
+    match api.patch_status(&node, &pp, &Patch::Apply(&body)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            let obj = json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
+                             "metadata": {"name": node}, "spec": {"nodeName": node}});
+            api.patch(&node, &pp, &Patch::Apply(&obj)).await?;
+            api.patch_status(&node, &pp, &Patch::Apply(&body)).await?;
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn now_rfc3339() -> String {
+    k8s_openapi::jiff::Timestamp::now().to_string()
+}
+
+async fn renew_lease(client: &Client, i: usize) -> Result<(), kube::Error> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let name = node_name(i);
+    let body = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": name},
+        "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": now_rfc3339()}});
+    api.patch(
+        &name,
+        &PatchParams::apply("devplug-bench").force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// One simulated node: the Node (tainted, Ready), its Lease, and one Ready
+/// agent pod per policy.
+async fn add_node(client: &Client, i: usize) -> Result<(), kube::Error> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let name = node_name(i);
+    let node = json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {BENCH_LABEL: "true", "kubernetes.io/hostname": name}},
+        "spec": {"taints": [{"key": BENCH_LABEL, "value": "true", "effect": "NoSchedule"}]}});
+    match nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(node).unwrap(),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e),
+    }
+    let now = now_rfc3339();
+    let status = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+        "message": "simulated by devplug's scale bench", "lastHeartbeatTime": now, "lastTransitionTime": now}]}});
+    nodes
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    renew_lease(client, i).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    for k in 0..POLICIES {
+        let pod_name = format!("agent-{}-{name}", policy_name(k));
+        let pod = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": pod_name, "labels": {
+                "app.kubernetes.io/name": "devplug-agent", "devplug.io/policy": policy_name(k)}},
+            "spec": {"nodeName": name, "tolerations": [{"operator": "Exists"}],
+                     "containers": [{"name": "agent", "image": "registry.k8s.io/pause:3.10"}]}});
+        match pods
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(pod).unwrap(),
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e),
+        }
+        let st = json!({"status": {"phase": "Running", "conditions": [
+                {"type": "Ready", "status": "True", "lastTransitionTime": now},
+                {"type": "ContainersReady", "status": "True", "lastTransitionTime": now}],
+            "containerStatuses": [{"name": "agent", "ready": true, "restartCount": 0, "started": true,
+                "image": "registry.k8s.io/pause:3.10", "imageID": "", "state": {"running": {"startedAt": now}}}]}});
+        pods.patch_status(&pod_name, &PatchParams::default(), &Patch::Merge(&st))
+            .await?;
+    }
+    Ok(())
+}
+
+fn policy(k: usize) -> Value {
+    json!({"apiVersion": "devplug.io/v1alpha1", "kind": "DevicePluginPolicy",
+        "metadata": {"name": policy_name(k)},
+        "spec": {"resourceName": resource(k), "nodeSelector": {BENCH_LABEL: "true"},
+                 "source": {"simulated": {"count": DEVICES}}}})
+}
+
+/// `healthy/total` of every bench policy, as its status says.
+async fn healthy_of(client: &Client, k: usize) -> Option<String> {
+    let api: Api<DevicePluginPolicy> = Api::all(client.clone());
+    api.get_opt(&policy_name(k))
+        .await
+        .ok()
+        .flatten()
+        .and_then(|p| p.status.and_then(|s| s.devices_healthy))
+}
+
+/// Waits until every policy in `ks` reads `want`; returns the time taken.
+async fn wait_healthy(
+    client: &Client,
+    ks: &[usize],
+    want: &str,
+    limit: Duration,
+) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        let mut all = true;
+        for &k in ks {
+            if healthy_of(client, k).await.as_deref() != Some(want) {
+                all = false;
+                break;
+            }
+        }
+        if all {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The operator's counters: requests by verb and writes in total.
+#[derive(Default, Clone, Debug)]
+struct Counters {
+    requests: BTreeMap<String, f64>,
+    writes: f64,
+}
+
+async fn scrape() -> Counters {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = Counters::default();
+    let Ok(mut s) = tokio::net::TcpStream::connect(METRICS).await else {
+        return c;
+    };
+    let _ = s
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await;
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body).await;
+    for line in body.lines() {
+        let Some((name, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(v) = value.parse::<f64>() else {
+            continue;
+        };
+        if let Some(rest) = name.strip_prefix("devplug_operator_api_requests_total{verb=\"") {
+            c.requests
+                .insert(rest.trim_end_matches("\"}").to_string(), v);
+        } else if name.starts_with("devplug_operator_api_writes_total{") {
+            c.writes += v;
+        }
+    }
+    c
+}
+
+fn rates(before: &Counters, after: &Counters, secs: f64) -> String {
+    let mut parts = Vec::new();
+    let mut total = 0.0;
+    for (verb, v) in &after.requests {
+        let d = v - before.requests.get(verb).copied().unwrap_or(0.0);
+        total += d;
+        if d > 0.0 {
+            parts.push(format!("{verb} {:.2}", d / secs));
+        }
+    }
+    format!(
+        "{:.2} req/s ({}), {:.0} writes",
+        total / secs,
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join(", ")
+        },
+        after.writes - before.writes
+    )
+}
+
+fn proc_field(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let tick = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .unwrap_or(100.0);
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = after.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / tick)
+        })
+        .unwrap_or(0.0)
+}
+
+fn apiserver_pid() -> Option<u32> {
+    let out = Command::new("pgrep")
+        .args(["-xo", "kube-apiserver"])
+        .output()
+        .ok()?;
+    String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+}
+
+/// Everything the bench made, gone.
+async fn cleanup(client: &Client) {
+    let dp = DeleteParams::background();
+    let policies: Api<DevicePluginPolicy> = Api::all(client.clone());
+    let mut names: Vec<String> = (0..POLICIES).map(policy_name).collect();
+    names.push("bench-new".into());
+    for n in &names {
+        let _ = policies
+            .patch(
+                n,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"metadata": {"finalizers": null}})),
+            )
+            .await;
+        let _ = policies.delete(n, &dp).await;
+    }
+    let nodes: Api<Node> = Api::all(client.clone());
+    let _ = nodes
+        .delete_collection(
+            &dp,
+            &ListParams::default().labels(&format!("{BENCH_LABEL}=true")),
+        )
+        .await;
+    let nds: Api<NodeDeviceStatus> = Api::all(client.clone());
+    if let Ok(list) = nds.list_metadata(&ListParams::default()).await {
+        for o in list.items {
+            if o.name_any().starts_with("bench-node-") {
+                let _ = nds.delete(&o.name_any(), &dp).await;
+            }
+        }
+    }
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    if let Ok(list) = leases.list_metadata(&ListParams::default()).await {
+        for o in list.items {
+            if o.name_any().starts_with("bench-node-") {
+                let _ = leases.delete(&o.name_any(), &dp).await;
+            }
+        }
+    }
+    for n in &names {
+        let agent = format!("devplug-agent-{n}");
+        let _ = Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(client.clone())
+            .delete(&agent, &dp)
+            .await;
+        let _ = Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(client.clone())
+            .delete(&agent, &dp)
+            .await;
+    }
+    let _ = Api::<Namespace>::all(client.clone()).delete(NS, &dp).await;
+    // Wait for the namespace to go, so a next run can create it again.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while Api::<Namespace>::all(client.clone())
+        .get_opt(NS)
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+struct Operator(Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let kubeconfig = std::env::var("KUBECONFIG")
+        .unwrap_or_else(|_| "/var/lib/devplug-cluster/admin.kubeconfig".into());
+    let sizes: Vec<usize> = std::env::var("SCALE_NODES")
+        .unwrap_or_else(|_| "500,1000,2000,5000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let config = match kube::config::Kubeconfig::read_from(&kubeconfig) {
+        Ok(k) => kube::Config::from_custom_kubeconfig(k, &Default::default())
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let client = match config.and_then(|c| Client::try_from(c).map_err(|e| e.to_string())) {
+        Ok(c) => c,
+        Err(e) => {
+            println!(
+                "bench-scale: SKIPPED, no API server ({e}); set KUBECONFIG or bring the kit up"
+            );
+            return;
+        }
+    };
+    println!(
+        "devplug operator scale benchmark: {POLICIES} policies, {DEVICES} devices per node and policy ({HELD} held), sizes {sizes:?}"
+    );
+    cleanup(&client).await;
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap(),
+        )
+        .await
+        .expect("creating the bench namespace");
+    let policies: Api<DevicePluginPolicy> = Api::all(client.clone());
+    for k in 0..POLICIES {
+        policies
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(policy(k)).unwrap(),
+            )
+            .await
+            .expect("creating a bench policy (are the CRDs applied?)");
+    }
+
+    let child = Command::new(env!("CARGO_BIN_EXE_devplug-operator"))
+        .args([
+            "--namespace",
+            NS,
+            "--leader-elect",
+            "false",
+            "--metrics-addr",
+            METRICS,
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("DEVPLUG_NAMESPACE_POD_SECURITY", "")
+        .env(
+            "DEVPLUG_LOG",
+            std::env::var("DEVPLUG_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("starting the operator");
+    let pid = child.id();
+    let op = Operator(child);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    println!(
+        "operator RSS before the fleet: {:.1} MiB",
+        proc_field(pid, "VmRSS:")
+    );
+
+    // Leases renewed every 15 s for every node so far.
+    let fleet = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let renewer = {
+        let client = client.clone();
+        let fleet = fleet.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(15)).await;
+                let n = fleet.load(std::sync::atomic::Ordering::SeqCst);
+                let _ = futures::stream::iter((0..n).map(|i| {
+                    let c = client.clone();
+                    async move { renew_lease(&c, i).await }
+                }))
+                .buffer_unordered(CONCURRENCY)
+                .collect::<Vec<_>>()
+                .await;
+            }
+        })
+    };
+
+    let all: Vec<usize> = (0..POLICIES).collect();
+    let mut have = 0;
+    for &n in &sizes {
+        println!("\n== {n} nodes ==");
+        let (c0, cpu0, t0) = (scrape().await, cpu_secs(pid), Instant::now());
+        each((have..n).collect(), |i| {
+            let c = client.clone();
+            async move { add_node(&c, i).await }
+        })
+        .await;
+        fleet.store(n, std::sync::atomic::Ordering::SeqCst);
+        let pairs: Vec<(usize, usize)> = (have..n)
+            .flat_map(|i| (0..POLICIES).map(move |k| (k, i)))
+            .collect();
+        each(pairs, |(k, i)| {
+            let c = client.clone();
+            async move { write_entry(&c, k, i, false).await }
+        })
+        .await;
+        let built = t0.elapsed();
+        let want = format!("{}/{}", n * DEVICES, n * DEVICES);
+        let settled = wait_healthy(&client, &all, &want, Duration::from_secs(600)).await;
+        let grow_secs = t0.elapsed().as_secs_f64();
+        let c1 = scrape().await;
+        println!(
+            "fleet grown {have} -> {n} nodes in {:.1} s; every policy status {want} after {}; operator while it grew: {}, CPU {:.1} s",
+            built.as_secs_f64(),
+            settled.map_or("NEVER (10 min)".to_string(), |d| format!(
+                "{:.1} s more",
+                d.as_secs_f64()
+            )),
+            rates(&c0, &c1, grow_secs),
+            cpu_secs(pid) - cpu0
+        );
+        have = n;
+
+        // Steady state: nothing changes for 60 s.
+        let (c0, cpu0, t0) = (scrape().await, cpu_secs(pid), Instant::now());
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "steady 60 s: {}, CPU {:.2} s/min, RSS {:.1} MiB (peak {:.1} MiB)",
+            rates(&c0, &scrape().await, secs),
+            (cpu_secs(pid) - cpu0) * 60.0 / secs,
+            proc_field(pid, "VmRSS:"),
+            proc_field(pid, "VmHWM:")
+        );
+
+        // Burst: 500 devices (one per node) of policy 0 go Unhealthy.
+        let flips: Vec<usize> = (0..FLIPS.min(n)).collect();
+        let (c0, cpu0, t0) = (scrape().await, cpu_secs(pid), Instant::now());
+        each(flips.clone(), |i| {
+            let c = client.clone();
+            async move { write_entry(&c, 0, i, true).await }
+        })
+        .await;
+        let down = format!("{}/{}", n * DEVICES - flips.len(), n * DEVICES);
+        let shown = wait_healthy(&client, &[0], &down, Duration::from_secs(300)).await;
+        let flipped = t0.elapsed();
+        each(flips.clone(), |i| {
+            let c = client.clone();
+            async move { write_entry(&c, 0, i, false).await }
+        })
+        .await;
+        let back = wait_healthy(&client, &[0], &want, Duration::from_secs(300)).await;
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "burst: {} devices Unhealthy -> policy status {down} {} after the first write; back -> {want} {} after the last; during the burst: {}, CPU {:.2} s/min, peak RSS {:.1} MiB",
+            flips.len(),
+            shown.map_or("NEVER".to_string(), |_| format!(
+                "{:.2} s",
+                flipped.as_secs_f64()
+            )),
+            back.map_or("NEVER".to_string(), |d| format!("{:.2} s", d.as_secs_f64())),
+            rates(&c0, &scrape().await, secs),
+            (cpu_secs(pid) - cpu0) * 60.0 / secs,
+            proc_field(pid, "VmHWM:")
+        );
+
+        // A new policy: time to its DaemonSet and its first status.
+        let mut p = policy(POLICIES);
+        p["metadata"]["name"] = json!("bench-new");
+        let t0 = Instant::now();
+        policies
+            .create(&PostParams::default(), &serde_json::from_value(p).unwrap())
+            .await
+            .expect("creating bench-new");
+        let dss: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
+        let mut ds_at = None;
+        let mut status_at = None;
+        while t0.elapsed() < Duration::from_secs(120) && (ds_at.is_none() || status_at.is_none()) {
+            if ds_at.is_none()
+                && dss
+                    .get_opt("devplug-agent-bench-new")
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some()
+            {
+                ds_at = Some(t0.elapsed());
+            }
+            if status_at.is_none()
+                && policies
+                    .get_opt("bench-new")
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|p| p.status.and_then(|s| s.observed_generation))
+                    .is_some()
+            {
+                status_at = Some(t0.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let ms = |d: Option<Duration>| {
+            d.map_or("NEVER".to_string(), |d| {
+                format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+            })
+        };
+        println!(
+            "new policy: DaemonSet after {}, status after {}",
+            ms(ds_at),
+            ms(status_at)
+        );
+        let _ = policies
+            .patch(
+                "bench-new",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"metadata": {"finalizers": null}})),
+            )
+            .await;
+        let _ = policies
+            .delete("bench-new", &DeleteParams::background())
+            .await;
+        if let Some(api_pid) = apiserver_pid() {
+            println!(
+                "API server RSS {:.0} MiB (peak {:.0} MiB), with the simulated fleet's {} node leases renewed every 15 s",
+                proc_field(api_pid, "VmRSS:"),
+                proc_field(api_pid, "VmHWM:"),
+                n
+            );
+        }
+    }
+    renewer.abort();
+    drop(op);
+    println!("\ncleaning up");
+    cleanup(&client).await;
+}
