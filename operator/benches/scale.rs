@@ -44,7 +44,7 @@ const NS: &str = "devplug-bench";
 const POLICIES: usize = 4;
 const DEVICES: usize = 64;
 const HELD: usize = 8;
-const CONCURRENCY: usize = 32;
+const CONCURRENCY: usize = 64;
 const FLIPS: usize = 500;
 const METRICS: &str = "127.0.0.1:18931";
 const BENCH_LABEL: &str = "devplug.io/bench";
@@ -145,8 +145,18 @@ async fn write_entry(
     }
 }
 
+/// Now as a metav1.Time (whole seconds).
 fn now_rfc3339() -> String {
-    k8s_openapi::jiff::Timestamp::now().to_string()
+    k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+/// Now as a metav1.MicroTime (exactly six fractional digits).
+fn now_micro() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string()
 }
 
 async fn renew_lease(client: &Client, i: usize) -> Result<(), kube::Error> {
@@ -154,7 +164,7 @@ async fn renew_lease(client: &Client, i: usize) -> Result<(), kube::Error> {
     let name = node_name(i);
     let body = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
         "metadata": {"name": name},
-        "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": now_rfc3339()}});
+        "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": now_micro()}});
     api.patch(
         &name,
         &PatchParams::apply("devplug-bench").force(),
@@ -183,6 +193,7 @@ async fn add_node(client: &Client, i: usize) -> Result<(), kube::Error> {
         Err(kube::Error::Api(e)) if e.code == 409 => {}
         Err(e) => return Err(e),
     }
+    let uid = nodes.get(&name).await?.metadata.uid.unwrap_or_default();
     let now = now_rfc3339();
     let status = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
         "message": "simulated by devplug's scale bench", "lastHeartbeatTime": now, "lastTransitionTime": now}]}});
@@ -194,8 +205,12 @@ async fn add_node(client: &Client, i: usize) -> Result<(), kube::Error> {
     for k in 0..POLICIES {
         let pod_name = format!("agent-{}-{name}", policy_name(k));
         let pod = json!({"apiVersion": "v1", "kind": "Pod",
+            // Controlled by its Node: the policy's DaemonSet (same labels)
+            // neither adopts nor deletes it, and it goes with the Node.
             "metadata": {"name": pod_name, "labels": {
-                "app.kubernetes.io/name": "devplug-agent", "devplug.io/policy": policy_name(k)}},
+                "app.kubernetes.io/name": "devplug-agent", "devplug.io/policy": policy_name(k)},
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": name, "uid": uid,
+                                     "controller": true}]},
             "spec": {"nodeName": name, "tolerations": [{"operator": "Exists"}],
                      "containers": [{"name": "agent", "image": "registry.k8s.io/pause:3.10"}]}});
         match pods
@@ -374,6 +389,15 @@ async fn cleanup(client: &Client) {
             .await;
         let _ = policies.delete(n, &dp).await;
     }
+    // No kubelet confirms the deletion of a simulated agent pod: delete
+    // them at once, or they (and the namespace) stay Terminating.
+    let at_once = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
+    let _ = Api::<Pod>::namespaced(client.clone(), NS)
+        .delete_collection(&at_once, &ListParams::default())
+        .await;
     let nodes: Api<Node> = Api::all(client.clone());
     let _ = nodes
         .delete_collection(
