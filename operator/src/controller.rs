@@ -19,6 +19,7 @@ use devplug_api::{
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -247,6 +248,37 @@ fn cached_agent_pods(ctx: &Context, policy: &str) -> Vec<Pod> {
         .collect()
 }
 
+/// A server-side apply of a policy carrying only the fields the operator
+/// owns (its finalizer, or the status). The `DevicePluginPolicy` type itself
+/// would send a `spec` (a required field), and the apply would make the
+/// operator a co-owner of the user's spec.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct PolicyApply {
+    api_version: String,
+    kind: String,
+    metadata: ObjectMeta,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<devplug_api::DevicePluginPolicyStatus>,
+}
+
+impl PolicyApply {
+    fn new(name: &str, mut metadata: ObjectMeta) -> Self {
+        metadata.name = Some(name.to_string());
+        Self {
+            api_version: DevicePluginPolicy::api_version(&()).into_owned(),
+            kind: DevicePluginPolicy::kind(&()).into_owned(),
+            metadata,
+            status: None,
+        }
+    }
+
+    fn with_status(mut self, status: devplug_api::DevicePluginPolicyStatus) -> Self {
+        self.status = Some(status);
+        self
+    }
+}
+
 /// The finalizer that keeps a deleted policy until nothing serves it.
 pub const FINALIZER: &str = "devplug.io/cleanup";
 
@@ -350,11 +382,17 @@ async fn still_serving(p: &DevicePluginPolicy, ctx: &Context) -> Result<Vec<Stri
 async fn set_finalizer(p: &DevicePluginPolicy, on: bool, ctx: &Context) -> Result<()> {
     let name = p.name_any();
     let api: Api<DevicePluginPolicy> = Api::all(ctx.client.clone());
-    let body = serde_json::json!({
-        "apiVersion": "devplug.io/v1alpha1",
-        "kind": "DevicePluginPolicy",
-        "metadata": {"name": name, "finalizers": if on { vec![FINALIZER] } else { vec![] }},
-    });
+    let body = PolicyApply::new(
+        &name,
+        ObjectMeta {
+            finalizers: Some(if on {
+                vec![FINALIZER.into()]
+            } else {
+                Vec::new()
+            }),
+            ..ObjectMeta::default()
+        },
+    );
     api.patch(
         &name,
         &PatchParams::apply(OPERATOR_MANAGER),
@@ -477,12 +515,8 @@ async fn write_status(
         return Ok(false);
     }
     let api: Api<DevicePluginPolicy> = Api::all(ctx.client.clone());
-    let body = serde_json::json!({
-        "apiVersion": "devplug.io/v1alpha1",
-        "kind": "DevicePluginPolicy",
-        "status": new,
-    });
     let name = p.name_any();
+    let body = PolicyApply::new(&name, ObjectMeta::default()).with_status(new.clone());
     api.patch_status(
         &name,
         &PatchParams::apply(OPERATOR_MANAGER).force(),

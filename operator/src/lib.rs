@@ -200,10 +200,14 @@ pub async fn run_with(
 async fn label_namespace(client: &Client, namespace: &str, level: &str) {
     use k8s_openapi::api::core::v1::Namespace;
     let api: Api<Namespace> = Api::all(client.clone());
-    let patch = serde_json::json!({
-        "apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": namespace, "labels": {POD_SECURITY_ENFORCE: level}},
-    });
+    let patch = Namespace {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(namespace.to_string()),
+            labels: Some([(POD_SECURITY_ENFORCE.to_string(), level.to_string())].into()),
+            ..Default::default()
+        },
+        ..Namespace::default()
+    };
     let params = kube::api::PatchParams::apply(devplug_api::OPERATOR_MANAGER);
     match api
         .patch(namespace, &params, &kube::api::Patch::Apply(&patch))
@@ -214,6 +218,13 @@ async fn label_namespace(client: &Client, namespace: &str, level: &str) {
             warn!(%namespace, error = %error::describe(&e), "cannot label the namespace for Pod Security; agents may be refused")
         }
     }
+}
+
+/// Cached objects keep no `managedFields`: nothing reads them, and for
+/// NodeDeviceStatus (one field manager per agent over lists of devices)
+/// they are most of each object's size.
+fn drop_managed_fields<K: kube::Resource>(o: &mut K) {
+    o.meta_mut().managed_fields = None;
 }
 
 /// The Pod Security admission label that sets the enforced level.
@@ -242,7 +253,9 @@ async fn controller(
     let pods_stream = synced::mark(
         reflector(
             pods_writer,
-            watcher(agent_pods, agent_pods_cfg).default_backoff(),
+            watcher(agent_pods, agent_pods_cfg)
+                .default_backoff()
+                .modify(drop_managed_fields),
         ),
         synced.agent_pods.clone(),
     )
@@ -256,7 +269,8 @@ async fn controller(
                 daemonsets,
                 watcher::Config::default().labels("app.kubernetes.io/managed-by=devplug-operator"),
             )
-            .default_backoff(),
+            .default_backoff()
+            .modify(drop_managed_fields),
         ),
         synced.daemonsets.clone(),
     )
@@ -273,7 +287,8 @@ async fn controller(
                 ),
                 watcher::Config::default(),
             )
-            .default_backoff(),
+            .default_backoff()
+            .modify(drop_managed_fields),
         ),
         synced.nodes.clone(),
     )
@@ -283,7 +298,9 @@ async fn controller(
     let nds_stream = synced::mark(
         reflector(
             nds_writer,
-            watcher(nds.clone(), watcher::Config::default().any_semantic()).default_backoff(),
+            watcher(nds.clone(), watcher::Config::default().any_semantic())
+                .default_backoff()
+                .modify(drop_managed_fields),
         ),
         synced.nds.clone(),
     )
@@ -301,7 +318,9 @@ async fn controller(
     let policy_stream = synced::mark(
         reflector(
             policy_writer,
-            watcher(policies, watcher::Config::default().any_semantic()).default_backoff(),
+            watcher(policies, watcher::Config::default().any_semantic())
+                .default_backoff()
+                .modify(drop_managed_fields),
         ),
         synced.policies.clone(),
     )
