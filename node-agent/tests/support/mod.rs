@@ -175,8 +175,17 @@ impl Registration for RegistrationSvc {
             .unwrap()
             .push(Registered { req, at, options });
         let n = self.shared.registrations.lock().unwrap().len();
+        // Concurrent registrations read their counts in any order: never
+        // let a stale count overwrite a newer one (a waiter for the newest
+        // would then time out with the registration already there).
         if let Some(tx) = self.shared.reg_tx.lock().unwrap().as_ref() {
-            tx.send_replace(n);
+            tx.send_if_modified(|c| {
+                let newer = n > *c;
+                if newer {
+                    *c = n;
+                }
+                newer
+            });
         }
         Ok(Response::new(dp::Empty {}))
     }
