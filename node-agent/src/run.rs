@@ -155,17 +155,22 @@ impl Discovery {
 
     async fn stop(self, policy: &str) {
         let _ = self.stop.send(true);
-        let join = async {
-            for t in self.tasks {
-                let _ = t.await;
-            }
-        };
-        if tokio::time::timeout(Duration::from_secs(5), join)
-            .await
-            .is_err()
-        {
-            warn!(%policy, "discovery did not stop within 5 s");
+        join_within(self.tasks, policy, "discovery").await;
+    }
+}
+
+/// Waits for `tasks` to end, at most 5 s; says so when they do not.
+async fn join_within(tasks: Vec<tokio::task::JoinHandle<()>>, policy: &str, what: &str) {
+    let join = async {
+        for t in tasks {
+            let _ = t.await;
         }
+    };
+    if tokio::time::timeout(Duration::from_secs(5), join)
+        .await
+        .is_err()
+    {
+        warn!(%policy, "{what} did not stop within 5 s");
     }
 }
 
@@ -365,17 +370,7 @@ impl Node {
     async fn stop(&self, p: Plugin) {
         p.discovery.stop(&p.name).await;
         let _ = p.stop.send(true);
-        let join = async {
-            for t in p.tasks {
-                let _ = t.await;
-            }
-        };
-        if tokio::time::timeout(Duration::from_secs(5), join)
-            .await
-            .is_err()
-        {
-            warn!(policy = %p.name, "plugin tasks did not stop within 5 s");
-        }
+        join_within(p.tasks, &p.name, "plugin tasks").await;
         let _ = std::fs::remove_file(&p.socket);
         if let Ok(mut t) = self.triggers.lock() {
             t.remove(&p.state.cfg().socket_name);

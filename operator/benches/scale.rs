@@ -174,6 +174,24 @@ async fn renew_lease(client: &Client, i: usize) -> Result<(), kube::Error> {
     .map(|_| ())
 }
 
+/// Creates `obj` unless it exists already (a rerun over a partial fleet).
+async fn create_or_exists<K>(api: &Api<K>, obj: Value) -> Result<(), kube::Error>
+where
+    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(obj).unwrap(),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// One simulated node: the Node (tainted, Ready), its Lease, and one Ready
 /// agent pod per policy.
 async fn add_node(client: &Client, i: usize) -> Result<(), kube::Error> {
@@ -182,17 +200,7 @@ async fn add_node(client: &Client, i: usize) -> Result<(), kube::Error> {
     let node = json!({"apiVersion": "v1", "kind": "Node",
         "metadata": {"name": name, "labels": {BENCH_LABEL: "true", "kubernetes.io/hostname": name}},
         "spec": {"taints": [{"key": BENCH_LABEL, "value": "true", "effect": "NoSchedule"}]}});
-    match nodes
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(node).unwrap(),
-        )
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => return Err(e),
-    }
+    create_or_exists(&nodes, node).await?;
     let uid = nodes.get(&name).await?.metadata.uid.unwrap_or_default();
     let now = now_rfc3339();
     let status = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
@@ -213,17 +221,7 @@ async fn add_node(client: &Client, i: usize) -> Result<(), kube::Error> {
                                      "controller": true}]},
             "spec": {"nodeName": name, "tolerations": [{"operator": "Exists"}],
                      "containers": [{"name": "agent", "image": "registry.k8s.io/pause:3.10"}]}});
-        match pods
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(pod).unwrap(),
-            )
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => return Err(e),
-        }
+        create_or_exists(&pods, pod).await?;
         let st = json!({"status": {"phase": "Running", "conditions": [
                 {"type": "Ready", "status": "True", "lastTransitionTime": now},
                 {"type": "ContainersReady", "status": "True", "lastTransitionTime": now}],
@@ -348,13 +346,17 @@ fn proc_field(pid: u32, field: &str) -> f64 {
 
 /// utime + stime of a process, in seconds.
 fn cpu_secs(pid: u32) -> f64 {
-    let tick = Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .unwrap_or(100.0);
+    // Clock ticks per second, asked once.
+    static TICK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let tick = *TICK.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .unwrap_or(100.0)
+    });
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {

@@ -220,6 +220,41 @@ async fn label_namespace(client: &Client, namespace: &str, level: &str) {
     }
 }
 
+/// A watch of `api` feeding a store (objects without `managedFields`) that
+/// sets `flag` once it has listed; returns the store and the stream of
+/// touched objects, for a controller to trigger on.
+fn cached<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    flag: Arc<AtomicBool>,
+) -> (
+    reflector::Store<K>,
+    impl futures::Stream<Item = Result<K, watcher::Error>>,
+)
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, writer) = reflector::store();
+    let stream = synced::mark(
+        reflector(
+            writer,
+            watcher(api, cfg)
+                .default_backoff()
+                .modify(drop_managed_fields),
+        ),
+        flag,
+    )
+    .touched_objects();
+    (store, stream)
+}
+
 /// Cached objects keep no `managedFields`: nothing reads them, and for
 /// NodeDeviceStatus (one field manager per agent over lists of devices)
 /// they are most of each object's size.
@@ -249,62 +284,25 @@ async fn controller(
     // One watch per kind, each feeding a store that reconciles read
     // instead of the API server, and the controllers' triggers.
     // Agent pods: "not reporting" and the policy's pod problems.
-    let (pods_store, pods_writer) = reflector::store();
-    let pods_stream = synced::mark(
-        reflector(
-            pods_writer,
-            watcher(agent_pods, agent_pods_cfg)
-                .default_backoff()
-                .modify(drop_managed_fields),
-        ),
-        synced.agent_pods.clone(),
-    )
-    .touched_objects();
+    let (pods_store, pods_stream) = cached(agent_pods, agent_pods_cfg, synced.agent_pods.clone());
     // Agent DaemonSets: what `ensure` compares the desired one with.
-    let (ds_store, ds_writer) = reflector::store();
-    let ds_stream = synced::mark(
-        reflector(
-            ds_writer,
-            watcher(
-                daemonsets,
-                watcher::Config::default().labels("app.kubernetes.io/managed-by=devplug-operator"),
-            )
-            .default_backoff()
-            .modify(drop_managed_fields),
-        ),
+    let (ds_store, ds_stream) = cached(
+        daemonsets,
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=devplug-operator"),
         synced.daemonsets.clone(),
-    )
-    .touched_objects();
+    );
     // Nodes, metadata only (labels decide which policies serve a node; a
     // full Node carries images and conditions the operator never reads).
-    let (nodes_store, nodes_writer) = reflector::store();
-    let nodes_stream = synced::mark(
-        reflector(
-            nodes_writer,
-            watcher(
-                Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Node>>::all(
-                    client.clone(),
-                ),
-                watcher::Config::default(),
-            )
-            .default_backoff()
-            .modify(drop_managed_fields),
-        ),
+    let (nodes_store, nodes_stream) = cached(
+        Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Node>>::all(client.clone()),
+        watcher::Config::default(),
         synced.nodes.clone(),
-    )
-    .touched_objects();
-
-    let (nds_store, nds_writer) = reflector::store();
-    let nds_stream = synced::mark(
-        reflector(
-            nds_writer,
-            watcher(nds.clone(), watcher::Config::default().any_semantic())
-                .default_backoff()
-                .modify(drop_managed_fields),
-        ),
+    );
+    let (nds_store, nds_stream) = cached(
+        nds.clone(),
+        watcher::Config::default().any_semantic(),
         synced.nds.clone(),
-    )
-    .touched_objects();
+    );
     let node_controller = Controller::for_stream(nds_stream, nds_store.clone())
         .watches_stream(pods_stream, |pod: Pod| node_controller::nds_of_pod(&pod))
         .watches_stream(nodes_stream, |node| {
@@ -314,17 +312,11 @@ async fn controller(
         })
         .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE));
 
-    let (policy_store, policy_writer) = reflector::store();
-    let policy_stream = synced::mark(
-        reflector(
-            policy_writer,
-            watcher(policies, watcher::Config::default().any_semantic())
-                .default_backoff()
-                .modify(drop_managed_fields),
-        ),
+    let (policy_store, policy_stream) = cached(
+        policies,
+        watcher::Config::default().any_semantic(),
         synced.policies.clone(),
-    )
-    .touched_objects();
+    );
     let policy_controller = Controller::for_stream(policy_stream, policy_store.clone())
         .owns_stream(ds_stream)
         .watches(nds, watcher::Config::default(), |n: NodeDeviceStatus| {
