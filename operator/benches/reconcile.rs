@@ -81,14 +81,15 @@ fn fresh(
             device_plugin_dir: "/var/lib/kubelet/device-plugins".into(),
             ..Default::default()
         },
-        store,
-        support::synced(Vec::new()).0,
-        devplug_operator::controller::Caches {
+        devplug_operator::index::Index {
+            policies: store,
             daemonsets: ds_store,
             agent_pods: support::synced(Vec::new()).0,
+            nds: support::synced(Vec::new()).0,
+            nodes: support::synced(Vec::new()).0,
+            synced: devplug_operator::synced::Synced::all(),
         },
         Arc::new(Metrics::default()),
-        devplug_operator::synced::Synced::all(),
     ));
     (api, ctx, writer, std::sync::Mutex::new(ds_writer))
 }

@@ -13,9 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devplug_api::conditions::{self, types};
-use devplug_api::{
-    DevicePluginPolicy, NodeDeviceStatus, OPERATOR_MANAGER, Resource, ResourceExt, UnhealthyDevice,
-};
+use devplug_api::{DevicePluginPolicy, OPERATOR_MANAGER, Resource, ResourceExt, UnhealthyDevice};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -25,7 +23,6 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
@@ -34,6 +31,7 @@ use crate::conflict;
 use crate::desired::{self, AgentDefaults};
 use crate::devices;
 use crate::error::{Error, Result, kube_err};
+use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::status::{self, Observed};
 
@@ -48,14 +46,8 @@ pub struct Context {
     pub client: Client,
     /// Settings of every agent.
     pub defaults: AgentDefaults,
-    /// Every policy, for conflict detection.
-    pub policies: Store<DevicePluginPolicy>,
-    /// Every NodeDeviceStatus, for device counts.
-    pub nds: Store<NodeDeviceStatus>,
-    /// The agent DaemonSets, from a watch: what `ensure` compares with.
-    pub daemonsets: Store<DaemonSet>,
-    /// The agent pods, from a watch: their problems go into the status.
-    pub agent_pods: Store<Pod>,
+    /// What the watches hold: every decision reads this.
+    pub index: Index,
     /// Objects this process applied that no watch reports back
     /// (ServiceAccounts, ClusterRoles, ClusterRoleBindings): kind/name → the
     /// hash applied and when. A repeat within [`RESYNC`] needs no read.
@@ -64,22 +56,18 @@ pub struct Context {
     pub recorder: Recorder,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Whether the stores have listed the cluster.
-    pub synced: crate::synced::Synced,
     /// Consecutive failures per policy, for backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Every unhealthy device per policy as last seen by this process, what
     /// device Events are diffed against. Empty after a start: the first look
     /// at a policy publishes nothing (no event storm on restart or failover).
     last_unhealthy: Mutex<HashMap<String, UnhealthySet>>,
-}
-
-/// Watch-fed stores a reconcile reads instead of the API server.
-pub struct Caches {
-    /// Agent DaemonSets in the operator's namespace.
-    pub daemonsets: Store<DaemonSet>,
-    /// Agent pods in the operator's namespace.
-    pub agent_pods: Store<Pod>,
+    /// The status this process last wrote per policy, with the
+    /// resourceVersion of the object it was computed from. While the index
+    /// still holds that version (the watch has not delivered the write yet,
+    /// which takes seconds on a loaded API server), the written status is
+    /// what the policy has, so an unchanged verdict is not written again.
+    written: Mutex<HashMap<String, (String, devplug_api::DevicePluginPolicyStatus)>>,
 }
 
 /// Unhealthy devices of a policy by (node, device).
@@ -90,11 +78,8 @@ impl Context {
     pub fn new(
         client: Client,
         defaults: AgentDefaults,
-        policies: Store<DevicePluginPolicy>,
-        nds: Store<NodeDeviceStatus>,
-        caches: Caches,
+        index: Index,
         metrics: Arc<Metrics>,
-        synced: crate::synced::Synced,
     ) -> Self {
         let recorder = Recorder::new(
             client.clone(),
@@ -106,17 +91,38 @@ impl Context {
         Self {
             client,
             defaults,
-            policies,
-            nds,
-            daemonsets: caches.daemonsets,
-            agent_pods: caches.agent_pods,
+            index,
             applied: Mutex::new(HashMap::new()),
             recorder,
             metrics,
-            synced,
             failures: Mutex::new(HashMap::new()),
             last_unhealthy: Mutex::new(HashMap::new()),
+            written: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The status `p` has as far as this process knows: the one it wrote
+    /// from this very version of `p` if it did, else the one `p` carries.
+    fn known_status(
+        &self,
+        p: &DevicePluginPolicy,
+    ) -> Option<devplug_api::DevicePluginPolicyStatus> {
+        let rv = p.resource_version().unwrap_or_default();
+        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        match written.get(&p.name_any()) {
+            Some((from, s)) if *from == rv => Some(s.clone()),
+            _ => p.status.clone(),
+        }
+    }
+
+    fn wrote_status(&self, p: &DevicePluginPolicy, s: &devplug_api::DevicePluginPolicyStatus) {
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                p.name_any(),
+                (p.resource_version().unwrap_or_default(), s.clone()),
+            );
     }
 
     fn record_failure(&self, name: &str) -> u32 {
@@ -137,6 +143,10 @@ impl Context {
 
     fn forget(&self, name: &str) {
         self.last_unhealthy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        self.written
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
@@ -233,14 +243,15 @@ fn remember(ctx: &Context, key: String, hash: Option<String>) {
 
 /// The cached live DaemonSet of `name` in the operator's namespace.
 fn cached_daemonset(ctx: &Context, name: &str) -> Option<DaemonSet> {
-    ctx.daemonsets
-        .get(&ObjectRef::new(name).within(&ctx.defaults.namespace))
+    ctx.index
+        .daemonset(&ctx.defaults.namespace, name)
         .map(|d| (*d).clone())
 }
 
 /// The agent pods of `policy`, from the watch cache.
 fn cached_agent_pods(ctx: &Context, policy: &str) -> Vec<Pod> {
-    ctx.agent_pods
+    ctx.index
+        .agent_pods
         .state()
         .iter()
         .filter(|p| desired::is_agent_of(p.labels(), policy))
@@ -328,6 +339,7 @@ async fn still_serving(p: &DevicePluginPolicy, ctx: &Context) -> Result<Vec<Stri
     // Entries and labels go once no agent runs (the node controller's
     // work); the RBAC objects last, so a terminating agent can still write.
     let entries = ctx
+        .index
         .nds
         .state()
         .iter()
@@ -525,6 +537,7 @@ async fn write_status(
     .await
     .map_err(kube_err("apply status of", "DevicePluginPolicy", &name))?;
     ctx.metrics.wrote("Status");
+    ctx.wrote_status(p, new);
     Ok(true)
 }
 
@@ -651,7 +664,7 @@ pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<
     let name = p.name_any();
     // Conflicts and device counts are judged from the stores: never before
     // they hold the whole cluster.
-    if !ctx.synced.ready() {
+    if !ctx.index.ready() {
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
     let ours = p.finalizers().iter().any(|f| f == FINALIZER);
@@ -682,7 +695,7 @@ pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<
             remove_agents(&ctx, &name).await?;
             return Ok(());
         }
-        let all = ctx.policies.state();
+        let all = ctx.index.policies.state();
         if let Some(winner) = conflict::older_claimant(&p, all.iter().map(|a| a.as_ref()), &ctx.defaults) {
             seen.conflict_with = Some(winner.name_any());
             if remove_agents(&ctx, &name).await? {
@@ -694,7 +707,7 @@ pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<
         seen.create_failure = create_failure(&ds, &ctx).await;
         seen.pod_problems = status::pod_problems(&pods);
         seen.daemonset = Some(ds);
-        let all = ctx.nds.state();
+        let all = ctx.index.nds.state();
         seen.devices = Some(devices::aggregate(&devices::entries_of(&p, all.iter().map(|n| n.as_ref()))));
         Ok(())
     }
@@ -703,6 +716,18 @@ pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<
         seen.apply_error = Some(e.to_string());
     }
 
+    // Judged against the status as last known, so that a stale copy of the
+    // policy (our own write not yet seen) neither repeats the write nor the
+    // transition Events.
+    let known = ctx.known_status(&p);
+    let p_known = if known != p.status {
+        let mut q = (*p).clone();
+        q.status = known;
+        Arc::new(q)
+    } else {
+        p.clone()
+    };
+    let p = p_known;
     let new = status::compute(&p, &seen, Timestamp::now());
     let old_conditions = p
         .status

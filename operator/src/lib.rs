@@ -13,6 +13,7 @@ pub mod controller;
 pub mod desired;
 pub mod devices;
 pub mod error;
+pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod node_controller;
@@ -303,6 +304,18 @@ async fn controller(
         watcher::Config::default().any_semantic(),
         synced.nds.clone(),
     );
+    // One NodeDeviceStatus watch serves both controllers: each object it
+    // reports triggers its node, and through this channel every policy with
+    // an entry in it (the policy controller's debounce coalesces a burst of
+    // node events into one reconcile per policy).
+    let (nds_to_policies, policy_triggers) = futures::channel::mpsc::unbounded();
+    let nds_stream = nds_stream.inspect(move |n| {
+        if let Ok(n) = n {
+            for p in node_controller::policies_of_nds(n) {
+                let _ = nds_to_policies.unbounded_send(p);
+            }
+        }
+    });
     let node_controller = Controller::for_stream(nds_stream, nds_store.clone())
         .watches_stream(pods_stream, |pod: Pod| node_controller::nds_of_pod(&pod))
         .watches_stream(nodes_stream, |node| {
@@ -319,10 +332,16 @@ async fn controller(
     );
     let policy_controller = Controller::for_stream(policy_stream, policy_store.clone())
         .owns_stream(ds_stream)
-        .watches(nds, watcher::Config::default(), |n: NodeDeviceStatus| {
-            node_controller::policies_of_nds(&n)
-        })
+        .reconcile_on(policy_triggers)
         .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE));
+    let index = index::Index {
+        policies: policy_store.clone(),
+        daemonsets: ds_store,
+        agent_pods: pods_store,
+        nds: nds_store,
+        nodes: nodes_store,
+        synced: synced.clone(),
+    };
     let ctx = Arc::new(Context::new(
         client.clone(),
         AgentDefaults {
@@ -354,24 +373,15 @@ async fn controller(
                 .cloned()
                 .collect(),
         },
-        policy_store.clone(),
-        nds_store,
-        controller::Caches {
-            daemonsets: ds_store,
-            agent_pods: pods_store.clone(),
-        },
+        index.clone(),
         metrics.clone(),
-        synced.clone(),
     ));
-    let node_ctx = Arc::new(node_controller::NodeContext {
-        client: client.clone(),
-        policies: policy_store.clone(),
-        agent_pods: pods_store,
-        nodes: nodes_store,
-        metrics: metrics.clone(),
-        synced: synced.clone(),
-        defaults: ctx.defaults.clone(),
-    });
+    let node_ctx = Arc::new(node_controller::NodeContext::new(
+        client.clone(),
+        index,
+        metrics.clone(),
+        ctx.defaults.clone(),
+    ));
     let admission = admission::run(client, policy_store, ctx.recorder.clone(), metrics);
     // Ready once every store has listed the cluster, which also means the
     // CRDs exist (a watch of a missing CRD never lists). A local flag read,

@@ -17,8 +17,8 @@
 //!
 //! Agents never touch Node objects; only the operator does.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devplug_api::conditions::{self, types};
@@ -29,9 +29,7 @@ use devplug_api::{
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource};
 use serde::Serialize;
 use tracing::{info, warn};
@@ -45,18 +43,64 @@ use crate::metrics::Metrics;
 pub struct NodeContext {
     /// API client.
     pub client: Client,
-    /// Every policy.
-    pub policies: Store<DevicePluginPolicy>,
-    /// Agent pods (operator namespace, labelled `app.kubernetes.io/name=devplug-agent`).
-    pub agent_pods: Store<Pod>,
-    /// Nodes, metadata only (a watch; no GET per reconcile).
-    pub nodes: Store<PartialObjectMeta<Node>>,
+    /// What the watches hold: every decision reads this.
+    pub index: crate::index::Index,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Whether the stores have listed the cluster.
-    pub synced: crate::synced::Synced,
     /// What decides whether a policy is served at all (the allow-list).
     pub defaults: crate::desired::AgentDefaults,
+    /// What this process last wrote per node; see [`Wrote`].
+    written: Mutex<HashMap<String, Wrote>>,
+}
+
+impl NodeContext {
+    /// A context over a client and the index.
+    pub fn new(
+        client: Client,
+        index: crate::index::Index,
+        metrics: Arc<Metrics>,
+        defaults: crate::desired::AgentDefaults,
+    ) -> Self {
+        Self {
+            client,
+            index,
+            metrics,
+            defaults,
+            written: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn wrote(&self, name: &str) -> Wrote {
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn remember(&self, name: &str, w: Wrote) {
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), w);
+    }
+}
+
+/// What the node controller wrote for one node, and from which versions of
+/// the NodeDeviceStatus and the Node it judged. While the index still holds
+/// those versions (the watch has not delivered the write yet, seconds on a
+/// loaded API server), another trigger would otherwise write the same again.
+#[derive(Clone, Debug, Default)]
+struct Wrote {
+    /// resourceVersion of the NodeDeviceStatus judged.
+    from: String,
+    /// The owner reference was applied from that version.
+    owner: bool,
+    /// The operator's status part applied from that version.
+    status: Option<(Vec<devplug_api::NotReporting>, devplug_api::NodeSummary)>,
+    /// resourceVersion of the Node judged, and the labels applied from it.
+    labels: Option<(String, BTreeMap<String, String>)>,
 }
 
 fn pod_ready(p: &Pod) -> bool {
@@ -201,12 +245,12 @@ struct JsonPatchOp<'a> {
 /// Reconciles one node's NodeDeviceStatus.
 pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Result<Action> {
     // Never judge from stores that have not seen the whole cluster yet.
-    if !ctx.synced.ready() {
+    if !ctx.index.ready() {
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
     let name = nds.name_any();
     let api: Api<NodeDeviceStatus> = Api::all(ctx.client.clone());
-    let cached = ctx.nodes.get(&ObjectRef::new(&name)).map(|m| Node {
+    let cached = ctx.index.node(&name).map(|m| Node {
         metadata: m.metadata.clone(),
         ..Node::default()
     });
@@ -237,8 +281,19 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
         .owner_references()
         .iter()
         .any(|o| o.kind == "Node" && Some(&o.uid) == node.metadata.uid.as_ref());
+    let rv = nds.resource_version().unwrap_or_default();
+    let before = ctx.wrote(&name);
+    // What this process wrote from this same version still holds.
+    let same_input = before.from == rv;
+    let mut now = Wrote {
+        from: rv.clone(),
+        owner: same_input && before.owner,
+        status: before.status.clone().filter(|_| same_input),
+        labels: before.labels.clone(),
+    };
     if let Some(owner) = node_owner(&node)
         && !owned
+        && !now.owner
     {
         let mut body = operator_part(&name, None);
         body.metadata = ObjectMeta {
@@ -254,15 +309,12 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
         .await
         .map_err(kube_err("apply owner of", "NodeDeviceStatus", &name))?;
         ctx.metrics.wrote("NodeDeviceStatusOwner");
+        now.owner = true;
+        ctx.remember(&name, now.clone());
     }
 
-    let policies: BTreeMap<String, Arc<DevicePluginPolicy>> = ctx
-        .policies
-        .state()
-        .into_iter()
-        .map(|p| (p.name_any(), p))
-        .collect();
-    let pods = ctx.agent_pods.state();
+    let policies = ctx.index.policies_by_name();
+    let pods = ctx.index.agent_pods.state();
     let verdict = judge(&nds, &node, &policies, &pods, &ctx.defaults);
 
     // Stale entries: removed only if the object is still what was judged.
@@ -312,7 +364,10 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
     status.not_reporting = verdict.not_reporting.clone();
     let summary = devices::summary(&effective);
     let current = nds.status.clone().unwrap_or_default();
-    if current.not_reporting != verdict.not_reporting || current.summary.as_ref() != Some(&summary)
+    let part = (verdict.not_reporting.clone(), summary.clone());
+    if (current.not_reporting != verdict.not_reporting
+        || current.summary.as_ref() != Some(&summary))
+        && now.status.as_ref() != Some(&part)
     {
         for n in &verdict.not_reporting {
             if !current.not_reporting.contains(n) {
@@ -339,6 +394,8 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
             &name,
         ))?;
         ctx.metrics.wrote("NodeDeviceStatusSummary");
+        now.status = Some(part);
+        ctx.remember(&name, now.clone());
     }
 
     // Node labels (none for a policy being deleted).
@@ -357,7 +414,13 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    if want != have {
+    let node_rv = node.resource_version().unwrap_or_default();
+    let labels_known = now
+        .labels
+        .as_ref()
+        .is_some_and(|(from, l)| *from == node_rv && *l == want);
+    if want != have && !labels_known {
+        now.labels = Some((node_rv, want.clone()));
         let body = Node {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
@@ -376,6 +439,7 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
             .map_err(kube_err("apply labels to", "Node", &name))?;
         ctx.metrics.wrote("NodeLabels");
     }
+    ctx.remember(&name, now);
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 

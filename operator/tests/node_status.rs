@@ -67,21 +67,39 @@ async fn node_status_lifecycle() {
             "devices": [{"id": "a", "health": "Healthy"},
                         {"id": "b", "health": "Healthy", "allocations": [{"namespace": "ml", "pod": "p", "container": "c"}]}]}]}}));
     let (pods_store, mut pods) = synced(vec![agent_pod(true)]);
-    let ctx = Arc::new(NodeContext {
+    let ctx = Arc::new(NodeContext::new(
         client,
-        policies: policies.clone(),
-        agent_pods: pods_store,
-        nodes: support::synced(Vec::new()).0,
-        metrics: Arc::new(Metrics::default()),
-        synced: devplug_operator::synced::Synced::all(),
-        defaults: Default::default(),
-    });
+        devplug_operator::index::Index {
+            policies: policies.clone(),
+            daemonsets: support::synced(Vec::new()).0,
+            agent_pods: pods_store,
+            nds: support::synced(Vec::new()).0,
+            nodes: support::synced(Vec::new()).0,
+            synced: devplug_operator::synced::Synced::all(),
+        },
+        Arc::new(Metrics::default()),
+        Default::default(),
+    ));
 
     // First look: own it, summarise it, label the node.
-    node_controller::reconcile(current_nds(&api), ctx.clone())
+    let stale = current_nds(&api);
+    node_controller::reconcile(stale.clone(), ctx.clone())
         .await
         .unwrap();
     assert_eq!(api.writes().len(), 3, "{:?}", writes(&api));
+
+    // Triggered again before the watch delivered those writes (the index
+    // still holds the version judged, as on a loaded API server): the same
+    // verdict is not written twice.
+    api.clear_log();
+    node_controller::reconcile(stale.clone(), ctx.clone())
+        .await
+        .unwrap();
+    assert!(
+        api.writes().is_empty(),
+        "rewrote from a stale copy: {:?}",
+        writes(&api)
+    );
     let nds = api.get(NDS).unwrap();
     assert_eq!(nds["metadata"]["ownerReferences"][0]["uid"], "node-uid-1");
     assert_eq!(nds["metadata"]["ownerReferences"][0]["kind"], "Node");
@@ -260,15 +278,19 @@ async fn nothing_is_judged_before_the_stores_are_synced() {
         .agent_pods
         .store(false, std::sync::atomic::Ordering::SeqCst);
     let (pods_store, _w) = support::synced(Vec::<Pod>::new());
-    let ctx = Arc::new(NodeContext {
+    let ctx = Arc::new(NodeContext::new(
         client,
-        policies,
-        agent_pods: pods_store,
-        nodes: support::synced(Vec::new()).0,
-        metrics: Arc::new(Metrics::default()),
-        synced: synced.clone(),
-        defaults: Default::default(),
-    });
+        devplug_operator::index::Index {
+            policies,
+            daemonsets: support::synced(Vec::new()).0,
+            agent_pods: pods_store,
+            nds: support::synced(Vec::new()).0,
+            nodes: support::synced(Vec::new()).0,
+            synced: synced.clone(),
+        },
+        Arc::new(Metrics::default()),
+        Default::default(),
+    ));
     node_controller::reconcile(current_nds(&api), ctx.clone())
         .await
         .unwrap();
@@ -291,15 +313,19 @@ async fn nothing_is_judged_before_the_stores_are_synced() {
     );
     futures::StreamExt::collect::<Vec<_>>(stream).await;
     assert!(synced.ready());
-    let ctx = Arc::new(NodeContext {
-        client: ctx.client.clone(),
-        policies: ctx.policies.clone(),
-        agent_pods: pods_store,
-        nodes: support::synced(Vec::new()).0,
-        metrics: Arc::new(Metrics::default()),
-        synced,
-        defaults: Default::default(),
-    });
+    let ctx = Arc::new(NodeContext::new(
+        ctx.client.clone(),
+        devplug_operator::index::Index {
+            policies: ctx.index.policies.clone(),
+            daemonsets: support::synced(Vec::new()).0,
+            agent_pods: pods_store,
+            nds: support::synced(Vec::new()).0,
+            nodes: support::synced(Vec::new()).0,
+            synced,
+        },
+        Arc::new(Metrics::default()),
+        Default::default(),
+    ));
     node_controller::reconcile(current_nds(&api), ctx)
         .await
         .unwrap();

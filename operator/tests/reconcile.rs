@@ -61,14 +61,15 @@ fn ctx_with(
         ctx: Arc::new(Context::new(
             client,
             defaults(),
-            store,
-            nds,
-            controller::Caches {
+            devplug_operator::index::Index {
+                policies: store,
                 daemonsets: ds_store,
                 agent_pods: pod_store,
+                nds,
+                nodes: support::synced(Vec::new()).0,
+                synced: devplug_operator::synced::Synced::all(),
             },
             Arc::new(Metrics::default()),
-            devplug_operator::synced::Synced::all(),
         )),
         daemonsets: std::sync::Mutex::new(ds_writer),
         pods: std::sync::Mutex::new(pod_writer),
@@ -184,6 +185,59 @@ async fn first_reconcile_applies_agent_objects_and_the_second_writes_nothing() {
     assert!(
         api.get(&paths::daemonset("foo")).is_some(),
         "DaemonSet not restored"
+    );
+}
+
+#[tokio::test]
+async fn a_stale_copy_of_the_policy_repeats_neither_the_status_nor_its_events() {
+    let (client, api) = FakeApi::start();
+    let (store, _w) = seed(
+        &api,
+        &[policy_json(
+            "foo",
+            "example.com/foo",
+            "2026-11-01T00:00:00Z",
+            json!({}),
+        )],
+    );
+    let ctx = ctx(client, store);
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    set_ds_status(&api, "foo", 2, 2, 2);
+    support::mirror(&api, paths::DAEMONSETS, &ctx.daemonsets);
+    let stale = Arc::new(current(&api, "foo"));
+    api.clear_log();
+    controller::reconcile(stale.clone(), ctx.ctx.clone())
+        .await
+        .unwrap();
+    let first = write_paths(&api);
+    assert!(
+        first.contains(&format!("PATCH {}/status", paths::policy("foo"))),
+        "{first:?}"
+    );
+    // Triggered again before the watch delivered that write: the index
+    // still holds the same version of the policy. Nothing new to say.
+    api.clear_log();
+    controller::reconcile(stale.clone(), ctx.ctx.clone())
+        .await
+        .unwrap();
+    assert!(
+        api.writes().is_empty(),
+        "rewrote from a stale copy: {:?}",
+        write_paths(&api)
+    );
+    // The write arrives: still nothing to do.
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    assert!(api.writes().is_empty(), "{:?}", write_paths(&api));
+    // Someone else changes the status: the new version is judged afresh
+    // and the operator's status restored.
+    let mut p = current(&api, "foo");
+    p.status.as_mut().unwrap().nodes_ready = Some("9/9".into());
+    p.metadata.resource_version = Some("someone-else".into());
+    api.put(&paths::policy("foo"), serde_json::to_value(&p).unwrap());
+    reconcile(&api, &ctx, "foo").await.unwrap();
+    assert_eq!(
+        current(&api, "foo").status.unwrap().nodes_ready.as_deref(),
+        Some("2/2")
     );
 }
 
