@@ -7,6 +7,10 @@ fn main() -> Result<(), Box<dyn Error>> {
     let files = [
         "proto/deviceplugin/v1beta1/api.proto",
         "proto/podresources/v1/api.proto",
+        "proto/pluginregistration/v1/api.proto",
+        "proto/dra/v1/api.proto",
+        "proto/dra/v1beta1/api.proto",
+        "proto/drahealth/v1alpha1/api.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -604,23 +604,32 @@ async fn main() {
             async move { write_entry(&c, 0, i, true).await }
         })
         .await;
+        let down_written = t0.elapsed();
         let down = format!("{}/{}", n * DEVICES - flips.len(), n * DEVICES);
         let shown = wait_healthy(&client, &[0], &down, Duration::from_secs(300)).await;
         let flipped = t0.elapsed();
+        let t1 = Instant::now();
         each(flips.clone(), |i| {
             let c = client.clone();
             async move { write_entry(&c, 0, i, false).await }
         })
         .await;
+        let up_written = t1.elapsed();
         let back = wait_healthy(&client, &[0], &want, Duration::from_secs(300)).await;
         let secs = t0.elapsed().as_secs_f64();
         println!(
-            "burst: {} devices Unhealthy -> policy status {down} {} after the first write; back -> {want} {} after the last; during the burst: {}, CPU {:.2} s/min, peak RSS {:.1} MiB",
+            "burst: {} devices Unhealthy (the fleet's writes took {:.2} s) -> policy status {down} {} after the first write, {} after the last; back (writes {:.2} s) -> {want} {} after the last write; during the burst: {}, CPU {:.2} s/min, peak RSS {:.1} MiB",
             flips.len(),
+            down_written.as_secs_f64(),
             shown.map_or("NEVER".to_string(), |_| format!(
                 "{:.2} s",
                 flipped.as_secs_f64()
             )),
+            shown.map_or("NEVER".to_string(), |_| format!(
+                "{:.2} s",
+                (flipped.saturating_sub(down_written)).as_secs_f64()
+            )),
+            up_written.as_secs_f64(),
             back.map_or("NEVER".to_string(), |d| format!("{:.2} s", d.as_secs_f64())),
             rates(&c0, &scrape().await, secs),
             (cpu_secs(pid) - cpu0) * 60.0 / secs,

@@ -3,6 +3,11 @@
 //! - [`deviceplugin::v1beta1`]: `Registration` (served by the kubelet) and
 //!   `DevicePlugin` (served by us).
 //! - [`podresources::v1`]: `PodResourcesLister` (served by the kubelet).
+//! - [`pluginregistration`]: `Registration` of the kubelet's plugin watcher
+//!   (served by us, for DRA).
+//! - [`dra::v1`], [`dra::v1beta1`]: `DRAPlugin` (served by us; the kubelet
+//!   picks the newest version both sides speak).
+//! - [`drahealth::v1alpha1`]: `DRAResourceHealth` (served by us).
 //!
 //! prost derives Rust names from the proto field names, which upstream spells
 //! inconsistently (`devices_ids`, `deviceIDs`, `NUMANode`). The small helper
@@ -34,6 +39,47 @@ pub mod podresources {
 
         /// Default pod-resources socket of a stock kubelet.
         pub const DEFAULT_SOCKET: &str = "/var/lib/kubelet/pod-resources/kubelet.sock";
+    }
+}
+
+/// The plugin watcher's registration API (upstream package
+/// `pluginregistration`, version v1).
+pub mod pluginregistration {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("pluginregistration");
+
+    /// `PluginInfo.type` of a DRA driver.
+    pub const DRA_PLUGIN: &str = "DRAPlugin";
+    /// The plugin watcher's directory under the kubelet root.
+    pub const REGISTRY_DIR: &str = "plugins_registry";
+}
+
+/// The DRA kubelet plugin API.
+pub mod dra {
+    pub mod v1 {
+        #![allow(clippy::all, clippy::pedantic)]
+        tonic::include_proto!("k8s.io.kubelet.pkg.apis.dra.v1");
+
+        /// How a registration names this service in `supported_versions`.
+        pub const SERVICE: &str = "v1.DRAPlugin";
+    }
+    pub mod v1beta1 {
+        #![allow(clippy::all, clippy::pedantic)]
+        tonic::include_proto!("k8s.io.kubelet.pkg.apis.dra.v1beta1");
+
+        /// How a registration names this service in `supported_versions`.
+        pub const SERVICE: &str = "v1beta1.DRAPlugin";
+    }
+}
+
+/// The DRA device health API.
+pub mod drahealth {
+    pub mod v1alpha1 {
+        #![allow(clippy::all, clippy::pedantic)]
+        tonic::include_proto!("v1alpha1");
+
+        /// How a registration names this service in `supported_versions`.
+        pub const SERVICE: &str = "v1alpha1.DRAResourceHealth";
     }
 }
 
@@ -215,6 +261,117 @@ mod tests {
         assert_eq!(
             <PodResourcesListerServer<()> as NamedService>::NAME,
             "v1.PodResourcesLister"
+        );
+    }
+
+    #[test]
+    fn dra_wire_format() {
+        use super::dra::{v1, v1beta1};
+        let d = v1::Device {
+            request_names: vec!["r".into()],
+            pool_name: "p".into(),
+            device_name: "d".into(),
+            cdi_device_ids: vec!["c".into()],
+        };
+        let golden = vec![0x0a, 1, b'r', 0x12, 1, b'p', 0x1a, 1, b'd', 0x22, 1, b'c'];
+        assert_eq!(d.encode_to_vec(), golden);
+        let d1b = v1beta1::Device {
+            request_names: vec!["r".into()],
+            pool_name: "p".into(),
+            device_name: "d".into(),
+            cdi_device_ids: vec!["c".into()],
+        };
+        assert_eq!(d1b.encode_to_vec(), golden);
+        let c = v1::Claim {
+            namespace: "n".into(),
+            uid: "u".into(),
+            name: "c".into(),
+        };
+        assert_eq!(
+            c.encode_to_vec(),
+            vec![0x0a, 1, b'n', 0x12, 1, b'u', 0x1a, 1, b'c']
+        );
+        let r = v1::NodePrepareResourceResponse {
+            devices: vec![],
+            error: "e".into(),
+        };
+        assert_eq!(r.encode_to_vec(), vec![0x12, 1, b'e']);
+        // The answer is a map keyed by claim UID: field 1, entries of
+        // (key=1, value=2).
+        let mut resp = v1::NodePrepareResourcesResponse::default();
+        resp.claims.insert("u".into(), r);
+        assert_eq!(
+            resp.encode_to_vec(),
+            vec![0x0a, 8, 0x0a, 1, b'u', 0x12, 3, 0x12, 1, b'e']
+        );
+        let u = v1::NodeUnprepareResourceResponse { error: "e".into() };
+        assert_eq!(u.encode_to_vec(), vec![0x0a, 1, b'e']);
+    }
+
+    #[test]
+    fn plugin_registration_wire_format() {
+        use super::pluginregistration as reg;
+        let i = reg::PluginInfo {
+            r#type: "t".into(),
+            name: "n".into(),
+            endpoint: "e".into(),
+            supported_versions: vec!["v".into()],
+        };
+        assert_eq!(
+            i.encode_to_vec(),
+            vec![0x0a, 1, b't', 0x12, 1, b'n', 0x1a, 1, b'e', 0x22, 1, b'v']
+        );
+        let s = reg::RegistrationStatus {
+            plugin_registered: true,
+            error: "x".into(),
+        };
+        assert_eq!(s.encode_to_vec(), vec![0x08, 1, 0x12, 1, b'x']);
+    }
+
+    #[test]
+    fn dra_health_wire_format() {
+        use super::drahealth::v1alpha1 as h;
+        let d = h::DeviceHealth {
+            device: Some(h::DeviceIdentifier {
+                pool_name: "p".into(),
+                device_name: "d".into(),
+            }),
+            health: h::HealthStatus::Unhealthy as i32,
+            last_updated_time: 5,
+            health_check_timeout_seconds: 7,
+            message: "m".into(),
+        };
+        assert_eq!(
+            d.encode_to_vec(),
+            vec![
+                0x0a, 6, 0x0a, 1, b'p', 0x12, 1, b'd', 0x10, 2, 0x18, 5, 0x20, 7, 0x2a, 1, b'm'
+            ]
+        );
+        assert_eq!(h::HealthStatus::Unknown as i32, 0);
+        assert_eq!(h::HealthStatus::Healthy as i32, 1);
+    }
+
+    #[test]
+    fn dra_grpc_paths_match_upstream_packages() {
+        use super::dra::{v1, v1beta1};
+        use super::drahealth::v1alpha1;
+        use super::pluginregistration::registration_server::RegistrationServer;
+        use tonic::server::NamedService;
+        assert_eq!(
+            <RegistrationServer<()> as NamedService>::NAME,
+            "pluginregistration.Registration"
+        );
+        assert_eq!(
+            <v1::dra_plugin_server::DraPluginServer<()> as NamedService>::NAME,
+            "k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin"
+        );
+        assert_eq!(
+            <v1beta1::dra_plugin_server::DraPluginServer<()> as NamedService>::NAME,
+            "k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin"
+        );
+        assert_eq!(
+            <v1alpha1::dra_resource_health_server::DraResourceHealthServer<()> as NamedService>::NAME,
+            "v1alpha1.DRAResourceHealth"
         );
     }
 
