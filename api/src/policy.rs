@@ -38,6 +38,8 @@ use serde::{Deserialize, Serialize};
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "!has(self.source.simulated) || ((has(self.source.simulated.count) ? self.source.simulated.count : 0) + (has(self.source.simulated.devices) ? size(self.source.simulated.devices) : 0)) * (has(self.sharing) && has(self.sharing.replicas) ? self.sharing.replicas : 1) <= 16384",
      "message": "devices x sharing.replicas may be at most 16384: the kubelet's 4 MiB ListAndWatch message cannot carry more IDs"},
+    {"rule": "!has(self.kubeletApi) || self.kubeletApi != 'DRA' || !has(self.preStart)",
+     "message": "DRA has no pre-start hook (PreStartContainer is a device plugin call); remove preStart or use kubeletApi DevicePlugin"},
     {"rule": "!has(self.preStart) || (has(self.agent) && has(self.agent.image))",
      "message": "spec.preStart runs its program inside the agent container, and the stock agent image is distroless (no shell, no tools): set spec.agent.image to an image that contains the program"}
 ]))]
@@ -99,6 +101,61 @@ pub struct DevicePluginPolicySpec {
     /// How the agent itself is deployed.
     #[serde(default)]
     pub agent: AgentSpec,
+
+    /// Which kubelet API serves the devices: `DevicePlugin` (default, the
+    /// device plugin API: an extended resource) or `DRA` (Dynamic Resource
+    /// Allocation: a ResourceSlice per node, a DeviceClass named after the
+    /// policy, and pods written for the extended resource still served
+    /// through the class's `extendedResourceName`). A node never serves one
+    /// resource name both ways; changing it rolls the agents node by node.
+    #[serde(default, skip_serializing_if = "KubeletApi::is_default")]
+    pub kubelet_api: KubeletApi,
+}
+
+/// The kubelet API a policy's devices are served through.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum KubeletApi {
+    /// The device plugin API (`v1beta1.DevicePlugin`).
+    #[default]
+    DevicePlugin,
+    /// Dynamic Resource Allocation (`resource.k8s.io/v1`, DRAPlugin v1/v1beta1).
+    #[serde(rename = "DRA")]
+    Dra,
+}
+
+impl KubeletApi {
+    /// Whether this is the default, left out when serialized.
+    pub fn is_default(&self) -> bool {
+        *self == Self::DevicePlugin
+    }
+}
+
+/// The DRA driver name of a policy: `<policy>.devplug.io`, a DNS subdomain
+/// of at most 63 characters as the kubelet requires; a longer policy name is
+/// cut and suffixed with a stable hash so that two policies never share one.
+pub fn dra_driver_name(policy: &str) -> String {
+    const SUFFIX: &str = ".devplug.io";
+    if policy.len() + SUFFIX.len() <= 63 {
+        return format!("{policy}{SUFFIX}");
+    }
+    let keep: String = policy.chars().take(63 - SUFFIX.len() - 9).collect();
+    let keep = keep.trim_end_matches(['.', '-']);
+    format!("{keep}-{:08x}{SUFFIX}", fnv1a(policy) as u32)
+}
+
+/// The DeviceClass the operator creates for a DRA policy.
+pub fn dra_device_class_name(policy: &str) -> String {
+    policy.to_string()
+}
+
+/// FNV-1a, 64 bits: stable across versions and platforms.
+pub fn fnv1a(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 /// Device discovery. Exactly one field must be set.

@@ -65,7 +65,7 @@ fn rules(node: &Value, path: &str, out: &mut Vec<(String, String, Value)>) {
 fn every_rule_compiles_and_fits_the_cost_budget() {
     let mut all = Vec::new();
     rules(&schema(), "", &mut all);
-    assert_eq!(all.len(), 13, "the policy has 13 CEL rules");
+    assert_eq!(all.len(), 14, "the policy has 14 CEL rules");
     for (path, rule, node) in &all {
         let compiled = compile_schema(node);
         assert!(
@@ -251,6 +251,14 @@ fn cel_rules_refuse_bad_specs_with_readable_messages() {
                 s["sharing"] = json!({"strategy": "TimeSlicing", "replicas": 8});
             }),
             "at most 16384",
+        ),
+        (
+            with(|s| {
+                s["kubeletApi"] = json!("DRA");
+                s["preStart"] = json!({"command": ["/usr/bin/reset-gpu"]});
+                s["agent"] = json!({"image": "x/y:1"});
+            }),
+            "DRA has no pre-start hook",
         ),
     ];
     for (obj, want) in &cases {

@@ -408,6 +408,12 @@ impl DevicePluginPolicySpec {
             }
         }
 
+        if self.kubelet_api == crate::KubeletApi::Dra && self.pre_start.is_some() {
+            c.err(
+                "spec.preStart",
+                "DRA has no pre-start hook (PreStartContainer is a device plugin call); remove preStart or use kubeletApi DevicePlugin",
+            );
+        }
         if let Some(p) = &self.pre_start {
             match p.command.first() {
                 None => c.err("spec.preStart.command", "must name a program"),

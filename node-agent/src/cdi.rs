@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::config::PluginConfig;
-use crate::inventory::Snapshot;
+use crate::inventory::{DeviceState, Snapshot};
 
 /// CDI spec version written (understood by containerd 1.7+ and CRI-O 1.28+).
 pub const CDI_VERSION: &str = "0.6.0";
@@ -144,6 +144,84 @@ pub fn render(cfg: &PluginConfig, snap: &Snapshot) -> Option<Result<Vec<u8>, ser
     Some(serde_json::to_vec_pretty(&spec))
 }
 
+/// The edits the policy puts on every container (env and mounts).
+fn policy_edits(cfg: &PluginConfig) -> Edits {
+    Edits {
+        env: cfg.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        device_nodes: Vec::new(),
+        mounts: cfg
+            .mounts
+            .iter()
+            .map(|m| Mount {
+                host_path: m.host_path.clone(),
+                container_path: m.container_path.clone(),
+                options: vec!["rbind".into(), if m.read_only { "ro" } else { "rw" }.into()],
+            })
+            .collect(),
+    }
+}
+
+/// One CDI device of a DRA claim: the devices of one request, under `name`.
+pub struct ClaimDevice<'a> {
+    /// CDI device name (unique per claim and request).
+    pub name: String,
+    /// Physical IDs and their states, in allocation order.
+    pub devices: Vec<(&'a str, &'a DeviceState)>,
+}
+
+/// The CDI spec of a prepared DRA claim: per request, the device nodes of
+/// its devices, `<idsEnv>=<physical IDs>` and each device's own variable;
+/// for the whole spec the policy's env and mounts. Same edits as Allocate
+/// gives a device-plugin container.
+pub fn render_claim(
+    cfg: &PluginConfig,
+    kind: &str,
+    devices: &[ClaimDevice<'_>],
+) -> Result<Vec<u8>, serde_json::Error> {
+    let devices = devices
+        .iter()
+        .map(|c| {
+            let mut env = vec![format!(
+                "{}={}",
+                cfg.ids_env,
+                c.devices
+                    .iter()
+                    .map(|(id, _)| *id)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )];
+            env.extend(
+                c.devices
+                    .iter()
+                    .map(|(id, _)| format!("{}={id}", device_env(id))),
+            );
+            CdiDevice {
+                name: c.name.clone(),
+                container_edits: Edits {
+                    env,
+                    device_nodes: c
+                        .devices
+                        .iter()
+                        .flat_map(|(_, s)| &s.device.nodes)
+                        .map(|n| Node {
+                            path: n.container_path.clone(),
+                            host_path: n.host_path.clone(),
+                            permissions: n.permissions.clone(),
+                        })
+                        .collect(),
+                    mounts: Vec::new(),
+                },
+            }
+        })
+        .collect();
+    serde_json::to_vec_pretty(&Spec {
+        cdi_version: CDI_VERSION,
+        kind: kind.to_string(),
+        devices,
+        container_edits: policy_edits(cfg),
+    })
+}
+
 /// Replaces `dir/name` with `bytes` atomically: readers see the old file or
 /// the new one, never a half-written one (the temporary name does not end in
 /// `.json`, so runtimes watching the directory ignore it).
@@ -248,6 +326,7 @@ mod tests {
                 }],
                 health: Health::Healthy,
                 links: vec![],
+                attributes: Default::default(),
             }]),
             Instant::now(),
         );

@@ -63,6 +63,12 @@ pub struct PluginConfig {
     pub pre_start: Option<(Vec<String>, Duration)>,
     /// Health settle time.
     pub settle: Duration,
+    /// The kubelet API the devices are served through.
+    pub kubelet_api: devplug_api::KubeletApi,
+    /// DRA driver name (used in DRA mode).
+    pub driver: String,
+    /// CDI names come from a vendor toolkit's spec (the NVIDIA source).
+    pub toolkit_cdi: bool,
 }
 
 impl PluginConfig {
@@ -110,6 +116,9 @@ impl PluginConfig {
                 )
             }),
             settle: Duration::from_secs(u64::from(s.health.settle_seconds())),
+            kubelet_api: s.kubelet_api,
+            driver: devplug_api::dra_driver_name(p.metadata.name.as_deref().unwrap_or_default()),
+            toolkit_cdi: s.source.nvidia.is_some(),
         }
     }
 }

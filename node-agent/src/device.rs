@@ -31,6 +31,10 @@ pub struct Device {
     /// IDs of devices with a direct fast link to this one (NVLink), which
     /// GetPreferredAllocation keeps together.
     pub links: Vec<String>,
+    /// What a user may select the device by through DRA (ResourceSlice
+    /// attributes): source-specific facts such as the PCI address, USB
+    /// vendor and product, GPU UUID. Keys are DRA attribute names.
+    pub attributes: std::collections::BTreeMap<String, String>,
 }
 
 /// Where the agent finds the host's `/dev` and `/sys`. Tests and benchmarks

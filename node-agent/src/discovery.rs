@@ -220,6 +220,7 @@ mod tests {
                 nodes: vec![],
                 health: Health::Healthy,
                 links: vec![],
+                attributes: Default::default(),
             }])
         }
         fn watch_dirs(&self) -> Vec<PathBuf> {

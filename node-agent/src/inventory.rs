@@ -219,6 +219,7 @@ mod tests {
             nodes: vec![],
             health: h,
             links: vec![],
+            attributes: Default::default(),
         }
     }
 

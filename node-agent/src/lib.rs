@@ -14,6 +14,7 @@ pub mod cdi;
 pub mod config;
 pub mod device;
 pub mod discovery;
+pub mod dra;
 pub mod health;
 pub mod inventory;
 pub mod metrics;

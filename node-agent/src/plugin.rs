@@ -89,9 +89,15 @@ impl PluginState {
         self.cfg.borrow().clone()
     }
 
-    /// Registered and at least one ListAndWatch stream open: the kubelet has us.
+    /// The kubelet has us: registered and, for the device plugin API, at
+    /// least one ListAndWatch stream open (DRA has no such stream; the
+    /// kubelet's registration answer is the signal).
     pub fn ready(&self) -> bool {
-        self.registered.load(Ordering::SeqCst) && self.streams.active() > 0
+        let registered = self.registered.load(Ordering::SeqCst);
+        match self.cfg().kubelet_api {
+            devplug_api::KubeletApi::Dra => registered,
+            devplug_api::KubeletApi::DevicePlugin => registered && self.streams.active() > 0,
+        }
     }
 }
 

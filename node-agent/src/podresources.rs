@@ -16,6 +16,7 @@ use devplug_proto::podresources::v1::pod_resources_lister_client::PodResourcesLi
 use tokio::sync::{Notify, watch};
 use tracing::{debug, warn};
 
+use crate::inventory::Snapshot;
 use crate::unix::{dial, error_chain};
 
 /// How often allocations are read without a hint.
@@ -77,19 +78,85 @@ pub fn allocations(
     out
 }
 
-/// Polls allocations of `resource` until `shutdown`, publishing changes.
-/// `kick` asks for an early read (after an Allocate).
+/// Which of the kubelet's allocations are ours.
+pub enum Match {
+    /// Device plugin devices of this extended resource.
+    Resource(String),
+    /// DRA claim devices of this driver; DRA device names are mapped back
+    /// to advertised IDs through the snapshot.
+    Driver(String, watch::Receiver<Arc<Snapshot>>),
+}
+
+impl Match {
+    fn label(&self) -> &str {
+        match self {
+            Match::Resource(r) | Match::Driver(r, _) => r,
+        }
+    }
+
+    fn allocations(&self, pods: &[pr::PodResources]) -> BTreeMap<String, BTreeSet<Allocation>> {
+        match self {
+            Match::Resource(r) => allocations(r, pods),
+            Match::Driver(driver, snaps) => {
+                let snap = snaps.borrow().clone();
+                let ids: BTreeMap<String, String> = snap
+                    .devices
+                    .keys()
+                    .flat_map(|id| crate::sharing::replica_ids(id, snap.replicas))
+                    .map(|adv| (crate::dra::names::device_name(&adv), adv))
+                    .collect();
+                claim_allocations(driver, &ids, pods)
+            }
+        }
+    }
+}
+
+/// The containers holding each device of DRA `driver`, keyed by the
+/// advertised ID behind its DRA name (`ids`).
+pub fn claim_allocations(
+    driver: &str,
+    ids: &BTreeMap<String, String>,
+    pods: &[pr::PodResources],
+) -> BTreeMap<String, BTreeSet<Allocation>> {
+    let mut out: BTreeMap<String, BTreeSet<Allocation>> = BTreeMap::new();
+    for pod in pods {
+        for c in &pod.containers {
+            for dr in &c.dynamic_resources {
+                for r in dr
+                    .claim_resources
+                    .iter()
+                    .filter(|r| r.driver_name == driver)
+                {
+                    let id = ids
+                        .get(&r.device_name)
+                        .cloned()
+                        .unwrap_or_else(|| r.device_name.clone());
+                    out.entry(id).or_default().insert(Allocation {
+                        namespace: pod.namespace.clone(),
+                        pod: pod.name.clone(),
+                        container: c.name.clone(),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Polls our allocations until `shutdown`, publishing changes. `kick` asks
+/// for an early read (after an Allocate or a prepared claim).
 pub async fn poll(
     socket: PathBuf,
-    resource: String,
+    which: Match,
     tx: watch::Sender<AllocView>,
     kick: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let resource = which.label().to_string();
     loop {
         let next = match list(&socket).await {
             Ok(pods) => AllocView {
-                by_device: allocations(&resource, &pods),
+                by_device: which.allocations(&pods),
                 error: None,
             },
             Err(e) => {

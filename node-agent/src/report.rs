@@ -111,6 +111,7 @@ mod tests {
                 nodes: vec![],
                 health: Health::Healthy,
                 links: vec![],
+                attributes: Default::default(),
             }]),
             Instant::now(),
         );
@@ -146,6 +147,7 @@ mod tests {
                     nodes: vec![],
                     health: Health::Healthy,
                     links: vec![],
+                    attributes: Default::default(),
                 },
                 Device {
                     id: "g1".into(),
@@ -153,6 +155,7 @@ mod tests {
                     nodes: vec![],
                     health: Health::Unhealthy("xid 79".into()),
                     links: vec![],
+                    attributes: Default::default(),
                 },
             ]),
             Instant::now(),

@@ -272,6 +272,40 @@ async fn tell_orphans(
     }
 }
 
+/// One Warning Event on the policy, from this node's agent.
+pub async fn warn_policy(
+    client: kube::Client,
+    node: String,
+    cfg: Arc<PluginConfig>,
+    reason: &'static str,
+    note: String,
+) {
+    let recorder = Recorder::new(
+        client,
+        Reporter {
+            controller: agent_manager(&cfg.name),
+            instance: Some(node.clone()),
+        },
+    );
+    let reference = ObjectReference {
+        api_version: Some(DevicePluginPolicy::api_version(&()).into_owned()),
+        kind: Some(DevicePluginPolicy::kind(&()).into_owned()),
+        name: Some(cfg.name.clone()),
+        uid: cfg.uid.clone(),
+        ..ObjectReference::default()
+    };
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(format!("node {node}: {note}").chars().take(1000).collect()),
+        action: "Serve".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&ev, &reference).await {
+        warn!(policy = %cfg.name, error = %e, "cannot publish an event");
+    }
+}
+
 /// Aborts a task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 

@@ -104,6 +104,7 @@ struct Node {
     kubelet_sock: PathBuf,
     pod_resources: PathBuf,
     cdi_dir: PathBuf,
+    kubelet_root: PathBuf,
     sources: SourceContext,
     triggers: Triggers,
     plugins: Plugins,
@@ -178,7 +179,9 @@ async fn join_within(tasks: Vec<tokio::task::JoinHandle<()>>, policy: &str, what
 /// registration: the kubelet keys a plugin by resource name and learns its
 /// options only when it registers.
 fn same_registration(old: &PluginConfig, new: &PluginConfig) -> bool {
-    old.resource_name == new.resource_name
+    old.kubelet_api == new.kubelet_api
+        && old.driver == new.driver
+        && old.resource_name == new.resource_name
         && old.socket_name == new.socket_name
         && crate::plugin::options(old) == crate::plugin::options(new)
 }
@@ -238,18 +241,25 @@ impl Node {
         // CDI names need a spec the runtime can resolve; the NVIDIA source
         // uses the NVIDIA container toolkit's. The task follows spec
         // changes (CDI switched on or off included).
-        tasks.push(tokio::spawn(crate::cdi::run(
-            self.cdi_dir.clone(),
-            cfg_rx.clone(),
-            snap_rx.clone(),
-            stopped.clone(),
-        )));
+        let dra = cfg.kubelet_api == devplug_api::KubeletApi::Dra;
+        if !dra {
+            tasks.push(tokio::spawn(crate::cdi::run(
+                self.cdi_dir.clone(),
+                cfg_rx.clone(),
+                snap_rx.clone(),
+                stopped.clone(),
+            )));
+        }
 
         let (alloc_tx, alloc_rx) = watch::channel(AllocView::default());
         let kick = Arc::new(Notify::new());
         tasks.push(tokio::spawn(podresources::poll(
             self.pod_resources.clone(),
-            cfg.resource_name.clone(),
+            if dra {
+                podresources::Match::Driver(cfg.driver.clone(), snap_rx.clone())
+            } else {
+                podresources::Match::Resource(cfg.resource_name.clone())
+            },
             alloc_tx,
             kick.clone(),
             stopped.clone(),
@@ -278,6 +288,64 @@ impl Node {
             metrics: self.metrics.clone(),
             writes,
         });
+        if dra {
+            if let Some(client) = &self.client {
+                tasks.push(tokio::spawn(crate::dra::slices::publish(
+                    client.clone(),
+                    self.name.clone(),
+                    state.cfg.clone(),
+                    state.snapshots.clone(),
+                    stopped.clone(),
+                )));
+            }
+            let setup = crate::dra::Setup {
+                plugin: state.clone(),
+                node: self.name.clone(),
+                kubelet_root: self.kubelet_root.clone(),
+                cdi_dir: self.cdi_dir.clone(),
+                client: self.client.clone(),
+            };
+            let started = match crate::dra::serve(setup, stopped) {
+                Ok(x) => x,
+                Err(source) => {
+                    let _ = stop.send(true);
+                    for t in tasks {
+                        let _ = t.await;
+                    }
+                    discovery.stop(&cfg.name).await;
+                    return Err(AgentError::Io {
+                        what: "listening on the DRA sockets under",
+                        path: self.kubelet_root.display().to_string(),
+                        source,
+                    });
+                }
+            };
+            tasks.extend(started.tasks);
+            let socket = started.registration;
+            if let (Some(problem), Some(client)) = (started.problem, &self.client) {
+                tasks.push(tokio::spawn(reporter::warn_policy(
+                    client.clone(),
+                    self.name.clone(),
+                    state.cfg(),
+                    "CheckpointQuarantined",
+                    problem,
+                )));
+            }
+            if let Ok(mut p) = self.plugins.write() {
+                p.push(state.clone());
+            }
+            return Ok(Plugin {
+                name: cfg.name.clone(),
+                spec: policy.spec.clone(),
+                stop,
+                tasks,
+                socket,
+                state,
+                cfg_tx,
+                snap_tx,
+                discovery,
+            });
+        }
         let socket = self.plugin_dir.join(&cfg.socket_name);
         let (rebind, server_task) = match server::serve(
             socket.clone(),
@@ -390,6 +458,7 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 /// image) is the operator's business and needs no plugin restart.
 fn serving_part_changed(a: &DevicePluginPolicySpec, b: &DevicePluginPolicySpec) -> bool {
     a.resource_name != b.resource_name
+        || a.kubelet_api != b.kubelet_api
         || a.source != b.source
         || a.sharing != b.sharing
         || a.allocate != b.allocate
@@ -458,6 +527,7 @@ pub async fn run(args: ServeArgs) -> Result<(), AgentError> {
         name: node_name.clone(),
         pod_resources: args.pod_resources_socket(),
         cdi_dir: args.cdi_dir.clone(),
+        kubelet_root: args.kubelet_root.clone(),
         metrics: Arc::new(AgentMetrics::default()),
         client,
         kubelet_sock: plugin_dir.join(KUBELET_SOCKET),

@@ -36,6 +36,7 @@ fn snap(replicas: u32, all_healthy: bool) -> Snapshot {
                 Health::Healthy
             },
             links: vec![],
+            attributes: Default::default(),
         })
         .collect();
     inv.apply(Ok(devs), Instant::now());
@@ -240,6 +241,7 @@ fn preferred_keeps_nvlinked_gpus_together() {
         nodes: vec![],
         health: Health::Healthy,
         links: peers.iter().map(|s| s.to_string()).collect(),
+        attributes: Default::default(),
     };
     inv.apply(
         Ok(vec![

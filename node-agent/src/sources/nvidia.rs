@@ -258,6 +258,12 @@ impl Source for Nvidia {
             links.dedup();
             out.push(Device {
                 numa_node: self.numa(&g.bus_id),
+                attributes: [
+                    ("uuid".to_string(), g.uuid.clone()),
+                    ("pciBusID".to_string(), g.bus_id.to_ascii_lowercase()),
+                    ("minor".to_string(), g.minor.to_string()),
+                ]
+                .into(),
                 id: g.uuid,
                 nodes,
                 health: h,
@@ -271,6 +277,7 @@ impl Source for Nvidia {
                 nodes: Vec::new(),
                 health: Health::Unhealthy(GPU_LOST.into()),
                 links: Vec::new(),
+                attributes: Default::default(),
             });
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));

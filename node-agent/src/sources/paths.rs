@@ -90,6 +90,7 @@ impl Source for Paths {
             out.push(Device {
                 id: id_of(&host),
                 numa_node: None,
+                attributes: [("path".to_string(), host.clone())].into(),
                 nodes,
                 health,
                 links: Vec::new(),

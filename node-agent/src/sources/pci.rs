@@ -91,12 +91,22 @@ impl Pci {
                 }
             }
         }
+        let mut attributes = std::collections::BTreeMap::from([
+            ("pciAddress".to_string(), address.clone()),
+            ("pciVendorID".to_string(), vendor),
+            ("pciDeviceID".to_string(), device),
+            ("pciClass".to_string(), class),
+        ]);
+        if let Some(d) = driver {
+            attributes.insert("driver".into(), d);
+        }
         Ok(Some(Device {
             id: address,
             numa_node,
             nodes,
             health,
             links: Vec::new(),
+            attributes,
         }))
     }
 }

@@ -94,6 +94,7 @@ impl Source for Simulated {
                 nodes: Vec::new(),
                 health,
                 links: Vec::new(),
+                attributes: Default::default(),
             });
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));

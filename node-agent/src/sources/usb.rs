@@ -130,6 +130,12 @@ impl Source for Usb {
                 }],
                 health,
                 links: Vec::new(),
+                attributes: [
+                    ("usbVendorID".to_string(), vendor),
+                    ("usbProductID".to_string(), product),
+                    ("usbPort".to_string(), port),
+                ]
+                .into(),
             });
         }
         // Colliding IDs (equal serials): qualify each by its port.

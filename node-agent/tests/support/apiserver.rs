@@ -37,6 +37,74 @@ struct Shared {
     writes: Arc<Mutex<Vec<Write>>>,
     refuse_writes: Arc<Mutex<bool>>,
     posted_events: Arc<Mutex<Vec<Value>>>,
+    slices: Arc<Mutex<std::collections::BTreeMap<String, Value>>>,
+    claims: Arc<Mutex<std::collections::BTreeMap<String, Value>>>,
+    claim_reads: Arc<Mutex<u64>>,
+}
+
+fn not_found() -> Response {
+    json_response(
+        404,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound", "message": "not found"}),
+    )
+}
+
+/// `resource.k8s.io/v1` ResourceSlices: list, apply (whole object), delete.
+async fn slices(
+    State(s): State<Shared>,
+    method: axum::http::Method,
+    uri: Uri,
+    body: axum::body::Bytes,
+) -> Response {
+    let path = uri.path().to_string();
+    let rest = path
+        .trim_start_matches("/apis/resource.k8s.io/v1/resourceslices")
+        .trim_start_matches('/');
+    let mut store = s.slices.lock().unwrap();
+    match (method.as_str(), rest.is_empty()) {
+        ("GET", true) => json_response(
+            200,
+            &json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSliceList",
+                    "metadata": {"resourceVersion": "1"},
+                    "items": store.values().cloned().collect::<Vec<_>>()}),
+        ),
+        ("GET", false) => store
+            .get(rest)
+            .map_or_else(not_found, |o| json_response(200, o)),
+        ("PATCH", false) => {
+            let mut o: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            o["metadata"]["resourceVersion"] = json!("1");
+            s.writes.lock().unwrap().push(Write {
+                method: "PATCH".into(),
+                path: path.clone(),
+                query: uri.query().unwrap_or("").to_string(),
+                at: std::time::Instant::now(),
+                body: o.clone(),
+                bytes: body.len(),
+            });
+            store.insert(rest.to_string(), o.clone());
+            json_response(200, &o)
+        }
+        ("DELETE", false) => match store.remove(rest) {
+            Some(_) => json_response(200, &json!({"kind": "Status", "status": "Success"})),
+            None => not_found(),
+        },
+        _ => json_response(405, &json!({"kind": "Status", "code": 405})),
+    }
+}
+
+/// `resource.k8s.io/v1` ResourceClaims, read only.
+async fn claims(State(s): State<Shared>, uri: Uri) -> Response {
+    *s.claim_reads.lock().unwrap() += 1;
+    let key = uri
+        .path()
+        .trim_start_matches("/apis/resource.k8s.io/v1/namespaces/")
+        .replace("/resourceclaims/", "/");
+    s.claims
+        .lock()
+        .unwrap()
+        .get(&key)
+        .map_or_else(not_found, |o| json_response(200, o))
 }
 
 /// `events.k8s.io/v1` Events: created ones are kept for the test to read.
@@ -187,6 +255,9 @@ impl ApiServer {
             writes: Arc::default(),
             refuse_writes: Arc::default(),
             posted_events: Arc::default(),
+            slices: Arc::default(),
+            claims: Arc::default(),
+            claim_reads: Arc::default(),
         };
         let app = Router::new()
             .route(
@@ -200,6 +271,18 @@ impl ApiServer {
             .route(
                 "/apis/events.k8s.io/v1/namespaces/{ns}/events",
                 axum::routing::any(events),
+            )
+            .route(
+                "/apis/resource.k8s.io/v1/resourceslices",
+                axum::routing::any(slices),
+            )
+            .route(
+                "/apis/resource.k8s.io/v1/resourceslices/{name}",
+                axum::routing::any(slices),
+            )
+            .route(
+                "/apis/resource.k8s.io/v1/namespaces/{ns}/resourceclaims/{name}",
+                get(claims),
             )
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -236,6 +319,30 @@ impl ApiServer {
     /// The stored NodeDeviceStatus of a node.
     pub fn nds(&self, node: &str) -> Option<Value> {
         self.shared.nds.lock().unwrap().get(node).cloned()
+    }
+
+    /// ResourceSlices stored, by name.
+    pub fn slices(&self) -> std::collections::BTreeMap<String, Value> {
+        self.shared.slices.lock().unwrap().clone()
+    }
+
+    /// Stores (or with `None` removes) a ResourceClaim.
+    pub fn set_claim(&self, namespace: &str, name: &str, claim: Option<Value>) {
+        let key = format!("{namespace}/{name}");
+        let mut c = self.shared.claims.lock().unwrap();
+        match claim {
+            Some(v) => {
+                c.insert(key, v);
+            }
+            None => {
+                c.remove(&key);
+            }
+        }
+    }
+
+    /// ResourceClaim reads so far.
+    pub fn claim_reads(&self) -> u64 {
+        *self.shared.claim_reads.lock().unwrap()
     }
 
     /// Answers writes with 503 while `down`.

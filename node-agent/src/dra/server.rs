@@ -1,0 +1,440 @@
+//! The driver's gRPC services: plugin-watcher registration, DRAPlugin (v1
+//! and v1beta1, one implementation) and DRAResourceHealth (v1alpha1).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use devplug_proto::dra::{v1, v1beta1};
+use devplug_proto::drahealth::v1alpha1 as health;
+use devplug_proto::pluginregistration as reg;
+use kube::api::{Api, DynamicObject};
+use kube::core::{ApiResource, GroupVersionKind};
+use tokio::sync::{Mutex, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use super::claims::{self, Checkpoint, PreparedClaim};
+use super::names::{self, Paths};
+use crate::cdi;
+use crate::health::Health;
+use crate::plugin::PluginState;
+use crate::sharing;
+
+/// How often the full health list is sent again without a change, so the
+/// kubelet never takes a quiet driver for a silent one.
+pub const HEALTH_HEARTBEAT: Duration = Duration::from_secs(10);
+/// What the kubelet is told to wait for news of a device before it
+/// assumes Unknown (several heartbeats).
+pub const HEALTH_TIMEOUT_SECONDS: i64 = 60;
+/// Longest wait for the API server when reading a claim.
+const CLAIM_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `resource.k8s.io/v1` ResourceClaim.
+pub fn claim_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("resource.k8s.io", "v1", "ResourceClaim"),
+        "resourceclaims",
+    )
+}
+
+/// The API server's own words for an error, without a debug dump.
+pub fn api_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} (HTTP {})", s.message, s.code),
+        other => other.to_string(),
+    }
+}
+
+/// Shared state of one DRA driver.
+pub struct DraState {
+    /// The plugin's config, snapshots, registration flags and metrics.
+    pub plugin: Arc<PluginState>,
+    /// This node (the pool name).
+    pub node: String,
+    /// Sockets and checkpoint.
+    pub paths: Paths,
+    /// Where claim CDI specs go.
+    pub cdi_dir: PathBuf,
+    /// API access (cluster mode): claims are read from the API server.
+    pub client: Option<kube::Client>,
+    /// Prepared claims; held across a whole prepare or unprepare.
+    pub checkpoint: Mutex<Checkpoint>,
+}
+
+fn devices_of(p: &PreparedClaim) -> Vec<v1::Device> {
+    p.devices
+        .iter()
+        .map(|d| v1::Device {
+            request_names: vec![d.result.request.clone()],
+            pool_name: d.result.pool.clone(),
+            device_name: d.result.device.clone(),
+            cdi_device_ids: d.cdi_ids.clone(),
+        })
+        .collect()
+}
+
+impl DraState {
+    async fn fetch(&self, c: &v1::Claim) -> Result<serde_json::Value, String> {
+        let Some(client) = &self.client else {
+            return Err(
+                "this agent has no API access (standalone mode) and cannot read ResourceClaims"
+                    .into(),
+            );
+        };
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &c.namespace, &claim_resource());
+        let got = tokio::time::timeout(CLAIM_READ_TIMEOUT, api.get(&c.name))
+            .await
+            .map_err(|_| format!("reading ResourceClaim {}/{} timed out", c.namespace, c.name))?
+            .map_err(|e| {
+                format!(
+                    "cannot read ResourceClaim {}/{}: {}",
+                    c.namespace,
+                    c.name,
+                    api_message(&e)
+                )
+            })?;
+        if got.metadata.uid.as_deref() != Some(c.uid.as_str()) {
+            return Err(format!(
+                "ResourceClaim {}/{} has UID {:?}, not {} (replaced meanwhile)",
+                c.namespace, c.name, got.metadata.uid, c.uid
+            ));
+        }
+        serde_json::to_value(&got).map_err(|e| e.to_string())
+    }
+
+    /// Prepares one claim (idempotent).
+    pub async fn prepare_one(&self, c: &v1::Claim) -> Result<Vec<v1::Device>, String> {
+        if c.uid.is_empty() || c.name.is_empty() || c.namespace.is_empty() {
+            return Err("a claim needs namespace, uid and name".into());
+        }
+        let mut cp = self.checkpoint.lock().await;
+        let cfg = self.plugin.cfg();
+        let snap = self.plugin.snapshots.borrow().clone();
+        if let Some(p) = cp.claims.get(&c.uid).cloned() {
+            if let Some(f) = &p.cdi_file
+                && !self.cdi_dir.join(f).exists()
+            {
+                // Lost with a reboot (a tmpfs): written again from the record.
+                let results: Vec<_> = p.devices.iter().map(|d| d.result.clone()).collect();
+                let (_, spec) = claims::plan(
+                    &c.uid,
+                    &p.namespace,
+                    &p.name,
+                    &results,
+                    &self.node,
+                    &cfg,
+                    &snap,
+                )?;
+                if let Some(b) = spec {
+                    cdi::write_atomic(&self.cdi_dir, f, &b)
+                        .map_err(|e| format!("cannot write the CDI spec {f}: {e}"))?;
+                }
+            }
+            debug!(policy = %cfg.name, claim = %c.uid, "claim already prepared");
+            return Ok(devices_of(&p));
+        }
+        let claim = self.fetch(c).await?;
+        let results = claims::results_of(&claim, &cfg.driver)?;
+        let (prepared, spec) = claims::plan(
+            &c.uid,
+            &c.namespace,
+            &c.name,
+            &results,
+            &self.node,
+            &cfg,
+            &snap,
+        )?;
+        if let (Some(f), Some(b)) = (&prepared.cdi_file, &spec) {
+            cdi::write_atomic(&self.cdi_dir, f, b)
+                .map_err(|e| format!("cannot write the CDI spec {f}: {e}"))?;
+        }
+        cp.claims.insert(c.uid.clone(), prepared.clone());
+        if let Err(e) = claims::save(&self.paths.checkpoint, &cp) {
+            cp.claims.remove(&c.uid);
+            if let Some(f) = &prepared.cdi_file {
+                let _ = std::fs::remove_file(self.cdi_dir.join(f));
+            }
+            return Err(format!(
+                "cannot record the prepared claim in {}: {e}",
+                self.paths.checkpoint.display()
+            ));
+        }
+        info!(policy = %cfg.name, claim = %format!("{}/{}", c.namespace, c.name), devices = prepared.devices.len(), "claim prepared");
+        self.plugin.kick.notify_one();
+        Ok(devices_of(&prepared))
+    }
+
+    /// Unprepares one claim: removes what prepare made (idempotent).
+    pub async fn unprepare_one(&self, c: &v1::Claim) -> Result<(), String> {
+        let mut cp = self.checkpoint.lock().await;
+        let Some(p) = cp.claims.remove(&c.uid) else {
+            return Ok(());
+        };
+        if let Err(e) = claims::save(&self.paths.checkpoint, &cp) {
+            cp.claims.insert(c.uid.clone(), p);
+            return Err(format!(
+                "cannot update {}: {e}",
+                self.paths.checkpoint.display()
+            ));
+        }
+        if let Some(f) = &p.cdi_file {
+            match std::fs::remove_file(self.cdi_dir.join(f)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => warn!(file = %f, error = %e, "cannot remove a claim's CDI spec"),
+            }
+        }
+        info!(policy = %self.plugin.cfg().name, claim = %format!("{}/{}", p.namespace, p.name), "claim unprepared");
+        self.plugin.kick.notify_one();
+        Ok(())
+    }
+
+    async fn prepare(&self, claims: Vec<v1::Claim>) -> v1::NodePrepareResourcesResponse {
+        let start = std::time::Instant::now();
+        let mut out = v1::NodePrepareResourcesResponse::default();
+        for c in claims {
+            let r = match self.prepare_one(&c).await {
+                Ok(devices) => v1::NodePrepareResourceResponse {
+                    devices,
+                    error: String::new(),
+                },
+                Err(error) => {
+                    warn!(claim = %format!("{}/{}", c.namespace, c.name), %error, "cannot prepare a claim");
+                    v1::NodePrepareResourceResponse {
+                        devices: Vec::new(),
+                        error,
+                    }
+                }
+            };
+            self.plugin.metrics.allocated(
+                &self.plugin.cfg().resource_name,
+                r.error.is_empty(),
+                start.elapsed(),
+            );
+            out.claims.insert(c.uid, r);
+        }
+        out
+    }
+
+    async fn unprepare(&self, claims: Vec<v1::Claim>) -> v1::NodeUnprepareResourcesResponse {
+        let mut out = v1::NodeUnprepareResourcesResponse::default();
+        for c in claims {
+            let error = self.unprepare_one(&c).await.err().unwrap_or_default();
+            out.claims
+                .insert(c.uid, v1::NodeUnprepareResourceResponse { error });
+        }
+        out
+    }
+
+    /// Every device's health, as the kubelet's health service wants it.
+    pub fn health(&self) -> health::NodeWatchResourcesResponse {
+        let snap = self.plugin.snapshots.borrow().clone();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or_default();
+        let mut devices = Vec::new();
+        for (id, state) in &snap.devices {
+            let (h, message) = match &state.health {
+                Health::Healthy => (health::HealthStatus::Healthy, String::new()),
+                Health::Unhealthy(r) => (health::HealthStatus::Unhealthy, r.clone()),
+                Health::Unknown(r) => (health::HealthStatus::Unknown, r.clone()),
+            };
+            let message: String = message.chars().take(1024).collect();
+            for adv in sharing::replica_ids(id, snap.replicas) {
+                devices.push(health::DeviceHealth {
+                    device: Some(health::DeviceIdentifier {
+                        pool_name: self.node.clone(),
+                        device_name: names::device_name(&adv),
+                    }),
+                    health: h as i32,
+                    last_updated_time: now,
+                    health_check_timeout_seconds: HEALTH_TIMEOUT_SECONDS,
+                    message: message.clone(),
+                });
+            }
+        }
+        health::NodeWatchResourcesResponse { devices }
+    }
+}
+
+/// The DRA services; cheap to clone.
+#[derive(Clone)]
+pub struct DraService(pub Arc<DraState>);
+
+fn to_v1(c: v1beta1::Claim) -> v1::Claim {
+    v1::Claim {
+        namespace: c.namespace,
+        uid: c.uid,
+        name: c.name,
+    }
+}
+
+#[tonic::async_trait]
+impl v1::dra_plugin_server::DraPlugin for DraService {
+    async fn node_prepare_resources(
+        &self,
+        req: Request<v1::NodePrepareResourcesRequest>,
+    ) -> Result<Response<v1::NodePrepareResourcesResponse>, Status> {
+        Ok(Response::new(self.0.prepare(req.into_inner().claims).await))
+    }
+
+    async fn node_unprepare_resources(
+        &self,
+        req: Request<v1::NodeUnprepareResourcesRequest>,
+    ) -> Result<Response<v1::NodeUnprepareResourcesResponse>, Status> {
+        Ok(Response::new(
+            self.0.unprepare(req.into_inner().claims).await,
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl v1beta1::dra_plugin_server::DraPlugin for DraService {
+    async fn node_prepare_resources(
+        &self,
+        req: Request<v1beta1::NodePrepareResourcesRequest>,
+    ) -> Result<Response<v1beta1::NodePrepareResourcesResponse>, Status> {
+        let claims = req.into_inner().claims.into_iter().map(to_v1).collect();
+        let r = self.0.prepare(claims).await;
+        let claims: std::collections::HashMap<String, v1beta1::NodePrepareResourceResponse> = r
+            .claims
+            .into_iter()
+            .map(|(uid, c)| {
+                (
+                    uid,
+                    v1beta1::NodePrepareResourceResponse {
+                        devices: c
+                            .devices
+                            .into_iter()
+                            .map(|d| v1beta1::Device {
+                                request_names: d.request_names,
+                                pool_name: d.pool_name,
+                                device_name: d.device_name,
+                                cdi_device_ids: d.cdi_device_ids,
+                            })
+                            .collect(),
+                        error: c.error,
+                    },
+                )
+            })
+            .collect();
+        Ok(Response::new(v1beta1::NodePrepareResourcesResponse {
+            claims,
+        }))
+    }
+
+    async fn node_unprepare_resources(
+        &self,
+        req: Request<v1beta1::NodeUnprepareResourcesRequest>,
+    ) -> Result<Response<v1beta1::NodeUnprepareResourcesResponse>, Status> {
+        let claims = req.into_inner().claims.into_iter().map(to_v1).collect();
+        let r = self.0.unprepare(claims).await;
+        let claims = r
+            .claims
+            .into_iter()
+            .map(|(uid, c)| {
+                (
+                    uid,
+                    v1beta1::NodeUnprepareResourceResponse { error: c.error },
+                )
+            })
+            .collect();
+        Ok(Response::new(v1beta1::NodeUnprepareResourcesResponse {
+            claims,
+        }))
+    }
+}
+
+type HealthStream =
+    Pin<Box<dyn Stream<Item = Result<health::NodeWatchResourcesResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl health::dra_resource_health_server::DraResourceHealth for DraService {
+    type NodeWatchResourcesStream = HealthStream;
+
+    async fn node_watch_resources(
+        &self,
+        _: Request<health::NodeWatchResourcesRequest>,
+    ) -> Result<Response<Self::NodeWatchResourcesStream>, Status> {
+        let state = self.0.clone();
+        let (tx, rx) = mpsc::channel(1);
+        let mut snaps = state.plugin.snapshots.clone();
+        let mut shutdown = state.plugin.shutdown.clone();
+        info!(policy = %state.plugin.cfg().name, "health stream opened");
+        tokio::spawn(async move {
+            loop {
+                snaps.borrow_and_update();
+                if tx.send(Ok(state.health())).await.is_err() {
+                    break;
+                }
+                tokio::select! {
+                    _ = tx.closed() => break,
+                    _ = crate::stopped(&mut shutdown) => break,
+                    changed = snaps.changed() => if changed.is_err() { break },
+                    _ = tokio::time::sleep(HEALTH_HEARTBEAT) => {}
+                }
+            }
+            debug!("health stream ended");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The plugin watcher's view of us.
+#[derive(Clone)]
+pub struct Registrar(pub Arc<DraState>);
+
+#[tonic::async_trait]
+impl reg::registration_server::Registration for Registrar {
+    async fn get_info(
+        &self,
+        _: Request<reg::InfoRequest>,
+    ) -> Result<Response<reg::PluginInfo>, Status> {
+        Ok(Response::new(plugin_info(&self.0)))
+    }
+
+    async fn notify_registration_status(
+        &self,
+        req: Request<reg::RegistrationStatus>,
+    ) -> Result<Response<reg::RegistrationStatusResponse>, Status> {
+        let s = req.into_inner();
+        let plugin = &self.0.plugin;
+        let name = plugin.cfg().name.clone();
+        if s.plugin_registered {
+            plugin.registered.store(true, Ordering::SeqCst);
+            plugin.registrations.fetch_add(1, Ordering::SeqCst);
+            info!(policy = %name, driver = %plugin.cfg().driver, "registered with the kubelet (DRA)");
+        } else {
+            plugin.registered.store(false, Ordering::SeqCst);
+            warn!(policy = %name, error = %s.error, "the kubelet refused the DRA registration");
+        }
+        Ok(Response::new(reg::RegistrationStatusResponse {}))
+    }
+}
+
+/// What GetInfo answers.
+pub fn plugin_info(state: &DraState) -> reg::PluginInfo {
+    reg::PluginInfo {
+        r#type: reg::DRA_PLUGIN.into(),
+        name: state.plugin.cfg().driver.clone(),
+        endpoint: state.paths.endpoint.display().to_string(),
+        supported_versions: vec![
+            v1::SERVICE.into(),
+            v1beta1::SERVICE.into(),
+            health::SERVICE.into(),
+        ],
+    }
+}
+
+/// Claims prepared before, by UID (for tests and the checkpoint's owner).
+pub async fn prepared(state: &DraState) -> BTreeMap<String, PreparedClaim> {
+    state.checkpoint.lock().await.claims.clone()
+}

@@ -1,0 +1,312 @@
+//! The node's ResourceSlices: what the scheduler allocates DRA claims from.
+//!
+//! One pool per node and policy (pool name = node name, driver = the
+//! policy's driver), split into slices of at most 128 devices (the API's
+//! limit). Every advertised ID is a device of its own: a time-sliced policy
+//! publishes `replicas` devices per physical device, so that `foo: 1`
+//! through the extended-resource bridge means one share, exactly as with
+//! the device plugin, and no alpha API (multiple allocations per device) is
+//! needed. Each device carries its original ID, its physical device, its
+//! NUMA node as the standard `numaNode` attribute and what its source knows
+//! (PCI address, USB vendor/product, GPU UUID). An unhealthy device carries
+//! a `NoSchedule` taint, removed when it recovers.
+//!
+//! The pool's generation goes up on every change; slices of an older
+//! generation left over (fewer devices now) are deleted. Nothing is
+//! published before discovery has run once, so the scheduler never sees an
+//! empty pool for a node that has devices.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use devplug_api::agent_manager;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::names;
+use crate::config::PluginConfig;
+use crate::health::Health;
+use crate::inventory::Snapshot;
+use crate::sharing;
+
+/// Most devices one ResourceSlice may hold (`resource.k8s.io/v1`).
+pub const MAX_DEVICES_PER_SLICE: usize = 128;
+/// Longest string attribute value the API takes.
+pub const MAX_ATTRIBUTE_STRING: usize = 64;
+/// The taint an unhealthy device carries.
+pub const UNHEALTHY_TAINT: &str = "devplug.io/unhealthy";
+
+/// `resource.k8s.io/v1` ResourceSlice.
+pub fn resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("resource.k8s.io", "v1", "ResourceSlice"),
+        "resourceslices",
+    )
+}
+
+fn string_attr(v: &str) -> Value {
+    json!({"string": v.chars().take(MAX_ATTRIBUTE_STRING).collect::<String>()})
+}
+
+/// The pool's devices, in a stable order: one per advertised ID.
+pub fn devices(snap: &Snapshot) -> Vec<Value> {
+    let mut out = Vec::new();
+    for (id, state) in &snap.devices {
+        for adv in sharing::replica_ids(id, snap.replicas) {
+            let mut attrs = serde_json::Map::new();
+            attrs.insert("id".into(), string_attr(&adv));
+            if snap.replicas > 1 {
+                attrs.insert("physicalID".into(), string_attr(id));
+            }
+            if let Some(n) = state.device.numa_node {
+                attrs.insert("numaNode".into(), json!({"int": n}));
+            }
+            for (k, v) in &state.device.attributes {
+                attrs.insert(k.clone(), string_attr(v));
+            }
+            let mut d = json!({"name": names::device_name(&adv), "attributes": attrs});
+            if let Health::Unhealthy(_) | Health::Unknown(_) = state.health {
+                d["taints"] = json!([{"key": UNHEALTHY_TAINT, "effect": "NoSchedule"}]);
+            }
+            out.push(d);
+        }
+    }
+    out
+}
+
+/// The slices of a pool holding `devices`.
+pub fn slices(
+    node: &str,
+    cfg: &PluginConfig,
+    generation: i64,
+    devices: &[Value],
+) -> Vec<(String, Value)> {
+    let chunks: Vec<&[Value]> = if devices.is_empty() {
+        vec![&[]]
+    } else {
+        devices.chunks(MAX_DEVICES_PER_SLICE).collect()
+    };
+    let count = chunks.len();
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let name = names::slice_name(node, &cfg.driver, i);
+            let body = json!({
+                "apiVersion": "resource.k8s.io/v1",
+                "kind": "ResourceSlice",
+                "metadata": {"name": name},
+                "spec": {
+                    "driver": cfg.driver,
+                    "nodeName": node,
+                    "pool": {"name": node, "generation": generation, "resourceSliceCount": count},
+                    "devices": chunk,
+                },
+            });
+            (name, body)
+        })
+        .collect()
+}
+
+/// Our slices as the server has them: names and the highest generation.
+async fn existing(
+    api: &Api<DynamicObject>,
+    node: &str,
+    driver: &str,
+) -> Result<(BTreeSet<String>, i64), kube::Error> {
+    let list = api
+        .list(&ListParams::default().fields(&format!("spec.nodeName={node},spec.driver={driver}")))
+        .await?;
+    let mut names = BTreeSet::new();
+    let mut generation = 0;
+    for o in list.items {
+        if let Some(n) = o.metadata.name.clone() {
+            names.insert(n);
+        }
+        if let Some(g) = o.data["spec"]["pool"]["generation"].as_i64() {
+            generation = generation.max(g);
+        }
+    }
+    Ok((names, generation))
+}
+
+/// Applies `slices` and deletes the names in `before` they no longer use;
+/// returns the names now in use.
+async fn write(
+    api: &Api<DynamicObject>,
+    manager: &str,
+    slices: &[(String, Value)],
+    before: &BTreeSet<String>,
+) -> Result<BTreeSet<String>, kube::Error> {
+    let pp = PatchParams::apply(manager).force();
+    let mut now = BTreeSet::new();
+    for (name, body) in slices {
+        api.patch(name, &pp, &Patch::Apply(body)).await?;
+        now.insert(name.clone());
+    }
+    for stale in before.difference(&now) {
+        match api.delete(stale, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(now)
+}
+
+/// Publishes the node's pool until `shutdown`: on every change of what the
+/// slices say, a new generation. API errors are retried with backoff; the
+/// latest state is what gets written.
+pub async fn publish(
+    client: kube::Client,
+    node: String,
+    cfgs: watch::Receiver<Arc<PluginConfig>>,
+    mut snaps: watch::Receiver<Arc<Snapshot>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let cfg = cfgs.borrow().clone();
+    let api: Api<DynamicObject> = Api::all_with(client, &resource());
+    let manager = agent_manager(&cfg.name);
+    let mut backoff = Duration::from_millis(500);
+    let (mut names, mut generation) = loop {
+        match existing(&api, &node, &cfg.driver).await {
+            Ok(x) => break x,
+            Err(e) => {
+                warn!(policy = %cfg.name, error = %e, "cannot list this node's ResourceSlices; retrying");
+                tokio::select! {
+                    _ = crate::stopped(&mut shutdown) => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
+    let mut published: Option<Vec<Value>> = None;
+    loop {
+        let snap = snaps.borrow_and_update().clone();
+        // Never an empty pool before discovery has looked.
+        let want = (snap.version > 0).then(|| devices(&snap));
+        if let Some(want) = want
+            && published.as_ref() != Some(&want)
+        {
+            let cfg = cfgs.borrow().clone();
+            generation += 1;
+            let slices = slices(&node, &cfg, generation, &want);
+            match write(&api, &manager, &slices, &names).await {
+                Ok(now) => {
+                    if published.is_none() {
+                        info!(policy = %cfg.name, devices = want.len(), slices = now.len(), generation, "ResourceSlices published");
+                    } else {
+                        debug!(policy = %cfg.name, devices = want.len(), generation, "ResourceSlices updated");
+                    }
+                    names = now;
+                    published = Some(want);
+                    backoff = Duration::from_millis(500);
+                }
+                Err(e) => {
+                    warn!(policy = %cfg.name, error = %e, retry_in = ?backoff, "cannot publish ResourceSlices");
+                    tokio::select! {
+                        _ = crate::stopped(&mut shutdown) => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            _ = crate::stopped(&mut shutdown) => return,
+            r = snaps.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Device;
+    use crate::inventory::DeviceState;
+
+    fn snap(n: usize, replicas: u32) -> Snapshot {
+        let mut s = Snapshot {
+            replicas,
+            version: 1,
+            ..Snapshot::default()
+        };
+        for i in 0..n {
+            let id = format!("Dev_{i:03}");
+            s.devices.insert(
+                id.clone(),
+                DeviceState {
+                    device: Device {
+                        id,
+                        numa_node: Some((i % 2) as i64),
+                        nodes: vec![],
+                        health: Health::Healthy,
+                        links: vec![],
+                        attributes: [("pciAddress".to_string(), format!("0000:{i:02x}:00.0"))]
+                            .into(),
+                    },
+                    health: if i == 0 {
+                        Health::Unhealthy("fell off the bus".into())
+                    } else {
+                        Health::Healthy
+                    },
+                    last_transition: std::time::SystemTime::UNIX_EPOCH,
+                },
+            );
+        }
+        s
+    }
+
+    #[test]
+    fn replicas_are_devices_and_large_pools_split_at_128() {
+        let devs = devices(&snap(200, 2));
+        assert_eq!(devs.len(), 400);
+        let names: BTreeSet<&str> = devs.iter().map(|d| d["name"].as_str().unwrap()).collect();
+        assert_eq!(names.len(), 400, "distinct names");
+        assert!(names.iter().all(|n| names::is_dns_label(n)));
+        assert_eq!(devs[0]["attributes"]["id"], json!({"string": "Dev_000::0"}));
+        assert_eq!(
+            devs[0]["attributes"]["physicalID"],
+            json!({"string": "Dev_000"})
+        );
+        assert_eq!(devs[3]["attributes"]["numaNode"], json!({"int": 1}));
+        assert_eq!(
+            devs[0]["attributes"]["pciAddress"],
+            json!({"string": "0000:00:00.0"})
+        );
+        assert_eq!(devs[0]["taints"][0]["effect"], "NoSchedule");
+        assert!(devs[2].get("taints").is_none());
+
+        let mut cfg = crate::config::PluginConfig::from_policy(
+            &devplug_api::policies_from_yaml(
+                "apiVersion: devplug.io/v1alpha1\nkind: DevicePluginPolicy\nmetadata:\n  name: gpu\nspec:\n  resourceName: example.com/gpu\n  kubeletApi: DRA\n  source:\n    simulated:\n      count: 1\n",
+            )
+            .unwrap()[0],
+        );
+        cfg.driver = "gpu.devplug.io".into();
+        let s = slices("n1", &cfg, 7, &devs);
+        assert_eq!(s.len(), 4);
+        let sizes: Vec<usize> = s
+            .iter()
+            .map(|(_, b)| b["spec"]["devices"].as_array().unwrap().len())
+            .collect();
+        assert_eq!(sizes, [128, 128, 128, 16]);
+        for (i, (name, b)) in s.iter().enumerate() {
+            assert_eq!(*name, format!("n1.gpu.devplug.io-{i}"));
+            assert_eq!(
+                b["spec"]["pool"],
+                json!({"name": "n1", "generation": 7, "resourceSliceCount": 4})
+            );
+        }
+        // An empty pool is one empty slice (after discovery ran).
+        let s = slices("n1", &cfg, 1, &[]);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].1["spec"]["devices"], json!([]));
+    }
+}
