@@ -143,9 +143,10 @@ pub fn dra_driver_name(policy: &str) -> String {
     format!("{keep}-{:08x}{SUFFIX}", fnv1a(policy) as u32)
 }
 
-/// The DeviceClass the operator creates for a DRA policy.
+/// The DeviceClass the operator creates for a DRA policy: named like its
+/// driver (`<policy>.devplug.io`), a name no other class is likely to hold.
 pub fn dra_device_class_name(policy: &str) -> String {
-    policy.to_string()
+    dra_driver_name(policy)
 }
 
 /// FNV-1a, 64 bits: stable across versions and platforms.

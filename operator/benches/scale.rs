@@ -280,7 +280,7 @@ async fn wait_healthy(
 #[derive(Default, Clone, Debug)]
 struct Counters {
     requests: BTreeMap<String, f64>,
-    writes: f64,
+    writes: BTreeMap<String, f64>,
 }
 
 async fn scrape() -> Counters {
@@ -304,8 +304,8 @@ async fn scrape() -> Counters {
         if let Some(rest) = name.strip_prefix("devplug_operator_api_requests_total{verb=\"") {
             c.requests
                 .insert(rest.trim_end_matches("\"}").to_string(), v);
-        } else if name.starts_with("devplug_operator_api_writes_total{") {
-            c.writes += v;
+        } else if let Some(rest) = name.strip_prefix("devplug_operator_api_writes_total{kind=\"") {
+            c.writes.insert(rest.trim_end_matches("\"}").to_string(), v);
         }
     }
     c
@@ -321,15 +321,28 @@ fn rates(before: &Counters, after: &Counters, secs: f64) -> String {
             parts.push(format!("{verb} {:.2}", d / secs));
         }
     }
+    let mut writes = Vec::new();
+    let mut written = 0.0;
+    for (kind, v) in &after.writes {
+        let d = v - before.writes.get(kind).copied().unwrap_or(0.0);
+        written += d;
+        if d > 0.0 {
+            writes.push(format!("{kind} {d:.0}"));
+        }
+    }
     format!(
-        "{:.2} req/s ({}), {:.0} writes",
+        "{:.2} req/s ({}), {written:.0} writes ({})",
         total / secs,
         if parts.is_empty() {
             "none".into()
         } else {
             parts.join(", ")
         },
-        after.writes - before.writes
+        if writes.is_empty() {
+            "none".into()
+        } else {
+            writes.join(", ")
+        }
     )
 }
 

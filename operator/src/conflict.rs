@@ -92,6 +92,7 @@ mod tests {
                 sharing: Default::default(),
                 allocate: Default::default(),
                 pre_start: None,
+                kubelet_api: Default::default(),
                 health: Default::default(),
                 agent: Default::default(),
             },

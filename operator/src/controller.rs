@@ -37,6 +37,11 @@ use crate::status::{self, Observed};
 
 /// How often a settled policy is looked at again without any event.
 pub const RESYNC: Duration = Duration::from_secs(300);
+/// How long this process trusts its own last write of a field over what
+/// the watch shows: the watch lags the API server by seconds when it is
+/// loaded, and a trigger in between must not write the same again. A
+/// foreign change of the operator's own fields is repaired after this.
+pub const TRUST_OWN_WRITE: Duration = Duration::from_secs(60);
 /// How soon a policy that is rolling out, degraded or in conflict is looked at again.
 pub const RECHECK: Duration = Duration::from_secs(15);
 
@@ -63,11 +68,14 @@ pub struct Context {
     /// at a policy publishes nothing (no event storm on restart or failover).
     last_unhealthy: Mutex<HashMap<String, UnhealthySet>>,
     /// The status this process last wrote per policy, with the
-    /// resourceVersion of the object it was computed from. While the index
-    /// still holds that version (the watch has not delivered the write yet,
-    /// which takes seconds on a loaded API server), the written status is
-    /// what the policy has, so an unchanged verdict is not written again.
-    written: Mutex<HashMap<String, (String, devplug_api::DevicePluginPolicyStatus)>>,
+    /// resourceVersion of the object it was computed from and when. While
+    /// the index still holds that version, or for [`TRUST_OWN_WRITE`], the
+    /// written status is what the policy has (the watch has not delivered
+    /// the write yet, which takes seconds on a loaded API server), so an
+    /// unchanged verdict is not written again.
+    written: Mutex<HashMap<String, (String, devplug_api::DevicePluginPolicyStatus, Instant)>>,
+    /// How long own writes are trusted over the index ([`TRUST_OWN_WRITE`]).
+    trust_own_write: Duration,
 }
 
 /// Unhealthy devices of a policy by (node, device).
@@ -98,7 +106,16 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             last_unhealthy: Mutex::new(HashMap::new()),
             written: Mutex::new(HashMap::new()),
+            trust_own_write: TRUST_OWN_WRITE,
         }
+    }
+
+    /// Trusts own writes over the index for `d` instead of
+    /// [`TRUST_OWN_WRITE`] (tests: zero, to see a foreign change repaired
+    /// at once).
+    pub fn trusting_own_writes_for(mut self, d: Duration) -> Self {
+        self.trust_own_write = d;
+        self
     }
 
     /// The status `p` has as far as this process knows: the one it wrote
@@ -110,7 +127,9 @@ impl Context {
         let rv = p.resource_version().unwrap_or_default();
         let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
         match written.get(&p.name_any()) {
-            Some((from, s)) if *from == rv => Some(s.clone()),
+            Some((from, s, at)) if *from == rv || at.elapsed() < self.trust_own_write => {
+                Some(s.clone())
+            }
             _ => p.status.clone(),
         }
     }
@@ -121,7 +140,11 @@ impl Context {
             .unwrap_or_else(|e| e.into_inner())
             .insert(
                 p.name_any(),
-                (p.resource_version().unwrap_or_default(), s.clone()),
+                (
+                    p.resource_version().unwrap_or_default(),
+                    s.clone(),
+                    Instant::now(),
+                ),
             );
     }
 
@@ -467,8 +490,30 @@ async fn apply_agents(p: &DevicePluginPolicy, ctx: &Context) -> Result<(DaemonSe
         Live::Unwatched,
     )
     .await?;
-    let ds = desired::daemonset(p, d).map_err(|e| Error::Serialize("DaemonSet", e))?;
+    let class_api: Api<kube::api::DynamicObject> =
+        Api::all_with(c.clone(), &desired::device_class_resource());
+    let class = devplug_api::dra_device_class_name(&p.name_any());
+    if p.spec.kubelet_api == devplug_api::KubeletApi::Dra {
+        ensure(
+            &class_api,
+            desired::device_class(p),
+            "DeviceClass",
+            ctx,
+            Live::Unwatched,
+        )
+        .await?;
+    }
     let live = cached_daemonset(ctx, &desired::agent_name(&p.name_any()));
+    if p.spec.kubelet_api != devplug_api::KubeletApi::Dra
+        && live.as_ref().is_some_and(desired::serves_dra)
+    {
+        // Switched back to the device plugin API: the class goes before
+        // the agents change (the DaemonSet still says DRA until then, so a
+        // failed delete is tried again).
+        remember(ctx, format!("DeviceClass/{class}"), None);
+        delete_if_present(&class_api, &class, "DeviceClassDelete", ctx).await?;
+    }
+    let ds = desired::daemonset(p, d).map_err(|e| Error::Serialize("DaemonSet", e))?;
     let ds = ensure(
         &Api::<DaemonSet>::namespaced(c.clone(), &d.namespace),
         ds,

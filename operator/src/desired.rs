@@ -250,32 +250,90 @@ pub fn cluster_role(p: &DevicePluginPolicy) -> ClusterRole {
         verbs: verbs.iter().map(|v| v.to_string()).collect(),
         ..PolicyRule::default()
     };
+    let mut rules = vec![
+        rule(
+            &["devicepluginpolicies"],
+            Some(vec![p.name_any()]),
+            &["get", "list", "watch"],
+        ),
+        // list/watch: each agent watches its own node's object (field
+        // selector) to repair its entry when anyone else changes it.
+        rule(
+            &["nodedevicestatuses"],
+            None,
+            &["get", "list", "watch", "create", "patch"],
+        ),
+        rule(&["nodedevicestatuses/status"], None, &["get", "patch"]),
+        // Events about its policy (devices orphaned by a spec change).
+        PolicyRule {
+            api_groups: Some(vec!["events.k8s.io".into()]),
+            resources: Some(vec!["events".into()]),
+            verbs: vec!["create".into(), "patch".into()],
+            ..PolicyRule::default()
+        },
+    ];
+    if p.spec.kubelet_api == devplug_api::KubeletApi::Dra {
+        let dra = |resources: &str, verbs: &[&str]| PolicyRule {
+            api_groups: Some(vec!["resource.k8s.io".into()]),
+            resources: Some(vec![resources.into()]),
+            verbs: verbs.iter().map(|v| v.to_string()).collect(),
+            ..PolicyRule::default()
+        };
+        // Its node's pool (the chart's admission policy keeps each agent to
+        // slices of its own node) and the claims the kubelet asks it to
+        // prepare (read only).
+        rules.push(dra(
+            "resourceslices",
+            &[
+                "get", "list", "watch", "create", "update", "patch", "delete",
+            ],
+        ));
+        rules.push(dra("resourceclaims", &["get"]));
+    }
     ClusterRole {
         metadata: meta(p, None),
-        rules: Some(vec![
-            rule(
-                &["devicepluginpolicies"],
-                Some(vec![p.name_any()]),
-                &["get", "list", "watch"],
-            ),
-            // list/watch: each agent watches its own node's object (field
-            // selector) to repair its entry when anyone else changes it.
-            rule(
-                &["nodedevicestatuses"],
-                None,
-                &["get", "list", "watch", "create", "patch"],
-            ),
-            rule(&["nodedevicestatuses/status"], None, &["get", "patch"]),
-            // Events about its policy (devices orphaned by a spec change).
-            PolicyRule {
-                api_groups: Some(vec!["events.k8s.io".into()]),
-                resources: Some(vec!["events".into()]),
-                verbs: vec!["create".into(), "patch".into()],
-                ..PolicyRule::default()
-            },
-        ]),
+        rules: Some(rules),
         ..ClusterRole::default()
     }
+}
+
+/// Whether an agent DaemonSet runs its agents on the DRA path.
+pub fn serves_dra(ds: &DaemonSet) -> bool {
+    ds.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|s| s.volumes.as_ref())
+        .is_some_and(|v| v.iter().any(|v| v.name == "plugins-registry"))
+}
+
+/// `resource.k8s.io/v1` DeviceClass.
+pub fn device_class_resource() -> kube::core::ApiResource {
+    kube::core::ApiResource::from_gvk_with_plural(
+        &kube::core::GroupVersionKind::gvk("resource.k8s.io", "v1", "DeviceClass"),
+        "deviceclasses",
+    )
+}
+
+/// The DeviceClass of a DRA policy: every device of its driver, and the
+/// policy's resource name as the class's extended resource, so a pod that
+/// asks for `<resourceName>: N` the device-plugin way is served through DRA
+/// unchanged.
+pub fn device_class(p: &DevicePluginPolicy) -> kube::api::DynamicObject {
+    let name = p.name_any();
+    let driver = devplug_api::dra_driver_name(&name);
+    let mut o = kube::api::DynamicObject::new(
+        &devplug_api::dra_device_class_name(&name),
+        &device_class_resource(),
+    );
+    o.metadata.labels = Some(labels(&name));
+    o.metadata.owner_references = owner(p).map(|o| vec![o]);
+    o.data = serde_json::json!({
+        "spec": {
+            "selectors": [{"cel": {"expression": format!("device.driver == {driver:?}")}}],
+            "extendedResourceName": p.spec.resource_name,
+        }
+    });
+    o
 }
 
 /// Binds the agent's ServiceAccount to its ClusterRole.
@@ -372,9 +430,26 @@ fn pod_template(p: &DevicePluginPolicy, d: &AgentDefaults) -> PodTemplateSpec {
         volumes.push(host_path_volume("host-dev", "/dev", "Directory"));
         mounts.push(mount("host-dev", "/host/dev", true));
     }
-    // The agent writes the CDI spec of a CDI policy into the runtime's
-    // directory (NVIDIA: the NVIDIA container toolkit's spec is used).
-    if p.spec.allocate.cdi.enabled && p.spec.source.nvidia.is_none() {
+    let dra = p.spec.kubelet_api == devplug_api::KubeletApi::Dra;
+    if dra {
+        // The plugin watcher's directory (our registration socket) and the
+        // driver's own directory (its socket and claim checkpoint), at the
+        // same paths as on the host: the kubelet dials what we tell it.
+        let registry = format!("{root}/plugins_registry");
+        let own = format!("{root}/plugins/{}", devplug_api::dra_driver_name(&name));
+        volumes.push(host_path_volume(
+            "plugins-registry",
+            &registry,
+            "DirectoryOrCreate",
+        ));
+        volumes.push(host_path_volume("dra-plugin", &own, "DirectoryOrCreate"));
+        mounts.push(mount("plugins-registry", &registry, false));
+        mounts.push(mount("dra-plugin", &own, false));
+    }
+    // The agent writes the CDI spec of a CDI policy (and of every DRA
+    // claim) into the runtime's directory (NVIDIA: the NVIDIA container
+    // toolkit's spec is used).
+    if (p.spec.allocate.cdi.enabled || dra) && p.spec.source.nvidia.is_none() {
         args.extend(["--cdi-dir".into(), CDI_DIR.into()]);
         volumes.push(host_path_volume("cdi", CDI_DIR, "DirectoryOrCreate"));
         mounts.push(mount("cdi", CDI_DIR, false));

@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use devplug_api::conditions::{self, types};
 use devplug_api::{
@@ -51,6 +51,8 @@ pub struct NodeContext {
     pub defaults: crate::desired::AgentDefaults,
     /// What this process last wrote per node; see [`Wrote`].
     written: Mutex<HashMap<String, Wrote>>,
+    /// How long own writes are trusted over the index.
+    trust_own_write: Duration,
 }
 
 impl NodeContext {
@@ -67,7 +69,14 @@ impl NodeContext {
             metrics,
             defaults,
             written: Mutex::new(HashMap::new()),
+            trust_own_write: crate::controller::TRUST_OWN_WRITE,
         }
+    }
+
+    /// Trusts own writes over the index for `d` (tests: zero).
+    pub fn trusting_own_writes_for(mut self, d: Duration) -> Self {
+        self.trust_own_write = d;
+        self
     }
 
     fn wrote(&self, name: &str) -> Wrote {
@@ -87,20 +96,28 @@ impl NodeContext {
     }
 }
 
-/// What the node controller wrote for one node, and from which versions of
-/// the NodeDeviceStatus and the Node it judged. While the index still holds
-/// those versions (the watch has not delivered the write yet, seconds on a
-/// loaded API server), another trigger would otherwise write the same again.
+/// What the node controller last wrote for one node, and when. The index
+/// lags the API server (seconds, on a loaded one), and agents keep writing
+/// their entries meanwhile, so the next trigger often judges a version that
+/// is newer than the one judged but older than this process's own write.
+/// What was written is taken as what the server has for
+/// [`TRUST_OWN_WRITE`](crate::controller::TRUST_OWN_WRITE); after that the
+/// index decides again, so a foreign change is repaired.
 #[derive(Clone, Debug, Default)]
 struct Wrote {
-    /// resourceVersion of the NodeDeviceStatus judged.
-    from: String,
-    /// The owner reference was applied from that version.
-    owner: bool,
-    /// The operator's status part applied from that version.
-    status: Option<(Vec<devplug_api::NotReporting>, devplug_api::NodeSummary)>,
-    /// resourceVersion of the Node judged, and the labels applied from it.
-    labels: Option<(String, BTreeMap<String, String>)>,
+    /// The owner reference, with the Node UID it names.
+    owner: Option<(String, Instant)>,
+    /// The operator's status part.
+    status: Option<(StatusPart, Instant)>,
+    /// The node's devplug labels.
+    labels: Option<(BTreeMap<String, String>, Instant)>,
+}
+
+type StatusPart = (Vec<devplug_api::NotReporting>, devplug_api::NodeSummary);
+
+fn trusted<T: PartialEq>(w: &Option<(T, Instant)>, want: &T, trust: Duration) -> bool {
+    w.as_ref()
+        .is_some_and(|(v, at)| v == want && at.elapsed() < trust)
 }
 
 fn pod_ready(p: &Pod) -> bool {
@@ -281,20 +298,12 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
         .owner_references()
         .iter()
         .any(|o| o.kind == "Node" && Some(&o.uid) == node.metadata.uid.as_ref());
-    let rv = nds.resource_version().unwrap_or_default();
-    let before = ctx.wrote(&name);
-    // What this process wrote from this same version still holds.
-    let same_input = before.from == rv;
-    let mut now = Wrote {
-        from: rv.clone(),
-        owner: same_input && before.owner,
-        status: before.status.clone().filter(|_| same_input),
-        labels: before.labels.clone(),
-    };
+    let mut now = ctx.wrote(&name);
     if let Some(owner) = node_owner(&node)
         && !owned
-        && !now.owner
+        && !trusted(&now.owner, &owner.uid, ctx.trust_own_write)
     {
+        let uid = owner.uid.clone();
         let mut body = operator_part(&name, None);
         body.metadata = ObjectMeta {
             name: Some(name.clone()),
@@ -309,7 +318,7 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
         .await
         .map_err(kube_err("apply owner of", "NodeDeviceStatus", &name))?;
         ctx.metrics.wrote("NodeDeviceStatusOwner");
-        now.owner = true;
+        now.owner = Some((uid, Instant::now()));
         ctx.remember(&name, now.clone());
     }
 
@@ -367,7 +376,7 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
     let part = (verdict.not_reporting.clone(), summary.clone());
     if (current.not_reporting != verdict.not_reporting
         || current.summary.as_ref() != Some(&summary))
-        && now.status.as_ref() != Some(&part)
+        && !trusted(&now.status, &part, ctx.trust_own_write)
     {
         for n in &verdict.not_reporting {
             if !current.not_reporting.contains(n) {
@@ -394,7 +403,7 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
             &name,
         ))?;
         ctx.metrics.wrote("NodeDeviceStatusSummary");
-        now.status = Some(part);
+        now.status = Some((part, Instant::now()));
         ctx.remember(&name, now.clone());
     }
 
@@ -414,13 +423,8 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let node_rv = node.resource_version().unwrap_or_default();
-    let labels_known = now
-        .labels
-        .as_ref()
-        .is_some_and(|(from, l)| *from == node_rv && *l == want);
-    if want != have && !labels_known {
-        now.labels = Some((node_rv, want.clone()));
+    if want != have && !trusted(&now.labels, &want, ctx.trust_own_write) {
+        now.labels = Some((want.clone(), Instant::now()));
         let body = Node {
             metadata: ObjectMeta {
                 name: Some(name.clone()),

@@ -165,6 +165,31 @@ fn rendered_objects_rbac_and_security() {
     ] {
         assert!(allows(cr, g, r, v), "ClusterRole misses {v} {g}/{r}");
     }
+    // The API server refuses a ClusterRole granting what its creator does
+    // not hold (no escalate here): the operator holds all it grants agents.
+    for api in ["DevicePlugin", "DRA"] {
+        let p: devplug_api::DevicePluginPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "devplug.io/v1alpha1", "kind": "DevicePluginPolicy",
+            "metadata": {"name": "p", "uid": "u"},
+            "spec": {"resourceName": "example.com/x", "kubeletApi": api,
+                     "source": {"simulated": {"count": 1}}}}))
+        .unwrap();
+        let granted = devplug_operator::desired::cluster_role(&p);
+        for rule in granted.rules.unwrap() {
+            for g in rule.api_groups.unwrap_or_default() {
+                for r in rule.resources.clone().unwrap_or_default() {
+                    for v in &rule.verbs {
+                        assert!(
+                            allows(cr, &g, &r, v),
+                            "{api} agents are granted {v} {g}/{r}, which the operator lacks"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert!(allows(cr, "resource.k8s.io", "deviceclasses", "patch"));
+    assert!(allows(cr, "resource.k8s.io", "deviceclasses", "delete"));
     assert!(!allows(cr, "", "nodes", "delete"));
     assert!(!allows(cr, "", "secrets", "get"));
     assert!(!allows(

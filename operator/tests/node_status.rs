@@ -100,6 +100,19 @@ async fn node_status_lifecycle() {
         "rewrote from a stale copy: {:?}",
         writes(&api)
     );
+    // Nor from a version newer than the one judged but older than the
+    // operator's own writes (an agent wrote in between; the watch has not
+    // caught up): what this process wrote moments ago still stands.
+    let mut between = (*stale).clone();
+    between.metadata.resource_version = Some("between".into());
+    node_controller::reconcile(Arc::new(between), ctx.clone())
+        .await
+        .unwrap();
+    assert!(
+        api.writes().is_empty(),
+        "rewrote from a lagging index: {:?}",
+        writes(&api)
+    );
     let nds = api.get(NDS).unwrap();
     assert_eq!(nds["metadata"]["ownerReferences"][0]["uid"], "node-uid-1");
     assert_eq!(nds["metadata"]["ownerReferences"][0]["kind"], "Node");

@@ -200,7 +200,12 @@ async fn a_stale_copy_of_the_policy_repeats_neither_the_status_nor_its_events() 
             json!({}),
         )],
     );
-    let ctx = ctx(client, store);
+    let mut ctx = ctx(client, store);
+    // Own writes trusted only while the index holds the very version they
+    // were computed from, so the foreign change below is repaired at once
+    // (by default they are also trusted for TRUST_OWN_WRITE).
+    let inner = Arc::try_unwrap(ctx.ctx).ok().unwrap();
+    ctx.ctx = Arc::new(inner.trusting_own_writes_for(Duration::ZERO));
     reconcile(&api, &ctx, "foo").await.unwrap();
     set_ds_status(&api, "foo", 2, 2, 2);
     support::mirror(&api, paths::DAEMONSETS, &ctx.daemonsets);
