@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
     {"rule": "!has(self.source.simulated) || ((has(self.source.simulated.count) ? self.source.simulated.count : 0) + (has(self.source.simulated.devices) ? size(self.source.simulated.devices) : 0)) * (has(self.sharing) && has(self.sharing.replicas) ? self.sharing.replicas : 1) <= 16384",
      "message": "devices x sharing.replicas may be at most 16384: the kubelet's 4 MiB ListAndWatch message cannot carry more IDs"},
     {"rule": "!has(self.kubeletApi) || self.kubeletApi != 'DRA' || !has(self.preStart)",
+     "fieldPath": ".preStart",
      "message": "DRA has no pre-start hook (PreStartContainer is a device plugin call); remove preStart or use kubeletApi DevicePlugin"},
     {"rule": "!has(self.preStart) || (has(self.agent) && has(self.agent.image))",
      "message": "spec.preStart runs its program inside the agent container, and the stock agent image is distroless (no shell, no tools): set spec.agent.image to an image that contains the program"}

@@ -383,6 +383,36 @@ async fn still_serving(p: &DevicePluginPolicy, ctx: &Context) -> Result<Vec<Stri
     if !labelled.items.is_empty() {
         left.push(format!("labels on {} node(s)", labelled.items.len()));
     }
+    // A DRA policy's slices and class, once no agent runs (an agent could
+    // publish again); the kubelet would also drop the slices of a driver
+    // that went away, but only after its grace period.
+    if left.is_empty() && p.spec.kubelet_api == devplug_api::KubeletApi::Dra {
+        let driver = devplug_api::dra_driver_name(&name);
+        let slices: Api<kube::api::DynamicObject> =
+            Api::all_with(c.clone(), &desired::resource_slice_resource());
+        let found = slices
+            .list_metadata(&ListParams::default().fields(&format!("spec.driver={driver}")))
+            .await
+            .map_err(kube_err("list", "ResourceSlice", &driver))?;
+        for s in &found.items {
+            delete_if_present(&slices, &s.name_any(), "ResourceSliceDelete", ctx).await?;
+        }
+        if !found.items.is_empty() {
+            left.push(format!("{} ResourceSlice(s)", found.items.len()));
+        }
+        let class = devplug_api::dra_device_class_name(&name);
+        remember(ctx, format!("DeviceClass/{class}"), None);
+        delete_if_present(
+            &Api::<kube::api::DynamicObject>::all_with(
+                c.clone(),
+                &desired::device_class_resource(),
+            ),
+            &class,
+            "DeviceClassDelete",
+            ctx,
+        )
+        .await?;
+    }
     if left.is_empty() {
         for kind in ["ServiceAccount", "ClusterRoleBinding", "ClusterRole"] {
             remember(ctx, format!("{kind}/{agent}"), None);

@@ -306,6 +306,14 @@ pub fn serves_dra(ds: &DaemonSet) -> bool {
         .is_some_and(|v| v.iter().any(|v| v.name == "plugins-registry"))
 }
 
+/// `resource.k8s.io/v1` ResourceSlice.
+pub fn resource_slice_resource() -> kube::core::ApiResource {
+    kube::core::ApiResource::from_gvk_with_plural(
+        &kube::core::GroupVersionKind::gvk("resource.k8s.io", "v1", "ResourceSlice"),
+        "resourceslices",
+    )
+}
+
 /// `resource.k8s.io/v1` DeviceClass.
 pub fn device_class_resource() -> kube::core::ApiResource {
     kube::core::ApiResource::from_gvk_with_plural(

@@ -210,7 +210,9 @@ bad spec.agent.image '{resourceName: example.com/foo, source: {simulated: {count
 bad spec.allocate.env '{resourceName: example.com/foo, source: {simulated: {count: 1}}, allocate: {env: {1BAD: x}}}'
 bad spec '{resourceName: example.com/foo, source: {simulated: {count: 4096}}, sharing: {strategy: TimeSlicing, replicas: 8}}'
 bad spec.unknownField '{resourceName: example.com/foo, source: {simulated: {count: 1}}, unknownField: 1}'
-ok "16 refused"
+bad spec.kubeletApi '{resourceName: example.com/foo, source: {simulated: {count: 1}}, kubeletApi: Dra}'
+bad spec.preStart '{resourceName: example.com/foo, source: {simulated: {count: 1}}, kubeletApi: DRA, agent: {image: x/y:1}, preStart: {command: [/usr/bin/reset]}}'
+ok "18 refused"
 
 # ----------------------------------------------------------------- install
 begin "helm install (as the README says)"
@@ -558,6 +560,107 @@ wait_for "agent pods gone" 120 "" kubectl -n $NS get pods -l devplug.io/policy=$
 wait_for "resource gone from allocatable" 180 "" sh -c "v=\$(kubectl get node $NODE -o jsonpath='{.status.allocatable.$RES_JSON}'); [ \"\$v\" = 0 ] && v=''; echo \"\$v\""
 wait_for "NodeDeviceStatus entry removed" 60 "" entry '.policy'
 wait_for "node labels removed" 60 "" sh -c "kubectl get node $NODE -o jsonpath='{.metadata.labels}' | grep -o 'devplug.io/$POLICY[^\"]*' || true"
+ok
+
+# ----------------------------------------------------------------- DRA
+DRA_POLICY=simulated-foo-dra
+DRIVER=$DRA_POLICY.devplug.io
+dra_agent() {
+  kubectl -n $NS get pods -l devplug.io/policy=$DRA_POLICY --field-selector spec.nodeName="$NODE" \
+    -o jsonpath="{.items[0]$1}"
+}
+dra_entry() {
+  kubectl get nds "$NODE" -o jsonpath="{.status.resources[?(@.policy==\"$DRA_POLICY\")]$1}"
+}
+slice_devices() {
+  kubectl get resourceslices --field-selector spec.driver=$DRIVER,spec.nodeName="$NODE" \
+    -o jsonpath='{.items[*].spec.devices[*].name}'
+}
+pod_ready_or_fail() { # pod, seconds
+  kubectl wait --for=condition=Ready "pod/$1" --timeout="$2s" >/dev/null 2>&1 && return 0
+  kubectl describe pod "$1" | tail -n 25 >&2
+  fail "pod $1 not Ready within $2 s"
+}
+
+begin "DRA: the policy's DeviceClass, the node's ResourceSlice, registered with the real kubelet"
+kubectl apply -f examples/$DRA_POLICY.yaml >/dev/null
+wait_for "DeviceClass $DRIVER with the extended resource" 60 "$RES" \
+  kubectl get deviceclass $DRIVER -o jsonpath='{.spec.extendedResourceName}'
+# Ready means the kubelet's plugin watcher called GetInfo and then told the
+# agent it is registered (NotifyRegistrationStatus).
+wait_for "DRA agent Ready (registered with the kubelet)" 120 True dra_agent '.status.conditions[?(@.type=="Ready")].status'
+wait_for "ResourceSlice devices" 60 "foo-0 foo-1" slice_devices
+wait_for "policy devices healthy" 60 "2/2" kubectl get dpp $DRA_POLICY -o jsonpath='{.status.devicesHealthy}'
+ok "driver $DRIVER, devices $(slice_devices)"
+
+begin "DRA: a ResourceClaim pod gets its device through CDI"
+kubectl apply -f examples/claim-pod.yaml >/dev/null
+pod_ready_or_fail claim-pod 180
+got=$(kubectl exec claim-pod -- printenv DEVPLUG_HARDWARE_VENDOR_EXAMPLE_FOO)
+case "$got" in foo-0 | foo-1) ;; *) fail "claim pod environment shows '$got'" ;; esac
+[ "$(kubectl exec claim-pod -- printenv FOO_MODE)" = demo ] || fail "the policy's env did not reach the claim pod"
+wait_for "NodeDeviceStatus names the claim pod" 30 claim-pod dra_entry ".devices[?(@.id==\"$got\")].allocations[*].pod"
+kubectl delete pod claim-pod --wait=true --timeout=60s >/dev/null
+ok "$got"
+
+begin "DRA: the unchanged demo pod is served through the extended-resource bridge"
+sed 's/^metadata:/metadata:\n  labels: {app: devplug-e2e}/' examples/demo-pod.yaml | kubectl apply -f - >/dev/null
+pod_ready_or_fail demo-pod 180
+ids=$(kubectl exec demo-pod -- printenv DEVPLUG_HARDWARE_VENDOR_EXAMPLE_FOO)
+case "$ids" in foo-0,foo-1 | foo-1,foo-0) ;; *) fail "demo pod environment shows '$ids' through DRA" ;; esac
+[ -n "$(kubectl get pod demo-pod -o jsonpath='{.status.extendedResourceClaimStatus.resourceClaimName}')" ] ||
+  fail "demo-pod was not served through DRA (no extendedResourceClaimStatus)"
+ok "$ids"
+
+begin "DRA: a flip shows in the pod's allocatedResourcesStatus and both statuses; recovery clears the taint"
+DRA_AGENT=$(dra_agent '.metadata.name')
+kubectl -n $NS exec "$DRA_AGENT" -- devplug-agent sim --control-dir /run/devplug/sim $DRA_POLICY foo-1 Unhealthy "e2e DRA flip" >/dev/null
+pod_health() {
+  kubectl get pod demo-pod -o jsonpath='{range .status.containerStatuses[*].allocatedResourcesStatus[*].resources[*]}{.resourceID}={.health}{" "}{end}'
+}
+wait_for "demo-pod's allocatedResourcesStatus" 90 "Unhealthy" sh -c "kubectl get pod demo-pod -o json | python3 -c '
+import json,sys
+p=json.load(sys.stdin)
+for c in p[\"status\"].get(\"containerStatuses\",[]):
+  for a in c.get(\"allocatedResourcesStatus\") or []:
+    for r in a.get(\"resources\") or []:
+      if r.get(\"resourceID\",\"\").endswith(\"/foo-1\"): print(r.get(\"health\"))'"
+wait_for "NodeDeviceStatus health of foo-1" 30 Unhealthy dra_entry '.devices[?(@.id=="foo-1")].health'
+[ "$(dra_entry '.devices[?(@.id=="foo-1")].allocations[*].pod')" = demo-pod ] || fail "NodeDeviceStatus does not name demo-pod"
+wait_for "policy status names foo-1" 30 foo-1 kubectl get dpp $DRA_POLICY -o jsonpath='{.status.unhealthyDevices[*].id}'
+wait_for "slice taints foo-1" 30 "devplug.io/unhealthy" kubectl get resourceslices --field-selector spec.driver=$DRIVER \
+  -o jsonpath='{.items[*].spec.devices[?(@.name=="foo-1")].taints[*].key}'
+health_line=$(pod_health)
+kubectl -n $NS exec "$DRA_AGENT" -- devplug-agent sim --control-dir /run/devplug/sim $DRA_POLICY foo-1 Healthy >/dev/null
+wait_for "taint removed on recovery" 60 "" kubectl get resourceslices --field-selector spec.driver=$DRIVER \
+  -o jsonpath='{.items[*].spec.devices[?(@.name=="foo-1")].taints[*].key}'
+wait_for "policy healthy again" 60 "2/2" kubectl get dpp $DRA_POLICY -o jsonpath='{.status.devicesHealthy}'
+ok "$health_line"
+
+begin "DRA: the agent and the kubelet restarted mid-way lose no prepared claim"
+specs() { ls /var/run/cdi/devplug-claim-*.json 2>/dev/null | wc -l; }
+if [ "$mode" = kit ]; then
+  [ "$(specs)" -ge 1 ] || fail "no claim CDI spec on the node while demo-pod runs"
+fi
+kubectl -n $NS delete pod "$DRA_AGENT" --wait=true --timeout=60s >/dev/null
+wait_for "DRA agent Ready again" 120 True dra_agent '.status.conditions[?(@.type=="Ready")].status'
+if can_restart_kubelet; then restart_kubelet || fail "restarting the kubelet failed"; fi
+wait_for "DRA agent Ready after the kubelet restart" 120 True dra_agent '.status.conditions[?(@.type=="Ready")].status'
+[ "$(kubectl get pod demo-pod -o jsonpath='{.status.phase}')" = Running ] || fail "demo-pod is not Running after the restarts"
+kubectl delete pod demo-pod --wait=true --timeout=90s >/dev/null
+if [ "$mode" = kit ]; then
+  wait_for "claim CDI specs removed by unprepare" 60 0 specs
+fi
+kubectl apply -f examples/claim-pod.yaml >/dev/null
+pod_ready_or_fail claim-pod 180
+kubectl delete pod claim-pod --wait=true --timeout=60s >/dev/null
+ok "claims prepared before the restarts unprepared after them"
+
+begin "DRA: deleting the policy removes its agents, slices and DeviceClass"
+kubectl delete resourceclaimtemplate foo-claim --ignore-not-found >/dev/null
+kubectl delete dpp $DRA_POLICY --wait=true --timeout=120s >/dev/null || fail "deleting the DRA policy did not finish"
+[ -z "$(kubectl get resourceslices --field-selector spec.driver=$DRIVER -o name)" ] || fail "ResourceSlices left"
+[ -z "$(kubectl get deviceclass $DRIVER -o name --ignore-not-found)" ] || fail "DeviceClass left"
 ok
 
 begin "uninstall in the README's order (policies, chart, CRDs) leaves nothing behind"
