@@ -402,3 +402,88 @@ async fn a_corrupt_claim_checkpoint_is_moved_aside_and_reported() {
     }
     assert!(agent.terminate().success());
 }
+
+/// Frames of one HTTP/2 connection, read raw.
+async fn read_frame(s: &mut tokio::net::UnixStream) -> (u8, u8, u32, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut h = [0u8; 9];
+    tokio::time::timeout(T, s.read_exact(&mut h))
+        .await
+        .unwrap()
+        .unwrap();
+    let len = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+    let mut p = vec![0u8; len];
+    s.read_exact(&mut p).await.unwrap();
+    let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+    (h[3], h[4], stream, p)
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let l = (payload.len() as u32).to_be_bytes();
+    let mut f = vec![l[1], l[2], l[3], kind, flags];
+    f.extend(stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn plain(s: &[u8]) -> Vec<u8> {
+    assert!(s.len() < 127);
+    let mut v = vec![s.len() as u8];
+    v.extend_from_slice(s);
+    v
+}
+
+/// The kubelet's plugin watcher dials the registration socket with the
+/// socket path as its gRPC target, so its requests carry the path as
+/// `:authority`. Found on the real kubelet 1.36: the agent's HTTP/2 stack
+/// reset such requests (PROTOCOL_ERROR) and the driver never registered.
+/// This client sends exactly that shape, byte by byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_watchers_request_with_the_socket_path_as_authority_is_answered() {
+    use tokio::io::AsyncWriteExt;
+    let node = Node::new();
+    let root = node.tmp.path().join("kubelet");
+    let api = ApiServer::start(policy_json()).await;
+    let mut agent = spawn(&node, &api, &root);
+    let sock = root.join(format!("plugins_registry/{DRIVER}-reg.sock"));
+    wait_file(&sock).await;
+    for method in ["GetInfo", "GetInfo"] {
+        let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(frame(0x4, 0, 0, &[]));
+        let mut block = vec![0x83, 0x86, 0x41];
+        block.extend(plain(sock.to_str().unwrap().as_bytes()));
+        block.push(0x44);
+        block.extend(plain(
+            format!("/pluginregistration.Registration/{method}").as_bytes(),
+        ));
+        block.push(0x5f);
+        block.extend(plain(b"application/grpc"));
+        block.push(0x40);
+        block.extend(plain(b"te"));
+        block.extend(plain(b"trailers"));
+        out.extend(frame(0x1, 0x4, 1, &block));
+        out.extend(frame(0x0, 0x1, 1, &[0, 0, 0, 0, 0]));
+        s.write_all(&out).await.unwrap();
+        let mut data = Vec::new();
+        loop {
+            let (kind, flags, stream, payload) = read_frame(&mut s).await;
+            match kind {
+                0x4 if flags & 1 == 0 => s.write_all(&frame(0x4, 1, 0, &[])).await.unwrap(),
+                0x3 => panic!(
+                    "stream {stream} reset by the agent, error code {:?}",
+                    payload
+                ),
+                0x7 => panic!("connection closed by the agent (GOAWAY {payload:?})"),
+                0x0 if stream == 1 => {
+                    data.extend(payload);
+                    if data.windows(DRIVER.len()).any(|w| w == DRIVER.as_bytes()) {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    assert!(agent.terminate().success());
+}

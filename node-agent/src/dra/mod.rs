@@ -16,6 +16,7 @@
 //! device plugin: allocations come from the kubelet's PodResources API,
 //! which reports DRA claims per container.
 
+pub mod authority;
 pub mod claims;
 pub mod names;
 pub mod server;
@@ -29,7 +30,6 @@ use devplug_proto::drahealth::v1alpha1 as health;
 use devplug_proto::pluginregistration::registration_server::RegistrationServer;
 use tokio::net::UnixListener;
 use tokio::sync::{Mutex, watch};
-use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{error, info, warn};
 
 use crate::plugin::PluginState;
@@ -96,6 +96,9 @@ pub fn serve(s: Setup, shutdown: watch::Receiver<bool>) -> std::io::Result<Start
     let endpoint = bind(&paths.endpoint)?;
     let registration = bind(&paths.registration)?;
     let mut tasks = Vec::new();
+    // The kubelet sends the socket path as :authority; see `authority`.
+    let endpoint_len = paths.endpoint.as_os_str().len();
+    let registration_len = paths.registration.as_os_str().len();
     let svc = DraService(state.clone());
     let mut down = shutdown.clone();
     let endpoint_path = paths.endpoint.clone();
@@ -106,7 +109,7 @@ pub fn serve(s: Setup, shutdown: watch::Receiver<bool>) -> std::io::Result<Start
                 svc.clone(),
             ))
             .add_service(health::dra_resource_health_server::DraResourceHealthServer::new(svc))
-            .serve_with_incoming_shutdown(UnixListenerStream::new(endpoint), async move {
+            .serve_with_incoming_shutdown(authority::incoming(endpoint, endpoint_len), async move {
                 crate::stopped(&mut down).await;
             })
             .await;
@@ -121,9 +124,12 @@ pub fn serve(s: Setup, shutdown: watch::Receiver<bool>) -> std::io::Result<Start
     tasks.push(tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
             .add_service(RegistrationServer::new(registrar))
-            .serve_with_incoming_shutdown(UnixListenerStream::new(registration), async move {
-                crate::stopped(&mut down).await;
-            })
+            .serve_with_incoming_shutdown(
+                authority::incoming(registration, registration_len),
+                async move {
+                    crate::stopped(&mut down).await;
+                },
+            )
             .await;
         if let Err(e) = r {
             error!(error = %e, "DRA registration server failed");
