@@ -286,11 +286,13 @@ rm -f /tmp/devplug-e2e-unknown.seen
 watch_unknown
 
 begin "the demo pod gets its devices"
+t0=$(date +%s.%N)
 sed 's/^metadata:/metadata:\n  labels: {app: devplug-e2e}/' examples/demo-pod.yaml | kubectl apply -f - >/dev/null
 kubectl wait --for=condition=Ready pod/demo-pod --timeout=180s >/dev/null || fail "demo-pod not Ready"
+dp_ready=$(echo "$(date +%s.%N) - $t0" | bc)
 ids=$(kubectl exec demo-pod -- printenv DEVPLUG_HARDWARE_VENDOR_EXAMPLE_FOO)
 case "$ids" in
-  foo-0,foo-1 | foo-1,foo-0) ok "$ids" ;;
+  foo-0,foo-1 | foo-1,foo-0) ok "$ids; apply to Ready ${dp_ready} s" ;;
   *) fail "demo pod environment shows '$ids'" ;;
 esac
 
@@ -594,14 +596,16 @@ wait_for "policy devices healthy" 60 "2/2" kubectl get dpp $DRA_POLICY -o jsonpa
 ok "driver $DRIVER, devices $(slice_devices)"
 
 begin "DRA: a ResourceClaim pod gets its device through CDI"
+t0=$(date +%s.%N)
 kubectl apply -f examples/claim-pod.yaml >/dev/null
 pod_ready_or_fail claim-pod 180
+claim_ready=$(echo "$(date +%s.%N) - $t0" | bc)
 got=$(kubectl exec claim-pod -- printenv DEVPLUG_HARDWARE_VENDOR_EXAMPLE_FOO)
 case "$got" in foo-0 | foo-1) ;; *) fail "claim pod environment shows '$got'" ;; esac
 [ "$(kubectl exec claim-pod -- printenv FOO_MODE)" = demo ] || fail "the policy's env did not reach the claim pod"
 wait_for "NodeDeviceStatus names the claim pod" 30 claim-pod dra_entry ".devices[?(@.id==\"$got\")].allocations[*].pod"
 kubectl delete pod claim-pod --wait=true --timeout=60s >/dev/null
-ok "$got"
+ok "$got; apply to Ready ${claim_ready} s"
 
 begin "DRA: the unchanged demo pod is served through the extended-resource bridge"
 sed 's/^metadata:/metadata:\n  labels: {app: devplug-e2e}/' examples/demo-pod.yaml | kubectl apply -f - >/dev/null
@@ -610,51 +614,58 @@ ids=$(kubectl exec demo-pod -- printenv DEVPLUG_HARDWARE_VENDOR_EXAMPLE_FOO)
 case "$ids" in foo-0,foo-1 | foo-1,foo-0) ;; *) fail "demo pod environment shows '$ids' through DRA" ;; esac
 [ -n "$(kubectl get pod demo-pod -o jsonpath='{.status.extendedResourceClaimStatus.resourceClaimName}')" ] ||
   fail "demo-pod was not served through DRA (no extendedResourceClaimStatus)"
+kubectl delete pod demo-pod --wait=true --timeout=90s >/dev/null
 ok "$ids"
 
-begin "DRA: a flip shows in the pod's allocatedResourcesStatus and both statuses; recovery clears the taint"
+begin "DRA: a flip shows in the claim pod's allocatedResourcesStatus and both statuses; recovery clears the taint"
+# The kubelet reports DRA device health for containers that name their
+# claims (resources.claims), so the claim pod is the one to watch.
+kubectl apply -f examples/claim-pod.yaml >/dev/null
+pod_ready_or_fail claim-pod 180
+dev=$(kubectl exec claim-pod -- printenv DEVPLUG_HARDWARE_VENDOR_EXAMPLE_FOO)
 DRA_AGENT=$(dra_agent '.metadata.name')
-kubectl -n $NS exec "$DRA_AGENT" -- devplug-agent sim --control-dir /run/devplug/sim $DRA_POLICY foo-1 Unhealthy "e2e DRA flip" >/dev/null
-pod_health() {
-  kubectl get pod demo-pod -o jsonpath='{range .status.containerStatuses[*].allocatedResourcesStatus[*].resources[*]}{.resourceID}={.health}{" "}{end}'
-}
-wait_for "demo-pod's allocatedResourcesStatus" 90 "Unhealthy" sh -c "kubectl get pod demo-pod -o json | python3 -c '
+kubectl -n $NS exec "$DRA_AGENT" -- devplug-agent sim --control-dir /run/devplug/sim $DRA_POLICY "$dev" Unhealthy "e2e DRA flip" >/dev/null
+pod_health() { # health and message of the pod's device, as the kubelet reports it
+  kubectl get pod claim-pod -o json | python3 -c '
 import json,sys
 p=json.load(sys.stdin)
-for c in p[\"status\"].get(\"containerStatuses\",[]):
-  for a in c.get(\"allocatedResourcesStatus\") or []:
-    for r in a.get(\"resources\") or []:
-      if r.get(\"resourceID\",\"\").endswith(\"/foo-1\"): print(r.get(\"health\"))'"
-wait_for "NodeDeviceStatus health of foo-1" 30 Unhealthy dra_entry '.devices[?(@.id=="foo-1")].health'
-[ "$(dra_entry '.devices[?(@.id=="foo-1")].allocations[*].pod')" = demo-pod ] || fail "NodeDeviceStatus does not name demo-pod"
-wait_for "policy status names foo-1" 30 foo-1 kubectl get dpp $DRA_POLICY -o jsonpath='{.status.unhealthyDevices[*].id}'
-wait_for "slice taints foo-1" 30 "devplug.io/unhealthy" kubectl get resourceslices --field-selector spec.driver=$DRIVER \
-  -o jsonpath='{.items[*].spec.devices[?(@.name=="foo-1")].taints[*].key}'
+for c in p["status"].get("containerStatuses",[]):
+  for a in c.get("allocatedResourcesStatus") or []:
+    for r in a.get("resources") or []:
+      if r.get("resourceID","").endswith("/'"$dev"'"): print(r.get("health"), r.get("message", ""))'
+}
+wait_for "claim-pod's allocatedResourcesStatus" 90 "Unhealthy" sh -c "$(declare -f pod_health); dev=$dev; pod_health | cut -d' ' -f1"
+wait_for "NodeDeviceStatus health of $dev" 30 Unhealthy dra_entry ".devices[?(@.id==\"$dev\")].health"
+wait_for "NodeDeviceStatus names the claim pod" 30 claim-pod dra_entry ".devices[?(@.id==\"$dev\")].allocations[*].pod"
+wait_for "policy status names $dev" 30 "$dev" kubectl get dpp $DRA_POLICY -o jsonpath='{.status.unhealthyDevices[*].id}'
+wait_for "slice taints $dev" 30 "devplug.io/unhealthy" kubectl get resourceslices --field-selector spec.driver=$DRIVER \
+  -o jsonpath="{.items[*].spec.devices[?(@.name==\"$dev\")].taints[*].key}"
 health_line=$(pod_health)
-kubectl -n $NS exec "$DRA_AGENT" -- devplug-agent sim --control-dir /run/devplug/sim $DRA_POLICY foo-1 Healthy >/dev/null
+kubectl -n $NS exec "$DRA_AGENT" -- devplug-agent sim --control-dir /run/devplug/sim $DRA_POLICY "$dev" Healthy >/dev/null
 wait_for "taint removed on recovery" 60 "" kubectl get resourceslices --field-selector spec.driver=$DRIVER \
-  -o jsonpath='{.items[*].spec.devices[?(@.name=="foo-1")].taints[*].key}'
+  -o jsonpath="{.items[*].spec.devices[?(@.name==\"$dev\")].taints[*].key}"
+wait_for "claim-pod's device Healthy again" 90 "Healthy" sh -c "$(declare -f pod_health); dev=$dev; pod_health | cut -d' ' -f1"
 wait_for "policy healthy again" 60 "2/2" kubectl get dpp $DRA_POLICY -o jsonpath='{.status.devicesHealthy}'
-ok "$health_line"
+ok "$dev: $health_line"
 
 begin "DRA: the agent and the kubelet restarted mid-way lose no prepared claim"
 specs() { ls /var/run/cdi/devplug-claim-*.json 2>/dev/null | wc -l; }
 if [ "$mode" = kit ]; then
-  [ "$(specs)" -ge 1 ] || fail "no claim CDI spec on the node while demo-pod runs"
+  [ "$(specs)" -ge 1 ] || fail "no claim CDI spec on the node while claim-pod runs"
 fi
 kubectl -n $NS delete pod "$DRA_AGENT" --wait=true --timeout=60s >/dev/null
 wait_for "DRA agent Ready again" 120 True dra_agent '.status.conditions[?(@.type=="Ready")].status'
 if can_restart_kubelet; then restart_kubelet || fail "restarting the kubelet failed"; fi
 wait_for "DRA agent Ready after the kubelet restart" 120 True dra_agent '.status.conditions[?(@.type=="Ready")].status'
-[ "$(kubectl get pod demo-pod -o jsonpath='{.status.phase}')" = Running ] || fail "demo-pod is not Running after the restarts"
-kubectl delete pod demo-pod --wait=true --timeout=90s >/dev/null
+[ "$(kubectl get pod claim-pod -o jsonpath='{.status.phase}')" = Running ] || fail "claim-pod is not Running after the restarts"
+kubectl delete pod claim-pod --wait=true --timeout=90s >/dev/null
 if [ "$mode" = kit ]; then
   wait_for "claim CDI specs removed by unprepare" 60 0 specs
 fi
 kubectl apply -f examples/claim-pod.yaml >/dev/null
 pod_ready_or_fail claim-pod 180
 kubectl delete pod claim-pod --wait=true --timeout=60s >/dev/null
-ok "claims prepared before the restarts unprepared after them"
+ok "the claim prepared before the restarts was unprepared after them; a new one ran"
 
 begin "DRA: deleting the policy removes its agents, slices and DeviceClass"
 kubectl delete resourceclaimtemplate foo-claim --ignore-not-found >/dev/null
