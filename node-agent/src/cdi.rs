@@ -161,18 +161,22 @@ fn policy_edits(cfg: &PluginConfig) -> Edits {
     }
 }
 
-/// One CDI device of a DRA claim: the devices of one request, under `name`.
+/// One CDI device of a DRA claim: one physical device of one request.
 pub struct ClaimDevice<'a> {
-    /// CDI device name (unique per claim and request).
+    /// CDI device name (unique per claim).
     pub name: String,
-    /// Physical IDs and their states, in allocation order.
-    pub devices: Vec<(&'a str, &'a DeviceState)>,
+    /// Physical device ID.
+    pub id: &'a str,
+    /// Its state (device nodes).
+    pub state: &'a DeviceState,
+    /// The physical IDs of its request, comma-separated.
+    pub request_ids: String,
 }
 
-/// The CDI spec of a prepared DRA claim: per request, the device nodes of
-/// its devices, `<idsEnv>=<physical IDs>` and each device's own variable;
-/// for the whole spec the policy's env and mounts. Same edits as Allocate
-/// gives a device-plugin container.
+/// The CDI spec of a prepared DRA claim: per device, its device nodes, its
+/// own variable and `<idsEnv>=<the IDs of its request>`; for the whole spec
+/// the policy's env and mounts. Same edits as Allocate gives a
+/// device-plugin container.
 pub fn render_claim(
     cfg: &PluginConfig,
     kind: &str,
@@ -180,38 +184,26 @@ pub fn render_claim(
 ) -> Result<Vec<u8>, serde_json::Error> {
     let devices = devices
         .iter()
-        .map(|c| {
-            let mut env = vec![format!(
-                "{}={}",
-                cfg.ids_env,
-                c.devices
+        .map(|c| CdiDevice {
+            name: c.name.clone(),
+            container_edits: Edits {
+                env: vec![
+                    format!("{}={}", cfg.ids_env, c.request_ids),
+                    format!("{}={}", device_env(c.id), c.id),
+                ],
+                device_nodes: c
+                    .state
+                    .device
+                    .nodes
                     .iter()
-                    .map(|(id, _)| *id)
-                    .collect::<Vec<_>>()
-                    .join(",")
-            )];
-            env.extend(
-                c.devices
-                    .iter()
-                    .map(|(id, _)| format!("{}={id}", device_env(id))),
-            );
-            CdiDevice {
-                name: c.name.clone(),
-                container_edits: Edits {
-                    env,
-                    device_nodes: c
-                        .devices
-                        .iter()
-                        .flat_map(|(_, s)| &s.device.nodes)
-                        .map(|n| Node {
-                            path: n.container_path.clone(),
-                            host_path: n.host_path.clone(),
-                            permissions: n.permissions.clone(),
-                        })
-                        .collect(),
-                    mounts: Vec::new(),
-                },
-            }
+                    .map(|n| Node {
+                        path: n.container_path.clone(),
+                        host_path: n.host_path.clone(),
+                        permissions: n.permissions.clone(),
+                    })
+                    .collect(),
+                mounts: Vec::new(),
+            },
         })
         .collect();
     serde_json::to_vec_pretty(&Spec {

@@ -168,12 +168,12 @@ async fn a_dra_policy_registers_publishes_and_prepares_claims_across_restarts() 
     assert_eq!(got.devices[0].request_names, ["gpu"]);
     assert_eq!(
         got.devices[0].cdi_device_ids,
-        ["example.com/gpu=claim-uid-1-gpu"]
+        ["example.com/gpu=sim-1-gpu-uid-1"]
     );
     let spec_file = node.cdi().join("devplug-claim-uid-1.json");
     let cdi: Value = serde_json::from_slice(&std::fs::read(&spec_file).unwrap()).unwrap();
     assert_eq!(cdi["kind"], "example.com/gpu");
-    assert_eq!(cdi["devices"][0]["name"], "claim-uid-1-gpu");
+    assert_eq!(cdi["devices"][0]["name"], "sim-1-gpu-uid-1");
     let env = cdi["devices"][0]["containerEdits"]["env"].to_string();
     assert!(env.contains("sim-1"), "{env}");
     assert!(
@@ -245,6 +245,18 @@ async fn a_dra_policy_registers_publishes_and_prepares_claims_across_restarts() 
     );
     assert_eq!(err("uid-6"), "");
     assert_eq!(r.claims["uid-6"].devices.len(), 2);
+    let ids: Vec<_> = r.claims["uid-6"]
+        .devices
+        .iter()
+        .map(|d| d.cdi_device_ids.clone())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            vec!["example.com/gpu=sim-0-a-uid-6".to_string()],
+            vec!["example.com/gpu=sim-2-b-uid-6".to_string()]
+        ]
+    );
     for bad in ["uid-2", "uid-3", "uid-4", "uid-5"] {
         assert!(
             !node

@@ -286,13 +286,13 @@ rm -f /tmp/devplug-e2e-unknown.seen
 watch_unknown
 
 begin "the demo pod gets its devices"
-t0=$(date +%s.%N)
+t0=$(date +%s%3N)
 sed 's/^metadata:/metadata:\n  labels: {app: devplug-e2e}/' examples/demo-pod.yaml | kubectl apply -f - >/dev/null
 kubectl wait --for=condition=Ready pod/demo-pod --timeout=180s >/dev/null || fail "demo-pod not Ready"
-dp_ready=$(echo "$(date +%s.%N) - $t0" | bc)
+dp_ready=$(( $(date +%s%3N) - t0 ))
 ids=$(kubectl exec demo-pod -- printenv DEVPLUG_HARDWARE_VENDOR_EXAMPLE_FOO)
 case "$ids" in
-  foo-0,foo-1 | foo-1,foo-0) ok "$ids; apply to Ready ${dp_ready} s" ;;
+  foo-0,foo-1 | foo-1,foo-0) ok "$ids; apply to Ready ${dp_ready} ms" ;;
   *) fail "demo pod environment shows '$ids'" ;;
 esac
 
@@ -596,16 +596,16 @@ wait_for "policy devices healthy" 60 "2/2" kubectl get dpp $DRA_POLICY -o jsonpa
 ok "driver $DRIVER, devices $(slice_devices)"
 
 begin "DRA: a ResourceClaim pod gets its device through CDI"
-t0=$(date +%s.%N)
+t0=$(date +%s%3N)
 kubectl apply -f examples/claim-pod.yaml >/dev/null
 pod_ready_or_fail claim-pod 180
-claim_ready=$(echo "$(date +%s.%N) - $t0" | bc)
+claim_ready=$(( $(date +%s%3N) - t0 ))
 got=$(kubectl exec claim-pod -- printenv DEVPLUG_HARDWARE_VENDOR_EXAMPLE_FOO)
 case "$got" in foo-0 | foo-1) ;; *) fail "claim pod environment shows '$got'" ;; esac
 [ "$(kubectl exec claim-pod -- printenv FOO_MODE)" = demo ] || fail "the policy's env did not reach the claim pod"
 wait_for "NodeDeviceStatus names the claim pod" 30 claim-pod dra_entry ".devices[?(@.id==\"$got\")].allocations[*].pod"
 kubectl delete pod claim-pod --wait=true --timeout=60s >/dev/null
-ok "$got; apply to Ready ${claim_ready} s"
+ok "$got; apply to Ready ${claim_ready} ms"
 
 begin "DRA: the unchanged demo pod is served through the extended-resource bridge"
 sed 's/^metadata:/metadata:\n  labels: {app: devplug-e2e}/' examples/demo-pod.yaml | kubectl apply -f - >/dev/null
@@ -625,26 +625,30 @@ pod_ready_or_fail claim-pod 180
 dev=$(kubectl exec claim-pod -- printenv DEVPLUG_HARDWARE_VENDOR_EXAMPLE_FOO)
 DRA_AGENT=$(dra_agent '.metadata.name')
 kubectl -n $NS exec "$DRA_AGENT" -- devplug-agent sim --control-dir /run/devplug/sim $DRA_POLICY "$dev" Unhealthy "e2e DRA flip" >/dev/null
-pod_health() { # health and message of the pod's device, as the kubelet reports it
+pod_health() { # health and message of device $1 in claim-pod's status, as the kubelet reports it
   kubectl get pod claim-pod -o json | python3 -c '
 import json,sys
+dev=sys.argv[1]
 p=json.load(sys.stdin)
 for c in p["status"].get("containerStatuses",[]):
   for a in c.get("allocatedResourcesStatus") or []:
     for r in a.get("resources") or []:
-      if r.get("resourceID","").endswith("/'"$dev"'"): print(r.get("health"), r.get("message", ""))'
+      rid=r.get("resourceID","")
+      # A CDI name (<kind>=<device>-<request>-<claim uid>) or <driver>/<pool>/<device>.
+      if ("="+dev+"-") in rid or rid.endswith("/"+dev): print(r.get("health"), r.get("message", ""))' "$1"
 }
-wait_for "claim-pod's allocatedResourcesStatus" 90 "Unhealthy" sh -c "$(declare -f pod_health); dev=$dev; pod_health | cut -d' ' -f1"
+pod_health_only() { pod_health "$1" | cut -d' ' -f1; }
+wait_for "claim-pod's allocatedResourcesStatus" 90 "Unhealthy" pod_health_only "$dev"
 wait_for "NodeDeviceStatus health of $dev" 30 Unhealthy dra_entry ".devices[?(@.id==\"$dev\")].health"
 wait_for "NodeDeviceStatus names the claim pod" 30 claim-pod dra_entry ".devices[?(@.id==\"$dev\")].allocations[*].pod"
 wait_for "policy status names $dev" 30 "$dev" kubectl get dpp $DRA_POLICY -o jsonpath='{.status.unhealthyDevices[*].id}'
 wait_for "slice taints $dev" 30 "devplug.io/unhealthy" kubectl get resourceslices --field-selector spec.driver=$DRIVER \
   -o jsonpath="{.items[*].spec.devices[?(@.name==\"$dev\")].taints[*].key}"
-health_line=$(pod_health)
+health_line=$(pod_health "$dev")
 kubectl -n $NS exec "$DRA_AGENT" -- devplug-agent sim --control-dir /run/devplug/sim $DRA_POLICY "$dev" Healthy >/dev/null
 wait_for "taint removed on recovery" 60 "" kubectl get resourceslices --field-selector spec.driver=$DRIVER \
   -o jsonpath="{.items[*].spec.devices[?(@.name==\"$dev\")].taints[*].key}"
-wait_for "claim-pod's device Healthy again" 90 "Healthy" sh -c "$(declare -f pod_health); dev=$dev; pod_health | cut -d' ' -f1"
+wait_for "claim-pod's device Healthy again" 90 "Healthy" pod_health_only "$dev"
 wait_for "policy healthy again" 60 "2/2" kubectl get dpp $DRA_POLICY -o jsonpath='{.status.devicesHealthy}'
 ok "$dev: $health_line"
 

@@ -233,20 +233,31 @@ pub fn plan(
             .cdi_kind
             .clone()
             .unwrap_or_else(|| cfg.resource_name.clone());
-        let claim_devices: Vec<cdi::ClaimDevice<'_>> = per_request
-            .iter()
-            .map(|(req, list)| cdi::ClaimDevice {
-                name: names::cdi_device(uid, req),
-                devices: list.clone(),
-            })
-            .collect();
-        // Each request's CDI device goes with the first of its devices.
+        // One CDI device per physical device and request, named after the
+        // device (the kubelet shows CDI names in the pod's
+        // allocatedResourcesStatus): its nodes, its own variable, and the
+        // request's list of IDs.
+        let mut claim_devices: Vec<cdi::ClaimDevice<'_>> = Vec::new();
+        for (req, list) in &per_request {
+            let ids: Vec<&str> = list.iter().map(|(p, _)| *p).collect();
+            for (physical, state) in list {
+                claim_devices.push(cdi::ClaimDevice {
+                    name: names::cdi_device(uid, req, physical),
+                    id: physical,
+                    state,
+                    request_ids: ids.join(","),
+                });
+            }
+        }
         let mut given = std::collections::BTreeSet::new();
         for d in &mut devices {
-            if given.insert(d.result.request.clone()) {
+            let physical = sharing::physical_of(&d.id, snap.replicas)
+                .unwrap_or(&d.id)
+                .to_string();
+            if given.insert((d.result.request.clone(), physical.clone())) {
                 d.cdi_ids = vec![format!(
                     "{kind}={}",
-                    names::cdi_device(uid, &d.result.request)
+                    names::cdi_device(uid, &d.result.request, &physical)
                 )];
             }
         }

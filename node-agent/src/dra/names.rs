@@ -53,9 +53,11 @@ pub fn slice_name(node: &str, driver: &str, i: usize) -> String {
     format!("{base}-{i}")
 }
 
-/// The name of a claim's CDI device for one request.
-pub fn cdi_device(claim_uid: &str, request: &str) -> String {
-    let safe: String = format!("claim-{claim_uid}-{request}")
+/// The name of a claim's CDI device for one physical device of one request:
+/// `<device>-<request>-<claim uid>`, so the pod's allocatedResourcesStatus
+/// (which shows CDI names) names the device.
+pub fn cdi_device(claim_uid: &str, request: &str, physical: &str) -> String {
+    format!("{}-{request}-{claim_uid}", device_name(physical))
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
@@ -64,8 +66,7 @@ pub fn cdi_device(claim_uid: &str, request: &str) -> String {
                 '_'
             }
         })
-        .collect();
-    safe
+        .collect()
 }
 
 /// The CDI spec file of a prepared claim.
