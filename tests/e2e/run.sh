@@ -604,7 +604,7 @@ got=$(kubectl exec claim-pod -- printenv DEVPLUG_HARDWARE_VENDOR_EXAMPLE_FOO)
 case "$got" in foo-0 | foo-1) ;; *) fail "claim pod environment shows '$got'" ;; esac
 [ "$(kubectl exec claim-pod -- printenv FOO_MODE)" = demo ] || fail "the policy's env did not reach the claim pod"
 wait_for "NodeDeviceStatus names the claim pod" 30 claim-pod dra_entry ".devices[?(@.id==\"$got\")].allocations[*].pod"
-kubectl delete pod claim-pod --wait=true --timeout=60s >/dev/null
+kubectl delete pod claim-pod --grace-period=1 --wait=true --timeout=60s >/dev/null
 ok "$got; apply to Ready ${claim_ready} ms"
 
 begin "DRA: the unchanged demo pod is served through the extended-resource bridge"
@@ -614,7 +614,7 @@ ids=$(kubectl exec demo-pod -- printenv DEVPLUG_HARDWARE_VENDOR_EXAMPLE_FOO)
 case "$ids" in foo-0,foo-1 | foo-1,foo-0) ;; *) fail "demo pod environment shows '$ids' through DRA" ;; esac
 [ -n "$(kubectl get pod demo-pod -o jsonpath='{.status.extendedResourceClaimStatus.resourceClaimName}')" ] ||
   fail "demo-pod was not served through DRA (no extendedResourceClaimStatus)"
-kubectl delete pod demo-pod --wait=true --timeout=90s >/dev/null
+kubectl delete pod demo-pod --grace-period=1 --wait=true --timeout=90s >/dev/null
 ok "$ids"
 
 begin "DRA: a flip shows in the claim pod's allocatedResourcesStatus and both statuses; recovery clears the taint"
@@ -641,7 +641,9 @@ pod_health_only() { pod_health "$1" | cut -d' ' -f1; }
 wait_for "claim-pod's allocatedResourcesStatus" 90 "Unhealthy" pod_health_only "$dev"
 wait_for "NodeDeviceStatus health of $dev" 30 Unhealthy dra_entry ".devices[?(@.id==\"$dev\")].health"
 wait_for "NodeDeviceStatus names the claim pod" 30 claim-pod dra_entry ".devices[?(@.id==\"$dev\")].allocations[*].pod"
-wait_for "policy status names $dev" 30 "$dev" kubectl get dpp $DRA_POLICY -o jsonpath='{.status.unhealthyDevices[*].id}'
+wait_for "policy status names $dev" 30 "$dev" kubectl get dpp $DRA_POLICY -o jsonpath='{.status.unhealthyDevices[*].device}'
+[ "$(kubectl get dpp $DRA_POLICY -o jsonpath='{.status.unhealthyDevices[0].pods[0]}')" = default/claim-pod ] ||
+  fail "the policy status does not name default/claim-pod: $(kubectl get dpp $DRA_POLICY -o jsonpath='{.status.unhealthyDevices}')"
 wait_for "slice taints $dev" 30 "devplug.io/unhealthy" kubectl get resourceslices --field-selector spec.driver=$DRIVER \
   -o jsonpath="{.items[*].spec.devices[?(@.name==\"$dev\")].taints[*].key}"
 health_line=$(pod_health "$dev")
@@ -662,13 +664,13 @@ wait_for "DRA agent Ready again" 120 True dra_agent '.status.conditions[?(@.type
 if can_restart_kubelet; then restart_kubelet || fail "restarting the kubelet failed"; fi
 wait_for "DRA agent Ready after the kubelet restart" 120 True dra_agent '.status.conditions[?(@.type=="Ready")].status'
 [ "$(kubectl get pod claim-pod -o jsonpath='{.status.phase}')" = Running ] || fail "claim-pod is not Running after the restarts"
-kubectl delete pod claim-pod --wait=true --timeout=90s >/dev/null
+kubectl delete pod claim-pod --grace-period=1 --wait=true --timeout=90s >/dev/null
 if [ "$mode" = kit ]; then
   wait_for "claim CDI specs removed by unprepare" 60 0 specs
 fi
 kubectl apply -f examples/claim-pod.yaml >/dev/null
 pod_ready_or_fail claim-pod 180
-kubectl delete pod claim-pod --wait=true --timeout=60s >/dev/null
+kubectl delete pod claim-pod --grace-period=1 --wait=true --timeout=60s >/dev/null
 ok "the claim prepared before the restarts was unprepared after them; a new one ran"
 
 begin "DRA: deleting the policy removes its agents, slices and DeviceClass"
