@@ -145,6 +145,15 @@ async fn a_dra_policy_registers_publishes_and_prepares_claims_across_restarts() 
         json!({"string": "sim-1"})
     );
 
+    // Someone deletes the slice (the kubelet does when it restarts): the
+    // agent publishes its pool again.
+    let name = api.slices().into_keys().next().unwrap();
+    api.delete_slice(&name);
+    wait_slices(&api, "pool published again after a deletion", |s| {
+        s.len() == 1
+    })
+    .await;
+
     // Prepare: the CDI spec of the claim, its name in the answer.
     api.set_claim(
         "ml",

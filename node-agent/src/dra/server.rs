@@ -102,8 +102,11 @@ impl DraState {
             })?;
         if got.metadata.uid.as_deref() != Some(c.uid.as_str()) {
             return Err(format!(
-                "ResourceClaim {}/{} has UID {:?}, not {} (replaced meanwhile)",
-                c.namespace, c.name, got.metadata.uid, c.uid
+                "ResourceClaim {}/{} has UID {}, not {} (replaced meanwhile)",
+                c.namespace,
+                c.name,
+                got.metadata.uid.as_deref().unwrap_or("none"),
+                c.uid
             ));
         }
         serde_json::to_value(&got).map_err(|e| e.to_string())

@@ -12,7 +12,9 @@
 //! a `NoSchedule` taint, removed when it recovers.
 //!
 //! The pool's generation goes up on every change; slices of an older
-//! generation left over (fewer devices now) are deleted. Nothing is
+//! generation left over (fewer devices now) are deleted. A watch of the
+//! pool's own slices publishes it again when anyone else deletes one (the
+//! kubelet wipes a node's slices when it restarts). Nothing is
 //! published before discovery has run once, so the scheduler never sees an
 //! empty pool for a node that has devices.
 
@@ -21,8 +23,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use devplug_api::agent_manager;
+use futures::StreamExt;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
+use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -186,6 +190,14 @@ pub async fn publish(
         }
     };
     let mut published: Option<Vec<Value>> = None;
+    let mut ours = watcher(
+        api.clone(),
+        watcher::Config::default()
+            .fields(&format!("spec.nodeName={node},spec.driver={}", cfg.driver)),
+    )
+    .default_backoff()
+    .boxed();
+    let mut listed: BTreeSet<String> = BTreeSet::new();
     loop {
         let snap = snaps.borrow_and_update().clone();
         // Never an empty pool before discovery has looked.
@@ -221,6 +233,35 @@ pub async fn publish(
         tokio::select! {
             _ = crate::stopped(&mut shutdown) => return,
             r = snaps.changed() => if r.is_err() { return },
+            ev = ours.next() => {
+                // Slices deleted by anyone else (the kubelet wipes a node's
+                // slices when it restarts; a user may delete them): the
+                // pool is published again at once.
+                let gone = match ev {
+                    Some(Ok(watcher::Event::Delete(o))) => {
+                        o.metadata.name.filter(|n| names.contains(n)).into_iter().collect()
+                    }
+                    Some(Ok(watcher::Event::Init)) => {
+                        listed.clear();
+                        Vec::new()
+                    }
+                    Some(Ok(watcher::Event::InitApply(o))) => {
+                        listed.extend(o.metadata.name);
+                        Vec::new()
+                    }
+                    Some(Ok(watcher::Event::InitDone)) => {
+                        names.difference(&listed).cloned().collect()
+                    }
+                    _ => Vec::new(),
+                };
+                if !gone.is_empty() && published.is_some() {
+                    info!(policy = %cfg.name, slices = ?gone, "ResourceSlices removed by someone else; publishing again");
+                    for g in &gone {
+                        names.remove(g);
+                    }
+                    published = None;
+                }
+            }
         }
     }
 }

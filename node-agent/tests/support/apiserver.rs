@@ -38,6 +38,7 @@ struct Shared {
     refuse_writes: Arc<Mutex<bool>>,
     posted_events: Arc<Mutex<Vec<Value>>>,
     slices: Arc<Mutex<std::collections::BTreeMap<String, Value>>>,
+    slice_events: broadcast::Sender<String>,
     claims: Arc<Mutex<std::collections::BTreeMap<String, Value>>>,
     claim_reads: Arc<Mutex<u64>>,
 }
@@ -60,6 +61,20 @@ async fn slices(
     let rest = path
         .trim_start_matches("/apis/resource.k8s.io/v1/resourceslices")
         .trim_start_matches('/');
+    let watch = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .any(|kv| kv == "watch=true" || kv == "watch=1");
+    if watch && method == axum::http::Method::GET {
+        let stream = BroadcastStream::new(s.slice_events.subscribe())
+            .filter_map(|e| e.ok())
+            .map(|line| Ok::<_, Infallible>(format!("{line}\n")));
+        return Response::builder()
+            .header("content-type", "application/json")
+            .body(Body::from_stream(stream))
+            .unwrap();
+    }
     let mut store = s.slices.lock().unwrap();
     match (method.as_str(), rest.is_empty()) {
         ("GET", true) => json_response(
@@ -256,6 +271,7 @@ impl ApiServer {
             refuse_writes: Arc::default(),
             posted_events: Arc::default(),
             slices: Arc::default(),
+            slice_events: broadcast::channel(64).0,
             claims: Arc::default(),
             claim_reads: Arc::default(),
         };
@@ -324,6 +340,16 @@ impl ApiServer {
     /// ResourceSlices stored, by name.
     pub fn slices(&self) -> std::collections::BTreeMap<String, Value> {
         self.shared.slices.lock().unwrap().clone()
+    }
+
+    /// Deletes a ResourceSlice as someone else would, telling watchers.
+    pub fn delete_slice(&self, name: &str) {
+        if let Some(o) = self.shared.slices.lock().unwrap().remove(name) {
+            let _ = self
+                .shared
+                .slice_events
+                .send(json!({"type": "DELETED", "object": o}).to_string());
+        }
     }
 
     /// Stores (or with `None` removes) a ResourceClaim.
