@@ -20,6 +20,7 @@ unit:
 
 bench:
 	$(CARGO) bench -p devplug-agent --bench agent
+	$(CARGO) bench -p devplug-agent --bench dra
 	$(CARGO) bench -p devplug-operator --bench reconcile
 
 # The operator against a real API server with a simulated fleet (not part of
