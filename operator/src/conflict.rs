@@ -64,6 +64,23 @@ where
         .find(|s| may_overlap(&s.spec.node_selector, &p.spec.node_selector))
 }
 
+/// How the conflict condition names the policy that won: its name, and
+/// when it serves the resource through the other kubelet API, that too.
+pub fn describe_winner(loser: &DevicePluginPolicy, winner: &DevicePluginPolicy) -> String {
+    let name = winner.metadata.name.clone().unwrap_or_default();
+    if loser.spec.kubelet_api == winner.spec.kubelet_api {
+        return name;
+    }
+    let api = |a: devplug_api::KubeletApi| match a {
+        devplug_api::KubeletApi::DevicePlugin => "the device plugin API",
+        devplug_api::KubeletApi::Dra => "DRA",
+    };
+    format!(
+        "{name} (through {}; a node never serves one resource name both through the device plugin API and DRA, the kubelet forbids it)",
+        api(winner.spec.kubelet_api)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,5 +214,19 @@ mod tests {
         assert!(may_overlap(&m(&[]), &m(&[("a", "1")])));
         assert!(may_overlap(&m(&[("a", "1")]), &m(&[("b", "2")])));
         assert!(!may_overlap(&m(&[("a", "1")]), &m(&[("a", "2")])));
+    }
+
+    #[test]
+    fn a_conflict_across_kubelet_apis_says_so() {
+        let a = pol("a", "example.com/x", 1, &[]);
+        let mut b = pol("b", "example.com/x", 2, &[]);
+        assert_eq!(describe_winner(&b, &a), "a");
+        b.spec.kubelet_api = devplug_api::KubeletApi::Dra;
+        let d = describe_winner(&b, &a);
+        assert!(d.starts_with("a (through the device plugin API;"), "{d}");
+        assert!(
+            d.contains("both through the device plugin API and DRA"),
+            "{d}"
+        );
     }
 }

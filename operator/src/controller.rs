@@ -772,7 +772,7 @@ pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<
         }
         let all = ctx.index.policies.state();
         if let Some(winner) = conflict::older_claimant(&p, all.iter().map(|a| a.as_ref()), &ctx.defaults) {
-            seen.conflict_with = Some(winner.name_any());
+            seen.conflict_with = Some(conflict::describe_winner(&p, winner));
             if remove_agents(&ctx, &name).await? {
                 info!(policy = %name, winner = %winner.name_any(), "removed agents of a conflicting policy");
             }
