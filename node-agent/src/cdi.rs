@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::config::PluginConfig;
-use crate::inventory::{DeviceState, Snapshot};
+use crate::devices::inventory::{DeviceState, Snapshot};
 
 /// CDI spec version written (understood by containerd 1.7+ and CRI-O 1.28+).
 pub const CDI_VERSION: &str = "0.6.0";
@@ -292,9 +292,9 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::device::{Device, DeviceNode};
-    use crate::health::Health;
-    use crate::inventory::Inventory;
+    use crate::devices::device::{Device, DeviceNode};
+    use crate::devices::health::Health;
+    use crate::devices::inventory::Inventory;
 
     fn cfg(extra: &str) -> PluginConfig {
         let p = devplug_api::policies_from_yaml(&format!(

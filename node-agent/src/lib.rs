@@ -1,35 +1,29 @@
-//! devplug node agent: one kubelet device plugin per `DevicePluginPolicy`.
+//! devplug node agent: serves each `DevicePluginPolicy` to the kubelet.
 //!
-//! Data flow: a [`sources::Source`] discovers devices; [`discovery`] re-runs
-//! it on inotify events and feeds an [`inventory::Inventory`] (damped
-//! [`health`], [`sharing`]); each change publishes a snapshot that the
-//! [`plugin`] service streams to the kubelet. [`server`] owns the socket,
-//! [`registration`] keeps the kubelet aware of us, [`plugin_dir`] notices
-//! kubelet restarts, [`admin`] serves health and readiness.
+//! One device model feeds two kubelet paths and one status path:
+//! - [`devices`]: sources, discovery, the health state machine (the one
+//!   place health is decided), sharing, and the snapshots they publish;
+//! - [`deviceplugin`]: the device plugin API (`spec.kubeletApi:
+//!   DevicePlugin`, the default);
+//! - [`dra`]: Dynamic Resource Allocation (`spec.kubeletApi: DRA`);
+//! - [`status`]: allocations from PodResources and the NodeDeviceStatus
+//!   entry, for both paths.
+//!
+//! Around them: [`run`] starts and updates one plugin per policy (cluster
+//! or standalone mode), [`cdi`] writes CDI specs, [`admin`] serves health,
+//! readiness and [`metrics`].
 
 pub mod admin;
-pub mod allocate;
 pub mod args;
 pub mod cdi;
 pub mod config;
-pub mod device;
-pub mod discovery;
+pub mod deviceplugin;
+pub mod devices;
 pub mod dra;
-pub mod health;
-pub mod inventory;
 pub mod metrics;
-pub mod plugin;
-pub mod plugin_dir;
-pub mod podresources;
-pub mod prestart;
-pub mod registration;
-pub mod report;
-pub mod reporter;
 pub mod run;
-pub mod server;
-pub mod sharing;
 pub mod simctl;
-pub mod sources;
+pub mod status;
 pub mod unix;
 
 /// Resolves once `shutdown` holds true (or its sender is gone).

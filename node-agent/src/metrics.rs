@@ -21,8 +21,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::health::Health;
-use crate::plugin::PluginState;
+use crate::deviceplugin::plugin::PluginState;
+use crate::devices::health::Health;
 
 type Labels = Vec<(String, String)>;
 
@@ -103,7 +103,7 @@ impl AgentMetrics {
             let allocs = p.allocations.borrow().clone();
             let cfg = p.cfg();
             let res = &cfg.resource_name;
-            let report = crate::report::resource_status(&cfg, &snap, &allocs);
+            let report = crate::status::report::resource_status(&cfg, &snap, &allocs);
             for d in &report.devices {
                 let v = match snap.devices.get(&d.id).map(|s| &s.health) {
                     Some(Health::Healthy) => 1,

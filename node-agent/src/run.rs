@@ -20,18 +20,21 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
 
+use crate::admin;
 use crate::admin::Plugins;
 use crate::args::ServeArgs;
 use crate::config::PluginConfig;
-use crate::device::Roots;
-use crate::inventory::{Inventory, Snapshot};
+use crate::deviceplugin::plugin::{PluginService, PluginState, Streams};
+use crate::deviceplugin::plugin_dir::Triggers;
+use crate::deviceplugin::{plugin_dir, registration, server};
+use crate::devices::device::Roots;
+use crate::devices::discovery;
+use crate::devices::inventory::{Inventory, Snapshot};
+use crate::devices::sources::{self, SourceContext, SourceError};
 use crate::metrics::AgentMetrics;
-use crate::plugin::{PluginService, PluginState, Streams};
-use crate::plugin_dir::Triggers;
-use crate::podresources::AllocView;
-use crate::reporter::WriteStats;
-use crate::sources::{self, SourceContext, SourceError};
-use crate::{admin, discovery, plugin_dir, podresources, registration, reporter, server};
+use crate::status::podresources::AllocView;
+use crate::status::reporter::WriteStats;
+use crate::status::{podresources, reporter};
 
 /// Why the agent could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +186,7 @@ fn same_registration(old: &PluginConfig, new: &PluginConfig) -> bool {
         && old.driver == new.driver
         && old.resource_name == new.resource_name
         && old.socket_name == new.socket_name
-        && crate::plugin::options(old) == crate::plugin::options(new)
+        && crate::deviceplugin::plugin::options(old) == crate::deviceplugin::plugin::options(new)
 }
 
 impl Node {

@@ -341,8 +341,8 @@ async fn kubelet_restart_leads_to_reregistration_within_a_second() {
 
 /// The real kubelet creates kubelet.sock before it listens: a dial right on
 /// the inotify event is refused. After a kubelet that was down long enough
-/// for the agent's backoff to climb, the agent must still register within
-/// 100 ms of the kubelet listening, exactly once, with one stream open.
+/// for the agent's backoff to climb, the agent must still register soon
+/// after the kubelet listens, exactly once, with one stream open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bind_then_listen_kubelet_gets_one_fast_registration_per_start() {
     let node = Node::new();
@@ -362,8 +362,11 @@ async fn bind_then_listen_kubelet_gets_one_fast_registration_per_start() {
         let reg = kubelet.wait_registration_after(created, T).await;
         let listening = created + listen_delay;
         let took = reg.at.saturating_duration_since(listening);
+        // The figure itself is the agent bench's (about 22 ms); this bound
+        // only separates the fast retry window from the backoff the agent
+        // would otherwise wait (0.85-1.7 s), with room for a loaded machine.
         assert!(
-            took <= Duration::from_millis(100),
+            took <= Duration::from_millis(500),
             "round {round}: registered {took:?} after the kubelet listened"
         );
         // Watch for a second registration for this start: the restart's two

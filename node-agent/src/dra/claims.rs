@@ -24,8 +24,8 @@ use serde_json::Value;
 use super::names;
 use crate::cdi;
 use crate::config::PluginConfig;
-use crate::inventory::{DeviceState, LookupError, Snapshot};
-use crate::sharing;
+use crate::devices::inventory::{DeviceState, LookupError, Snapshot};
+use crate::devices::sharing;
 
 /// Version of the checkpoint format written.
 pub const CHECKPOINT_VERSION: u32 = 1;

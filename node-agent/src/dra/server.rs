@@ -22,9 +22,9 @@ use tracing::{debug, info, warn};
 use super::claims::{self, Checkpoint, PreparedClaim};
 use super::names::{self, Paths};
 use crate::cdi;
-use crate::health::Health;
-use crate::plugin::PluginState;
-use crate::sharing;
+use crate::deviceplugin::plugin::PluginState;
+use crate::devices::health::Health;
+use crate::devices::sharing;
 
 /// How often the full health list is sent again without a change, so the
 /// kubelet never takes a quiet driver for a silent one.

@@ -33,9 +33,9 @@ use tracing::{debug, info, warn};
 
 use super::names;
 use crate::config::PluginConfig;
-use crate::health::Health;
-use crate::inventory::Snapshot;
-use crate::sharing;
+use crate::devices::health::Health;
+use crate::devices::inventory::Snapshot;
+use crate::devices::sharing;
 
 /// Most devices one ResourceSlice may hold (`resource.k8s.io/v1`).
 pub const MAX_DEVICES_PER_SLICE: usize = 128;
@@ -269,8 +269,8 @@ pub async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::Device;
-    use crate::inventory::DeviceState;
+    use crate::devices::device::Device;
+    use crate::devices::inventory::DeviceState;
 
     fn snap(n: usize, replicas: u32) -> Snapshot {
         let mut s = Snapshot {

@@ -16,7 +16,7 @@ use devplug_proto::podresources::v1::pod_resources_lister_client::PodResourcesLi
 use tokio::sync::{Notify, watch};
 use tracing::{debug, warn};
 
-use crate::inventory::Snapshot;
+use crate::devices::inventory::Snapshot;
 use crate::unix::{dial, error_chain};
 
 /// How often allocations are read without a hint.
@@ -102,7 +102,7 @@ impl Match {
                 let ids: BTreeMap<String, String> = snap
                     .devices
                     .keys()
-                    .flat_map(|id| crate::sharing::replica_ids(id, snap.replicas))
+                    .flat_map(|id| crate::devices::sharing::replica_ids(id, snap.replicas))
                     .map(|adv| (crate::dra::names::device_name(&adv), adv))
                     .collect();
                 claim_allocations(driver, &ids, pods)

@@ -12,13 +12,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
-use crate::allocate::{self, RequestError};
 use crate::config::PluginConfig;
-use crate::inventory::Snapshot;
+use crate::deviceplugin::allocate::{self, RequestError};
+use crate::deviceplugin::prestart;
+use crate::devices::inventory::Snapshot;
 use crate::metrics::AgentMetrics;
-use crate::podresources::AllocView;
-use crate::prestart;
-use crate::reporter::WriteStats;
+use crate::status::podresources::AllocView;
+use crate::status::reporter::WriteStats;
 
 /// Live ListAndWatch streams of one plugin. Every stream reads the shared
 /// snapshot channel itself, so no stream can swallow another's updates, and

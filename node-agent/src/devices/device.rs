@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::health::Health;
+use crate::devices::health::Health;
 
 /// A device node handed to the container.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use devplug_api::SimulatedSource;
 
 use super::{Source, SourceError};
-use crate::device::Device;
-use crate::health::Health;
+use crate::devices::device::Device;
+use crate::devices::health::Health;
 
 /// The simulated source.
 pub struct Simulated {

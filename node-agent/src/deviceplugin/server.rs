@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, error, info};
 
-use crate::plugin::PluginService;
+use crate::deviceplugin::plugin::PluginService;
 
 /// Handle to ask the acceptor to re-create the socket.
 #[derive(Clone)]

@@ -1,8 +1,8 @@
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::device::{Device, DeviceNode};
-use crate::inventory::Inventory;
+use crate::devices::device::{Device, DeviceNode};
+use crate::devices::inventory::Inventory;
 
 fn cfg(extra: &str) -> PluginConfig {
     let yaml = format!(

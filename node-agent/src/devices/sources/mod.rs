@@ -1,12 +1,12 @@
 //! Device sources. Each discovers the physical devices of one kind and names
 //! the directories whose changes may change the answer; the discovery task
-//! (`crate::discovery`) re-runs [`Source::discover`] on inotify events there.
+//! (`crate::devices::discovery`) re-runs [`Source::discover`] on inotify events there.
 
 use std::path::PathBuf;
 
 use devplug_api::{DevicePluginPolicy, SourceSpec};
 
-use crate::device::{Device, Roots};
+use crate::devices::device::{Device, Roots};
 
 pub mod nvidia;
 pub mod paths;

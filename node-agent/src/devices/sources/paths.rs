@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use devplug_api::PathsSource;
 
 use super::{Source, SourceError};
-use crate::device::{Device, DeviceNode, Roots};
-use crate::health::Health;
+use crate::devices::device::{Device, DeviceNode, Roots};
+use crate::devices::health::Health;
 
 /// The paths source.
 pub struct Paths {

@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use devplug_api::PciSource;
 
 use super::{Source, SourceError, bus_entries, read_attr};
-use crate::device::{Device, DeviceNode, Roots};
-use crate::health::Health;
+use crate::devices::device::{Device, DeviceNode, Roots};
+use crate::devices::health::Health;
 
 /// The PCI source.
 pub struct Pci {

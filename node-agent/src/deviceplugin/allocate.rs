@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use devplug_proto::deviceplugin::v1beta1 as dp;
 
 use crate::config::PluginConfig;
-use crate::health::Health;
-use crate::inventory::{LookupError, Snapshot};
+use crate::devices::health::Health;
+use crate::devices::inventory::{LookupError, Snapshot};
 
 /// Why a request is refused. Every variant maps to gRPC `INVALID_ARGUMENT`
 /// and names the offending ID.

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use devplug_proto::deviceplugin::v1beta1 as dp;
 
-use crate::device::Device;
-use crate::health::{Health, Tracker};
-use crate::sharing;
-use crate::sources::SourceError;
+use crate::devices::device::Device;
+use crate::devices::health::{Health, Tracker};
+use crate::devices::sharing;
+use crate::devices::sources::SourceError;
 
 /// One physical device as advertised.
 #[derive(Debug, Clone)]

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use devplug_api::UsbSource;
 
 use super::{Source, SourceError, bus_entries, read_attr};
-use crate::device::{Device, DeviceNode, Roots};
-use crate::health::Health;
+use crate::devices::device::{Device, DeviceNode, Roots};
+use crate::devices::health::Health;
 
 /// The USB source.
 pub struct Usb {

@@ -14,9 +14,9 @@ use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tracing::{debug, info, warn};
 
-use crate::device::Device;
-use crate::inventory::{Inventory, Snapshot};
-use crate::sources::{Source, SourceError};
+use crate::devices::device::Device;
+use crate::devices::inventory::{Inventory, Snapshot};
+use crate::devices::sources::{Source, SourceError};
 
 /// How often sysfs-based sources are re-read without an event.
 pub const RESYNC: Duration = Duration::from_secs(60);
@@ -192,7 +192,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::health::Health;
+    use crate::devices::health::Health;
 
     /// Answers once, then hangs (as a wedged NVML call does) until released.
     struct Wedged {

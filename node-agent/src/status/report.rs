@@ -11,10 +11,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::config::PluginConfig;
-use crate::health::Health;
-use crate::inventory::Snapshot;
-use crate::podresources::AllocView;
-use crate::sharing;
+use crate::devices::health::Health;
+use crate::devices::inventory::Snapshot;
+use crate::devices::sharing;
+use crate::status::podresources::AllocView;
 
 fn time(t: SystemTime) -> Option<Time> {
     let secs = t.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs();
@@ -86,8 +86,8 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::device::Device;
-    use crate::inventory::Inventory;
+    use crate::devices::device::Device;
+    use crate::devices::inventory::Inventory;
 
     fn cfg() -> PluginConfig {
         let p = devplug_api::policies_from_yaml(

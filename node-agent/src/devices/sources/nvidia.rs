@@ -32,8 +32,8 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use super::{Source, SourceError};
-use crate::device::{Device, DeviceNode, Roots};
-use crate::health::Health;
+use crate::devices::device::{Device, DeviceNode, Roots};
+use crate::devices::health::Health;
 
 /// XIDs caused by applications rather than the GPU, ignored by default.
 pub const DEFAULT_IGNORED_XIDS: &[u64] = &[13, 31, 43, 45, 68, 109];

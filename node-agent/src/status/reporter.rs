@@ -27,9 +27,9 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::config::PluginConfig;
-use crate::inventory::Snapshot;
-use crate::podresources::AllocView;
-use crate::report::resource_status;
+use crate::devices::inventory::Snapshot;
+use crate::status::podresources::AllocView;
+use crate::status::report::resource_status;
 
 /// Coalescing window after the first change of a burst.
 pub const COALESCE: Duration = Duration::from_millis(100);
