@@ -75,6 +75,20 @@ struct Mount {
     options: Vec<String>,
 }
 
+/// The device nodes of one device, as CDI edits.
+fn nodes_of(state: &DeviceState) -> Vec<Node> {
+    state
+        .device
+        .nodes
+        .iter()
+        .map(|n| Node {
+            path: n.container_path.clone(),
+            host_path: n.host_path.clone(),
+            permissions: n.permissions.clone(),
+        })
+        .collect()
+}
+
 /// The variable a CDI device sets to its own ID, e.g. `DEVPLUG_DEVICE_FOO_0`.
 pub fn device_env(id: &str) -> String {
     let tail: String = id
@@ -109,16 +123,7 @@ pub fn render(cfg: &PluginConfig, snap: &Snapshot) -> Option<Result<Vec<u8>, ser
             name: id.clone(),
             container_edits: Edits {
                 env: vec![format!("{}={id}", device_env(id))],
-                device_nodes: state
-                    .device
-                    .nodes
-                    .iter()
-                    .map(|n| Node {
-                        path: n.container_path.clone(),
-                        host_path: n.host_path.clone(),
-                        permissions: n.permissions.clone(),
-                    })
-                    .collect(),
+                device_nodes: nodes_of(state),
                 mounts: Vec::new(),
             },
         })
@@ -127,19 +132,7 @@ pub fn render(cfg: &PluginConfig, snap: &Snapshot) -> Option<Result<Vec<u8>, ser
         cdi_version: CDI_VERSION,
         kind,
         devices,
-        container_edits: Edits {
-            env: cfg.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-            device_nodes: Vec::new(),
-            mounts: cfg
-                .mounts
-                .iter()
-                .map(|m| Mount {
-                    host_path: m.host_path.clone(),
-                    container_path: m.container_path.clone(),
-                    options: vec!["rbind".into(), if m.read_only { "ro" } else { "rw" }.into()],
-                })
-                .collect(),
-        },
+        container_edits: policy_edits(cfg),
     };
     Some(serde_json::to_vec_pretty(&spec))
 }
@@ -191,17 +184,7 @@ pub fn render_claim(
                     format!("{}={}", cfg.ids_env, c.request_ids),
                     format!("{}={}", device_env(c.id), c.id),
                 ],
-                device_nodes: c
-                    .state
-                    .device
-                    .nodes
-                    .iter()
-                    .map(|n| Node {
-                        path: n.container_path.clone(),
-                        host_path: n.host_path.clone(),
-                        permissions: n.permissions.clone(),
-                    })
-                    .collect(),
+                device_nodes: nodes_of(c.state),
                 mounts: Vec::new(),
             },
         })

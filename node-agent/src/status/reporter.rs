@@ -253,13 +253,7 @@ async fn tell_orphans(
         cfg.resource_name,
         held.join("; ")
     );
-    let reference = ObjectReference {
-        api_version: Some(DevicePluginPolicy::api_version(&()).into_owned()),
-        kind: Some(DevicePluginPolicy::kind(&()).into_owned()),
-        name: Some(cfg.name.clone()),
-        uid: cfg.uid.clone(),
-        ..ObjectReference::default()
-    };
+    let reference = policy_ref(cfg);
     let ev = Event {
         type_: EventType::Warning,
         reason: "DevicesOrphaned".into(),
@@ -269,6 +263,17 @@ async fn tell_orphans(
     };
     if let Err(e) = recorder.publish(&ev, &reference).await {
         warn!(policy = %cfg.name, error = %e, "cannot publish the orphaned-devices event");
+    }
+}
+
+/// The agent's policy, as the object of its Events.
+fn policy_ref(cfg: &PluginConfig) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(DevicePluginPolicy::api_version(&()).into_owned()),
+        kind: Some(DevicePluginPolicy::kind(&()).into_owned()),
+        name: Some(cfg.name.clone()),
+        uid: cfg.uid.clone(),
+        ..ObjectReference::default()
     }
 }
 
@@ -287,13 +292,7 @@ pub async fn warn_policy(
             instance: Some(node.clone()),
         },
     );
-    let reference = ObjectReference {
-        api_version: Some(DevicePluginPolicy::api_version(&()).into_owned()),
-        kind: Some(DevicePluginPolicy::kind(&()).into_owned()),
-        name: Some(cfg.name.clone()),
-        uid: cfg.uid.clone(),
-        ..ObjectReference::default()
-    };
+    let reference = policy_ref(&cfg);
     let ev = Event {
         type_: EventType::Warning,
         reason: reason.into(),
