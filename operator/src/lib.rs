@@ -51,15 +51,22 @@ pub enum RunError {
     #[error("installing the SIGTERM handler: {0}")]
     Signal(#[source] std::io::Error),
     /// Leadership was lost; a new process should start as a standby.
-    #[error("lost the leader lease")]
-    LostLease,
+    #[error("lost the leader lease: {0}")]
+    LostLease(String),
 }
 
 const LEASE: Duration = Duration::from_secs(15);
-const RENEW_EVERY: Duration = Duration::from_secs(5);
-/// A leader that could not renew for this long stops acting, well before
-/// the lease (15 s) can be taken over; each renewal try is bounded too.
-const RENEW_DEADLINE: Duration = Duration::from_secs(10);
+/// A leader renews every 5 s (one request); after a failed or hung try
+/// (abandoned after 2 s) it tries again each second, and stops acting once
+/// no renewal has succeeded for 10 s, well before the lease (15 s) can be
+/// taken over.
+const RENEWAL: leader::Renewal = leader::Renewal {
+    every: Duration::from_secs(5),
+    retry: Duration::from_secs(1),
+    attempt: Duration::from_secs(2),
+    deadline: Duration::from_secs(10),
+};
+/// How often a standby looks at the lease.
 const RETRY_EVERY: Duration = Duration::from_secs(2);
 /// Events for one object within this window make one reconcile (a burst of
 /// agent writes across a fleet is one pass per policy, not one per write).
@@ -130,7 +137,7 @@ pub async fn run_with(
                     info!("stopped while standing by");
                     return Ok(());
                 }
-                r = tokio::time::timeout(RENEW_EVERY, lock.try_acquire_or_renew()) => r,
+                r = tokio::time::timeout(RENEWAL.attempt, lock.try_acquire_or_renew()) => r,
             };
             match held {
                 Ok(Ok(true)) => break,
@@ -147,23 +154,11 @@ pub async fn run_with(
             }
         }
         info!(%identity, "leading");
-        let (lost_tx, mut lost_rx) = tokio::sync::oneshot::channel::<()>();
+        let (lost_tx, mut lost_rx) = tokio::sync::oneshot::channel::<String>();
         let renewer = lock.clone();
         let renewing = tokio::spawn(async move {
-            let mut last_ok = tokio::time::Instant::now();
-            loop {
-                tokio::time::sleep(RENEW_EVERY).await;
-                match tokio::time::timeout(RENEW_EVERY, renewer.try_acquire_or_renew()).await {
-                    Ok(Ok(true)) => last_ok = tokio::time::Instant::now(),
-                    Ok(Ok(false)) => break,
-                    Ok(Err(e)) => warn!(error = %e, "renewing the lease"),
-                    Err(_) => warn!("renewing the lease timed out"),
-                }
-                if last_ok.elapsed() > RENEW_DEADLINE {
-                    break;
-                }
-            }
-            let _ = lost_tx.send(());
+            let why = leader::keep_renewing(|| renewer.try_acquire_or_renew(), RENEWAL).await;
+            let _ = lost_tx.send(why);
         });
         // Stopping ends leadership at once: renewing stops first (a renewal
         // after the release would take the lease back for a process that is
@@ -173,15 +168,16 @@ pub async fn run_with(
         let r = tokio::select! {
             _ = &mut stop => Ok(()),
             r = controller(client, &args, metrics, ready) => r,
-            _ = &mut lost_rx => {
-                error!("lost the leader lease; exiting so a standby can take over");
-                return Err(RunError::LostLease);
+            why = &mut lost_rx => {
+                let why = why.unwrap_or_else(|_| "the renewal task ended".into());
+                error!(%why, "lost the leader lease; exiting so a standby can take over");
+                return Err(RunError::LostLease(why));
             }
             r = admin => return r.map_err(|e| RunError::Admin(std::io::Error::other(e)))?.map_err(RunError::Admin),
         };
         renewing.abort();
         let _ = renewing.await;
-        match tokio::time::timeout(RENEW_EVERY, lock.release()).await {
+        match tokio::time::timeout(RENEWAL.deadline, lock.release()).await {
             Ok(Ok(())) => info!("released the leader lease"),
             Ok(Err(e)) => warn!(error = %e, "cannot release the leader lease"),
             Err(_) => warn!("releasing the leader lease timed out"),

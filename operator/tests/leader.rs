@@ -86,6 +86,44 @@ async fn a_concurrent_writer_wins_and_the_other_backs_off() {
     );
 }
 
+/// The holder renews with one request (the replace of what it wrote last);
+/// a lease someone else changed meanwhile is refused by its
+/// resourceVersion, read again, and not taken back.
+#[tokio::test]
+async fn a_renewal_is_one_request_and_a_changed_lease_is_read_again() {
+    let (client, api) = FakeApi::start();
+    let leases: Api<Lease> = Api::namespaced(client, "devplug-system");
+    let a = LeaseLock::new(
+        leases.clone(),
+        "devplug-operator",
+        "a",
+        Duration::from_secs(15),
+    );
+    assert!(a.try_acquire_or_renew().await.unwrap());
+    api.clear_log();
+    assert!(a.try_acquire_or_renew().await.unwrap(), "a renews");
+    let calls: Vec<_> = api.log().into_iter().map(|c| c.method).collect();
+    assert_eq!(calls, [http::Method::PUT], "one replace, no read");
+
+    // Another candidate took the lease (a changed resourceVersion).
+    let mut lease = api.get(PATH).unwrap();
+    lease["spec"]["holderIdentity"] = json!("b");
+    lease["metadata"]["resourceVersion"] = json!("9999");
+    api.put(PATH, lease);
+    api.clear_log();
+    assert!(
+        !a.try_acquire_or_renew().await.unwrap(),
+        "a does not renew over b"
+    );
+    assert_eq!(api.get(PATH).unwrap()["spec"]["holderIdentity"], "b");
+    let calls: Vec<_> = api.log().into_iter().map(|c| c.method).collect();
+    assert_eq!(
+        calls,
+        [http::Method::PUT, http::Method::GET],
+        "refused, then read"
+    );
+}
+
 /// Two real candidates race for a free lease, again and again: each time
 /// exactly one wins (the API server's optimistic concurrency decides, not an
 /// injected error), and the loser keeps standing by while the winner renews.

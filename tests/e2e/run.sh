@@ -59,25 +59,35 @@ fi
 
 diagnostics() {
   set +e
-  echo "----- what the cluster looked like -----" >&2
-  kubectl get dpp,nds -o wide >&2
-  kubectl get pods -A -o wide >&2
-  kubectl get nds -o yaml 2>/dev/null | tail -n 60 >&2
-  kubectl get dpp -o yaml 2>/dev/null | grep -A40 '^  status:' | head -n 80 >&2
-  kubectl get events -A --sort-by=.lastTimestamp 2>/dev/null | tail -n 25 >&2
-  echo "----- operator log (last 40 lines) -----" >&2
-  kubectl -n $NS logs deploy/devplug-operator --tail=40 --all-containers 2>&1 | cut -c1-400 >&2
-  echo "----- agent logs (last 30 lines each) -----" >&2
-  for p in $(kubectl -n $NS get pods -l app.kubernetes.io/name=devplug-agent -o name 2>/dev/null); do
-    echo "--- $p" >&2
-    kubectl -n $NS logs "$p" --tail=30 2>&1 | cut -c1-400 >&2
-  done
-  echo "----- kubelet log (last 30 lines) -----" >&2
+  # CI keeps only the tail of the output: the least telling part first, the
+  # operator's own words (including a crashed container's) last.
+  echo "----- kubelet log (last 20 lines) -----" >&2
   case $mode in
-    kit) tail -n 30 "${DEVPLUG_CLUSTER_DIR:-/var/lib/devplug-cluster}/logs/kubelet.log" | cut -c1-400 >&2 ;;
-    kind) docker exec "$CLUSTER-control-plane" journalctl -u kubelet -n 30 --no-pager 2>&1 | cut -c1-400 >&2 ;;
+    kit) tail -n 20 "${DEVPLUG_CLUSTER_DIR:-/var/lib/devplug-cluster}/logs/kubelet.log" | cut -c1-300 >&2 ;;
+    kind) docker exec "$CLUSTER-control-plane" journalctl -u kubelet -n 20 --no-pager 2>&1 | cut -c1-300 >&2 ;;
     *) echo "(not reachable from here)" >&2 ;;
   esac
+  echo "----- what the cluster looked like -----" >&2
+  kubectl get nds -o yaml 2>/dev/null | tail -n 60 >&2
+  kubectl get dpp -o yaml 2>/dev/null | grep -A40 '^  status:' | head -n 80 >&2
+  kubectl get events -A --sort-by=.lastTimestamp 2>/dev/null | tail -n 25 | cut -c1-300 >&2
+  echo "----- agent logs (last 20 lines each) -----" >&2
+  for p in $(kubectl -n $NS get pods -l app.kubernetes.io/name=devplug-agent -o name 2>/dev/null); do
+    echo "--- $p" >&2
+    kubectl -n $NS logs "$p" --tail=20 2>&1 | cut -c1-300 >&2
+  done
+  kubectl get dpp,nds -o wide >&2
+  kubectl get pods -A -o wide >&2
+  for p in $(kubectl -n $NS get pods -l app.kubernetes.io/name=devplug-operator -o name 2>/dev/null); do
+    if kubectl -n $NS logs "$p" --previous --tail=1 >/dev/null 2>&1; then
+      echo "----- $p: the previous (crashed) container, warnings and errors, then its last lines -----" >&2
+      kubectl -n $NS logs "$p" --previous 2>&1 | grep -E ' (WARN|ERROR) |^error' | tail -n 12 | cut -c1-300 >&2
+      kubectl -n $NS logs "$p" --previous --tail=6 2>&1 | cut -c1-300 >&2
+    fi
+    echo "----- $p: warnings and errors, then its last lines -----" >&2
+    kubectl -n $NS logs "$p" 2>&1 | grep -E ' (WARN|ERROR) |^error' | tail -n 12 | cut -c1-300 >&2
+    kubectl -n $NS logs "$p" --tail=6 2>&1 | cut -c1-300 >&2
+  done
   set -e
 }
 
