@@ -6,7 +6,8 @@
 //!   is missing or not ready. Readers count their devices `Unknown`; the
 //!   entry keeps what its agent wrote, and the agent, once ready again, has
 //!   nothing to repair;
-//! - `status.summary` for `kubectl get nds`;
+//! - `status.summary` for `kubectl get nds` (a change of its counts alone
+//!   is written [`SUMMARY_DELAY`] after it is first seen);
 //! - entries of a policy that no longer runs an agent on this node (policy
 //!   gone or renamed, invalid, lost a conflict, node no longer selected, and
 //!   no agent pod left there) are removed: a JSON patch guarded by the
@@ -53,7 +54,18 @@ pub struct NodeContext {
     written: Mutex<HashMap<String, Wrote>>,
     /// How long own writes are trusted over the index.
     trust_own_write: Duration,
+    /// How long a change of only the summary's counts waits to be written.
+    summary_delay: Duration,
 }
+
+/// A change of only the counts in a node's summary (health flips, pods
+/// coming and going) is written this long after it was first seen, with
+/// whatever else changed meanwhile: the summary is for `kubectl get nds`, the
+/// entries themselves are live, and an agent's health write then does not
+/// cost a second write in the same moment (on a fleet, a burst of agent
+/// writes would otherwise be doubled while the API server is busiest). A
+/// change of notReporting or of the entries present is written at once.
+pub const SUMMARY_DELAY: Duration = Duration::from_secs(10);
 
 impl NodeContext {
     /// A context over a client and the index.
@@ -70,7 +82,14 @@ impl NodeContext {
             defaults,
             written: Mutex::new(HashMap::new()),
             trust_own_write: crate::controller::TRUST_OWN_WRITE,
+            summary_delay: SUMMARY_DELAY,
         }
+    }
+
+    /// Delays summary-only changes by `d` (see [`SUMMARY_DELAY`]).
+    pub fn delaying_summaries_by(mut self, d: Duration) -> Self {
+        self.summary_delay = d;
+        self
     }
 
     /// Trusts own writes over the index for `d` (tests: zero).
@@ -111,6 +130,8 @@ struct Wrote {
     status: Option<(StatusPart, Instant)>,
     /// The node's devplug labels.
     labels: Option<(BTreeMap<String, String>, Instant)>,
+    /// When a summary-only change seen but not yet written is due.
+    summary_due: Option<Instant>,
 }
 
 type StatusPart = (Vec<devplug_api::NotReporting>, devplug_api::NodeSummary);
@@ -374,38 +395,51 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
     let summary = devices::summary(&effective);
     let current = nds.status.clone().unwrap_or_default();
     let part = (verdict.not_reporting.clone(), summary.clone());
-    if (current.not_reporting != verdict.not_reporting
-        || current.summary.as_ref() != Some(&summary))
-        && !trusted(&now.status, &part, ctx.trust_own_write)
-    {
-        for n in &verdict.not_reporting {
-            if !current.not_reporting.contains(n) {
-                warn!(node = %name, policy = %n.policy, reason = %n.reason, "agent not reporting; its devices count as Unknown");
+    let mut next = Duration::from_secs(300);
+    let changed = current.not_reporting != verdict.not_reporting
+        || current.summary.as_ref() != Some(&summary);
+    if !changed || trusted(&now.status, &part, ctx.trust_own_write) {
+        now.summary_due = None;
+    } else {
+        let at_once = current.not_reporting != verdict.not_reporting
+            || current.summary.as_ref().map(|s| s.resources) != Some(summary.resources);
+        let due = *now
+            .summary_due
+            .get_or_insert_with(|| Instant::now() + ctx.summary_delay);
+        let wait = due.saturating_duration_since(Instant::now());
+        if !at_once && !wait.is_zero() {
+            next = wait;
+        } else {
+            for n in &verdict.not_reporting {
+                if !current.not_reporting.contains(n) {
+                    warn!(node = %name, policy = %n.policy, reason = %n.reason, "agent not reporting; its devices count as Unknown");
+                }
             }
+            let body = operator_part(
+                &name,
+                Some(NodeDeviceStatusStatus {
+                    resources: Vec::new(),
+                    summary: Some(summary),
+                    not_reporting: verdict.not_reporting,
+                }),
+            );
+            api.patch_status(
+                &name,
+                &PatchParams::apply(OPERATOR_MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+            .map_err(kube_err(
+                "apply operator status of",
+                "NodeDeviceStatus",
+                &name,
+            ))?;
+            ctx.metrics.wrote("NodeDeviceStatusSummary");
+            now.status = Some((part, Instant::now()));
+            now.summary_due = None;
         }
-        let body = operator_part(
-            &name,
-            Some(NodeDeviceStatusStatus {
-                resources: Vec::new(),
-                summary: Some(summary),
-                not_reporting: verdict.not_reporting,
-            }),
-        );
-        api.patch_status(
-            &name,
-            &PatchParams::apply(OPERATOR_MANAGER).force(),
-            &Patch::Apply(&body),
-        )
-        .await
-        .map_err(kube_err(
-            "apply operator status of",
-            "NodeDeviceStatus",
-            &name,
-        ))?;
-        ctx.metrics.wrote("NodeDeviceStatusSummary");
-        now.status = Some((part, Instant::now()));
-        ctx.remember(&name, now.clone());
     }
+    ctx.remember(&name, now.clone());
 
     // Node labels (none for a policy being deleted).
     let by_name: BTreeMap<String, &DevicePluginPolicy> = policies
@@ -444,7 +478,7 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
         ctx.metrics.wrote("NodeLabels");
     }
     ctx.remember(&name, now);
-    Ok(Action::requeue(Duration::from_secs(300)))
+    Ok(Action::requeue(next))
 }
 
 /// Requeues a failed node with a fixed delay.

@@ -346,3 +346,109 @@ async fn nothing_is_judged_before_the_stores_are_synced() {
     assert!(st.get("notReporting").is_none(), "{st}");
     assert_eq!(st["summary"]["healthy"], "1/1");
 }
+
+/// A change of only the summary's counts (a health flip) is written once,
+/// a delay after it was first seen, with what else changed meanwhile; an
+/// agent that stops reporting is written at once.
+#[tokio::test]
+async fn count_only_summary_changes_wait_notreporting_does_not() {
+    let (client, api) = FakeApi::start();
+    api.enforce_chart_rbac();
+    let (policies, _pw) = seed(
+        &api,
+        &[policy_json(
+            "foo",
+            "example.com/foo",
+            "2026-11-01T00:00:00Z",
+            json!({}),
+        )],
+    );
+    api.put(
+        NODE,
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1", "uid": "node-uid-1"}}),
+    );
+    let nds = |rv: &str, healthy: u32, allocated: u32| {
+        json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
+            "metadata": {"name": "n1", "uid": "nds-1", "resourceVersion": rv}, "spec": {"nodeName": "n1"},
+            "status": {"resources": [{"resourceName": "example.com/foo", "policy": "foo", "state": "Serving",
+                "healthy": healthy, "total": 2, "allocated": allocated,
+                "devices": [{"id": "a", "health": "Healthy"},
+                            {"id": "b", "health": if healthy == 2 { "Healthy" } else { "Unhealthy" }}]}]}})
+    };
+    api.put(NDS, nds("1", 2, 0));
+    let (pods_store, mut pods) = synced(vec![agent_pod(true)]);
+    let delay = std::time::Duration::from_millis(600);
+    let ctx = Arc::new(
+        NodeContext::new(
+            client,
+            devplug_operator::index::Index {
+                policies,
+                daemonsets: support::synced(Vec::new()).0,
+                agent_pods: pods_store,
+                nds: support::synced(Vec::new()).0,
+                nodes: support::synced(Vec::new()).0,
+                synced: devplug_operator::synced::Synced::all(),
+            },
+            Arc::new(Metrics::default()),
+            Default::default(),
+        )
+        .delaying_summaries_by(delay),
+    );
+    let summary = |api: &FakeApi| api.get(NDS).unwrap()["status"]["summary"].clone();
+    let status_writes = |api: &FakeApi| {
+        writes(api)
+            .into_iter()
+            .filter(|w| w.contains("/nodedevicestatuses/n1/status"))
+            .count()
+    };
+    // The first summary of a node is written at once.
+    node_controller::reconcile(current_nds(&api), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(summary(&api)["healthy"], "2/2");
+
+    // b turns Unhealthy: the agent's entry says so at once; the summary waits.
+    let mut o = nds("2", 1, 0);
+    o["status"]["summary"] = summary(&api);
+    api.put(NDS, o);
+    api.clear_log();
+    let first_seen = std::time::Instant::now();
+    node_controller::reconcile(current_nds(&api), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(status_writes(&api), 0, "{:?}", writes(&api));
+    // A pod takes a device meanwhile: joins the same write.
+    let mut o = nds("3", 1, 1);
+    o["status"]["summary"] = summary(&api);
+    api.put(NDS, o);
+    node_controller::reconcile(current_nds(&api), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(status_writes(&api), 0, "{:?}", writes(&api));
+    assert_eq!(summary(&api)["healthy"], "2/2");
+    // Once due (the controller requeues for then), one write with both.
+    tokio::time::sleep(
+        delay.saturating_sub(first_seen.elapsed()) + std::time::Duration::from_millis(50),
+    )
+    .await;
+    node_controller::reconcile(current_nds(&api), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(status_writes(&api), 1, "{:?}", writes(&api));
+    assert_eq!(
+        summary(&api),
+        json!({"resources": 1, "healthy": "1/2", "allocated": 1})
+    );
+
+    // The agent stops being ready: said at once.
+    pods.apply_watcher_event(&watcher::Event::Apply(agent_pod(false)));
+    api.clear_log();
+    node_controller::reconcile(current_nds(&api), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(status_writes(&api), 1, "{:?}", writes(&api));
+    assert_eq!(
+        api.get(NDS).unwrap()["status"]["notReporting"][0]["policy"],
+        "foo"
+    );
+}
