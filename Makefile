@@ -22,6 +22,7 @@ bench:
 	$(CARGO) bench -p devplug-agent --bench agent
 	$(CARGO) bench -p devplug-agent --bench dra
 	$(CARGO) bench -p devplug-operator --bench reconcile
+	$(CARGO) bench -p devplug-operator --bench aggregate
 
 # The operator against a real API server with a simulated fleet (not part of
 # `make test`): KUBECONFIG, or the cluster kit (brought up if it is not).

@@ -76,6 +76,8 @@ pub struct Context {
     written: Mutex<HashMap<String, (String, devplug_api::DevicePluginPolicyStatus, Instant)>>,
     /// How long own writes are trusted over the index ([`TRUST_OWN_WRITE`]).
     trust_own_write: Duration,
+    /// Each node's part of every policy's device counts, per object version.
+    pub shares: devices::Shares,
 }
 
 /// Unhealthy devices of a policy by (node, device).
@@ -107,6 +109,7 @@ impl Context {
             last_unhealthy: Mutex::new(HashMap::new()),
             written: Mutex::new(HashMap::new()),
             trust_own_write: TRUST_OWN_WRITE,
+            shares: devices::Shares::default(),
         }
     }
 
@@ -783,7 +786,7 @@ pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<
         seen.pod_problems = status::pod_problems(&pods);
         seen.daemonset = Some(ds);
         let all = ctx.index.nds.state();
-        seen.devices = Some(devices::aggregate(&devices::entries_of(&p, all.iter().map(|n| n.as_ref()))));
+        seen.devices = Some(ctx.shares.aggregate(&p, all.iter().map(|n| n.as_ref())));
         Ok(())
     }
     .await;

@@ -60,55 +60,177 @@ pub struct Aggregate {
     pub node_reasons: Vec<String>,
 }
 
+/// One entry's part of its policy's [`Aggregate`]: what a policy reconcile
+/// sums over the nodes. Computed once per version of a NodeDeviceStatus
+/// (see [`Shares`]), not once per policy reconcile.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Share {
+    /// Counts of this entry's devices.
+    pub counts: DeviceCounts,
+    /// Its devices that are not healthy, in the entry's order.
+    pub unhealthy: Vec<UnhealthyDevice>,
+    /// The problem the entry reports, if any.
+    pub reason: Option<String>,
+}
+
+/// The share of one entry as it counts (`e` already effective).
+fn share_of(node: &str, e: &ResourceStatus) -> Share {
+    let mut sh = Share {
+        reason: e.reason.clone(),
+        ..Share::default()
+    };
+    for d in &e.devices {
+        sh.counts.total += 1;
+        if !d.allocations.is_empty() {
+            sh.counts.allocated += 1;
+        }
+        if d.health == DeviceHealth::Healthy {
+            sh.counts.healthy += 1;
+            continue;
+        }
+        sh.counts.unhealthy += 1;
+        let pods: BTreeSet<String> = d
+            .allocations
+            .iter()
+            .map(|a| format!("{}/{}", a.namespace, a.pod))
+            .collect();
+        sh.unhealthy.push(UnhealthyDevice {
+            node: node.to_string(),
+            device: d.id.clone(),
+            health: format!("{:?}", d.health),
+            reason: d.reason.clone(),
+            pods: pods.into_iter().collect(),
+        });
+    }
+    sh
+}
+
+/// The shares of every entry of one NodeDeviceStatus, keyed by (policy,
+/// resource name). An entry the operator lists as not reporting counts with
+/// its devices `Unknown`; every other entry is read in place, not copied.
+pub fn shares(nds: &NodeDeviceStatus) -> Vec<((String, String), Share)> {
+    let node = nds.name_any();
+    let Some(status) = &nds.status else {
+        return Vec::new();
+    };
+    status
+        .resources
+        .iter()
+        .map(|e| {
+            let not_reporting = status
+                .not_reporting
+                .iter()
+                .find(|n| n.resource_name == e.resource_name && n.policy == e.policy);
+            let sh = match not_reporting {
+                Some(n) => share_of(&node, &e.as_unknown(&n.reason)),
+                None => share_of(&node, e),
+            };
+            ((e.policy.clone(), e.resource_name.clone()), sh)
+        })
+        .collect()
+}
+
+/// Sums the shares of one policy over its nodes, given as (node, share) in
+/// any order: counts, the first [`MAX_UNHEALTHY`] devices that are not
+/// healthy (by node, then in each entry's order), every one of them by
+/// (node, device), and the problems nodes report.
+pub fn merge<'a>(parts: impl IntoIterator<Item = (&'a str, &'a Share)>) -> Aggregate {
+    let mut counts = DeviceCounts::default();
+    let mut notable: Vec<(&str, &Share)> = Vec::new();
+    for (node, sh) in parts {
+        counts.total += sh.counts.total;
+        counts.healthy += sh.counts.healthy;
+        counts.unhealthy += sh.counts.unhealthy;
+        counts.allocated += sh.counts.allocated;
+        if !sh.unhealthy.is_empty() || sh.reason.is_some() {
+            notable.push((node, sh));
+        }
+    }
+    notable.sort_by(|a, b| a.0.cmp(b.0));
+    let mut agg = Aggregate {
+        counts,
+        ..Aggregate::default()
+    };
+    for (node, sh) in notable {
+        if let Some(r) = &sh.reason {
+            agg.node_reasons.push(format!("{node}: {r}"));
+        }
+        for u in &sh.unhealthy {
+            if agg.unhealthy.len() < MAX_UNHEALTHY {
+                agg.unhealthy.push(u.clone());
+            }
+            agg.all_unhealthy
+                .insert((node.to_string(), u.device.clone()), u.clone());
+        }
+    }
+    agg
+}
+
 /// Device counts and the first [`MAX_UNHEALTHY`] devices that are not
 /// healthy (sorted by node and device), with the pods they affect, and the
 /// problems nodes report.
 pub fn aggregate(entries: &[(String, ResourceStatus)]) -> Aggregate {
-    let mut counts = DeviceCounts::default();
-    let mut bad = Vec::new();
-    let mut all_bad = BTreeMap::new();
-    let mut node_reasons = Vec::new();
-    for (node, e) in entries {
-        if let Some(r) = &e.reason {
-            node_reasons.push(format!("{node}: {r}"));
+    let shares: Vec<(&str, Share)> = entries
+        .iter()
+        .map(|(node, e)| (node.as_str(), share_of(node, e)))
+        .collect();
+    merge(shares.iter().map(|(n, s)| (*n, s)))
+}
+
+/// Shares of every NodeDeviceStatus, remembered per object version: a
+/// policy reconcile reads each node's shares from here and computes them
+/// again only for objects that changed since. Before, every reconcile copied
+/// every entry of every node (all policies' entries, 64 devices each) to
+/// count one policy's.
+#[derive(Default)]
+pub struct Shares {
+    by_node: std::sync::Mutex<std::collections::HashMap<String, NodeShares>>,
+}
+
+#[derive(Clone)]
+struct NodeShares {
+    version: String,
+    shares: std::sync::Arc<Vec<((String, String), Share)>>,
+}
+
+impl Shares {
+    /// The aggregate of `policy` over `all` (the index's NodeDeviceStatus
+    /// objects); forgets nodes no longer in `all`.
+    pub fn aggregate<'a>(
+        &self,
+        policy: &DevicePluginPolicy,
+        all: impl IntoIterator<Item = &'a NodeDeviceStatus>,
+    ) -> Aggregate {
+        let name = policy.name_any();
+        let key = (name, policy.spec.resource_name.clone());
+        let mut current: Vec<(String, std::sync::Arc<Vec<((String, String), Share)>>)> = Vec::new();
+        {
+            let mut map = self.by_node.lock().unwrap_or_else(|e| e.into_inner());
+            let mut kept = std::collections::HashMap::with_capacity(map.len());
+            for nds in all {
+                let node = nds.name_any();
+                let version = nds.resource_version().unwrap_or_default();
+                let ns = match map.remove(&node) {
+                    Some(ns) if ns.version == version && !version.is_empty() => ns,
+                    _ => NodeShares {
+                        version,
+                        shares: std::sync::Arc::new(shares(nds)),
+                    },
+                };
+                current.push((node.clone(), ns.shares.clone()));
+                kept.insert(node, ns);
+            }
+            *map = kept;
         }
-        for d in &e.devices {
-            counts.total += 1;
-            if !d.allocations.is_empty() {
-                counts.allocated += 1;
-            }
-            if d.health == DeviceHealth::Healthy {
-                counts.healthy += 1;
-                continue;
-            }
-            counts.unhealthy += 1;
-            let pods: BTreeSet<String> = d
-                .allocations
-                .iter()
-                .map(|a| format!("{}/{}", a.namespace, a.pod))
-                .collect();
-            let u = UnhealthyDevice {
-                node: node.clone(),
-                device: d.id.clone(),
-                health: format!("{:?}", d.health),
-                reason: d.reason.clone(),
-                pods: pods.into_iter().collect(),
-            };
-            if bad.len() < MAX_UNHEALTHY {
-                bad.push(u.clone());
-            }
-            all_bad.insert((node.clone(), d.id.clone()), u);
-        }
-    }
-    Aggregate {
-        counts,
-        unhealthy: bad,
-        all_unhealthy: all_bad,
-        node_reasons,
+        merge(current.iter().flat_map(|(node, sh)| {
+            sh.iter()
+                .filter(|(k, _)| *k == key)
+                .map(move |(_, s)| (node.as_str(), s))
+        }))
     }
 }
 
-/// Totals over all entries of a node.
+/// A node's summary for `kubectl get nds`.
 pub fn summary(nds: &NodeDeviceStatus) -> NodeSummary {
     let entries = nds
         .status
@@ -297,6 +419,91 @@ mod tests {
         assert_eq!((bad[0].node.as_str(), bad[0].device.as_str()), ("n1", "b"));
         assert_eq!(bad[0].pods, vec!["ns/p2", "ns/p3"]);
         assert_eq!(bad[1].health, "Unknown");
+    }
+
+    /// The remembered shares give what copying every entry gave, and are
+    /// computed again only for an object whose version changed; nodes gone
+    /// from the index are forgotten.
+    #[test]
+    fn remembered_shares_match_the_full_count_and_follow_versions() {
+        let p = policy("gpu", "x.io/gpu", false);
+        let versioned = |mut n: NodeDeviceStatus, rv: &str| {
+            n.metadata.resource_version = Some(rv.into());
+            n
+        };
+        let mut quiet = nds(
+            "n3",
+            vec![entry(
+                "gpu",
+                "x.io/gpu",
+                vec![dev("a", DeviceHealth::Healthy, &[])],
+            )],
+        );
+        quiet.status.as_mut().unwrap().not_reporting = vec![devplug_api::NotReporting {
+            resource_name: "x.io/gpu".into(),
+            policy: "gpu".into(),
+            reason: "AgentGone: no agent pod runs on this node".into(),
+        }];
+        let mut all = vec![
+            versioned(
+                nds(
+                    "n2",
+                    vec![entry(
+                        "gpu",
+                        "x.io/gpu",
+                        vec![dev("a", DeviceHealth::Unknown, &[])],
+                    )],
+                ),
+                "5",
+            ),
+            versioned(
+                nds(
+                    "n1",
+                    vec![
+                        entry(
+                            "gpu",
+                            "x.io/gpu",
+                            vec![
+                                dev("a", DeviceHealth::Healthy, &["p1"]),
+                                dev("b", DeviceHealth::Unhealthy, &["p2", "p3"]),
+                            ],
+                        ),
+                        entry(
+                            "nic",
+                            "x.io/nic",
+                            vec![dev("z", DeviceHealth::Unhealthy, &[])],
+                        ),
+                        // Same policy name, another resource: not counted.
+                        entry(
+                            "gpu",
+                            "x.io/other",
+                            vec![dev("q", DeviceHealth::Unhealthy, &[])],
+                        ),
+                    ],
+                ),
+                "7",
+            ),
+            versioned(quiet, "9"),
+        ];
+        let shares = Shares::default();
+        let want = aggregate(&entries_of(&p, &all));
+        assert_eq!(shares.aggregate(&p, &all), want);
+        assert_eq!(want.counts.unhealthy, 3);
+        assert_eq!(want.node_reasons.len(), 1, "{:?}", want.node_reasons);
+
+        // Same version, different content: the remembered share stands
+        // (a version names one content, so this never happens for real).
+        all[0].status.as_mut().unwrap().resources[0].devices[0].health = DeviceHealth::Healthy;
+        assert_eq!(shares.aggregate(&p, &all).counts.unhealthy, 3);
+        // A new version is counted again.
+        all[0].metadata.resource_version = Some("6".into());
+        let now = shares.aggregate(&p, &all);
+        assert_eq!(now.counts.unhealthy, 2);
+        assert_eq!(now, aggregate(&entries_of(&p, &all)));
+        // n1 leaves the index: forgotten.
+        all.remove(1);
+        assert_eq!(shares.aggregate(&p, &all), aggregate(&entries_of(&p, &all)));
+        assert_eq!(shares.by_node.lock().unwrap().len(), 2);
     }
 
     #[test]
