@@ -274,14 +274,14 @@ fn cached_daemonset(ctx: &Context, name: &str) -> Option<DaemonSet> {
         .map(|d| (*d).clone())
 }
 
-/// The agent pods of `policy`, from the watch cache.
-fn cached_agent_pods(ctx: &Context, policy: &str) -> Vec<Pod> {
+/// The agent pods of `policy`, from the watch cache (shared, not copied:
+/// a fleet has one per node).
+fn cached_agent_pods(ctx: &Context, policy: &str) -> Vec<Arc<Pod>> {
     ctx.index
         .agent_pods
         .state()
-        .iter()
+        .into_iter()
         .filter(|p| desired::is_agent_of(p.labels(), policy))
-        .map(|p| (**p).clone())
         .collect()
 }
 
@@ -496,7 +496,7 @@ async fn remove_agents(ctx: &Context, name: &str) -> Result<bool> {
     Ok(true)
 }
 
-async fn apply_agents(p: &DevicePluginPolicy, ctx: &Context) -> Result<(DaemonSet, Vec<Pod>)> {
+async fn apply_agents(p: &DevicePluginPolicy, ctx: &Context) -> Result<(DaemonSet, Vec<Arc<Pod>>)> {
     let d = &ctx.defaults;
     let c = ctx.client.clone();
     ensure(

@@ -223,6 +223,14 @@ pub fn judge(
     defaults: &crate::desired::AgentDefaults,
 ) -> Verdict {
     let name = nds.name_any();
+    // The agent pods on this node, once: a fleet's store holds one per node
+    // and policy, and each entry below looks at this node's only.
+    let pods: Vec<Arc<Pod>> = pods
+        .iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str()))
+        .cloned()
+        .collect();
+    let pods = pods.as_slice();
     let mut v = Verdict::default();
     for (i, e) in nds
         .status

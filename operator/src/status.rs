@@ -50,9 +50,10 @@ pub fn create_failure_message(daemonset: &str, namespace: &str, event: &str) -> 
 }
 
 /// Agent pods that cannot run, in words.
-pub fn pod_problems(pods: &[Pod]) -> Vec<String> {
+pub fn pod_problems<P: std::borrow::Borrow<Pod>>(pods: &[P]) -> Vec<String> {
     let mut out = Vec::new();
     for pod in pods {
+        let pod: &Pod = pod.borrow();
         let name = pod.metadata.name.as_deref().unwrap_or("?");
         let node = pod
             .spec
