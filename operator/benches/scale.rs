@@ -15,13 +15,15 @@
 //!   agent applies it (its field manager, its payload: 64 devices, 8 held).
 //!
 //! The released operator binary runs against it (out of cluster, leader
-//! election off) and the benchmark prints, per size: the operator's peak
+//! election on, as the chart runs it) and the benchmark prints, per size: the operator's peak
 //! RSS and CPU seconds per minute and its API requests per second by verb
 //! (its own `devplug_operator_api_requests_total`), at steady state and
 //! during a burst; the time from 500 devices flipping Unhealthy across the
 //! fleet to the policy status showing them, and back; the time from
 //! applying a new policy to its DaemonSet existing and its status written;
-//! and the API server's RSS.
+//! a failover (a standby started, the leader sent SIGTERM while one device
+//! flips): time to the new leader and to its status showing the flip, its
+//! writes and the policy Events meanwhile; and the API server's RSS.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
@@ -47,6 +49,7 @@ const HELD: usize = 8;
 const CONCURRENCY: usize = 64;
 const FLIPS: usize = 500;
 const METRICS: &str = "127.0.0.1:18931";
+const METRICS_B: &str = "127.0.0.1:18932";
 const BENCH_LABEL: &str = "devplug.io/bench";
 
 fn node_name(i: usize) -> String {
@@ -283,10 +286,10 @@ struct Counters {
     writes: BTreeMap<String, f64>,
 }
 
-async fn scrape() -> Counters {
+async fn scrape_at(addr: &str) -> Counters {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut c = Counters::default();
-    let Ok(mut s) = tokio::net::TcpStream::connect(METRICS).await else {
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
         return c;
     };
     let _ = s
@@ -460,13 +463,104 @@ async fn cleanup(client: &Client) {
     }
 }
 
-struct Operator(Child);
+/// A running operator process: killed when dropped.
+struct Operator {
+    child: Child,
+    metrics: &'static str,
+}
+
+impl Operator {
+    /// Starts the released operator with leader election on, as
+    /// `identity`, serving /metrics on `metrics`.
+    fn start(kubeconfig: &str, identity: &str, metrics: &'static str) -> Operator {
+        let child = Command::new(env!("CARGO_BIN_EXE_devplug-operator"))
+            .args([
+                "--namespace",
+                NS,
+                "--leader-elect",
+                "true",
+                "--lease-name",
+                "devplug-bench",
+                "--metrics-addr",
+                metrics,
+            ])
+            .env("KUBECONFIG", kubeconfig)
+            .env("POD_NAME", identity)
+            .env("DEVPLUG_NAMESPACE_POD_SECURITY", "")
+            .env(
+                "DEVPLUG_LOG",
+                std::env::var("DEVPLUG_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting the operator");
+        Operator { child, metrics }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn terminate(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+}
 
 impl Drop for Operator {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
+}
+
+/// The other of the two metrics addresses.
+fn other(addr: &'static str) -> &'static str {
+    if addr == METRICS { METRICS_B } else { METRICS }
+}
+
+async fn lease_holder(client: &Client) -> Option<String> {
+    Api::<Lease>::namespaced(client.clone(), NS)
+        .get_opt("devplug-bench")
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec.and_then(|s| s.holder_identity))
+}
+
+/// Events about the bench policies, by reason, summing their counts.
+async fn policy_events(client: &Client) -> BTreeMap<String, i64> {
+    let mut out = BTreeMap::new();
+    let lp = ListParams::default().fields("involvedObject.kind=DevicePluginPolicy");
+    if let Ok(list) = Api::<k8s_openapi::api::core::v1::Event>::all(client.clone())
+        .list(&lp)
+        .await
+    {
+        for e in list.items {
+            if e.involved_object
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with("bench-"))
+            {
+                *out.entry(e.reason.unwrap_or_default()).or_default() +=
+                    i64::from(e.count.unwrap_or(1));
+            }
+        }
+    }
+    out
+}
+
+/// Whether a GET of `path` answered 200.
+async fn http_ok(addr: &str, path: &str) -> Option<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.ok()?;
+    body.starts_with("HTTP/1.1 200").then_some(())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -515,30 +609,12 @@ async fn main() {
             .expect("creating a bench policy (are the CRDs applied?)");
     }
 
-    let child = Command::new(env!("CARGO_BIN_EXE_devplug-operator"))
-        .args([
-            "--namespace",
-            NS,
-            "--leader-elect",
-            "false",
-            "--metrics-addr",
-            METRICS,
-        ])
-        .env("KUBECONFIG", &kubeconfig)
-        .env("DEVPLUG_NAMESPACE_POD_SECURITY", "")
-        .env(
-            "DEVPLUG_LOG",
-            std::env::var("DEVPLUG_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("starting the operator");
-    let pid = child.id();
-    let op = Operator(child);
+    let mut op = Operator::start(&kubeconfig, "bench-operator-0", METRICS);
+    let mut generation = 0;
     tokio::time::sleep(Duration::from_secs(3)).await;
     println!(
         "operator RSS before the fleet: {:.1} MiB",
-        proc_field(pid, "VmRSS:")
+        proc_field(op.pid(), "VmRSS:")
     );
 
     // Leases renewed every 15 s for every node so far.
@@ -565,6 +641,9 @@ async fn main() {
     let mut have = 0;
     for &n in &sizes {
         println!("\n== {n} nodes ==");
+        let pid = op.pid();
+        let metrics = op.metrics;
+        let scrape = || scrape_at(metrics);
         let (c0, cpu0, t0) = (scrape().await, cpu_secs(pid), Instant::now());
         each((have..n).collect(), |i| {
             let c = client.clone();
@@ -704,6 +783,94 @@ async fn main() {
         let _ = policies
             .delete("bench-new", &DeleteParams::background())
             .await;
+        // Failover: a standby takes over from the leader on SIGTERM; a
+        // device flips at that moment, and the new leader must show it.
+        generation += 1;
+        let standby = Operator::start(
+            &kubeconfig,
+            &format!("bench-operator-{generation}"),
+            other(op.metrics),
+        );
+        let ready_by = Instant::now() + Duration::from_secs(60);
+        while http_ok(standby.metrics, "/readyz").await.is_none() && Instant::now() < ready_by {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let events0 = policy_events(&client).await;
+        let t0 = Instant::now();
+        op.terminate();
+        write_entry(&client, 0, n - 1, true)
+            .await
+            .expect("flipping a device at failover");
+        let mut led_at = None;
+        let deadline = t0 + Duration::from_secs(300);
+        let down1 = format!("{}/{}", n * DEVICES - 1, n * DEVICES);
+        let mut shown_at = None;
+        while Instant::now() < deadline && shown_at.is_none() {
+            if led_at.is_none()
+                && lease_holder(&client).await.as_deref()
+                    == Some(&format!("bench-operator-{generation}"))
+            {
+                led_at = Some(t0.elapsed());
+            }
+            if led_at.is_some() && healthy_of(&client, 0).await.as_deref() == Some(down1.as_str()) {
+                shown_at = Some(t0.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let old_exit = {
+            let mut waited = None;
+            for _ in 0..200 {
+                if let Ok(Some(st)) = op.child.try_wait() {
+                    waited = Some(st);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            waited.map_or("still running after 10 s".to_string(), |s| {
+                format!("exited ({s})")
+            })
+        };
+        let c_new = scrape_at(standby.metrics).await;
+        write_entry(&client, 0, n - 1, false)
+            .await
+            .expect("flipping the device back");
+        let back_by = Instant::now() + Duration::from_secs(300);
+        while Instant::now() < back_by
+            && healthy_of(&client, 0).await.as_deref() != Some(want.as_str())
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let events1 = policy_events(&client).await;
+        let new_events: Vec<String> = events1
+            .iter()
+            .filter_map(|(r, c)| {
+                let d = c - events0.get(r).copied().unwrap_or(0);
+                (d > 0).then(|| format!("{r} {d}"))
+            })
+            .collect();
+        let writes: f64 = c_new.writes.values().sum();
+        let by_kind: Vec<String> = c_new
+            .writes
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        println!(
+            "failover (SIGTERM to the leader, one device flipped at that moment): new leader after {}, status showing the flip after {}; old leader {old_exit}; new leader's writes until then {writes} ({}); policy Events during the failover and flip: {}",
+            ms(led_at),
+            ms(shown_at),
+            if by_kind.is_empty() {
+                "none".to_string()
+            } else {
+                by_kind.join(", ")
+            },
+            if new_events.is_empty() {
+                "none".to_string()
+            } else {
+                new_events.join(", ")
+            }
+        );
+        op = standby;
+
         if let Some(api_pid) = apiserver_pid() {
             println!(
                 "API server RSS {:.0} MiB (peak {:.0} MiB), with the simulated fleet's {} node leases renewed every 15 s",

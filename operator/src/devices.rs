@@ -187,10 +187,13 @@ pub struct Shares {
     by_node: std::sync::Mutex<std::collections::HashMap<String, NodeShares>>,
 }
 
+/// The shares of one node's entries, by (policy, resource name).
+type EntryShares = std::sync::Arc<Vec<((String, String), Share)>>;
+
 #[derive(Clone)]
 struct NodeShares {
     version: String,
-    shares: std::sync::Arc<Vec<((String, String), Share)>>,
+    shares: EntryShares,
 }
 
 impl Shares {
@@ -203,7 +206,7 @@ impl Shares {
     ) -> Aggregate {
         let name = policy.name_any();
         let key = (name, policy.spec.resource_name.clone());
-        let mut current: Vec<(String, std::sync::Arc<Vec<((String, String), Share)>>)> = Vec::new();
+        let mut current: Vec<(String, EntryShares)> = Vec::new();
         {
             let mut map = self.by_node.lock().unwrap_or_else(|e| e.into_inner());
             let mut kept = std::collections::HashMap::with_capacity(map.len());
