@@ -50,20 +50,17 @@ pub enum RunError {
     /// The SIGTERM handler cannot be installed.
     #[error("installing the SIGTERM handler: {0}")]
     Signal(#[source] std::io::Error),
-    /// Leadership was lost; a new process should start as a standby.
-    #[error("lost the leader lease: {0}")]
-    LostLease(String),
 }
 
 const LEASE: Duration = Duration::from_secs(15);
-/// A leader renews every 5 s (one request); after a failed or hung try
-/// (abandoned after 2 s) it tries again each second, and stops acting once
-/// no renewal has succeeded for 10 s, well before the lease (15 s) can be
-/// taken over.
-const RENEWAL: leader::Renewal = leader::Renewal {
-    every: Duration::from_secs(5),
+/// A leader renews every 3 s (one request); a try may take up to 4 s (a
+/// loaded API server answers in seconds) and is retried a second after it
+/// fails; the leader stops acting once no renewal has succeeded for 10 s,
+/// well before the lease (15 s) can be taken over.
+pub const RENEWAL: leader::Renewal = leader::Renewal {
+    every: Duration::from_secs(3),
     retry: Duration::from_secs(1),
-    attempt: Duration::from_secs(2),
+    attempt: Duration::from_secs(4),
     deadline: Duration::from_secs(10),
 };
 /// How often a standby looks at the lease.
@@ -101,34 +98,63 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     .await
 }
 
-/// Runs the operator with `client` until `stop` completes or leadership is
-/// lost. A standby stops at once; a leader stops renewing, releases the
-/// lease so a standby takes over at its next try, and returns.
+/// Runs the operator with `client` until `stop` completes. With leader
+/// election, only the lease holder runs the controllers: a standby stops at
+/// once when told; a leader stops renewing, releases the lease so a
+/// standby takes over at its next try, and returns. A leader that cannot
+/// renew stops its controllers before the lease can expire and stands by
+/// again in the same process (no restart, no crash loop while the API
+/// server is slow).
 pub async fn run_with(
     client: Client,
     args: Args,
     metrics: Arc<Metrics>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), RunError> {
+    run_with_renewal(client, args, metrics, stop, RENEWAL).await
+}
+
+/// [`run_with`] with the lease kept as `renewal` says (tests: shorter).
+pub async fn run_with_renewal(
+    client: Client,
+    args: Args,
+    metrics: Arc<Metrics>,
+    stop: impl std::future::Future<Output = ()>,
+    renewal: leader::Renewal,
+) -> Result<(), RunError> {
     tokio::pin!(stop);
     let ready = Arc::new(AtomicBool::new(false));
-    let admin = tokio::spawn(admin::serve(
+    let mut admin = tokio::spawn(admin::serve(
         args.metrics_addr,
         admin::AdminState {
             metrics: metrics.clone(),
             ready: ready.clone(),
         },
     ));
+    let admin_failed = |r: Result<std::io::Result<()>, tokio::task::JoinError>| match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(RunError::Admin(e)),
+        Err(e) => Err(RunError::Admin(std::io::Error::other(e))),
+    };
 
-    if args.leader_elect {
-        let identity = std::env::var("POD_NAME")
-            .unwrap_or_else(|_| format!("devplug-operator-{}", std::process::id()));
-        let lock = Arc::new(leader::LeaseLock::new(
-            Api::<Lease>::namespaced(client.clone(), &args.namespace),
-            &args.lease_name,
-            &identity,
-            LEASE,
-        ));
+    if !args.leader_elect {
+        metrics.set_leading(true);
+        return tokio::select! {
+            _ = &mut stop => Ok(()),
+            r = controller(client, &args, metrics.clone(), ready) => r,
+            r = &mut admin => admin_failed(r),
+        };
+    }
+    let identity = std::env::var("POD_NAME")
+        .unwrap_or_else(|_| format!("devplug-operator-{}", std::process::id()));
+    let lock = Arc::new(leader::LeaseLock::new(
+        Api::<Lease>::namespaced(client.clone(), &args.namespace),
+        &args.lease_name,
+        &identity,
+        LEASE,
+    ));
+    loop {
+        metrics.set_leading(false);
         ready.store(true, Ordering::SeqCst); // a standby is healthy too
         info!(%identity, lease = %args.lease_name, "waiting for leadership");
         loop {
@@ -137,7 +163,7 @@ pub async fn run_with(
                     info!("stopped while standing by");
                     return Ok(());
                 }
-                r = tokio::time::timeout(RENEWAL.attempt, lock.try_acquire_or_renew()) => r,
+                r = tokio::time::timeout(renewal.deadline, lock.try_acquire_or_renew()) => r,
             };
             match held {
                 Ok(Ok(true)) => break,
@@ -154,10 +180,11 @@ pub async fn run_with(
             }
         }
         info!(%identity, "leading");
+        metrics.set_leading(true);
         let (lost_tx, mut lost_rx) = tokio::sync::oneshot::channel::<String>();
         let renewer = lock.clone();
         let renewing = tokio::spawn(async move {
-            let why = leader::keep_renewing(|| renewer.try_acquire_or_renew(), RENEWAL).await;
+            let why = leader::keep_renewing(|| renewer.try_acquire_or_renew(), renewal).await;
             let _ = lost_tx.send(why);
         });
         // Stopping ends leadership at once: renewing stops first (a renewal
@@ -167,27 +194,30 @@ pub async fn run_with(
         // grace period.
         let r = tokio::select! {
             _ = &mut stop => Ok(()),
-            r = controller(client, &args, metrics, ready) => r,
+            r = controller(client.clone(), &args, metrics.clone(), ready.clone()) => r,
             why = &mut lost_rx => {
+                // The controllers (this select's other branch) are dropped
+                // here, before the lease can expire and another replica
+                // take over: never two leaders at once.
                 let why = why.unwrap_or_else(|_| "the renewal task ended".into());
-                error!(%why, "lost the leader lease; exiting so a standby can take over");
-                return Err(RunError::LostLease(why));
+                metrics.lost_leadership();
+                error!(%why, "lost the leader lease; controllers stopped, standing by again");
+                continue;
             }
-            r = admin => return r.map_err(|e| RunError::Admin(std::io::Error::other(e)))?.map_err(RunError::Admin),
+            r = &mut admin => {
+                renewing.abort();
+                return admin_failed(r);
+            }
         };
         renewing.abort();
         let _ = renewing.await;
-        match tokio::time::timeout(RENEWAL.deadline, lock.release()).await {
+        metrics.set_leading(false);
+        match tokio::time::timeout(renewal.deadline, lock.release()).await {
             Ok(Ok(())) => info!("released the leader lease"),
             Ok(Err(e)) => warn!(error = %e, "cannot release the leader lease"),
             Err(_) => warn!("releasing the leader lease timed out"),
         }
         return r;
-    }
-    tokio::select! {
-        _ = &mut stop => Ok(()),
-        r = controller(client, &args, metrics, ready) => r,
-        r = admin => r.map_err(|e| RunError::Admin(std::io::Error::other(e)))?.map_err(RunError::Admin),
     }
 }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -19,6 +20,8 @@ pub struct Metrics {
     writes: Family<Labels, Counter>,
     total_writes: Counter,
     requests: Family<Labels, Counter>,
+    leading: Gauge,
+    stepped_down: Counter,
 }
 
 impl Default for Metrics {
@@ -50,7 +53,21 @@ impl Default for Metrics {
             "Requests sent to the API server, by verb (read = get or list)",
             requests.clone(),
         );
+        let leading = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica leads (runs the controllers), else 0",
+            leading.clone(),
+        );
+        let stepped_down = Counter::default();
+        registry.register(
+            "leadership_lost",
+            "Times this replica stopped leading because it could not renew the lease",
+            stepped_down.clone(),
+        );
         Self {
+            leading,
+            stepped_down,
             requests,
             registry,
             reconciles,
@@ -63,6 +80,21 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Says whether this replica leads.
+    pub fn set_leading(&self, on: bool) {
+        self.leading.set(i64::from(on));
+    }
+
+    /// Whether this replica leads, as last said.
+    pub fn leading(&self) -> bool {
+        self.leading.get() == 1
+    }
+
+    /// Counts one loss of leadership.
+    pub fn lost_leadership(&self) {
+        self.stepped_down.inc();
+    }
+
     /// Counts one reconcile and its duration.
     pub fn reconciled(&self, took: Duration) {
         self.reconciles.inc();

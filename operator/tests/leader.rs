@@ -373,3 +373,62 @@ async fn readyz_waits_for_the_stores_and_metrics_say_their_format() {
     stop_tx.send(()).unwrap();
     let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
 }
+
+/// Seen in CI and in bench-scale: on a saturated API server no renewal
+/// answered for 10 s, the leader exited, and the restarted container did the
+/// same again (CrashLoopBackOff, no operator for minutes). A leader that
+/// cannot renew now stops its controllers before the lease can expire and
+/// stands by again in the same process; once the API server answers it
+/// leads again.
+#[tokio::test]
+async fn a_leader_that_cannot_renew_stands_by_again_instead_of_exiting() {
+    let (client, api) = FakeApi::start();
+    let metrics = std::sync::Arc::new(devplug_operator::metrics::Metrics::default());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let renewal = devplug_operator::leader::Renewal {
+        every: Duration::from_millis(100),
+        retry: Duration::from_millis(50),
+        attempt: Duration::from_millis(200),
+        deadline: Duration::from_millis(600),
+    };
+    let run = tokio::spawn(devplug_operator::run_with_renewal(
+        client,
+        args(),
+        metrics.clone(),
+        async move {
+            let _ = stop_rx.await;
+        },
+        renewal,
+    ));
+    let wait_for = |want: bool, what: &'static str| {
+        let metrics = metrics.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while metrics.leading() != want {
+                assert!(std::time::Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    wait_for(true, "never led").await;
+
+    api.fail(http::Method::PUT, "/leases/", 500);
+    api.fail(http::Method::GET, "/leases/", 500);
+    wait_for(false, "still leading without a renewal").await;
+    assert!(!run.is_finished(), "the process must not exit");
+    assert!(
+        metrics
+            .render()
+            .contains("devplug_operator_leadership_lost_total 1"),
+        "{}",
+        metrics.render()
+    );
+
+    api.heal();
+    wait_for(true, "did not lead again once the API server answered").await;
+    stop_tx.send(()).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("a leader must stop promptly");
+    assert!(r.unwrap().is_ok());
+}
