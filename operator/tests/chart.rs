@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -138,6 +138,7 @@ fn rendered_objects_rbac_and_security() {
             "ClusterRole",
             "ClusterRoleBinding",
             "Deployment",
+            "FlowSchema",
             "Role",
             "RoleBinding",
             "Service",
@@ -145,6 +146,21 @@ fn rendered_objects_rbac_and_security() {
             "ValidatingAdmissionPolicy",
             "ValidatingAdmissionPolicyBinding"
         ]
+    );
+
+    // The lease renewals go to the leader-election priority level, for the
+    // operator's own service account and namespace only.
+    let fs = &find(&docs, "FlowSchema", "devplug-operator-leader-election")["spec"];
+    assert_eq!(fs["priorityLevelConfiguration"]["name"], "leader-election");
+    let rule = &fs["rules"][0];
+    assert_eq!(
+        rule["subjects"][0]["serviceAccount"],
+        json!({"name": "devplug-operator", "namespace": "devplug-system"})
+    );
+    assert_eq!(rule["resourceRules"][0]["resources"], json!(["leases"]));
+    assert_eq!(
+        rule["resourceRules"][0]["apiGroups"],
+        json!(["coordination.k8s.io"])
     );
 
     // Every call the operator makes is allowed, and nothing broader.

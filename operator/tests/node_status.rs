@@ -67,19 +67,22 @@ async fn node_status_lifecycle() {
             "devices": [{"id": "a", "health": "Healthy"},
                         {"id": "b", "health": "Healthy", "allocations": [{"namespace": "ml", "pod": "p", "container": "c"}]}]}]}}));
     let (pods_store, mut pods) = synced(vec![agent_pod(true)]);
-    let ctx = Arc::new(NodeContext::new(
-        client,
-        devplug_operator::index::Index {
-            policies: policies.clone(),
-            daemonsets: support::synced(Vec::new()).0,
-            agent_pods: pods_store,
-            nds: support::synced(Vec::new()).0,
-            nodes: support::synced(Vec::new()).0,
-            synced: devplug_operator::synced::Synced::all(),
-        },
-        Arc::new(Metrics::default()),
-        Default::default(),
-    ));
+    let ctx = Arc::new(
+        NodeContext::new(
+            client,
+            devplug_operator::index::Index {
+                policies: policies.clone(),
+                daemonsets: support::synced(Vec::new()).0,
+                agent_pods: pods_store,
+                nds: support::synced(Vec::new()).0,
+                nodes: support::synced(Vec::new()).0,
+                synced: devplug_operator::synced::Synced::all(),
+            },
+            Arc::new(Metrics::default()),
+            Default::default(),
+        )
+        .delaying_node_writes_by(std::time::Duration::ZERO),
+    );
 
     // First look: own it, summarise it, label the node.
     let stale = current_nds(&api);
@@ -326,19 +329,22 @@ async fn nothing_is_judged_before_the_stores_are_synced() {
     );
     futures::StreamExt::collect::<Vec<_>>(stream).await;
     assert!(synced.ready());
-    let ctx = Arc::new(NodeContext::new(
-        ctx.client.clone(),
-        devplug_operator::index::Index {
-            policies: ctx.index.policies.clone(),
-            daemonsets: support::synced(Vec::new()).0,
-            agent_pods: pods_store,
-            nds: support::synced(Vec::new()).0,
-            nodes: support::synced(Vec::new()).0,
-            synced,
-        },
-        Arc::new(Metrics::default()),
-        Default::default(),
-    ));
+    let ctx = Arc::new(
+        NodeContext::new(
+            ctx.client.clone(),
+            devplug_operator::index::Index {
+                policies: ctx.index.policies.clone(),
+                daemonsets: support::synced(Vec::new()).0,
+                agent_pods: pods_store,
+                nds: support::synced(Vec::new()).0,
+                nodes: support::synced(Vec::new()).0,
+                synced,
+            },
+            Arc::new(Metrics::default()),
+            Default::default(),
+        )
+        .delaying_node_writes_by(std::time::Duration::ZERO),
+    );
     node_controller::reconcile(current_nds(&api), ctx)
         .await
         .unwrap();
@@ -347,11 +353,12 @@ async fn nothing_is_judged_before_the_stores_are_synced() {
     assert_eq!(st["summary"]["healthy"], "1/1");
 }
 
-/// A change of only the summary's counts (a health flip) is written once,
-/// a delay after it was first seen, with what else changed meanwhile; an
-/// agent that stops reporting is written at once.
+/// Summary and label changes are written once, a delay after they were
+/// first seen, from what the index holds then (a lagging watch delivers
+/// every intermediate version; each used to cost a write); an agent that
+/// stops reporting is written at once.
 #[tokio::test]
-async fn count_only_summary_changes_wait_notreporting_does_not() {
+async fn summary_and_label_changes_wait_notreporting_does_not() {
     let (client, api) = FakeApi::start();
     api.enforce_chart_rbac();
     let (policies, _pw) = seed(
@@ -392,7 +399,7 @@ async fn count_only_summary_changes_wait_notreporting_does_not() {
             Arc::new(Metrics::default()),
             Default::default(),
         )
-        .delaying_summaries_by(delay),
+        .delaying_node_writes_by(delay),
     );
     let summary = |api: &FakeApi| api.get(NDS).unwrap()["status"]["summary"].clone();
     let status_writes = |api: &FakeApi| {
@@ -401,11 +408,33 @@ async fn count_only_summary_changes_wait_notreporting_does_not() {
             .filter(|w| w.contains("/nodedevicestatuses/n1/status"))
             .count()
     };
-    // The first summary of a node is written at once.
+    let label_writes = |api: &FakeApi| {
+        writes(api)
+            .into_iter()
+            .filter(|w| w.contains("/api/v1/nodes/n1"))
+            .count()
+    };
+    // First look: owned at once; summary and labels wait.
+    let first_seen = std::time::Instant::now();
+    node_controller::reconcile(current_nds(&api), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(status_writes(&api), 0, "{:?}", writes(&api));
+    assert_eq!(label_writes(&api), 0, "{:?}", writes(&api));
+    assert_eq!(
+        api.get(NDS).unwrap()["metadata"]["ownerReferences"][0]["uid"],
+        "node-uid-1"
+    );
+    tokio::time::sleep(
+        delay.saturating_sub(first_seen.elapsed()) + std::time::Duration::from_millis(50),
+    )
+    .await;
     node_controller::reconcile(current_nds(&api), ctx.clone())
         .await
         .unwrap();
     assert_eq!(summary(&api)["healthy"], "2/2");
+    assert_eq!(status_writes(&api), 1, "{:?}", writes(&api));
+    assert_eq!(label_writes(&api), 1, "{:?}", writes(&api));
 
     // b turns Unhealthy: the agent's entry says so at once; the summary waits.
     let mut o = nds("2", 1, 0);
