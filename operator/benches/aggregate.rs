@@ -13,56 +13,18 @@
 //! the fleet.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod fleet;
+
 use std::time::{Duration, Instant};
 
 use devplug_api::{
-    Allocation, DeviceHealth, DevicePluginPolicy, DeviceStatus, NodeDeviceStatus,
-    NodeDeviceStatusSpec, NodeDeviceStatusStatus, ResourceStatus,
+    DevicePluginPolicy, NodeDeviceStatus, NodeDeviceStatusSpec, NodeDeviceStatusStatus,
 };
 use devplug_operator::devices::{self, Shares};
-
-const POLICIES: usize = 4;
-const DEVICES: usize = 64;
-const HELD: usize = 8;
-
-fn entry(k: usize, i: usize, unhealthy: bool) -> ResourceStatus {
-    let devices: Vec<DeviceStatus> = (0..DEVICES)
-        .map(|d| DeviceStatus {
-            id: format!("dev-{d:02}"),
-            health: if unhealthy && d == 0 {
-                DeviceHealth::Unhealthy
-            } else {
-                DeviceHealth::Healthy
-            },
-            reason: (unhealthy && d == 0).then(|| "XID 79 (critical)".to_string()),
-            last_transition_time: None,
-            numa_nodes: vec![(d / 32) as i64],
-            allocations: if d < HELD {
-                vec![Allocation {
-                    namespace: "ml".into(),
-                    pod: format!("job-{i}-{d}"),
-                    container: "main".into(),
-                }]
-            } else {
-                Vec::new()
-            },
-        })
-        .collect();
-    ResourceStatus {
-        resource_name: format!("bench.example/r{k}"),
-        policy: format!("bench-p{k}"),
-        state: "Serving".into(),
-        reason: None,
-        healthy: DEVICES as i64 - i64::from(unhealthy),
-        total: DEVICES as i64,
-        allocated: HELD as i64,
-        devices,
-        orphaned: Vec::new(),
-    }
-}
+use fleet::{DEVICES, HELD, POLICIES, entry, node_name};
 
 fn node(i: usize, rv: u64, unhealthy: bool) -> NodeDeviceStatus {
-    let name = format!("bench-node-{i:05}");
+    let name = node_name(i);
     let mut n = NodeDeviceStatus::new(
         &name,
         NodeDeviceStatusSpec {

@@ -26,14 +26,14 @@
 //! writes and the policy Events meanwhile; and the API server's RSS.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod fleet;
+
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use devplug_api::{
-    Allocation, DeviceHealth, DevicePluginPolicy, DeviceStatus, NodeDeviceStatus, ResourceStatus,
-    agent_manager,
-};
+use devplug_api::{DevicePluginPolicy, NodeDeviceStatus, agent_manager};
+use fleet::{DEVICES, HELD, POLICIES, entry, node_name, policy_name, resource};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -43,24 +43,11 @@ use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
 const NS: &str = "devplug-bench";
-const POLICIES: usize = 4;
-const DEVICES: usize = 64;
-const HELD: usize = 8;
 const CONCURRENCY: usize = 64;
 const FLIPS: usize = 500;
 const METRICS: &str = "127.0.0.1:18931";
 const METRICS_B: &str = "127.0.0.1:18932";
 const BENCH_LABEL: &str = "devplug.io/bench";
-
-fn node_name(i: usize) -> String {
-    format!("bench-node-{i:05}")
-}
-fn policy_name(k: usize) -> String {
-    format!("bench-p{k}")
-}
-fn resource(k: usize) -> String {
-    format!("bench.example/r{k}")
-}
 
 /// Runs `f` over `items` with bounded concurrency; panics on the first error.
 async fn each<T, F, Fut>(items: Vec<T>, f: F)
@@ -76,47 +63,6 @@ where
         if let Err(e) = r {
             panic!("API error while building the fleet: {e}");
         }
-    }
-}
-
-/// The entry an agent of policy `k` writes for node `i`.
-fn entry(k: usize, i: usize, unhealthy: bool) -> ResourceStatus {
-    let devices: Vec<DeviceStatus> = (0..DEVICES)
-        .map(|d| DeviceStatus {
-            id: format!("dev-{d:02}"),
-            health: if unhealthy && d == 0 {
-                DeviceHealth::Unhealthy
-            } else {
-                DeviceHealth::Healthy
-            },
-            reason: (unhealthy && d == 0).then(|| "XID 79 (critical)".to_string()),
-            last_transition_time: None,
-            numa_nodes: vec![(d / 32) as i64],
-            allocations: if d < HELD {
-                vec![Allocation {
-                    namespace: "ml".into(),
-                    pod: format!("job-{i}-{d}"),
-                    container: "main".into(),
-                }]
-            } else {
-                Vec::new()
-            },
-        })
-        .collect();
-    let healthy = devices
-        .iter()
-        .filter(|d| d.health == DeviceHealth::Healthy)
-        .count() as i64;
-    ResourceStatus {
-        resource_name: resource(k),
-        policy: policy_name(k),
-        state: "Serving".into(),
-        reason: None,
-        healthy,
-        total: DEVICES as i64,
-        allocated: HELD as i64,
-        devices,
-        orphaned: Vec::new(),
     }
 }
 
