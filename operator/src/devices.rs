@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 #[cfg(doc)]
 use devplug_api::NodeDeviceStatusStatus;
 use devplug_api::{
-    DeviceCounts, DeviceHealth, DevicePluginPolicy, NodeDeviceStatus, NodeSummary, ResourceExt,
-    ResourceStatus, STATE_UNKNOWN, SharingStrategy, UnhealthyDevice,
+    DeviceCounts, DeviceHealth, DevicePluginPolicy, NodeDeviceStatus, NodeSummary, NotReporting,
+    ResourceExt, ResourceStatus, STATE_UNKNOWN, SharingStrategy, UnhealthyDevice,
 };
 
 use crate::desired::{label_value, stable_hash};
@@ -117,12 +117,8 @@ pub fn shares(nds: &NodeDeviceStatus) -> Vec<((String, String), Share)> {
         .resources
         .iter()
         .map(|e| {
-            let not_reporting = status
-                .not_reporting
-                .iter()
-                .find(|n| n.resource_name == e.resource_name && n.policy == e.policy);
-            let sh = match not_reporting {
-                Some(n) => share_of(&node, &e.as_unknown(&n.reason)),
+            let sh = match not_reporting_reason(e, &status.not_reporting) {
+                Some(reason) => share_of(&node, &e.as_unknown(reason)),
                 None => share_of(&node, e),
             };
             ((e.policy.clone(), e.resource_name.clone()), sh)
@@ -235,20 +231,38 @@ impl Shares {
 
 /// A node's summary for `kubectl get nds`.
 pub fn summary(nds: &NodeDeviceStatus) -> NodeSummary {
-    let entries = nds
-        .status
-        .as_ref()
-        .map(|s| s.effective_resources())
-        .unwrap_or_default();
-    let (mut healthy, mut total, mut allocated, mut resources) = (0, 0, 0, 0);
-    for e in &entries {
-        resources += 1;
-        healthy += e.healthy;
+    let st = nds.status.as_ref();
+    summary_of(
+        st.map_or(&[][..], |s| &s.resources),
+        st.map_or(&[][..], |s| &s.not_reporting),
+    )
+}
+
+/// Why the agent of entry `e` does not vouch for it, if it is listed in
+/// `not_reporting` (its devices then count `Unknown`).
+fn not_reporting_reason<'a>(
+    e: &ResourceStatus,
+    not_reporting: &'a [NotReporting],
+) -> Option<&'a str> {
+    not_reporting
+        .iter()
+        .find(|n| n.resource_name == e.resource_name && n.policy == e.policy)
+        .map(|n| n.reason.as_str())
+}
+
+/// A node's summary from its entries and who is not reporting, read in
+/// place (an entry not reporting counts no healthy device).
+pub fn summary_of(resources: &[ResourceStatus], not_reporting: &[NotReporting]) -> NodeSummary {
+    let (mut healthy, mut total, mut allocated) = (0, 0, 0);
+    for e in resources {
+        if not_reporting_reason(e, not_reporting).is_none() {
+            healthy += e.healthy;
+        }
         total += e.total;
         allocated += e.allocated;
     }
     NodeSummary {
-        resources,
+        resources: resources.len() as i64,
         healthy: format!("{healthy}/{total}"),
         allocated,
     }
@@ -283,17 +297,27 @@ pub fn node_labels(
     nds: &NodeDeviceStatus,
     policies: &BTreeMap<String, &DevicePluginPolicy>,
 ) -> BTreeMap<String, String> {
+    let st = nds.status.as_ref();
+    node_labels_of(
+        st.map_or(&[][..], |s| &s.resources),
+        st.map_or(&[][..], |s| &s.not_reporting),
+        policies,
+    )
+}
+
+/// [`node_labels`] from a node's entries and who is not reporting, read in
+/// place: an entry nobody vouches for (not reporting, or `Unknown`) gets none.
+pub fn node_labels_of(
+    resources: &[ResourceStatus],
+    not_reporting: &[NotReporting],
+    policies: &BTreeMap<String, &DevicePluginPolicy>,
+) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    let entries = nds
-        .status
-        .as_ref()
-        .map(|s| s.effective_resources())
-        .unwrap_or_default();
-    for e in &entries {
+    for e in resources {
         let Some(p) = policies.get(&e.policy) else {
             continue;
         };
-        if e.state == STATE_UNKNOWN {
+        if e.state == STATE_UNKNOWN || not_reporting_reason(e, not_reporting).is_some() {
             continue;
         }
         let strategy = match p.spec.sharing.strategy {

@@ -87,20 +87,30 @@ impl LeaseLock {
             return None;
         }
         spec.renew_time = Some(MicroTime(Timestamp::now()));
+        match self.write(&lease).await {
+            Ok(false) => None,
+            r => Some(r),
+        }
+    }
+
+    /// Replaces the lease with `lease` (its resourceVersion guards the
+    /// write) and remembers what the server answered; `false` when someone
+    /// changed it meanwhile.
+    async fn write(&self, lease: &Lease) -> Result<bool, kube::Error> {
         match self
             .api
-            .replace(&self.name, &PostParams::default(), &lease)
+            .replace(&self.name, &PostParams::default(), lease)
             .await
         {
             Ok(l) => {
                 self.remember(Some(l));
-                Some(Ok(true))
+                Ok(true)
             }
             Err(e) if is_conflict(&e) => {
                 self.remember(None);
-                None
+                Ok(false)
             }
-            Err(e) => Some(Err(e)),
+            Err(e) => Err(e),
         }
     }
 
@@ -161,18 +171,7 @@ impl LeaseLock {
         }
         spec.renew_time = Some(MicroTime(now));
         spec.lease_duration_seconds = Some(secs);
-        match self
-            .api
-            .replace(&self.name, &PostParams::default(), &lease)
-            .await
-        {
-            Ok(l) => {
-                self.remember(Some(l));
-                Ok(true)
-            }
-            Err(e) if is_conflict(&e) => Ok(false),
-            Err(e) => Err(e),
-        }
+        self.write(&lease).await
     }
 
     /// Gives the lease up if we hold it, so a standby takes over at its

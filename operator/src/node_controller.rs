@@ -405,11 +405,10 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
     }
 
     // The operator's own fields: notReporting and the summary.
-    let mut effective = (*nds).clone();
-    let status = effective.status.get_or_insert_with(Default::default);
-    status.not_reporting = verdict.not_reporting.clone();
-    let summary = devices::summary(&effective);
-    let current = nds.status.clone().unwrap_or_default();
+    // Judged with this verdict's notReporting, reading the entries in place.
+    let no_status = NodeDeviceStatusStatus::default();
+    let current = nds.status.as_ref().unwrap_or(&no_status);
+    let summary = devices::summary_of(&current.resources, &verdict.not_reporting);
     let part = (verdict.not_reporting.clone(), summary.clone());
     let mut next = Duration::from_secs(300);
     let changed = current.not_reporting != verdict.not_reporting
@@ -445,7 +444,7 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
                 Some(NodeDeviceStatusStatus {
                     resources: Vec::new(),
                     summary: Some(summary),
-                    not_reporting: verdict.not_reporting,
+                    not_reporting: verdict.not_reporting.clone(),
                 }),
             );
             api.patch_status(
@@ -472,7 +471,7 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
         .filter(|(_, v)| v.metadata.deletion_timestamp.is_none())
         .map(|(k, v)| (k.clone(), v.as_ref()))
         .collect();
-    let want = devices::node_labels(&effective, &by_name);
+    let want = devices::node_labels_of(&current.resources, &verdict.not_reporting, &by_name);
     let have: BTreeMap<String, String> = node
         .labels()
         .iter()
