@@ -10,7 +10,8 @@
 //! node on each reconcile (what the operator did before) with the shares
 //! remembered per object version (what it does now), warm (nothing
 //! changed), after one node changed, and with 500 devices unhealthy across
-//! the fleet.
+//! the fleet; and what the index holds per node, whole objects against
+//! the operator's projection (`view::NodeView`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod fleet;
@@ -21,9 +22,11 @@ use devplug_api::{
     DevicePluginPolicy, NodeDeviceStatus, NodeDeviceStatusSpec, NodeDeviceStatusStatus,
 };
 use devplug_operator::devices::{self, Shares};
+use devplug_operator::view::NodeView;
 use fleet::{DEVICES, HELD, POLICIES, entry, node_name};
 
-fn node(i: usize, rv: u64, unhealthy: bool) -> NodeDeviceStatus {
+/// The object an API server holds for node `i`.
+fn object(i: usize, rv: u64, unhealthy: bool) -> NodeDeviceStatus {
     let name = node_name(i);
     let mut n = NodeDeviceStatus::new(
         &name,
@@ -39,6 +42,11 @@ fn node(i: usize, rv: u64, unhealthy: bool) -> NodeDeviceStatus {
         ..Default::default()
     });
     n
+}
+
+/// Node `i` as the operator's index keeps it.
+fn node(i: usize, rv: u64, unhealthy: bool) -> NodeView {
+    NodeView::from(object(i, rv, unhealthy))
 }
 
 fn policy(k: usize) -> DevicePluginPolicy {
@@ -81,7 +89,7 @@ fn main() {
         "500 unhealthy, warm"
     );
     for n in [1000usize, 5000] {
-        let mut fleet: Vec<NodeDeviceStatus> = (0..n).map(|i| node(i, 1, false)).collect();
+        let mut fleet: Vec<NodeView> = (0..n).map(|i| node(i, 1, false)).collect();
         let p = &policies[0];
 
         let before = median(7, || {
@@ -135,4 +143,68 @@ fn main() {
             warm.as_secs_f64() * 2.0 * POLICIES as f64 * 60.0
         );
     }
+
+    // What the index holds per node, parsed from the JSON an API server
+    // sends: whole objects (what it kept before) and the projection.
+    let n = 5000;
+    let jsons: Vec<String> = (0..n)
+        .map(|i| serde_json::to_string(&object(i, 1, i < 500)).unwrap())
+        .collect();
+    let r0 = rss_kib();
+    let t = Instant::now();
+    let views: Vec<NodeView> = jsons
+        .iter()
+        .map(|j| serde_json::from_str(j).unwrap())
+        .collect();
+    let parse_view = t.elapsed();
+    let r1 = rss_kib();
+    let t = Instant::now();
+    let whole: Vec<NodeDeviceStatus> = jsons
+        .iter()
+        .map(|j| serde_json::from_str(j).unwrap())
+        .collect();
+    let parse_whole = t.elapsed();
+    let r2 = rss_kib();
+    // The projection loses nothing a policy status reads: counted from the
+    // whole objects' entries, as the operator counted before it.
+    for p in &policies {
+        let from_whole: Vec<(String, devplug_api::ResourceStatus)> = whole
+            .iter()
+            .flat_map(|o| {
+                let node = o.metadata.name.clone().unwrap();
+                o.status
+                    .iter()
+                    .flat_map(|s| s.effective_resources())
+                    .filter(|e| e.policy == p.metadata.name.clone().unwrap())
+                    .map(move |e| (node.clone(), e))
+            })
+            .collect();
+        assert_eq!(
+            Shares::default().aggregate(p, &views),
+            devices::aggregate(&from_whole),
+            "the projection counts as the whole objects do"
+        );
+    }
+    let per = |kib: i64| kib as f64 * 1024.0 / n as f64 / 1000.0;
+    println!(
+        "index memory, {n} nodes (JSON {:.1} KB per object): whole objects {:.1} MiB ({:.1} KB per node), the projection {:.1} MiB ({:.1} KB per node); parse per object: whole {:.1} us, projection {:.1} us",
+        jsons[0].len() as f64 / 1000.0,
+        (r2 - r1) as f64 / 1024.0,
+        per(r2 - r1),
+        (r1 - r0) as f64 / 1024.0,
+        per(r1 - r0),
+        parse_whole.as_secs_f64() * 1e6 / n as f64,
+        parse_view.as_secs_f64() * 1e6 / n as f64,
+    );
+    std::hint::black_box((views, whole));
+}
+
+/// This process's resident set, KiB.
+fn rss_kib() -> i64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }

@@ -7,11 +7,12 @@ use std::collections::{BTreeMap, BTreeSet};
 #[cfg(doc)]
 use devplug_api::NodeDeviceStatusStatus;
 use devplug_api::{
-    DeviceCounts, DeviceHealth, DevicePluginPolicy, NodeDeviceStatus, NodeSummary, NotReporting,
-    ResourceExt, ResourceStatus, STATE_UNKNOWN, SharingStrategy, UnhealthyDevice,
+    DeviceCounts, DeviceHealth, DevicePluginPolicy, NodeSummary, NotReporting, ResourceExt,
+    ResourceStatus, STATE_UNKNOWN, SharingStrategy, UnhealthyDevice,
 };
 
 use crate::desired::{label_value, stable_hash};
+use crate::view::NodeView;
 
 /// Most unhealthy devices listed in a policy's status.
 pub const MAX_UNHEALTHY: usize = 20;
@@ -21,24 +22,26 @@ pub const MAX_UNHEALTHY: usize = 20;
 /// `Unknown` ([`NodeDeviceStatusStatus::effective_resources`]).
 pub fn entries_of<'a>(
     policy: &DevicePluginPolicy,
-    all: impl IntoIterator<Item = &'a NodeDeviceStatus>,
+    all: impl IntoIterator<Item = &'a NodeView>,
 ) -> Vec<(String, ResourceStatus)> {
     let name = policy.name_any();
     let mut out = Vec::new();
     for nds in all {
         let node = nds.name_any();
         let Some(status) = &nds.status else { continue };
-        if !status
-            .resources
-            .iter()
-            .any(|e| e.policy == name && e.resource_name == policy.spec.resource_name)
-        {
-            continue;
-        }
-        for e in status.effective_resources() {
-            if e.policy == name && e.resource_name == policy.spec.resource_name {
-                out.push((node.clone(), e));
+        for (head, devices) in status.resources.iter().zip(&status.devices) {
+            if head.policy != name || head.resource_name != policy.spec.resource_name {
+                continue;
             }
+            let e = ResourceStatus {
+                devices: devices.expand(),
+                ..head.clone()
+            };
+            let e = match not_reporting_reason(head, &status.not_reporting) {
+                Some(reason) => e.as_unknown(reason),
+                None => e,
+            };
+            out.push((node.clone(), e));
         }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -107,8 +110,8 @@ fn share_of(node: &str, e: &ResourceStatus) -> Share {
 
 /// The shares of every entry of one NodeDeviceStatus, keyed by (policy,
 /// resource name). An entry the operator lists as not reporting counts with
-/// its devices `Unknown`; every other entry is read in place, not copied.
-pub fn shares(nds: &NodeDeviceStatus) -> Vec<((String, String), Share)> {
+/// its devices `Unknown`.
+pub fn shares(nds: &NodeView) -> Vec<((String, String), Share)> {
     let node = nds.name_any();
     let Some(status) = &nds.status else {
         return Vec::new();
@@ -116,12 +119,17 @@ pub fn shares(nds: &NodeDeviceStatus) -> Vec<((String, String), Share)> {
     status
         .resources
         .iter()
-        .map(|e| {
-            let sh = match not_reporting_reason(e, &status.not_reporting) {
-                Some(reason) => share_of(&node, &e.as_unknown(reason)),
-                None => share_of(&node, e),
+        .zip(&status.devices)
+        .map(|(head, devices)| {
+            let e = ResourceStatus {
+                devices: devices.expand(),
+                ..head.clone()
             };
-            ((e.policy.clone(), e.resource_name.clone()), sh)
+            let sh = match not_reporting_reason(head, &status.not_reporting) {
+                Some(reason) => share_of(&node, &e.as_unknown(reason)),
+                None => share_of(&node, &e),
+            };
+            ((head.policy.clone(), head.resource_name.clone()), sh)
         })
         .collect()
 }
@@ -198,7 +206,7 @@ impl Shares {
     pub fn aggregate<'a>(
         &self,
         policy: &DevicePluginPolicy,
-        all: impl IntoIterator<Item = &'a NodeDeviceStatus>,
+        all: impl IntoIterator<Item = &'a NodeView>,
     ) -> Aggregate {
         let name = policy.name_any();
         let key = (name, policy.spec.resource_name.clone());
@@ -230,7 +238,7 @@ impl Shares {
 }
 
 /// A node's summary for `kubectl get nds`.
-pub fn summary(nds: &NodeDeviceStatus) -> NodeSummary {
+pub fn summary(nds: &NodeView) -> NodeSummary {
     let st = nds.status.as_ref();
     summary_of(
         st.map_or(&[][..], |s| &s.resources),
@@ -294,7 +302,7 @@ pub fn node_label_key(policy: &str, what: &str) -> String {
 /// The devplug labels a node should carry: for each policy served there,
 /// its device count, sharing strategy and replicas.
 pub fn node_labels(
-    nds: &NodeDeviceStatus,
+    nds: &NodeView,
     policies: &BTreeMap<String, &DevicePluginPolicy>,
 ) -> BTreeMap<String, String> {
     let st = nds.status.as_ref();
@@ -337,7 +345,14 @@ pub fn node_labels_of(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use devplug_api::{Allocation, DeviceStatus, NodeDeviceStatusSpec, NodeDeviceStatusStatus};
+    use devplug_api::{
+        Allocation, DeviceStatus, NodeDeviceStatus, NodeDeviceStatusSpec, NodeDeviceStatusStatus,
+    };
+
+    /// The objects as the index keeps them.
+    fn views(all: &[NodeDeviceStatus]) -> Vec<NodeView> {
+        all.iter().map(NodeView::from).collect()
+    }
 
     fn dev(id: &str, health: DeviceHealth, pods: &[&str]) -> DeviceStatus {
         DeviceStatus {
@@ -434,7 +449,7 @@ mod tests {
                 ],
             ),
         ];
-        let e = entries_of(&p, &all);
+        let e = entries_of(&p, &views(&all));
         assert_eq!(e.len(), 2);
         let Aggregate {
             counts: c,
@@ -513,23 +528,26 @@ mod tests {
             versioned(quiet, "9"),
         ];
         let shares = Shares::default();
-        let want = aggregate(&entries_of(&p, &all));
-        assert_eq!(shares.aggregate(&p, &all), want);
+        let want = aggregate(&entries_of(&p, &views(&all)));
+        assert_eq!(shares.aggregate(&p, &views(&all)), want);
         assert_eq!(want.counts.unhealthy, 3);
         assert_eq!(want.node_reasons.len(), 1, "{:?}", want.node_reasons);
 
         // Same version, different content: the remembered share stands
         // (a version names one content, so this never happens for real).
         all[0].status.as_mut().unwrap().resources[0].devices[0].health = DeviceHealth::Healthy;
-        assert_eq!(shares.aggregate(&p, &all).counts.unhealthy, 3);
+        assert_eq!(shares.aggregate(&p, &views(&all)).counts.unhealthy, 3);
         // A new version is counted again.
         all[0].metadata.resource_version = Some("6".into());
-        let now = shares.aggregate(&p, &all);
+        let now = shares.aggregate(&p, &views(&all));
         assert_eq!(now.counts.unhealthy, 2);
-        assert_eq!(now, aggregate(&entries_of(&p, &all)));
+        assert_eq!(now, aggregate(&entries_of(&p, &views(&all))));
         // n1 leaves the index: forgotten.
         all.remove(1);
-        assert_eq!(shares.aggregate(&p, &all), aggregate(&entries_of(&p, &all)));
+        assert_eq!(
+            shares.aggregate(&p, &views(&all)),
+            aggregate(&entries_of(&p, &views(&all)))
+        );
         assert_eq!(shares.by_node.lock().unwrap().len(), 2);
     }
 
@@ -547,14 +565,15 @@ mod tests {
             )],
         );
         let p = policy("gpu", "x.io/gpu", false);
-        let a = aggregate(&entries_of(&p, [&n]));
+        let a = aggregate(&entries_of(&p, [&NodeView::from(&n)]));
         assert_eq!((a.counts.healthy, a.counts.unhealthy), (2, 0));
         n.status.as_mut().unwrap().not_reporting = vec![devplug_api::NotReporting {
             resource_name: "x.io/gpu".into(),
             policy: "gpu".into(),
             reason: "AgentGone: no agent pod runs on this node".into(),
         }];
-        let a = aggregate(&entries_of(&p, [&n]));
+        let v = NodeView::from(&n);
+        let a = aggregate(&entries_of(&p, [&v]));
         assert_eq!(
             (a.counts.total, a.counts.healthy, a.counts.unhealthy),
             (2, 0, 2)
@@ -566,8 +585,8 @@ mod tests {
             "{:?}",
             a.node_reasons
         );
-        assert_eq!(summary(&n).healthy, "0/2");
-        assert!(node_labels(&n, &BTreeMap::from([("gpu".to_string(), &p)])).is_empty());
+        assert_eq!(summary(&v).healthy, "0/2");
+        assert!(node_labels(&v, &BTreeMap::from([("gpu".to_string(), &p)])).is_empty());
         // What the agent wrote is untouched.
         let stored = &n.status.as_ref().unwrap().resources[0];
         assert_eq!(stored.devices[0].health, DeviceHealth::Healthy);
@@ -578,7 +597,7 @@ mod tests {
     fn node_problems_are_reported() {
         let mut e = entry("gpu", "x.io/gpu", vec![]);
         e.reason = Some("NVML is not available on this node".into());
-        let all = [nds("n1", vec![e])];
+        let all = views(&[nds("n1", vec![e])]);
         let a = aggregate(&entries_of(&policy("gpu", "x.io/gpu", false), &all));
         assert_eq!(
             a.node_reasons,
@@ -591,7 +610,7 @@ mod tests {
         let devs = (0..50)
             .map(|i| dev(&format!("d{i}"), DeviceHealth::Unhealthy, &[]))
             .collect();
-        let all = [nds("n", vec![entry("gpu", "x.io/gpu", devs)])];
+        let all = views(&[nds("n", vec![entry("gpu", "x.io/gpu", devs)])]);
         let Aggregate {
             counts: c,
             unhealthy: bad,
@@ -628,6 +647,7 @@ mod tests {
                 entry("deleted", "x.io/old", vec![]),
             ],
         );
+        let n = NodeView::from(n);
         let l = node_labels(&n, &policies);
         assert_eq!(l["devplug.io/gpu.count"], "2");
         assert_eq!(l["devplug.io/gpu.sharing"], "TimeSlicing");

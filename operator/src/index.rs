@@ -19,13 +19,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use devplug_api::{DevicePluginPolicy, NodeDeviceStatus, ResourceExt};
+use devplug_api::{DevicePluginPolicy, ResourceExt};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
 
 use crate::synced::Synced;
+use crate::view::NodeView;
 
 /// Watch-fed stores, shared by both controllers.
 #[derive(Clone)]
@@ -36,8 +37,9 @@ pub struct Index {
     pub daemonsets: Store<DaemonSet>,
     /// Agent pods in the operator's namespace.
     pub agent_pods: Store<Pod>,
-    /// Every NodeDeviceStatus.
-    pub nds: Store<NodeDeviceStatus>,
+    /// Every NodeDeviceStatus, as the operator's compact projection
+    /// ([`NodeView`]).
+    pub nds: Store<NodeView>,
     /// Every Node, metadata only (labels decide which policies serve it).
     pub nodes: Store<PartialObjectMeta<Node>>,
     /// Whether each store has listed the cluster.

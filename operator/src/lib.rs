@@ -19,12 +19,13 @@ pub mod metrics;
 pub mod node_controller;
 pub mod status;
 pub mod synced;
+pub mod view;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use devplug_api::{DevicePluginPolicy, NodeDeviceStatus};
+use devplug_api::DevicePluginPolicy;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -311,14 +312,32 @@ where
         + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
+    cached_as(api, cfg, flag, drop_managed_fields)
+}
+
+/// [`cached`], each object trimmed by `trim` before it is stored.
+fn cached_as<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    flag: Arc<AtomicBool>,
+    trim: fn(&mut K),
+) -> (
+    reflector::Store<K>,
+    impl futures::Stream<Item = Result<K, watcher::Error>>,
+)
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
     let (store, writer) = reflector::store();
     let stream = synced::mark(
-        reflector(
-            writer,
-            watcher(api, cfg)
-                .default_backoff()
-                .modify(drop_managed_fields),
-        ),
+        reflector(writer, watcher(api, cfg).default_backoff().modify(trim)),
         flag,
     )
     .touched_objects();
@@ -331,6 +350,56 @@ where
 fn drop_managed_fields<K: kube::Resource>(o: &mut K) {
     o.meta_mut().managed_fields = None;
 }
+
+/// What the operator reads of an agent pod, and nothing else: its name,
+/// labels, owner and deletion timestamp; its node; its conditions and each
+/// container's waiting reason. A fleet has one agent pod per node and
+/// policy, and a whole pod (volumes, env, tolerations, affinity, statuses)
+/// is several kilobytes the operator never reads.
+pub fn trim_agent_pod(p: &mut Pod) {
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateWaiting, ContainerStatus, PodSpec, PodStatus,
+    };
+    let m = std::mem::take(&mut p.metadata);
+    p.metadata = kube::core::ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        labels: m.labels,
+        owner_references: m.owner_references,
+        deletion_timestamp: m.deletion_timestamp,
+        ..Default::default()
+    };
+    p.spec = p.spec.take().map(|s| PodSpec {
+        node_name: s.node_name,
+        ..PodSpec::default()
+    });
+    p.status = p.status.take().map(|s| PodStatus {
+        phase: s.phase,
+        conditions: s.conditions,
+        container_statuses: s.container_statuses.map(|cs| {
+            cs.into_iter()
+                .map(|c| ContainerStatus {
+                    name: c.name,
+                    ready: c.ready,
+                    state: c.state.map(|st| ContainerState {
+                        waiting: st.waiting.map(|w| ContainerStateWaiting {
+                            reason: w.reason,
+                            message: None,
+                        }),
+                        ..ContainerState::default()
+                    }),
+                    ..ContainerStatus::default()
+                })
+                .collect()
+        }),
+        ..PodStatus::default()
+    });
+}
+
+/// NodeDeviceStatus objects per list page.
+pub const NDS_PAGE: u32 = 100;
 
 /// The Pod Security admission label that sets the enforced level.
 pub const POD_SECURITY_ENFORCE: &str = "pod-security.kubernetes.io/enforce";
@@ -346,7 +415,8 @@ async fn controller(
     }
     let policies: Api<DevicePluginPolicy> = Api::all(client.clone());
     let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), &args.namespace);
-    let nds: Api<NodeDeviceStatus> = Api::all(client.clone());
+    // Parsed straight into the operator's projection (`view`).
+    let nds: Api<view::NodeView> = Api::all(client.clone());
     let agent_pods: Api<Pod> = Api::namespaced(client.clone(), &args.namespace);
     let agent_pods_cfg = watcher::Config::default().labels("app.kubernetes.io/name=devplug-agent");
     let synced = synced::Synced::default();
@@ -354,7 +424,12 @@ async fn controller(
     // One watch per kind, each feeding a store that reconciles read
     // instead of the API server, and the controllers' triggers.
     // Agent pods: "not reporting" and the policy's pod problems.
-    let (pods_store, pods_stream) = cached(agent_pods, agent_pods_cfg, synced.agent_pods.clone());
+    let (pods_store, pods_stream) = cached_as(
+        agent_pods,
+        agent_pods_cfg,
+        synced.agent_pods.clone(),
+        trim_agent_pod,
+    );
     // Agent DaemonSets: what `ensure` compares the desired one with.
     let (ds_store, ds_stream) = cached(
         daemonsets,
@@ -370,7 +445,11 @@ async fn controller(
     );
     let (nds_store, nds_stream) = cached(
         nds.clone(),
-        watcher::Config::default().any_semantic(),
+        // Pages of 100: a page's JSON is held whole while it is parsed, and
+        // these are the largest objects the operator lists.
+        watcher::Config::default()
+            .any_semantic()
+            .page_size(NDS_PAGE),
         synced.nds.clone(),
     );
     // One NodeDeviceStatus watch serves both controllers: each object it
@@ -535,6 +614,98 @@ mod coalesce_tests {
                 .collect();
             keys.sort();
             assert_eq!(keys, [0, 1], "period {period}: {got:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod trim_tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::PodSpec;
+    use serde_json::json;
+
+    /// An agent pod as the DaemonSet controller and the kubelet leave it:
+    /// the operator's own template, bound to a node, one container stuck.
+    fn agent_pod(ready: bool) -> Pod {
+        let p = devplug_api::policies_from_yaml(
+            "apiVersion: devplug.io/v1alpha1\nkind: DevicePluginPolicy\nmetadata: {name: gpu}\nspec:\n  resourceName: x.io/gpu\n  source: {simulated: {count: 2}}\n",
+        )
+        .unwrap()
+        .remove(0);
+        let d = desired::AgentDefaults {
+            namespace: "devplug-system".into(),
+            image: "devplug-agent:test".into(),
+            kubelet_root: "/var/lib/kubelet".into(),
+            device_plugin_dir: "/var/lib/kubelet/device-plugins".into(),
+            ..Default::default()
+        };
+        let ds = desired::daemonset(&p, &d).unwrap();
+        let t = ds.spec.unwrap().template;
+        let mut pod = Pod {
+            metadata: t.metadata.unwrap(),
+            spec: Some(PodSpec {
+                node_name: Some("n1".into()),
+                ..t.spec.unwrap()
+            }),
+            status: Some(
+                serde_json::from_value(json!({
+                    "phase": "Running", "hostIP": "10.0.0.1", "podIP": "10.1.0.7",
+                    "startTime": "2026-11-30T00:00:00Z",
+                    "conditions": [
+                        {"type": "PodScheduled", "status": "True"},
+                        {"type": "Initialized", "status": "True"},
+                        {"type": "ContainersReady", "status": if ready { "True" } else { "False" }},
+                        {"type": "Ready", "status": if ready { "True" } else { "False" }}],
+                    "containerStatuses": [{"name": "agent", "ready": ready, "restartCount": 4,
+                        "image": "devplug-agent:test", "imageID": "sha256:00", "containerID": "containerd://00",
+                        "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}},
+                        "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}}}]
+                }))
+                .unwrap(),
+            ),
+        };
+        pod.metadata.name = Some("devplug-agent-gpu-x7k2p".into());
+        pod.metadata.namespace = Some("devplug-system".into());
+        pod
+    }
+
+    /// Everything the operator reads of an agent pod reads the same after
+    /// trimming, which keeps a fraction of it.
+    #[test]
+    fn a_trimmed_agent_pod_reads_the_same() {
+        for ready in [true, false] {
+            let whole = agent_pod(ready);
+            let mut trimmed = whole.clone();
+            trim_agent_pod(&mut trimmed);
+            let (w, t) = (Arc::new(whole), Arc::new(trimmed));
+            assert!(!status::pod_problems(std::slice::from_ref(&w)).is_empty());
+            assert_eq!(
+                status::pod_problems(std::slice::from_ref(&w)),
+                status::pod_problems(std::slice::from_ref(&t))
+            );
+            assert_eq!(
+                node_controller::agent_problem("gpu", "n1", std::slice::from_ref(&w)),
+                node_controller::agent_problem("gpu", "n1", std::slice::from_ref(&t))
+            );
+            assert_eq!(
+                node_controller::agent_problem("gpu", "n1", std::slice::from_ref(&t)).is_none(),
+                ready
+            );
+            assert_eq!(
+                node_controller::nds_of_pod(&w),
+                node_controller::nds_of_pod(&t)
+            );
+            assert!(desired::is_agent_of(
+                kube::ResourceExt::labels(t.as_ref()),
+                "gpu"
+            ));
+            let size = |p: &Pod| serde_json::to_vec(p).unwrap().len();
+            assert!(
+                size(&t) * 3 < size(&w),
+                "trimmed {} of {} bytes",
+                size(&t),
+                size(&w)
+            );
         }
     }
 }

@@ -41,6 +41,7 @@ use crate::desired::label_value;
 use crate::devices::{self, NODE_LABEL_PREFIX};
 use crate::error::{Error, Result, kube_err};
 use crate::metrics::Metrics;
+use crate::view::{NodeView, ViewStatus};
 
 /// Shared state of node reconciles.
 pub struct NodeContext {
@@ -224,7 +225,7 @@ pub struct Verdict {
 /// Decides, as a pure function of the stores, which entries are stale and
 /// which agents are not reporting.
 pub fn judge(
-    nds: &NodeDeviceStatus,
+    nds: &NodeView,
     node: &Node,
     policies: &BTreeMap<String, Arc<DevicePluginPolicy>>,
     pods: &[Arc<Pod>],
@@ -297,7 +298,7 @@ struct JsonPatchOp<'a> {
 }
 
 /// Reconciles one node's NodeDeviceStatus.
-pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Result<Action> {
+pub async fn reconcile(nds: Arc<NodeView>, ctx: Arc<NodeContext>) -> Result<Action> {
     // Never judge from stores that have not seen the whole cluster yet.
     if !ctx.index.ready() {
         return Ok(Action::requeue(Duration::from_secs(1)));
@@ -406,7 +407,7 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
 
     // The operator's own fields: notReporting and the summary.
     // Judged with this verdict's notReporting, reading the entries in place.
-    let no_status = NodeDeviceStatusStatus::default();
+    let no_status = ViewStatus::default();
     let current = nds.status.as_ref().unwrap_or(&no_status);
     let summary = devices::summary_of(&current.resources, &verdict.not_reporting);
     let part = (verdict.not_reporting.clone(), summary.clone());
@@ -521,21 +522,21 @@ pub async fn reconcile(nds: Arc<NodeDeviceStatus>, ctx: Arc<NodeContext>) -> Res
 }
 
 /// Requeues a failed node with a fixed delay.
-pub fn error_policy(nds: Arc<NodeDeviceStatus>, err: &Error, ctx: Arc<NodeContext>) -> Action {
+pub fn error_policy(nds: Arc<NodeView>, err: &Error, ctx: Arc<NodeContext>) -> Action {
     ctx.metrics.failed(err.metric_label());
     warn!(node = %nds.name_any(), error = %err, "node device status reconcile failed");
     Action::requeue(Duration::from_secs(10))
 }
 
 /// The NodeDeviceStatus a pod's node maps to.
-pub fn nds_of_pod(pod: &Pod) -> Option<kube::runtime::reflector::ObjectRef<NodeDeviceStatus>> {
+pub fn nds_of_pod(pod: &Pod) -> Option<kube::runtime::reflector::ObjectRef<NodeView>> {
     let node = pod.spec.as_ref()?.node_name.as_ref()?;
     Some(kube::runtime::reflector::ObjectRef::new(node))
 }
 
 /// Policies that have an entry in a NodeDeviceStatus.
 pub fn policies_of_nds(
-    nds: &NodeDeviceStatus,
+    nds: &NodeView,
 ) -> Vec<kube::runtime::reflector::ObjectRef<DevicePluginPolicy>> {
     nds.status
         .iter()
@@ -549,4 +550,5 @@ pub fn policies_of_nds(
 const _: () = {
     fn assert_cluster_scoped<K: Resource<Scope = k8s_openapi::ClusterResourceScope>>() {}
     let _ = assert_cluster_scoped::<NodeDeviceStatus>;
+    let _ = assert_cluster_scoped::<NodeView>;
 };

@@ -9,7 +9,7 @@ mod support;
 
 use std::sync::Arc;
 
-use devplug_api::{DevicePluginPolicy, NodeDeviceStatus};
+use devplug_api::DevicePluginPolicy;
 use devplug_operator::metrics::Metrics;
 use devplug_operator::node_controller::{self, NodeContext};
 use k8s_openapi::api::core::v1::Pod;
@@ -30,7 +30,7 @@ fn agent_pod(ready: bool) -> Pod {
     .unwrap()
 }
 
-fn current_nds(api: &FakeApi) -> Arc<NodeDeviceStatus> {
+fn current_nds(api: &FakeApi) -> Arc<devplug_operator::view::NodeView> {
     Arc::new(serde_json::from_value(api.get(NDS).unwrap()).unwrap())
 }
 

@@ -6,11 +6,11 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use devplug_api::NodeDeviceStatus;
 use devplug_api::conditions::{self, types};
 use devplug_operator::controller::{self, Context};
 use devplug_operator::desired::AgentDefaults;
 use devplug_operator::metrics::Metrics;
+use devplug_operator::view::NodeView;
 use http::Method;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Pod;
@@ -53,7 +53,7 @@ fn ctx(client: kube::Client, store: Store<devplug_api::DevicePluginPolicy>) -> T
 fn ctx_with(
     client: kube::Client,
     store: Store<devplug_api::DevicePluginPolicy>,
-    nds: Store<NodeDeviceStatus>,
+    nds: Store<NodeView>,
 ) -> TestCtx {
     let (ds_store, ds_writer) = support::synced(Vec::<DaemonSet>::new());
     let (pod_store, pod_writer) = support::synced(Vec::<Pod>::new());
@@ -592,7 +592,7 @@ async fn an_invalid_spec_that_got_past_admission_gets_no_agents() {
     assert!(msg.contains("spec.resourceName"), "{msg}");
 }
 
-fn nds(node: &str, entries: serde_json::Value) -> NodeDeviceStatus {
+fn nds(node: &str, entries: serde_json::Value) -> NodeView {
     serde_json::from_value(json!({
         "apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
         "metadata": {"name": node}, "spec": {"nodeName": node},
