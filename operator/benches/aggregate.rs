@@ -7,7 +7,8 @@
 //!
 //! Fleet shape as in `bench-scale`: 4 policies, one entry per node and
 //! policy, 64 devices each, 8 held. Compares copying every entry of every
-//! node on each reconcile (what the operator did before) with the shares
+//! node on each reconcile (what the operator did before; now expanded from
+//! the projection, cheaper than from whole objects) with the shares
 //! remembered per object version (what it does now), warm (nothing
 //! changed), after one node changed, and with 500 devices unhealthy across
 //! the fleet; and what the index holds per node, whole objects against
