@@ -80,7 +80,20 @@ fn spawn(node: &Node, api: &ApiServer, root: &Path) -> Agent {
 async fn register(root: &Path) -> reg::PluginInfo {
     let sock = root.join(format!("plugins_registry/{DRIVER}-reg.sock"));
     wait_file(&sock).await;
-    let mut c = reg::registration_client::RegistrationClient::new(dial(&sock).await.unwrap());
+    // The file can be a socket left by an agent that was stopped, until the
+    // new one replaces it: dial until someone answers, as the kubelet's
+    // plugin watcher retries.
+    let deadline = Instant::now() + T;
+    let channel = loop {
+        match dial(&sock).await {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{}: {e}", sock.display());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let mut c = reg::registration_client::RegistrationClient::new(channel);
     let info = c.get_info(reg::InfoRequest {}).await.unwrap().into_inner();
     c.notify_registration_status(reg::RegistrationStatus {
         plugin_registered: true,

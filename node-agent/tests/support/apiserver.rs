@@ -38,10 +38,19 @@ struct Shared {
     refuse_writes: Arc<Mutex<bool>>,
     posted_events: Arc<Mutex<Vec<Value>>>,
     slices: Arc<Mutex<std::collections::BTreeMap<String, Value>>>,
-    slice_events: broadcast::Sender<String>,
+    /// ResourceSlice watch events as (resourceVersion, line); sent while
+    /// `slice_log` is held.
+    slice_events: broadcast::Sender<(u64, String)>,
+    /// The last resourceVersion and every event so far: a watch from a
+    /// resourceVersion gets what happened after it, as from a real API
+    /// server (a deletion between a client's list and its watch is not lost).
+    slice_log: Arc<Mutex<EventLog>>,
     claims: Arc<Mutex<std::collections::BTreeMap<String, Value>>>,
     claim_reads: Arc<Mutex<u64>>,
 }
+
+/// The last resourceVersion, and every event as (resourceVersion, line).
+type EventLog = (u64, Vec<(u64, String)>);
 
 fn not_found() -> Response {
     json_response(
@@ -67,8 +76,31 @@ async fn slices(
         .split('&')
         .any(|kv| kv == "watch=true" || kv == "watch=1");
     if watch && method == axum::http::Method::GET {
-        let stream = BroadcastStream::new(s.slice_events.subscribe())
-            .filter_map(|e| e.ok())
+        let since: u64 = uri
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("resourceVersion="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let live = s.slice_events.subscribe();
+        let (replay, last) = {
+            let log = s.slice_log.lock().unwrap();
+            let replay: Vec<String> = log
+                .1
+                .iter()
+                .filter(|(rv, _)| *rv > since)
+                .map(|(_, l)| l.clone())
+                .collect();
+            (replay, log.0.max(since))
+        };
+        let stream = futures::stream::iter(replay)
+            .chain(
+                BroadcastStream::new(live)
+                    .filter_map(|e| e.ok())
+                    .filter(move |(rv, _)| *rv > last)
+                    .map(|(_, l)| l),
+            )
             .map(|line| Ok::<_, Infallible>(format!("{line}\n")));
         return Response::builder()
             .header("content-type", "application/json")
@@ -80,7 +112,7 @@ async fn slices(
         ("GET", true) => json_response(
             200,
             &json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSliceList",
-                    "metadata": {"resourceVersion": "1"},
+                    "metadata": {"resourceVersion": s.slice_log.lock().unwrap().0.to_string()},
                     "items": store.values().cloned().collect::<Vec<_>>()}),
         ),
         ("GET", false) => store
@@ -272,6 +304,7 @@ impl ApiServer {
             posted_events: Arc::default(),
             slices: Arc::default(),
             slice_events: broadcast::channel(64).0,
+            slice_log: Arc::new(Mutex::new((1, Vec::new()))),
             claims: Arc::default(),
             claim_reads: Arc::default(),
         };
@@ -344,11 +377,14 @@ impl ApiServer {
 
     /// Deletes a ResourceSlice as someone else would, telling watchers.
     pub fn delete_slice(&self, name: &str) {
-        if let Some(o) = self.shared.slices.lock().unwrap().remove(name) {
-            let _ = self
-                .shared
-                .slice_events
-                .send(json!({"type": "DELETED", "object": o}).to_string());
+        if let Some(mut o) = self.shared.slices.lock().unwrap().remove(name) {
+            let mut log = self.shared.slice_log.lock().unwrap();
+            log.0 += 1;
+            let rv = log.0;
+            o["metadata"]["resourceVersion"] = json!(rv.to_string());
+            let line = json!({"type": "DELETED", "object": o}).to_string();
+            log.1.push((rv, line.clone()));
+            let _ = self.shared.slice_events.send((rv, line));
         }
     }
 
