@@ -393,9 +393,16 @@ fn node_device_status_entries_are_list_maps() {
     .unwrap();
     let r = &s["properties"]["status"]["properties"]["resources"];
     assert_eq!(r["x-kubernetes-list-map-keys"], json!(["resourceName"]));
+    // One writer per entry: the devices are one atomic value, so the API
+    // server keeps no managed fields per device.
     assert_eq!(
-        r["items"]["properties"]["devices"]["x-kubernetes-list-map-keys"],
-        json!(["id"])
+        r["items"]["properties"]["devices"]["x-kubernetes-list-type"],
+        "atomic"
+    );
+    assert!(
+        r["items"]["properties"]["devices"]
+            .get("x-kubernetes-list-map-keys")
+            .is_none()
     );
     assert_eq!(
         r["items"]["properties"]["devices"]["items"]["properties"]["health"]["enum"],

@@ -8,7 +8,10 @@
 //! - N Node objects, tainted `devplug.io/bench=true:NoSchedule` so no real
 //!   pod lands there, with a Ready condition and a node Lease renewed every
 //!   15 s (as a kubelet does; KWOK does the same), so the node lifecycle
-//!   controller leaves them and their pods alone;
+//!   controller leaves them and their pods alone; one it marks not Ready
+//!   anyway (a lease renewed late on a saturated API server: seen at 2,000
+//!   nodes) is posted Ready again with its pods, as its kubelet would, and
+//!   the count is printed;
 //! - per node and policy, an agent pod bound to the node, Running and Ready,
 //!   labelled like the operator's agents (4 policies: 4 pods per node);
 //! - per node and policy, the NodeDeviceStatus entry applied exactly as the
@@ -183,6 +186,61 @@ async fn add_node(client: &Client, i: usize) -> Result<(), kube::Error> {
             .await?;
     }
     Ok(())
+}
+
+/// What a kubelet does that the lease alone does not: when the node
+/// lifecycle controller has marked a simulated node not Ready (its lease was
+/// renewed too late on a saturated API server) and with it the node's pods,
+/// the node's status is posted Ready again and its agent pods' Ready
+/// condition set again. Returns how many nodes it revived.
+async fn revive(client: &Client) -> usize {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let Ok(list) = nodes
+        .list(&ListParams::default().labels(&format!("{BENCH_LABEL}=true")))
+        .await
+    else {
+        return 0;
+    };
+    let down: Vec<String> = list
+        .items
+        .iter()
+        .filter(|n| {
+            !n.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .map(|n| n.name_any())
+        .collect();
+    let revived = down.len();
+    futures::stream::iter(down.into_iter().map(|name| {
+        let client = client.clone();
+        async move {
+            let now = now_rfc3339();
+            let status = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                "message": "simulated by devplug's scale bench", "lastHeartbeatTime": now, "lastTransitionTime": now}]}});
+            let _ = Api::<Node>::all(client.clone())
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                .await;
+            let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+            for k in 0..POLICIES {
+                let st = json!({"status": {"conditions": [
+                    {"type": "Ready", "status": "True", "lastTransitionTime": now},
+                    {"type": "ContainersReady", "status": "True", "lastTransitionTime": now}]}});
+                let _ = pods
+                    .patch_status(
+                        &format!("agent-{}-{name}", policy_name(k)),
+                        &PatchParams::default(),
+                        &Patch::Strategic(&st),
+                    )
+                    .await;
+            }
+        }
+    }))
+    .buffer_unordered(CONCURRENCY)
+    .collect::<Vec<_>>()
+    .await;
+    revived
 }
 
 fn policy(k: usize) -> Value {
@@ -568,9 +626,13 @@ async fn main() {
 
     // Leases renewed every 15 s for every node so far.
     let fleet = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Nodes the lifecycle controller marked not Ready and the simulated
+    // kubelets revived, so far.
+    let revived = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let renewer = {
         let client = client.clone();
         let fleet = fleet.clone();
+        let revived = revived.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(15)).await;
@@ -582,6 +644,7 @@ async fn main() {
                 .buffer_unordered(CONCURRENCY)
                 .collect::<Vec<_>>()
                 .await;
+                revived.fetch_add(revive(&client).await, std::sync::atomic::Ordering::SeqCst);
             }
         })
     };
@@ -856,6 +919,10 @@ async fn main() {
                 n
             );
         }
+        println!(
+            "simulated nodes the node lifecycle controller marked not Ready (lease renewed late) and the bench set Ready again, so far: {}",
+            revived.load(std::sync::atomic::Ordering::SeqCst)
+        );
     }
     renewer.abort();
     drop(op);
