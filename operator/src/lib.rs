@@ -291,32 +291,11 @@ where
     out
 }
 
-/// A watch of `api` feeding a store (objects without `managedFields`) that
-/// sets `flag` once it has listed; returns the store and the stream of
-/// touched objects, for a controller to trigger on.
+/// A watch of `api` feeding a store, each object trimmed by `trim` first
+/// (at least of its `managedFields`), that sets `flag` once it has listed;
+/// returns the store and the stream of touched objects, for a controller to
+/// trigger on.
 fn cached<K>(
-    api: Api<K>,
-    cfg: watcher::Config,
-    flag: Arc<AtomicBool>,
-) -> (
-    reflector::Store<K>,
-    impl futures::Stream<Item = Result<K, watcher::Error>>,
-)
-where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    cached_as(api, cfg, flag, drop_managed_fields)
-}
-
-/// [`cached`], each object trimmed by `trim` before it is stored.
-fn cached_as<K>(
     api: Api<K>,
     cfg: watcher::Config,
     flag: Arc<AtomicBool>,
@@ -424,7 +403,7 @@ async fn controller(
     // One watch per kind, each feeding a store that reconciles read
     // instead of the API server, and the controllers' triggers.
     // Agent pods: "not reporting" and the policy's pod problems.
-    let (pods_store, pods_stream) = cached_as(
+    let (pods_store, pods_stream) = cached(
         agent_pods,
         agent_pods_cfg,
         synced.agent_pods.clone(),
@@ -435,6 +414,7 @@ async fn controller(
         daemonsets,
         watcher::Config::default().labels("app.kubernetes.io/managed-by=devplug-operator"),
         synced.daemonsets.clone(),
+        drop_managed_fields,
     );
     // Nodes, metadata only (labels decide which policies serve a node; a
     // full Node carries images and conditions the operator never reads).
@@ -442,6 +422,7 @@ async fn controller(
         Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Node>>::all(client.clone()),
         watcher::Config::default(),
         synced.nodes.clone(),
+        drop_managed_fields,
     );
     let (nds_store, nds_stream) = cached(
         nds.clone(),
@@ -451,6 +432,7 @@ async fn controller(
             .any_semantic()
             .page_size(NDS_PAGE),
         synced.nds.clone(),
+        drop_managed_fields,
     );
     // One NodeDeviceStatus watch serves both controllers: each object it
     // reports triggers its node, and through this channel every policy with
@@ -480,6 +462,7 @@ async fn controller(
         policies,
         watcher::Config::default().any_semantic(),
         synced.policies.clone(),
+        drop_managed_fields,
     );
     let policy_controller = Controller::for_stream(policy_stream, policy_store.clone())
         .owns_stream(ds_stream)
