@@ -7,7 +7,8 @@
 //! one looks to the control plane:
 //! - N Node objects, tainted `devplug.io/bench=true:NoSchedule` so no real
 //!   pod lands there, with a Ready condition and a node Lease renewed every
-//!   15 s (as a kubelet does; KWOK does the same), so the node lifecycle
+//!   20 s, a slice of the fleet each second (as kubelets do; KWOK does the
+//!   same), so the node lifecycle
 //!   controller leaves them and their pods alone; one it marks not Ready
 //!   anyway (a lease renewed late on a saturated API server: seen at 2,000
 //!   nodes) is posted Ready again with its pods, as its kubelet would, and
@@ -56,19 +57,67 @@ const METRICS_B: &str = "127.0.0.1:18932";
 const BENCH_LABEL: &str = "devplug.io/bench";
 
 /// Runs `f` over `items` with bounded concurrency; panics on the first error.
-async fn each<T, F, Fut>(items: Vec<T>, f: F)
+async fn each<T, R, F, Fut>(items: Vec<T>, f: F) -> Vec<R>
 where
     F: Fn(T) -> Fut,
-    Fut: std::future::Future<Output = Result<(), kube::Error>>,
+    Fut: std::future::Future<Output = Result<R, kube::Error>>,
 {
     let results: Vec<_> = futures::stream::iter(items.into_iter().map(f))
         .buffer_unordered(CONCURRENCY)
         .collect()
         .await;
-    for r in results {
-        if let Err(e) = r {
-            panic!("API error while building the fleet: {e}");
-        }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("API error while building the fleet: {e}")))
+        .collect()
+}
+
+/// What the bench's own NodeDeviceStatus watch delivered while recording:
+/// each object's resourceVersion and when it arrived. It shares the API
+/// server's watch cache with the operator's watch, so it tells how much of
+/// a burst's latency is the API server's and how much the operator's.
+/// (resourceVersions are opaque to clients; the kit's etcd revisions are
+/// numbers, and this diagnostic compares them as such.)
+#[derive(Clone, Default)]
+struct WatchLog(std::sync::Arc<std::sync::Mutex<Option<Vec<(u64, Instant)>>>>);
+
+impl WatchLog {
+    fn start(client: &Client) -> WatchLog {
+        let log = WatchLog::default();
+        let rec = log.clone();
+        // Metadata only: the resourceVersion is all it reads.
+        let api: Api<kube::core::PartialObjectMeta<NodeDeviceStatus>> = Api::all(client.clone());
+        tokio::spawn(async move {
+            use kube::runtime::WatchStreamExt;
+            let s = kube::runtime::watcher(api, kube::runtime::watcher::Config::default())
+                .default_backoff();
+            let mut s = std::pin::pin!(s);
+            while let Some(ev) = s.next().await {
+                if let Ok(kube::runtime::watcher::Event::Apply(o)) = ev
+                    && let Some(v) = o.metadata.resource_version.and_then(|v| v.parse().ok())
+                    && let Some(seen) = rec.0.lock().unwrap().as_mut()
+                {
+                    seen.push((v, Instant::now()));
+                }
+            }
+        });
+        log
+    }
+
+    /// Starts recording afresh.
+    fn record(&self) {
+        *self.0.lock().unwrap() = Some(Vec::new());
+    }
+
+    /// When the watch first delivered `rv` or a later version.
+    fn seen(&self, rv: u64) -> Option<Instant> {
+        self.0
+            .lock()
+            .unwrap()
+            .as_ref()?
+            .iter()
+            .find(|(v, _)| *v >= rv)
+            .map(|(_, at)| *at)
     }
 }
 
@@ -78,7 +127,7 @@ async fn write_entry(
     k: usize,
     i: usize,
     unhealthy: bool,
-) -> Result<(), kube::Error> {
+) -> Result<u64, kube::Error> {
     let api: Api<NodeDeviceStatus> = Api::all(client.clone());
     let node = node_name(i);
     let pp = PatchParams::apply(&agent_manager(&policy_name(k))).force();
@@ -87,14 +136,21 @@ async fn write_entry(
         "metadata": {"name": node},
         "status": {"resources": [entry(k, i, unhealthy)]},
     });
+    let rv = |o: NodeDeviceStatus| {
+        o.metadata
+            .resource_version
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
     match api.patch_status(&node, &pp, &Patch::Apply(&body)).await {
-        Ok(_) => Ok(()),
+        Ok(o) => Ok(rv(o)),
         Err(kube::Error::Api(e)) if e.code == 404 => {
             let obj = json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
                              "metadata": {"name": node}, "spec": {"nodeName": node}});
             api.patch(&node, &pp, &Patch::Apply(&obj)).await?;
-            api.patch_status(&node, &pp, &Patch::Apply(&body)).await?;
-            Ok(())
+            Ok(rv(api
+                .patch_status(&node, &pp, &Patch::Apply(&body))
+                .await?))
         }
         Err(e) => Err(e),
     }
@@ -114,6 +170,23 @@ fn now_micro() -> String {
         .to_string()
 }
 
+/// Each simulated node's Lease is renewed every RENEW_EVERY, one slice of
+/// the fleet each second (as a fleet's kubelets spread their renewals), by
+/// a merge patch of `renewTime` (a kubelet updates its cached Lease; an
+/// apply costs the API server more). The node lifecycle controller allows
+/// 50 s (`--node-monitor-grace-period`, v1.32+) before it marks a node not
+/// Ready.
+const RENEW_EVERY: usize = 20;
+
+async fn touch_lease(client: &Client, i: usize) -> Result<(), kube::Error> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let body = json!({"spec": {"renewTime": now_micro()}});
+    api.patch(&node_name(i), &PatchParams::default(), &Patch::Merge(&body))
+        .await
+        .map(|_| ())
+}
+
+/// Creates (or takes over) a simulated node's Lease.
 async fn renew_lease(client: &Client, i: usize) -> Result<(), kube::Error> {
     let api: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
     let name = node_name(i);
@@ -624,31 +697,58 @@ async fn main() {
         proc_field(op.pid(), "VmRSS:")
     );
 
-    // Leases renewed every 15 s for every node so far.
+    // Leases renewed every RENEW_EVERY s for every node so far, one slice a
+    // second; the longest time a slice went between renewals is printed.
     let fleet = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // Nodes the lifecycle controller marked not Ready and the simulated
     // kubelets revived, so far.
     let revived = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let renew_gap = std::sync::Arc::new(std::sync::Mutex::new(Duration::ZERO));
     let renewer = {
         let client = client.clone();
         let fleet = fleet.clone();
+        let renew_gap = renew_gap.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let last = std::sync::Arc::new(std::sync::Mutex::new(vec![None; RENEW_EVERY]));
+            for t in 0usize.. {
+                tick.tick().await;
+                let slice = t % RENEW_EVERY;
+                let n = fleet.load(std::sync::atomic::Ordering::SeqCst);
+                let (client, last, gap) = (client.clone(), last.clone(), renew_gap.clone());
+                // Slices overlap when the API server is slow; the tick
+                // does not wait for them.
+                tokio::spawn(async move {
+                    let _ = futures::stream::iter((slice..n).step_by(RENEW_EVERY).map(|i| {
+                        let c = client.clone();
+                        async move { touch_lease(&c, i).await }
+                    }))
+                    .buffer_unordered(CONCURRENCY / 4)
+                    .collect::<Vec<_>>()
+                    .await;
+                    let now = Instant::now();
+                    let mut last = last.lock().unwrap();
+                    if let Some(before) = last[slice].replace(now) {
+                        let mut g = gap.lock().unwrap();
+                        *g = (*g).max(now.duration_since(before));
+                    }
+                });
+            }
+        })
+    };
+    let reviver = {
+        let client = client.clone();
         let revived = revived.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(15)).await;
-                let n = fleet.load(std::sync::atomic::Ordering::SeqCst);
-                let _ = futures::stream::iter((0..n).map(|i| {
-                    let c = client.clone();
-                    async move { renew_lease(&c, i).await }
-                }))
-                .buffer_unordered(CONCURRENCY)
-                .collect::<Vec<_>>()
-                .await;
+                tokio::time::sleep(Duration::from_secs(RENEW_EVERY as u64)).await;
                 revived.fetch_add(revive(&client).await, std::sync::atomic::Ordering::SeqCst);
             }
         })
     };
 
+    let watch_log = WatchLog::start(&client);
     let all: Vec<usize> = (0..POLICIES).collect();
     let mut have = 0;
     for &n in &sizes {
@@ -657,12 +757,17 @@ async fn main() {
         let metrics = op.metrics;
         let scrape = || scrape_at(metrics);
         let (c0, cpu0, t0) = (scrape().await, cpu_secs(pid), Instant::now());
+        // A node's lease is renewed from its creation on (renewing one not
+        // created yet fails harmlessly), not from the end of the growth.
         each((have..n).collect(), |i| {
             let c = client.clone();
-            async move { add_node(&c, i).await }
+            let fleet = fleet.clone();
+            async move {
+                fleet.fetch_max(i + 1, std::sync::atomic::Ordering::SeqCst);
+                add_node(&c, i).await
+            }
         })
         .await;
-        fleet.store(n, std::sync::atomic::Ordering::SeqCst);
         let pairs: Vec<(usize, usize)> = (have..n)
             .flat_map(|i| (0..POLICIES).map(move |k| (k, i)))
             .collect();
@@ -730,8 +835,20 @@ async fn main() {
 
         // Burst: 500 devices (one per node) of policy 0 go Unhealthy.
         let flips: Vec<usize> = (0..FLIPS.min(n)).collect();
+        // The bench's own watch says when the API server delivered the
+        // last write of each half, to anyone watching.
+        let lag = |log: &WatchLog, rvs: &[u64], written: Instant| {
+            let rv = rvs.iter().copied().max().unwrap_or(0);
+            log.seen(rv).map_or("NEVER".to_string(), |at| {
+                format!(
+                    "{:.2} s",
+                    at.saturating_duration_since(written).as_secs_f64()
+                )
+            })
+        };
+        watch_log.record();
         let (c0, cpu0, t0) = (scrape().await, cpu_secs(pid), Instant::now());
-        each(flips.clone(), |i| {
+        let rvs = each(flips.clone(), |i| {
             let c = client.clone();
             async move { write_entry(&c, 0, i, true).await }
         })
@@ -740,17 +857,20 @@ async fn main() {
         let down = format!("{}/{}", n * DEVICES - flips.len(), n * DEVICES);
         let shown = wait_healthy(&client, &[0], &down, Duration::from_secs(300)).await;
         let flipped = t0.elapsed();
+        let down_watched = lag(&watch_log, &rvs, t0 + down_written);
+        watch_log.record();
         let t1 = Instant::now();
-        each(flips.clone(), |i| {
+        let rvs = each(flips.clone(), |i| {
             let c = client.clone();
             async move { write_entry(&c, 0, i, false).await }
         })
         .await;
         let up_written = t1.elapsed();
         let back = wait_healthy(&client, &[0], &want, Duration::from_secs(300)).await;
+        let up_watched = lag(&watch_log, &rvs, t1 + up_written);
         let secs = t0.elapsed().as_secs_f64();
         println!(
-            "burst: {} devices Unhealthy (the fleet's writes took {:.2} s) -> policy status {down} {} after the first write, {} after the last; back (writes {:.2} s) -> {want} {} after the last write; during the burst: {}, CPU {:.2} s/min, peak RSS {:.1} MiB",
+            "burst: {} devices Unhealthy (the fleet's writes took {:.2} s) -> policy status {down} {} after the first write, {} after the last (the API server's watch delivered the last write {down_watched} after it); back (writes {:.2} s) -> {want} {} after the last write (watch: {up_watched}); during the burst: {}, CPU {:.2} s/min, peak RSS {:.1} MiB",
             flips.len(),
             down_written.as_secs_f64(),
             shown.map_or("NEVER".to_string(), |_| format!(
@@ -913,10 +1033,11 @@ async fn main() {
 
         if let Some(api_pid) = apiserver_pid() {
             println!(
-                "API server RSS {:.0} MiB (peak {:.0} MiB), with the simulated fleet's {} node leases renewed every 15 s",
+                "API server RSS {:.0} MiB (peak {:.0} MiB), with the simulated fleet's {} node leases renewed every {RENEW_EVERY} s (the longest gap between two renewals of a node so far: {:.1} s)",
                 proc_field(api_pid, "VmRSS:"),
                 proc_field(api_pid, "VmHWM:"),
-                n
+                n,
+                renew_gap.lock().unwrap().as_secs_f64()
             );
         }
         println!(
@@ -925,6 +1046,7 @@ async fn main() {
         );
     }
     renewer.abort();
+    reviver.abort();
     drop(op);
     println!("\ncleaning up");
     cleanup(&client).await;
