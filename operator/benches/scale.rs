@@ -79,7 +79,10 @@ where
 /// (resourceVersions are opaque to clients; the kit's etcd revisions are
 /// numbers, and this diagnostic compares them as such.)
 #[derive(Clone, Default)]
-struct WatchLog(std::sync::Arc<std::sync::Mutex<Option<Vec<(u64, Instant)>>>>);
+struct WatchLog(std::sync::Arc<std::sync::Mutex<Option<Vec<Seen>>>>);
+
+/// A resourceVersion and when the watch delivered it.
+type Seen = (u64, Instant);
 
 impl WatchLog {
     fn start(client: &Client) -> WatchLog {
