@@ -20,17 +20,16 @@ pub mod node_controller;
 pub mod status;
 pub mod synced;
 pub mod view;
+pub mod watches;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use devplug_api::DevicePluginPolicy;
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
+use kube::runtime::Controller;
 use kube::{Api, Client};
 use tracing::{error, info, warn};
 
@@ -138,11 +137,15 @@ pub async fn run_with_renewal(
         Err(e) => Err(RunError::Admin(std::io::Error::other(e))),
     };
 
+    // Started before leader election and kept while standing by: a standby
+    // that takes over already holds the cluster (`watches`). Dropped (and
+    // the watches with it) when this returns.
+    let watches = watches::Watches::start(&client, &args);
     if !args.leader_elect {
         metrics.set_leading(true);
         return tokio::select! {
             _ = &mut stop => Ok(()),
-            r = controller(client, &args, metrics.clone(), ready) => r,
+            r = controller(client, &args, &watches, metrics.clone(), ready) => r,
             r = &mut admin => admin_failed(r),
         };
     }
@@ -195,7 +198,7 @@ pub async fn run_with_renewal(
         // grace period.
         let r = tokio::select! {
             _ = &mut stop => Ok(()),
-            r = controller(client.clone(), &args, metrics.clone(), ready.clone()) => r,
+            r = controller(client.clone(), &args, &watches, metrics.clone(), ready.clone()) => r,
             why = &mut lost_rx => {
                 // The controllers (this select's other branch) are dropped
                 // here, before the lease can expire and another replica
@@ -291,42 +294,10 @@ where
     out
 }
 
-/// A watch of `api` feeding a store, each object trimmed by `trim` first
-/// (at least of its `managedFields`), that sets `flag` once it has listed;
-/// returns the store and the stream of touched objects, for a controller to
-/// trigger on.
-fn cached<K>(
-    api: Api<K>,
-    cfg: watcher::Config,
-    flag: Arc<AtomicBool>,
-    trim: fn(&mut K),
-) -> (
-    reflector::Store<K>,
-    impl futures::Stream<Item = Result<K, watcher::Error>>,
-)
-where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let (store, writer) = reflector::store();
-    let stream = synced::mark(
-        reflector(writer, watcher(api, cfg).default_backoff().modify(trim)),
-        flag,
-    )
-    .touched_objects();
-    (store, stream)
-}
-
 /// Cached objects keep no `managedFields`: nothing reads them, and for
 /// NodeDeviceStatus (one field manager per agent over lists of devices)
 /// they are most of each object's size.
-fn drop_managed_fields<K: kube::Resource>(o: &mut K) {
+pub(crate) fn drop_managed_fields<K: kube::Resource>(o: &mut K) {
     o.meta_mut().managed_fields = None;
 }
 
@@ -386,54 +357,16 @@ pub const POD_SECURITY_ENFORCE: &str = "pod-security.kubernetes.io/enforce";
 async fn controller(
     client: Client,
     args: &Args,
+    watches: &watches::Watches,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
 ) -> Result<(), RunError> {
     if !args.namespace_pod_security.is_empty() {
         label_namespace(&client, &args.namespace, &args.namespace_pod_security).await;
     }
-    let policies: Api<DevicePluginPolicy> = Api::all(client.clone());
-    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), &args.namespace);
-    // Parsed straight into the operator's projection (`view`).
-    let nds: Api<view::NodeView> = Api::all(client.clone());
-    let agent_pods: Api<Pod> = Api::namespaced(client.clone(), &args.namespace);
-    let agent_pods_cfg = watcher::Config::default().labels("app.kubernetes.io/name=devplug-agent");
-    let synced = synced::Synced::default();
-
-    // One watch per kind, each feeding a store that reconciles read
-    // instead of the API server, and the controllers' triggers.
-    // Agent pods: "not reporting" and the policy's pod problems.
-    let (pods_store, pods_stream) = cached(
-        agent_pods,
-        agent_pods_cfg,
-        synced.agent_pods.clone(),
-        trim_agent_pod,
-    );
-    // Agent DaemonSets: what `ensure` compares the desired one with.
-    let (ds_store, ds_stream) = cached(
-        daemonsets,
-        watcher::Config::default().labels("app.kubernetes.io/managed-by=devplug-operator"),
-        synced.daemonsets.clone(),
-        drop_managed_fields,
-    );
-    // Nodes, metadata only (labels decide which policies serve a node; a
-    // full Node carries images and conditions the operator never reads).
-    let (nodes_store, nodes_stream) = cached(
-        Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Node>>::all(client.clone()),
-        watcher::Config::default(),
-        synced.nodes.clone(),
-        drop_managed_fields,
-    );
-    let (nds_store, nds_stream) = cached(
-        nds.clone(),
-        // Pages of 100: a page's JSON is held whole while it is parsed, and
-        // these are the largest objects the operator lists.
-        watcher::Config::default()
-            .any_semantic()
-            .page_size(NDS_PAGE),
-        synced.nds.clone(),
-        drop_managed_fields,
-    );
+    // The watches run for the life of the process (`watches`); leading,
+    // the controllers follow what they touch.
+    let nds_stream = watches.nds.replay_and_follow();
     // One NodeDeviceStatus watch serves both controllers: each object it
     // reports triggers its node, and through this channel every policy with
     // an entry in it, coalesced into at most one trigger per policy per
@@ -449,31 +382,31 @@ async fn controller(
             }
         }
     });
+    let nds_store = watches.nds.store.clone();
     let node_controller = Controller::for_stream(nds_stream, nds_store.clone())
-        .watches_stream(pods_stream, |pod: Pod| node_controller::nds_of_pod(&pod))
-        .watches_stream(nodes_stream, |node| {
+        .watches_stream(watches.agent_pods.follow(), |pod: Pod| {
+            node_controller::nds_of_pod(&pod)
+        })
+        .watches_stream(watches.nodes.follow(), |node| {
             Some(kube::runtime::reflector::ObjectRef::new(
                 &kube::ResourceExt::name_any(&node),
             ))
         })
         .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE));
 
-    let (policy_store, policy_stream) = cached(
-        policies,
-        watcher::Config::default().any_semantic(),
-        synced.policies.clone(),
-        drop_managed_fields,
-    );
-    let policy_controller = Controller::for_stream(policy_stream, policy_store.clone())
-        .owns_stream(ds_stream)
-        .reconcile_on(policy_triggers)
-        .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE));
+    let policy_store = watches.policies.store.clone();
+    let policy_controller =
+        Controller::for_stream(watches.policies.replay_and_follow(), policy_store.clone())
+            .owns_stream(watches.daemonsets.follow())
+            .reconcile_on(policy_triggers)
+            .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE));
+    let synced = watches.synced.clone();
     let index = index::Index {
         policies: policy_store.clone(),
-        daemonsets: ds_store,
-        agent_pods: pods_store,
+        daemonsets: watches.daemonsets.store.clone(),
+        agent_pods: watches.agent_pods.store.clone(),
         nds: nds_store,
-        nodes: nodes_store,
+        nodes: watches.nodes.store.clone(),
         synced: synced.clone(),
     };
     let ctx = Arc::new(Context::new(

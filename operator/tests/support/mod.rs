@@ -48,6 +48,11 @@ struct State {
     rbac: Option<rbac::Rules>,
     /// Messages of every refused request.
     denied: Vec<String>,
+    /// Some: watch requests are held open and never answered, as a real
+    /// watch with nothing to report (see `hold_watches`). None: a watch is
+    /// answered with a listing, which the client's watcher takes for a
+    /// failed watch and lists again after its backoff.
+    held_watches: Option<Vec<tower_test::mock::SendResponse<Response<Body>>>>,
 }
 
 /// Deep merge of JSON objects (arrays and scalars are replaced), as an
@@ -152,8 +157,10 @@ impl FakeApi {
         let server = api.clone();
         tokio::spawn(async move {
             while let Some((req, send)) = handle.next_request().await {
-                let resp = server.serve(req).await;
-                send.send_response(resp);
+                if let Some(send) = server.hold_if_watch(&req, send) {
+                    let resp = server.serve(req).await;
+                    send.send_response(resp);
+                }
             }
         });
         (Client::new(svc, "default"), api)
@@ -500,6 +507,44 @@ impl FakeApi {
             .unwrap()
             .fail
             .push((method, path.to_string(), code));
+    }
+
+    /// From now on a watch request the RBAC rules allow is logged and held
+    /// open without an answer, as a real watch with nothing to report: a
+    /// client lists once and then sees no change it is not told about.
+    pub fn hold_watches(&self) {
+        self.state.lock().unwrap().held_watches = Some(Vec::new());
+    }
+
+    /// Holds `send` instead of answering when `req` is a watch and watches
+    /// are held; gives it back otherwise.
+    fn hold_if_watch(
+        &self,
+        req: &Request<Body>,
+        send: tower_test::mock::SendResponse<Response<Body>>,
+    ) -> Option<tower_test::mock::SendResponse<Response<Body>>> {
+        let query = req.uri().query().unwrap_or("").to_string();
+        let path = req.uri().path().to_string();
+        let mut st = self.state.lock().unwrap();
+        let st = &mut *st;
+        let (Some(held), true) = (
+            st.held_watches.as_mut(),
+            query.contains("watch=true") || query.contains("watch=1"),
+        ) else {
+            return Some(send);
+        };
+        if let Some(rbac) = &st.rbac
+            && rbac::authorize(rbac, req.method(), &path, true, "", false).is_err()
+        {
+            return Some(send); // refused by `serve`, as any request
+        }
+        st.log.push(Call {
+            method: req.method().clone(),
+            path,
+            query,
+        });
+        held.push(send);
+        None
     }
 
     /// Stops injecting failures.
