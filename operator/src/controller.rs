@@ -12,10 +12,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::agent_pod::AgentPod;
 use devplug_api::conditions::{self, types};
 use devplug_api::{DevicePluginPolicy, OPERATOR_MANAGER, Resource, ResourceExt, UnhealthyDevice};
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
@@ -276,7 +277,7 @@ fn cached_daemonset(ctx: &Context, name: &str) -> Option<DaemonSet> {
 
 /// The agent pods of `policy`, from the watch cache (shared, not copied:
 /// a fleet has one per node).
-fn cached_agent_pods(ctx: &Context, policy: &str) -> Vec<Arc<Pod>> {
+fn cached_agent_pods(ctx: &Context, policy: &str) -> Vec<Arc<AgentPod>> {
     ctx.index
         .agent_pods
         .state()
@@ -496,7 +497,10 @@ async fn remove_agents(ctx: &Context, name: &str) -> Result<bool> {
     Ok(true)
 }
 
-async fn apply_agents(p: &DevicePluginPolicy, ctx: &Context) -> Result<(DaemonSet, Vec<Arc<Pod>>)> {
+async fn apply_agents(
+    p: &DevicePluginPolicy,
+    ctx: &Context,
+) -> Result<(DaemonSet, Vec<Arc<AgentPod>>)> {
     let d = &ctx.defaults;
     let c = ctx.client.clone();
     ensure(

@@ -21,10 +21,11 @@ use std::sync::Arc;
 
 use devplug_api::{DevicePluginPolicy, ResourceExt};
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
 
+use crate::agent_pod::AgentPod;
 use crate::synced::Synced;
 use crate::view::NodeView;
 
@@ -35,8 +36,9 @@ pub struct Index {
     pub policies: Store<DevicePluginPolicy>,
     /// Agent DaemonSets in the operator's namespace.
     pub daemonsets: Store<DaemonSet>,
-    /// Agent pods in the operator's namespace.
-    pub agent_pods: Store<Pod>,
+    /// Agent pods in the operator's namespace, as the operator's
+    /// projection ([`AgentPod`]).
+    pub agent_pods: Store<AgentPod>,
     /// Every NodeDeviceStatus, as the operator's compact projection
     /// ([`NodeView`]).
     pub nds: Store<NodeView>,

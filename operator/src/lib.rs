@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod agent_pod;
 pub mod args;
 pub mod conflict;
 pub mod controller;
@@ -28,7 +29,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::Controller;
 use kube::{Api, Client};
 use tracing::{error, info, warn};
@@ -301,53 +301,6 @@ pub(crate) fn drop_managed_fields<K: kube::Resource>(o: &mut K) {
     o.meta_mut().managed_fields = None;
 }
 
-/// What the operator reads of an agent pod, and nothing else: its name,
-/// labels, owner and deletion timestamp; its node; its conditions and each
-/// container's waiting reason. A fleet has one agent pod per node and
-/// policy, and a whole pod (volumes, env, tolerations, affinity, statuses)
-/// is several kilobytes the operator never reads.
-pub fn trim_agent_pod(p: &mut Pod) {
-    use k8s_openapi::api::core::v1::{
-        ContainerState, ContainerStateWaiting, ContainerStatus, PodSpec, PodStatus,
-    };
-    let m = std::mem::take(&mut p.metadata);
-    p.metadata = kube::core::ObjectMeta {
-        name: m.name,
-        namespace: m.namespace,
-        uid: m.uid,
-        resource_version: m.resource_version,
-        labels: m.labels,
-        owner_references: m.owner_references,
-        deletion_timestamp: m.deletion_timestamp,
-        ..Default::default()
-    };
-    p.spec = p.spec.take().map(|s| PodSpec {
-        node_name: s.node_name,
-        ..PodSpec::default()
-    });
-    p.status = p.status.take().map(|s| PodStatus {
-        phase: s.phase,
-        conditions: s.conditions,
-        container_statuses: s.container_statuses.map(|cs| {
-            cs.into_iter()
-                .map(|c| ContainerStatus {
-                    name: c.name,
-                    ready: c.ready,
-                    state: c.state.map(|st| ContainerState {
-                        waiting: st.waiting.map(|w| ContainerStateWaiting {
-                            reason: w.reason,
-                            message: None,
-                        }),
-                        ..ContainerState::default()
-                    }),
-                    ..ContainerStatus::default()
-                })
-                .collect()
-        }),
-        ..PodStatus::default()
-    });
-}
-
 /// NodeDeviceStatus objects per list page.
 pub const NDS_PAGE: u32 = 100;
 
@@ -384,7 +337,7 @@ async fn controller(
     });
     let nds_store = watches.nds.store.clone();
     let node_controller = Controller::for_stream(nds_stream, nds_store.clone())
-        .watches_stream(watches.agent_pods.follow(), |pod: Pod| {
+        .watches_stream(watches.agent_pods.follow(), |pod: agent_pod::AgentPod| {
             node_controller::nds_of_pod(&pod)
         })
         .watches_stream(watches.nodes.follow(), |node| {
@@ -530,98 +483,6 @@ mod coalesce_tests {
                 .collect();
             keys.sort();
             assert_eq!(keys, [0, 1], "period {period}: {got:?}");
-        }
-    }
-}
-
-#[cfg(test)]
-mod trim_tests {
-    use super::*;
-    use k8s_openapi::api::core::v1::PodSpec;
-    use serde_json::json;
-
-    /// An agent pod as the DaemonSet controller and the kubelet leave it:
-    /// the operator's own template, bound to a node, one container stuck.
-    fn agent_pod(ready: bool) -> Pod {
-        let p = devplug_api::policies_from_yaml(
-            "apiVersion: devplug.io/v1alpha1\nkind: DevicePluginPolicy\nmetadata: {name: gpu}\nspec:\n  resourceName: x.io/gpu\n  source: {simulated: {count: 2}}\n",
-        )
-        .unwrap()
-        .remove(0);
-        let d = desired::AgentDefaults {
-            namespace: "devplug-system".into(),
-            image: "devplug-agent:test".into(),
-            kubelet_root: "/var/lib/kubelet".into(),
-            device_plugin_dir: "/var/lib/kubelet/device-plugins".into(),
-            ..Default::default()
-        };
-        let ds = desired::daemonset(&p, &d).unwrap();
-        let t = ds.spec.unwrap().template;
-        let mut pod = Pod {
-            metadata: t.metadata.unwrap(),
-            spec: Some(PodSpec {
-                node_name: Some("n1".into()),
-                ..t.spec.unwrap()
-            }),
-            status: Some(
-                serde_json::from_value(json!({
-                    "phase": "Running", "hostIP": "10.0.0.1", "podIP": "10.1.0.7",
-                    "startTime": "2026-11-30T00:00:00Z",
-                    "conditions": [
-                        {"type": "PodScheduled", "status": "True"},
-                        {"type": "Initialized", "status": "True"},
-                        {"type": "ContainersReady", "status": if ready { "True" } else { "False" }},
-                        {"type": "Ready", "status": if ready { "True" } else { "False" }}],
-                    "containerStatuses": [{"name": "agent", "ready": ready, "restartCount": 4,
-                        "image": "devplug-agent:test", "imageID": "sha256:00", "containerID": "containerd://00",
-                        "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}},
-                        "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}}}]
-                }))
-                .unwrap(),
-            ),
-        };
-        pod.metadata.name = Some("devplug-agent-gpu-x7k2p".into());
-        pod.metadata.namespace = Some("devplug-system".into());
-        pod
-    }
-
-    /// Everything the operator reads of an agent pod reads the same after
-    /// trimming, which keeps a fraction of it.
-    #[test]
-    fn a_trimmed_agent_pod_reads_the_same() {
-        for ready in [true, false] {
-            let whole = agent_pod(ready);
-            let mut trimmed = whole.clone();
-            trim_agent_pod(&mut trimmed);
-            let (w, t) = (Arc::new(whole), Arc::new(trimmed));
-            assert!(!status::pod_problems(std::slice::from_ref(&w)).is_empty());
-            assert_eq!(
-                status::pod_problems(std::slice::from_ref(&w)),
-                status::pod_problems(std::slice::from_ref(&t))
-            );
-            assert_eq!(
-                node_controller::agent_problem("gpu", "n1", std::slice::from_ref(&w)),
-                node_controller::agent_problem("gpu", "n1", std::slice::from_ref(&t))
-            );
-            assert_eq!(
-                node_controller::agent_problem("gpu", "n1", std::slice::from_ref(&t)).is_none(),
-                ready
-            );
-            assert_eq!(
-                node_controller::nds_of_pod(&w),
-                node_controller::nds_of_pod(&t)
-            );
-            assert!(desired::is_agent_of(
-                kube::ResourceExt::labels(t.as_ref()),
-                "gpu"
-            ));
-            let size = |p: &Pod| serde_json::to_vec(p).unwrap().len();
-            assert!(
-                size(&t) * 3 < size(&w),
-                "trimmed {} of {} bytes",
-                size(&t),
-                size(&w)
-            );
         }
     }
 }

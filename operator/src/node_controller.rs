@@ -24,12 +24,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::agent_pod::AgentPod;
 use devplug_api::conditions::{self, types};
 use devplug_api::{
     DevicePluginPolicy, NodeDeviceStatus, NodeDeviceStatusSpec, NodeDeviceStatusStatus,
     NotReporting, OPERATOR_MANAGER, ResourceExt,
 };
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -150,29 +151,26 @@ fn trusted<T: PartialEq>(w: &Option<(T, Instant)>, want: &T, trust: Duration) ->
         .is_some_and(|(v, at)| v == want && at.elapsed() < trust)
 }
 
-fn pod_ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 /// The live (not terminating) agent pods of `policy` on `node`.
-fn agent_pods_on<'a>(policy: &str, node: &str, pods: &'a [Arc<Pod>]) -> Vec<&'a Arc<Pod>> {
+fn agent_pods_on<'a>(
+    policy: &str,
+    node: &str,
+    pods: &'a [Arc<AgentPod>],
+) -> Vec<&'a Arc<AgentPod>> {
     let label = label_value(policy);
     pods.iter()
         .filter(|p| {
             p.labels().get(devplug_api::POLICY_LABEL) == Some(&label)
-                && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+                && p.node.as_deref() == Some(node)
                 && p.metadata.deletion_timestamp.is_none()
         })
         .collect()
 }
 
 /// Why the agent of `policy` on `node` cannot vouch for its entry, if it cannot.
-pub fn agent_problem(policy: &str, node: &str, pods: &[Arc<Pod>]) -> Option<String> {
+pub fn agent_problem(policy: &str, node: &str, pods: &[Arc<AgentPod>]) -> Option<String> {
     let mine = agent_pods_on(policy, node, pods);
-    match mine.iter().find(|p| pod_ready(p)) {
+    match mine.iter().find(|p| p.ready) {
         Some(_) => None,
         None => match mine.first() {
             Some(p) => Some(format!(
@@ -228,15 +226,15 @@ pub fn judge(
     nds: &NodeView,
     node: &Node,
     policies: &BTreeMap<String, Arc<DevicePluginPolicy>>,
-    pods: &[Arc<Pod>],
+    pods: &[Arc<AgentPod>],
     defaults: &crate::desired::AgentDefaults,
 ) -> Verdict {
     let name = nds.name_any();
     // The agent pods on this node, once: a fleet's store holds one per node
     // and policy, and each entry below looks at this node's only.
-    let pods: Vec<Arc<Pod>> = pods
+    let pods: Vec<Arc<AgentPod>> = pods
         .iter()
-        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str()))
+        .filter(|p| p.node.as_deref() == Some(name.as_str()))
         .cloned()
         .collect();
     let pods = pods.as_slice();
@@ -529,9 +527,8 @@ pub fn error_policy(nds: Arc<NodeView>, err: &Error, ctx: Arc<NodeContext>) -> A
 }
 
 /// The NodeDeviceStatus a pod's node maps to.
-pub fn nds_of_pod(pod: &Pod) -> Option<kube::runtime::reflector::ObjectRef<NodeView>> {
-    let node = pod.spec.as_ref()?.node_name.as_ref()?;
-    Some(kube::runtime::reflector::ObjectRef::new(node))
+pub fn nds_of_pod(pod: &AgentPod) -> Option<kube::runtime::reflector::ObjectRef<NodeView>> {
+    Some(kube::runtime::reflector::ObjectRef::new(pod.node.as_ref()?))
 }
 
 /// Policies that have an entry in a NodeDeviceStatus.

@@ -1,9 +1,9 @@
 //! The policy status as a pure function of what the operator observed.
 
+use crate::agent_pod::AgentPod;
 use devplug_api::conditions::{self, Desired, types};
 use devplug_api::{DevicePluginPolicy, DevicePluginPolicyStatus, NodeCounts};
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 
 /// Everything the status is computed from.
@@ -50,33 +50,23 @@ pub fn create_failure_message(daemonset: &str, namespace: &str, event: &str) -> 
 }
 
 /// Agent pods that cannot run, in words.
-pub fn pod_problems<P: std::borrow::Borrow<Pod>>(pods: &[P]) -> Vec<String> {
+pub fn pod_problems<P: std::borrow::Borrow<AgentPod>>(pods: &[P]) -> Vec<String> {
     let mut out = Vec::new();
     for pod in pods {
-        let pod: &Pod = pod.borrow();
+        let pod: &AgentPod = pod.borrow();
         let name = pod.metadata.name.as_deref().unwrap_or("?");
-        let node = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.node_name.as_deref())
-            .unwrap_or("no node");
-        let Some(st) = &pod.status else { continue };
-        if let Some(c) = st.conditions.iter().flatten().find(|c| {
-            c.type_ == "PodScheduled"
-                && c.status == "False"
-                && c.reason.as_deref() == Some("Unschedulable")
-        }) {
-            out.push(format!(
-                "{name}: unschedulable: {}",
-                c.message.as_deref().unwrap_or("no message")
-            ));
+        let node = pod.node.as_deref().unwrap_or("no node");
+        if let Some(message) = &pod.unschedulable {
+            let message = if message.is_empty() {
+                "no message"
+            } else {
+                message
+            };
+            out.push(format!("{name}: unschedulable: {message}"));
             continue;
         }
-        for cs in st.container_statuses.iter().flatten() {
-            if let Some(w) = cs.state.as_ref().and_then(|s| s.waiting.as_ref())
-                && let Some(reason) = w.reason.as_deref()
-                && STUCK_REASONS.contains(&reason)
-            {
+        for reason in &pod.waiting {
+            if STUCK_REASONS.contains(&reason.as_str()) {
                 out.push(format!("{name} on {node}: {reason}"));
             }
         }

@@ -20,16 +20,17 @@ use devplug_api::DevicePluginPolicy;
 use futures::channel::mpsc;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use tokio::task::JoinSet;
 use tracing::warn;
 
+use crate::agent_pod::AgentPod;
 use crate::args::Args;
 use crate::synced::{self, Synced};
-use crate::{NDS_PAGE, drop_managed_fields, trim_agent_pod, view};
+use crate::{NDS_PAGE, drop_managed_fields, view};
 
 /// Where a watch sends the objects it touches, while someone follows.
 type Tap<K> = Arc<Mutex<Option<mpsc::UnboundedSender<K>>>>;
@@ -143,8 +144,8 @@ pub struct Watches {
     pub policies: Watched<DevicePluginPolicy>,
     /// The agent DaemonSets the operator manages.
     pub daemonsets: Watched<DaemonSet>,
-    /// Agent pods, trimmed ([`trim_agent_pod`]).
-    pub agent_pods: Watched<Pod>,
+    /// Agent pods, parsed into the operator's projection ([`AgentPod`]).
+    pub agent_pods: Watched<AgentPod>,
     /// Nodes, metadata only (labels decide which policies serve a node; a
     /// full Node carries images and conditions the operator never reads).
     pub nodes: Watched<PartialObjectMeta<Node>>,
@@ -183,7 +184,7 @@ impl Watches {
             Api::namespaced(client.clone(), &args.namespace),
             watcher::Config::default().labels("app.kubernetes.io/name=devplug-agent"),
             synced.agent_pods.clone(),
-            trim_agent_pod,
+            drop_managed_fields,
         );
         let nodes = watch(
             &mut tasks,

@@ -10,9 +10,9 @@ mod support;
 use std::sync::Arc;
 
 use devplug_api::DevicePluginPolicy;
+use devplug_operator::agent_pod::AgentPod;
 use devplug_operator::metrics::Metrics;
 use devplug_operator::node_controller::{self, NodeContext};
-use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 use support::{FakeApi, paths, policy_json, seed, synced};
@@ -20,7 +20,7 @@ use support::{FakeApi, paths, policy_json, seed, synced};
 const NDS: &str = "/apis/devplug.io/v1alpha1/nodedevicestatuses/n1";
 const NODE: &str = "/api/v1/nodes/n1";
 
-fn agent_pod(ready: bool) -> Pod {
+fn agent_pod(ready: bool) -> AgentPod {
     serde_json::from_value(json!({
         "metadata": {"name": "devplug-agent-foo-abcde", "namespace": paths::NS,
                      "labels": {"app.kubernetes.io/name": "devplug-agent", "devplug.io/policy": "foo"}},
@@ -293,7 +293,7 @@ async fn nothing_is_judged_before_the_stores_are_synced() {
     synced
         .agent_pods
         .store(false, std::sync::atomic::Ordering::SeqCst);
-    let (pods_store, _w) = support::synced(Vec::<Pod>::new());
+    let (pods_store, _w) = support::synced(Vec::<AgentPod>::new());
     let ctx = Arc::new(NodeContext::new(
         client,
         devplug_operator::index::Index {
@@ -317,7 +317,7 @@ async fn nothing_is_judged_before_the_stores_are_synced() {
     );
 
     // The listing arrives through the stream that sets the flag.
-    let (pods_store, pods_writer) = kube::runtime::reflector::store::<Pod>();
+    let (pods_store, pods_writer) = kube::runtime::reflector::store::<AgentPod>();
     let events = futures::stream::iter(vec![
         Ok(watcher::Event::Init),
         Ok(watcher::Event::InitApply(agent_pod(true))),

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use devplug_api::conditions::{self, types};
+use devplug_operator::agent_pod::AgentPod;
 use devplug_operator::controller::{self, Context};
 use devplug_operator::desired::AgentDefaults;
 use devplug_operator::metrics::Metrics;
 use devplug_operator::view::NodeView;
 use http::Method;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::Store;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
@@ -36,7 +36,7 @@ fn defaults() -> AgentDefaults {
 struct TestCtx {
     ctx: Arc<Context>,
     daemonsets: std::sync::Mutex<Writer<DaemonSet>>,
-    pods: std::sync::Mutex<Writer<Pod>>,
+    pods: std::sync::Mutex<Writer<AgentPod>>,
 }
 
 impl std::ops::Deref for TestCtx {
@@ -56,7 +56,7 @@ fn ctx_with(
     nds: Store<NodeView>,
 ) -> TestCtx {
     let (ds_store, ds_writer) = support::synced(Vec::<DaemonSet>::new());
-    let (pod_store, pod_writer) = support::synced(Vec::<Pod>::new());
+    let (pod_store, pod_writer) = support::synced(Vec::<AgentPod>::new());
     TestCtx {
         ctx: Arc::new(Context::new(
             client,

@@ -2,7 +2,7 @@ use super::*;
 use devplug_api::conditions::{get, is_true};
 use k8s_openapi::api::apps::v1::DaemonSetStatus;
 use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateWaiting, ContainerStatus, PodCondition, PodSpec, PodStatus,
+    ContainerState, ContainerStateWaiting, ContainerStatus, Pod, PodCondition, PodSpec, PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -89,8 +89,8 @@ fn conflict_and_invalid_override_everything() {
     );
 }
 
-fn pod(name: &str, waiting: Option<&str>, unschedulable: bool) -> Pod {
-    Pod {
+fn pod(name: &str, waiting: Option<&str>, unschedulable: bool) -> AgentPod {
+    AgentPod::from(Pod {
         metadata: ObjectMeta {
             name: Some(name.into()),
             ..ObjectMeta::default()
@@ -124,7 +124,7 @@ fn pod(name: &str, waiting: Option<&str>, unschedulable: bool) -> Pod {
             }),
             ..PodStatus::default()
         }),
-    }
+    })
 }
 
 #[test]
