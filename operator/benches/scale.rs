@@ -180,6 +180,8 @@ fn now_micro() -> String {
 /// 50 s (`--node-monitor-grace-period`, v1.32+) before it marks a node not
 /// Ready.
 const RENEW_EVERY: usize = 20;
+/// Lease renewals in flight at most.
+const RENEWING: usize = 16;
 
 async fn touch_lease(client: &Client, i: usize) -> Result<(), kube::Error> {
     let api: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
@@ -715,19 +717,35 @@ async fn main() {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let last = std::sync::Arc::new(std::sync::Mutex::new(vec![None; RENEW_EVERY]));
+            // At most RENEWING renewals in flight, however far behind the
+            // API server is (without a cap, slices that overlapped piled up
+            // hundreds of requests and starved everyone else's); a slice
+            // still being renewed is not started again, so a slow API
+            // server shows as a longer gap, not as a growing queue.
+            let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(RENEWING));
+            let busy = std::sync::Arc::new(
+                (0..RENEW_EVERY)
+                    .map(|_| std::sync::atomic::AtomicBool::new(false))
+                    .collect::<Vec<_>>(),
+            );
             for t in 0usize.. {
                 tick.tick().await;
                 let slice = t % RENEW_EVERY;
+                if busy[slice].swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
                 let n = fleet.load(std::sync::atomic::Ordering::SeqCst);
                 let (client, last, gap) = (client.clone(), last.clone(), renew_gap.clone());
-                // Slices overlap when the API server is slow; the tick
-                // does not wait for them.
+                let (permits, busy) = (permits.clone(), busy.clone());
                 tokio::spawn(async move {
                     let _ = futures::stream::iter((slice..n).step_by(RENEW_EVERY).map(|i| {
-                        let c = client.clone();
-                        async move { touch_lease(&c, i).await }
+                        let (c, permits) = (client.clone(), permits.clone());
+                        async move {
+                            let _permit = permits.acquire().await;
+                            touch_lease(&c, i).await
+                        }
                     }))
-                    .buffer_unordered(CONCURRENCY / 4)
+                    .buffer_unordered(RENEWING)
                     .collect::<Vec<_>>()
                     .await;
                     let now = Instant::now();
@@ -736,6 +754,7 @@ async fn main() {
                         let mut g = gap.lock().unwrap();
                         *g = (*g).max(now.duration_since(before));
                     }
+                    busy[slice].store(false, std::sync::atomic::Ordering::SeqCst);
                 });
             }
         })
