@@ -140,12 +140,26 @@ pub async fn run_with_renewal(
     // Started before leader election and kept while standing by: a standby
     // that takes over already holds the cluster (`watches`). Dropped (and
     // the watches with it) when this returns.
-    let watches = watches::Watches::start(&client, &args);
+    let mut watches = watches::Watches::start(&client, &args);
+    // Ready once every store has listed the cluster, standby or leader: a
+    // replica is ready to lead only warm (a rollout waits for it before it
+    // stops the old leader), and listing also means the CRDs exist (a watch
+    // of a missing CRD never lists). A local flag read, not an API call.
+    {
+        let (ready, synced) = (ready.clone(), watches.synced.clone());
+        watches.tasks.spawn(async move {
+            while !synced.ready() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            ready.store(true, Ordering::SeqCst);
+            info!("stores synced: ready");
+        });
+    }
     if !args.leader_elect {
         metrics.set_leading(true);
         return tokio::select! {
             _ = &mut stop => Ok(()),
-            r = controller(client, &args, &watches, metrics.clone(), ready) => r,
+            r = controller(client, &args, &watches, metrics.clone()) => r,
             r = &mut admin => admin_failed(r),
         };
     }
@@ -159,7 +173,6 @@ pub async fn run_with_renewal(
     ));
     loop {
         metrics.set_leading(false);
-        ready.store(true, Ordering::SeqCst); // a standby is healthy too
         info!(%identity, lease = %args.lease_name, "waiting for leadership");
         loop {
             let held = tokio::select! {
@@ -198,7 +211,7 @@ pub async fn run_with_renewal(
         // grace period.
         let r = tokio::select! {
             _ = &mut stop => Ok(()),
-            r = controller(client.clone(), &args, &watches, metrics.clone(), ready.clone()) => r,
+            r = controller(client.clone(), &args, &watches, metrics.clone()) => r,
             why = &mut lost_rx => {
                 // The controllers (this select's other branch) are dropped
                 // here, before the lease can expire and another replica
@@ -312,7 +325,6 @@ async fn controller(
     args: &Args,
     watches: &watches::Watches,
     metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
 ) -> Result<(), RunError> {
     if !args.namespace_pod_security.is_empty() {
         label_namespace(&client, &args.namespace, &args.namespace_pod_security).await;
@@ -353,14 +365,13 @@ async fn controller(
             .owns_stream(watches.daemonsets.follow())
             .reconcile_on(policy_triggers)
             .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE));
-    let synced = watches.synced.clone();
     let index = index::Index {
         policies: policy_store.clone(),
         daemonsets: watches.daemonsets.store.clone(),
         agent_pods: watches.agent_pods.store.clone(),
         nds: nds_store,
         nodes: watches.nodes.store.clone(),
-        synced: synced.clone(),
+        synced: watches.synced.clone(),
     };
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -403,21 +414,6 @@ async fn controller(
         ctx.defaults.clone(),
     ));
     let admission = admission::run(client, policy_store, ctx.recorder.clone(), metrics);
-    // Ready once every store has listed the cluster, which also means the
-    // CRDs exist (a watch of a missing CRD never lists). A local flag read,
-    // not an API call.
-    ready.store(false, Ordering::SeqCst);
-    let readiness = {
-        let ready = ready.clone();
-        async move {
-            while !synced.ready() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            ready.store(true, Ordering::SeqCst);
-            info!("stores synced: ready");
-            std::future::pending::<()>().await
-        }
-    };
     info!(namespace = %args.namespace, "controllers started");
     let policies_done = policy_controller
         .shutdown_on_signal()
@@ -443,7 +439,6 @@ async fn controller(
     tokio::select! {
         _ = futures::future::join(policies_done, nodes_done) => {}
         _ = admission => {}
-        _ = readiness => {}
     }
     info!("controllers stopped");
     Ok(())

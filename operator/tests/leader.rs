@@ -309,9 +309,9 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String
     Some((code, ctype, body.to_string()))
 }
 
-/// The leader is ready only once its stores have listed the cluster (so
+/// A replica is ready only once its stores have listed the cluster (so
 /// the CRDs exist): a readiness probe must not pass while it cannot see
-/// the policies. `/metrics` answers with the content type of what it writes.
+/// the policies, leading or not. `/metrics` answers with the content type of what it writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_waits_for_the_stores_and_metrics_say_their_format() {
     let (client, api) = FakeApi::start();
@@ -462,10 +462,18 @@ async fn a_standby_keeps_its_stores_and_leads_without_listing_again() {
                         "renewTime": now.to_string()}}),
     );
     let metrics = std::sync::Arc::new(devplug_operator::metrics::Metrics::default());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut a = args();
+    a.metrics_addr = addr;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(devplug_operator::run_with(
         client,
-        args(),
+        a,
         metrics.clone(),
         async move {
             let _ = stop_rx.await;
@@ -500,6 +508,15 @@ async fn a_standby_keeps_its_stores_and_leads_without_listing_again() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(!metrics.leading());
+    // Warm, the standby is ready (a rollout may now stop the old leader).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http_get(addr, "/readyz").await.map(|r| r.0) != Some(200) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a warm standby must be ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(
         api.get(&support::paths::policy("warm")).unwrap()["metadata"]["finalizers"].is_null(),
         "a standby must not write"
