@@ -26,9 +26,10 @@
 //! how long that took is printed) and during a burst; the time from 500 devices flipping Unhealthy across the
 //! fleet to the policy status showing them, and back; the time from
 //! applying a new policy to its DaemonSet existing and its status written;
-//! a failover (a standby started, the leader sent SIGTERM while one device
-//! flips): time to the new leader and to its status showing the flip, its
-//! writes and the policy Events meanwhile; and the API server's RSS.
+//! a failover (a standby started and ready, which means its stores have
+//! listed the cluster; then the leader sent SIGTERM while one device flips):
+//! time to the new leader and to its status showing the flip, its writes
+//! and the policy Events meanwhile; and the API server's RSS.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod fleet;
@@ -973,10 +974,17 @@ async fn main() {
             &format!("bench-operator-{generation}"),
             other(op.metrics),
         );
-        let ready_by = Instant::now() + Duration::from_secs(60);
+        // Ready means warm: the standby's stores have listed the cluster.
+        let started = Instant::now();
+        let ready_by = started + Duration::from_secs(300);
         while http_ok(standby.metrics, "/readyz").await.is_none() && Instant::now() < ready_by {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let warm = if http_ok(standby.metrics, "/readyz").await.is_some() {
+            format!("{:.1} s", started.elapsed().as_secs_f64())
+        } else {
+            "NOT within 5 min".to_string()
+        };
         let events0 = policy_events(&client).await;
         let t0 = Instant::now();
         op.terminate();
@@ -1037,7 +1045,7 @@ async fn main() {
             .map(|(k, v)| format!("{k} {v}"))
             .collect();
         println!(
-            "failover (SIGTERM to the leader, one device flipped at that moment): new leader after {}, status showing the flip after {}; old leader {old_exit}; new leader's writes until then {writes} ({}); policy Events during the failover and flip: {}",
+            "failover (a standby started and ready, its stores listed, after {warm}; then SIGTERM to the leader, one device flipped at that moment): new leader after {}, status showing the flip after {}; old leader {old_exit}; new leader's writes until then {writes} ({}); policy Events during the failover and flip: {}",
             ms(led_at),
             ms(shown_at),
             if by_kind.is_empty() {
