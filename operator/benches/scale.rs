@@ -174,13 +174,24 @@ fn now_micro() -> String {
         .to_string()
 }
 
-/// Each simulated node's Lease is renewed every RENEW_EVERY, one slice of
-/// the fleet each second (as a fleet's kubelets spread their renewals), by
-/// a merge patch of `renewTime` (a kubelet updates its cached Lease; an
-/// apply costs the API server more). The node lifecycle controller allows
-/// 50 s (`--node-monitor-grace-period`, v1.32+) before it marks a node not
-/// Ready.
-const RENEW_EVERY: usize = 20;
+/// Each simulated node's Lease is renewed every `renew_every()` seconds,
+/// one slice of the fleet each second (as a fleet's kubelets spread their
+/// renewals), by a merge patch of `renewTime` (a kubelet updates its cached
+/// Lease; an apply costs the API server more). The node lifecycle
+/// controller allows 50 s (`--node-monitor-grace-period`, v1.32+) before it
+/// marks a node not Ready: every 20 s by default, and a quarter of
+/// `SCALE_NODE_GRACE` when the kit's controller manager was given that
+/// longer grace (`hack/kit-node-grace.sh`, `make bench-scale
+/// SCALE_NODE_GRACE=600`).
+fn renew_every() -> usize {
+    static EVERY: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *EVERY.get_or_init(|| {
+        std::env::var("SCALE_NODE_GRACE")
+            .ok()
+            .and_then(|g| g.trim().parse::<usize>().ok())
+            .map_or(20, |g| (g / 4).max(20))
+    })
+}
 /// Lease renewals in flight at most.
 const RENEWING: usize = 16;
 
@@ -674,7 +685,12 @@ async fn main() {
         }
     };
     println!(
-        "devplug operator scale benchmark: {POLICIES} policies, {DEVICES} devices per node and policy ({HELD} held), sizes {sizes:?}"
+        "devplug operator scale benchmark: {POLICIES} policies, {DEVICES} devices per node and policy ({HELD} held), sizes {sizes:?}; node Leases renewed every {} s ({})",
+        renew_every(),
+        std::env::var("SCALE_NODE_GRACE").map_or(
+            "the node lifecycle controller's default grace, 50 s".to_string(),
+            |g| format!("SCALE_NODE_GRACE={g}: the kit's node lifecycle controller given {g} s")
+        )
     );
     cleanup(&client).await;
     Api::<Namespace>::all(client.clone())
@@ -703,7 +719,7 @@ async fn main() {
         proc_field(op.pid(), "VmRSS:")
     );
 
-    // Leases renewed every RENEW_EVERY s for every node so far, one slice a
+    // Leases renewed every renew_every() s for every node so far, one slice a
     // second; the longest time a slice went between renewals is printed.
     let fleet = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // Nodes the lifecycle controller marked not Ready and the simulated
@@ -717,7 +733,7 @@ async fn main() {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let last = std::sync::Arc::new(std::sync::Mutex::new(vec![None; RENEW_EVERY]));
+            let last = std::sync::Arc::new(std::sync::Mutex::new(vec![None; renew_every()]));
             // At most RENEWING renewals in flight, however far behind the
             // API server is (without a cap, slices that overlapped piled up
             // hundreds of requests and starved everyone else's); a slice
@@ -725,13 +741,13 @@ async fn main() {
             // server shows as a longer gap, not as a growing queue.
             let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(RENEWING));
             let busy = std::sync::Arc::new(
-                (0..RENEW_EVERY)
+                (0..renew_every())
                     .map(|_| std::sync::atomic::AtomicBool::new(false))
                     .collect::<Vec<_>>(),
             );
             for t in 0usize.. {
                 tick.tick().await;
-                let slice = t % RENEW_EVERY;
+                let slice = t % renew_every();
                 if busy[slice].swap(true, std::sync::atomic::Ordering::SeqCst) {
                     continue;
                 }
@@ -739,7 +755,7 @@ async fn main() {
                 let (client, last, gap) = (client.clone(), last.clone(), renew_gap.clone());
                 let (permits, busy) = (permits.clone(), busy.clone());
                 tokio::spawn(async move {
-                    let _ = futures::stream::iter((slice..n).step_by(RENEW_EVERY).map(|i| {
+                    let _ = futures::stream::iter((slice..n).step_by(renew_every()).map(|i| {
                         let (c, permits) = (client.clone(), permits.clone());
                         async move {
                             let _permit = permits.acquire().await;
@@ -765,7 +781,7 @@ async fn main() {
         let revived = revived.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(RENEW_EVERY as u64)).await;
+                tokio::time::sleep(Duration::from_secs(renew_every() as u64)).await;
                 revived.fetch_add(revive(&client).await, std::sync::atomic::Ordering::SeqCst);
             }
         })
@@ -1063,10 +1079,11 @@ async fn main() {
 
         if let Some(api_pid) = apiserver_pid() {
             println!(
-                "API server RSS {:.0} MiB (peak {:.0} MiB), with the simulated fleet's {} node leases renewed every {RENEW_EVERY} s (the longest gap between two renewals of a node so far: {:.1} s)",
+                "API server RSS {:.0} MiB (peak {:.0} MiB), with the simulated fleet's {} node leases renewed every {} s (the longest gap between two renewals of a node so far: {:.1} s)",
                 proc_field(api_pid, "VmRSS:"),
                 proc_field(api_pid, "VmHWM:"),
                 n,
+                renew_every(),
                 renew_gap.lock().unwrap().as_secs_f64()
             );
         }
