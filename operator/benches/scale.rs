@@ -657,7 +657,8 @@ async fn http_ok(addr: &str, path: &str) -> Option<()> {
         .ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).await.ok()?;
-    body.starts_with("HTTP/1.1 200").then_some(())
+    // "HTTP/1.0 200 OK": the server answers in the request's version.
+    (body.split_whitespace().nth(1) == Some("200")).then_some(())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -1002,11 +1003,14 @@ async fn main() {
             "NOT within 5 min".to_string()
         };
         let events0 = policy_events(&client).await;
+        let was_leading = lease_holder(&client).await;
+        watch_log.record();
         let t0 = Instant::now();
         op.terminate();
-        write_entry(&client, 0, n - 1, true)
+        let flip_rv = write_entry(&client, 0, n - 1, true)
             .await
             .expect("flipping a device at failover");
+        let flip_written = t0.elapsed();
         let mut led_at = None;
         let deadline = t0 + Duration::from_secs(300);
         let down1 = format!("{}/{}", n * DEVICES - 1, n * DEVICES);
@@ -1061,9 +1065,14 @@ async fn main() {
             .map(|(k, v)| format!("{k} {v}"))
             .collect();
         println!(
-            "failover (a standby started and ready, its stores listed, after {warm}; then SIGTERM to the leader, one device flipped at that moment): new leader after {}, status showing the flip after {}; old leader {old_exit}; new leader's writes until then {writes} ({}); policy Events during the failover and flip: {}",
+            "failover (a standby started and ready, its stores listed, after {warm}; then SIGTERM to the leader ({}), one device flipped at that moment): new leader after {}, status showing the flip after {} (the flip's write returned after {}, the API server's watch delivered it after {}); old leader {old_exit}; new leader's writes until then {writes} ({}); policy Events during the failover and flip: {}",
+            was_leading.as_deref().unwrap_or("no lease holder"),
             ms(led_at),
             ms(shown_at),
+            ms(Some(flip_written)),
+            ms(watch_log
+                .seen(flip_rv)
+                .map(|at| at.saturating_duration_since(t0))),
             if by_kind.is_empty() {
                 "none".to_string()
             } else {
