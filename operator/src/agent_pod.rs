@@ -8,8 +8,6 @@
 //! empty; this keeps what is read and nothing else. It is parsed straight
 //! from the watch (`#[serde(from = "Pod")]`).
 
-use std::borrow::Cow;
-
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::ObjectMeta;
@@ -69,34 +67,7 @@ impl From<Pod> for AgentPod {
     }
 }
 
-impl kube::Resource for AgentPod {
-    type DynamicType = ();
-    type Scope = NamespaceResourceScope;
-
-    fn kind(dt: &()) -> Cow<'_, str> {
-        Pod::kind(dt)
-    }
-
-    fn group(dt: &()) -> Cow<'_, str> {
-        Pod::group(dt)
-    }
-
-    fn version(dt: &()) -> Cow<'_, str> {
-        Pod::version(dt)
-    }
-
-    fn plural(dt: &()) -> Cow<'_, str> {
-        Pod::plural(dt)
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+crate::view::projection_of!(AgentPod, Pod, NamespaceResourceScope);
 
 #[cfg(test)]
 mod tests {

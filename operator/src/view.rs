@@ -14,8 +14,6 @@
 //! transition times, an allocation's container (a policy status names pods),
 //! orphaned devices, labels, annotations and managed fields.
 
-use std::borrow::Cow;
-
 use devplug_api::{
     Allocation, DeviceHealth, DeviceStatus, NodeDeviceStatus, NodeSummary, NotReporting,
     ResourceStatus,
@@ -224,34 +222,44 @@ impl NodeView {
     }
 }
 
-impl kube::Resource for NodeView {
-    type DynamicType = ();
-    type Scope = ClusterResourceScope;
+/// `kube::Resource` for a projection `$view` of the API type `$whole`: the
+/// same kind, group, version and plural (so an `Api<$view>` lists and
+/// watches `$whole`), with the projection's own `metadata`.
+macro_rules! projection_of {
+    ($view:ty, $whole:ty, $scope:ty) => {
+        impl kube::Resource for $view {
+            type DynamicType = ();
+            type Scope = $scope;
 
-    fn kind(dt: &()) -> Cow<'_, str> {
-        NodeDeviceStatus::kind(dt)
-    }
+            fn kind(dt: &()) -> std::borrow::Cow<'_, str> {
+                <$whole as kube::Resource>::kind(dt)
+            }
 
-    fn group(dt: &()) -> Cow<'_, str> {
-        NodeDeviceStatus::group(dt)
-    }
+            fn group(dt: &()) -> std::borrow::Cow<'_, str> {
+                <$whole as kube::Resource>::group(dt)
+            }
 
-    fn version(dt: &()) -> Cow<'_, str> {
-        NodeDeviceStatus::version(dt)
-    }
+            fn version(dt: &()) -> std::borrow::Cow<'_, str> {
+                <$whole as kube::Resource>::version(dt)
+            }
 
-    fn plural(dt: &()) -> Cow<'_, str> {
-        NodeDeviceStatus::plural(dt)
-    }
+            fn plural(dt: &()) -> std::borrow::Cow<'_, str> {
+                <$whole as kube::Resource>::plural(dt)
+            }
 
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
+            fn meta(&self) -> &kube::core::ObjectMeta {
+                &self.metadata
+            }
 
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
+            fn meta_mut(&mut self) -> &mut kube::core::ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
 }
+pub(crate) use projection_of;
+
+projection_of!(NodeView, NodeDeviceStatus, ClusterResourceScope);
 
 #[cfg(test)]
 mod tests {

@@ -287,6 +287,16 @@ async fn a_leader_told_to_stop_releases_the_lease() {
     );
 }
 
+/// A local address nothing listens on, for the admin server.
+fn free_addr() -> std::net::SocketAddr {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}").parse().unwrap()
+}
+
 /// `GET path` over plain HTTP/1.0: (status code, content type, body).
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -317,12 +327,7 @@ async fn readyz_waits_for_the_stores_and_metrics_say_their_format() {
     let (client, api) = FakeApi::start();
     // The policies cannot be listed (as when the CRD is missing).
     api.fail(http::Method::GET, "/devicepluginpolicies", 404);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = free_addr();
     let mut a = args();
     a.metrics_addr = addr;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -462,12 +467,7 @@ async fn a_standby_keeps_its_stores_and_leads_without_listing_again() {
                         "renewTime": now.to_string()}}),
     );
     let metrics = std::sync::Arc::new(devplug_operator::metrics::Metrics::default());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = free_addr();
     let mut a = args();
     a.metrics_addr = addr;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
