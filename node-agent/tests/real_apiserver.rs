@@ -1,0 +1,238 @@
+//! What the real kube-apiserver (v1.36, with the chart's RBAC and admission
+//! policies) accepts from an agent: the agent's ResourceSlice layout at
+//! real pool sizes, and the limits of an agent's identity.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use devplug_agent::config::PluginConfig;
+use devplug_agent::devices::device::Device;
+use devplug_agent::devices::health::Health;
+use devplug_agent::devices::inventory::{DeviceState, Snapshot};
+use devplug_agent::dra::slices;
+use devplug_api::DevicePluginPolicy;
+use devplug_testenv::{env, unique};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+fn dra_policy(name: &str) -> DevicePluginPolicy {
+    let yaml = format!(
+        "apiVersion: devplug.io/v1alpha1\nkind: DevicePluginPolicy\nmetadata:\n  name: {name}\nspec:\n  resourceName: example.com/{name}\n  kubeletApi: DRA\n  source:\n    simulated:\n      count: 300\n"
+    );
+    devplug_api::policies_from_yaml(&yaml).unwrap().remove(0)
+}
+
+fn device_plugin_policy(name: &str) -> DevicePluginPolicy {
+    let yaml = format!(
+        "apiVersion: devplug.io/v1alpha1\nkind: DevicePluginPolicy\nmetadata:\n  name: {name}\nspec:\n  resourceName: example.com/{name}\n  source:\n    simulated:\n      count: 2\n"
+    );
+    devplug_api::policies_from_yaml(&yaml).unwrap().remove(0)
+}
+
+/// `n` devices, those in `unhealthy` tainted.
+fn snapshot(n: usize, unhealthy: &[usize]) -> Snapshot {
+    let mut s = Snapshot {
+        replicas: 1,
+        version: 1,
+        ..Snapshot::default()
+    };
+    for i in 0..n {
+        let id = format!("sim-{i}");
+        s.devices.insert(
+            id.clone(),
+            DeviceState {
+                device: Device {
+                    id,
+                    numa_node: Some(0),
+                    nodes: vec![],
+                    health: Health::Healthy,
+                    links: vec![],
+                    attributes: BTreeMap::new(),
+                },
+                health: if unhealthy.contains(&i) {
+                    Health::Unhealthy("fell off the bus".into())
+                } else {
+                    Health::Healthy
+                },
+                last_transition: SystemTime::UNIX_EPOCH,
+            },
+        );
+    }
+    s
+}
+
+fn slice_api(client: kube::Client) -> Api<DynamicObject> {
+    Api::all_with(client, &slices::resource())
+}
+
+fn forbidden(r: Result<impl std::fmt::Debug, kube::Error>, what: &str) -> String {
+    match r {
+        Err(kube::Error::Api(s)) if s.code == 403 || s.code == 422 => s.message,
+        other => panic!("{what}: expected a refusal, got {other:?}"),
+    }
+}
+
+/// A pool of 300 devices, one of them unhealthy, laid out as the agent
+/// lays it out: the real API server must take every slice (a slice with a
+/// tainted device may hold at most 64 devices; the agent used to publish
+/// 128/128/44 and every publish was refused).
+#[tokio::test]
+async fn the_real_api_server_takes_a_300_device_pool_with_a_tainted_device() {
+    let env = env();
+    let node = unique("pool-node");
+    let policy = dra_policy(&unique("pool"));
+    let agent = env.client_with_token(&env.agent_token(&policy, &node).await);
+    let cfg = PluginConfig::from_policy(&policy);
+    let api = slice_api(agent);
+    let pp = PatchParams::apply(&devplug_api::agent_manager(&cfg.name)).force();
+    for unhealthy in [&[][..], &[0], &[5, 150, 299]] {
+        let devs = slices::devices(&snapshot(300, unhealthy));
+        let layout = slices::slices(&node, &cfg, 1 + unhealthy.len() as i64, &devs);
+        let total: usize = layout
+            .iter()
+            .map(|(_, b)| b["spec"]["devices"].as_array().unwrap().len())
+            .sum();
+        assert_eq!(total, 300);
+        for (name, body) in &layout {
+            if let Err(e) = api.patch(name, &pp, &Patch::Apply(body)).await {
+                panic!(
+                    "the API server refused slice {name} ({} devices, {} unhealthy in the pool): {e}",
+                    body["spec"]["devices"].as_array().unwrap().len(),
+                    unhealthy.len()
+                );
+            }
+        }
+    }
+    // A health change moves no device to another slice.
+    let before = slices::slices(&node, &cfg, 1, &slices::devices(&snapshot(300, &[])));
+    let after = slices::slices(&node, &cfg, 2, &slices::devices(&snapshot(300, &[7])));
+    let where_is = |layout: &[(String, Value)]| -> BTreeMap<String, String> {
+        layout
+            .iter()
+            .flat_map(|(slice, b)| {
+                b["spec"]["devices"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| (d["name"].as_str().unwrap().to_string(), slice.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    assert_eq!(where_is(&before), where_is(&after));
+}
+
+/// An agent's token (bound to a pod on its node) may write its own node's
+/// NodeDeviceStatus and ResourceSlices, and nothing of another node's:
+/// create, update and delete are all refused.
+#[tokio::test]
+async fn an_agent_cannot_touch_another_nodes_status_or_slices() {
+    let env = env();
+    let admin = env.admin();
+    let mine = unique("node-mine");
+    let other = unique("node-other");
+    env.ensure_node(&other).await.unwrap();
+    let policy = dra_policy(&unique("ident"));
+    let agent = env.client_with_token(&env.agent_token(&policy, &mine).await);
+    let cfg = PluginConfig::from_policy(&policy);
+    let manager = devplug_api::agent_manager(&cfg.name);
+    let pp = PatchParams::apply(&manager).force();
+
+    // NodeDeviceStatus: its own is fine, another node's is not.
+    let nds_res = kube::core::ApiResource::erase::<devplug_api::NodeDeviceStatus>(&());
+    let as_agent: Api<DynamicObject> = Api::all_with(agent.clone(), &nds_res);
+    let as_admin: Api<DynamicObject> = Api::all_with(admin.clone(), &nds_res);
+    let nds = |name: &str| -> DynamicObject {
+        serde_json::from_value(json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
+                                      "metadata": {"name": name}, "spec": {"nodeName": name}}))
+        .unwrap()
+    };
+    as_agent
+        .create(&PostParams::default(), &nds(&mine))
+        .await
+        .expect("an agent creates its own node's NodeDeviceStatus");
+    forbidden(
+        as_agent.create(&PostParams::default(), &nds(&other)).await,
+        "create another node's NodeDeviceStatus",
+    );
+    as_admin
+        .create(&PostParams::default(), &nds(&other))
+        .await
+        .unwrap();
+    forbidden(
+        as_agent
+            .patch(
+                &other,
+                &PatchParams::apply(&manager).force(),
+                &Patch::Apply(json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
+                                     "metadata": {"name": other}, "status": {"resources": []}})),
+            )
+            .await,
+        "apply another node's NodeDeviceStatus",
+    );
+
+    // ResourceSlices: its own node's, yes; another node's, never.
+    let slices_agent = slice_api(agent);
+    let slices_admin = slice_api(admin);
+    let devs = slices::devices(&snapshot(2, &[]));
+    let (own_name, own) = slices::slices(&mine, &cfg, 1, &devs).remove(0);
+    slices_agent
+        .patch(&own_name, &pp, &Patch::Apply(&own))
+        .await
+        .expect("an agent publishes its own node's slice");
+    let (other_name, other_slice) = slices::slices(&other, &cfg, 1, &devs).remove(0);
+    forbidden(
+        slices_agent
+            .patch(&other_name, &pp, &Patch::Apply(&other_slice))
+            .await,
+        "publish a slice of another node",
+    );
+    // A slice of the other node exists (its own agent published it): the
+    // agent may neither rewrite nor delete it.
+    slices_admin
+        .patch(&other_name, &pp, &Patch::Apply(&other_slice))
+        .await
+        .unwrap();
+    let mut moved = other_slice.clone();
+    moved["spec"]["devices"] = json!([]);
+    forbidden(
+        slices_agent
+            .patch(&other_name, &pp, &Patch::Apply(&moved))
+            .await,
+        "rewrite another node's slice",
+    );
+    forbidden(
+        slices_agent
+            .delete(&other_name, &DeleteParams::default())
+            .await,
+        "delete another node's slice",
+    );
+    assert!(
+        slices_admin.get_opt(&other_name).await.unwrap().is_some(),
+        "the other node's slice is still there"
+    );
+    // Its own slice it may delete (a pool shrinking).
+    slices_agent
+        .delete(&own_name, &DeleteParams::default())
+        .await
+        .expect("an agent deletes its own node's slice");
+}
+
+/// A device-plugin policy's agent has no business with ResourceSlices at all.
+#[tokio::test]
+async fn a_device_plugin_agent_may_not_publish_slices() {
+    let env = env();
+    let node = unique("dp-node");
+    let policy = device_plugin_policy(&unique("dp"));
+    let agent = env.client_with_token(&env.agent_token(&policy, &node).await);
+    let cfg = PluginConfig::from_policy(&policy);
+    let (name, body) = slices::slices(&node, &cfg, 1, &slices::devices(&snapshot(1, &[]))).remove(0);
+    let msg = forbidden(
+        slice_api(agent)
+            .patch(&name, &PatchParams::apply("x").force(), &Patch::Apply(&body))
+            .await,
+        "a device-plugin agent publishing a slice",
+    );
+    assert!(msg.contains("forbidden"), "{msg}");
+}
