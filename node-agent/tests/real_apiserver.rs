@@ -236,3 +236,38 @@ async fn a_device_plugin_agent_may_not_publish_slices() {
     );
     assert!(msg.contains("forbidden"), "{msg}");
 }
+
+/// A token of the agent's ServiceAccount that names no node (a legacy
+/// Secret token, or one not bound to a pod) writes nothing, not even a
+/// node's status: the admission policy fails closed.
+#[tokio::test]
+async fn a_token_without_the_node_claim_writes_nothing() {
+    let env = env();
+    let node = unique("claimless");
+    let policy = dra_policy(&unique("claimless"));
+    // The agent's RBAC exists, as the operator makes it.
+    env.agent_token(&policy, &node).await;
+    let sa = format!("devplug-agent-{}", policy.metadata.name.as_deref().unwrap());
+    let token = env.unbound_token(&sa).await.unwrap();
+    let agent = env.client_with_token(&token);
+    let nds: Api<DynamicObject> = Api::all_with(
+        agent.clone(),
+        &kube::core::ApiResource::erase::<devplug_api::NodeDeviceStatus>(&()),
+    );
+    let obj: DynamicObject = serde_json::from_value(json!({"apiVersion": "devplug.io/v1alpha1",
+        "kind": "NodeDeviceStatus", "metadata": {"name": node}, "spec": {"nodeName": node}}))
+    .unwrap();
+    let msg = forbidden(
+        nds.create(&PostParams::default(), &obj).await,
+        "a claimless token writing a NodeDeviceStatus",
+    );
+    assert!(msg.contains("projected token"), "{msg}");
+    let cfg = PluginConfig::from_policy(&policy);
+    let (name, body) = slices::slices(&node, &cfg, 1, &slices::devices(&snapshot(1, &[]))).remove(0);
+    forbidden(
+        slice_api(agent)
+            .patch(&name, &PatchParams::apply("x").force(), &Patch::Apply(&body))
+            .await,
+        "a claimless token publishing a slice",
+    );
+}

@@ -644,6 +644,12 @@ impl Env {
         self.node_token(&sa_name, node).await.expect("agent token")
     }
 
+    /// A token of `sa` (in [`RELEASE_NS`]) bound to nothing: no node claim,
+    /// as a legacy Secret token.
+    pub async fn unbound_token(&self, sa: &str) -> Result<String, String> {
+        token_request(&self.admin(), sa, json!({"expirationSeconds": 3600})).await
+    }
+
     /// A token of `sa` (in [`RELEASE_NS`]) bound to a pod on `node`.
     pub async fn node_token(&self, sa: &str, node: &str) -> Result<String, String> {
         let admin = self.admin();

@@ -43,14 +43,19 @@ pub fn device_name(id: &str) -> String {
     }
 }
 
-/// Name of the `i`-th ResourceSlice of a node's pool.
+/// Name of the `i`-th ResourceSlice of a node's pool:
+/// `<node>.<driver>-<hash>-<i>`. The hash is of the node and the driver
+/// apart, so two pairs that read alike once joined (node `a.b` with driver
+/// `c.devplug.io`, node `a` with driver `b.c.devplug.io`) still get
+/// different names; the readable part says whose slice it is.
 pub fn slice_name(node: &str, driver: &str, i: usize) -> String {
-    let base = if node.len() + driver.len() + 8 <= 253 {
+    let h = fnv1a(&format!("{node}\n{driver}"));
+    let base = if node.len() + driver.len() + 26 <= 253 {
         format!("{node}.{driver}")
     } else {
-        format!("{:016x}.{driver}", fnv1a(node))
+        driver.to_string()
     };
-    format!("{base}-{i}")
+    format!("{base}-{h:016x}-{i}")
 }
 
 /// The name of a claim's CDI device for one physical device of one request:
@@ -139,9 +144,18 @@ mod tests {
         let node = "n".repeat(253);
         let s = slice_name(&node, &"d".repeat(63), 9);
         assert!(s.len() <= 253, "{}", s.len());
-        assert_eq!(
-            slice_name("node1", "foo.devplug.io", 0),
-            "node1.foo.devplug.io-0"
-        );
+        assert!(slice_name(&"m".repeat(253), &"d".repeat(63), 9) != s);
+        let n = slice_name("node1", "foo.devplug.io", 0);
+        assert!(n.starts_with("node1.foo.devplug.io-"), "{n}");
+        assert!(n.ends_with("-0"), "{n}");
+    }
+
+    /// Node `a.b` with policy `c` and node `a` with policy `b.c` joined to
+    /// the same name once.
+    #[test]
+    fn slice_names_of_different_pools_never_meet() {
+        let one = slice_name("a.b", "c.devplug.io", 0);
+        let two = slice_name("a", "b.c.devplug.io", 0);
+        assert_ne!(one, two);
     }
 }

@@ -1,8 +1,10 @@
 //! The node's ResourceSlices: what the scheduler allocates DRA claims from.
 //!
 //! One pool per node and policy (pool name = node name, driver = the
-//! policy's driver), split into slices of at most 128 devices (the API's
-//! limit). Every advertised ID is a device of its own: a time-sliced policy
+//! policy's driver), split into slices of at most 64 devices: the API takes
+//! 128 per slice, but only 64 once any device of the slice carries a taint,
+//! and any device may turn unhealthy. Always 64 means a health change never
+//! moves a device to another slice, and never makes a slice too big. Every advertised ID is a device of its own: a time-sliced policy
 //! publishes `replicas` devices per physical device, so that `foo: 1`
 //! through the extended-resource bridge means one share, exactly as with
 //! the device plugin, and no alpha API (multiple allocations per device) is
@@ -37,8 +39,9 @@ use crate::devices::health::Health;
 use crate::devices::inventory::Snapshot;
 use crate::devices::sharing;
 
-/// Most devices one ResourceSlice may hold (`resource.k8s.io/v1`).
-pub const MAX_DEVICES_PER_SLICE: usize = 128;
+/// Most devices one ResourceSlice of ours holds: the `resource.k8s.io/v1`
+/// limit for a slice whose devices carry taints (128 without any).
+pub const MAX_DEVICES_PER_SLICE: usize = 64;
 /// Longest string attribute value the API takes.
 pub const MAX_ATTRIBUTE_STRING: usize = 64;
 /// The taint an unhealthy device carries.
@@ -305,7 +308,7 @@ mod tests {
     }
 
     #[test]
-    fn replicas_are_devices_and_large_pools_split_at_128() {
+    fn replicas_are_devices_and_large_pools_split_at_64() {
         let devs = devices(&snap(200, 2));
         assert_eq!(devs.len(), 400);
         let names: BTreeSet<&str> = devs.iter().map(|d| d["name"].as_str().unwrap()).collect();
@@ -332,17 +335,17 @@ mod tests {
         );
         cfg.driver = "gpu.devplug.io".into();
         let s = slices("n1", &cfg, 7, &devs);
-        assert_eq!(s.len(), 4);
+        assert_eq!(s.len(), 7);
         let sizes: Vec<usize> = s
             .iter()
             .map(|(_, b)| b["spec"]["devices"].as_array().unwrap().len())
             .collect();
-        assert_eq!(sizes, [128, 128, 128, 16]);
+        assert_eq!(sizes, [64, 64, 64, 64, 64, 64, 16]);
         for (i, (name, b)) in s.iter().enumerate() {
-            assert_eq!(*name, format!("n1.gpu.devplug.io-{i}"));
+            assert_eq!(*name, names::slice_name("n1", "gpu.devplug.io", i));
             assert_eq!(
                 b["spec"]["pool"],
-                json!({"name": "n1", "generation": 7, "resourceSliceCount": 4})
+                json!({"name": "n1", "generation": 7, "resourceSliceCount": 7})
             );
         }
         // An empty pool is one empty slice (after discovery ran).
