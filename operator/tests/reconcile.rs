@@ -18,7 +18,7 @@ use kube::runtime::reflector::Store;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use serde_json::json;
-use support::{FakeApi, current, paths, policy_json, seed};
+use support::{TestApi, current, paths, policy_json, seed, unique};
 
 fn defaults() -> AgentDefaults {
     AgentDefaults {
@@ -76,63 +76,57 @@ fn ctx_with(
     }
 }
 
-async fn reconcile(api: &FakeApi, ctx: &TestCtx, name: &str) -> Result<(), String> {
-    support::mirror(api, paths::DAEMONSETS, &ctx.daemonsets);
-    support::mirror(api, paths::PODS, &ctx.pods);
-    controller::reconcile(Arc::new(current(api, name)), ctx.ctx.clone())
+async fn reconcile(api: &TestApi, ctx: &TestCtx, name: &str) -> Result<(), String> {
+    support::mirror(api, paths::DAEMONSETS, &ctx.daemonsets).await;
+    support::mirror(api, paths::PODS, &ctx.pods).await;
+    controller::reconcile(Arc::new(current(api, name).await), ctx.ctx.clone())
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
 
-fn write_paths(api: &FakeApi) -> Vec<String> {
+fn write_paths(api: &TestApi) -> Vec<String> {
     api.writes()
         .iter()
         .map(|c| format!("{} {}", c.method, c.path))
         .collect()
 }
 
-fn condition(api: &FakeApi, name: &str, type_: &str) -> (String, String, String) {
-    let p = current(api, name);
+async fn condition(api: &TestApi, name: &str, type_: &str) -> (String, String, String) {
+    let p = current(api, name).await;
     let c = conditions::get(&p.status.as_ref().unwrap().conditions, type_)
         .unwrap()
         .clone();
     (c.status, c.reason, c.message)
 }
 
-fn set_ds_status(api: &FakeApi, policy: &str, desired: i32, ready: i32, updated: i32) {
+async fn set_ds_status(api: &TestApi, policy: &str, desired: i32, ready: i32, updated: i32) {
     let path = paths::daemonset(policy);
-    let mut ds = api.get(&path).unwrap();
+    let mut ds = api.get(&path).await.unwrap();
     let generation = ds["metadata"]["generation"].clone();
     ds["status"] = json!({"desiredNumberScheduled": desired, "numberReady": ready, "updatedNumberScheduled": updated,
                           "currentNumberScheduled": desired, "numberMisscheduled": 0, "observedGeneration": generation});
-    api.put(&path, ds);
+    api.put(&path, ds).await;
 }
 
 #[tokio::test]
 async fn first_reconcile_applies_agent_objects_and_the_second_writes_nothing() {
-    let (client, api) = FakeApi::start();
-    let (store, _w) = seed(
-        &api,
-        &[policy_json(
-            "foo",
-            "example.com/foo",
-            "2026-11-01T00:00:00Z",
-            json!({}),
-        )],
-    );
+    let foo_name = unique("foo");
+    let foo = foo_name.as_str();
+    let (client, api) = support::start().await;
+    let (store, _w) = seed(&api, &[policy_json(foo, "example.com/foo", json!({}))]).await;
     let ctx = ctx(client, store);
-    reconcile(&api, &ctx, "foo").await.unwrap();
+    reconcile(&api, &ctx, foo).await.unwrap();
     assert_eq!(
         write_paths(&api),
         vec![
             // The cleanup finalizer, then the agent objects.
-            format!("PATCH {}", paths::policy("foo")),
-            format!("PATCH {}", paths::service_account("foo")),
-            format!("PATCH {}", paths::cluster_role("foo")),
-            format!("PATCH {}", paths::cluster_role_binding("foo")),
-            format!("PATCH {}", paths::daemonset("foo")),
-            format!("PATCH {}/status", paths::policy("foo")),
+            format!("PATCH {}", paths::policy(foo)),
+            format!("PATCH {}", paths::service_account(foo)),
+            format!("PATCH {}", paths::cluster_role(foo)),
+            format!("PATCH {}", paths::cluster_role_binding(foo)),
+            format!("PATCH {}", paths::daemonset(foo)),
+            format!("PATCH {}/status", paths::policy(foo)),
         ]
     );
     assert_eq!(
@@ -144,23 +138,23 @@ async fn first_reconcile_applies_agent_objects_and_the_second_writes_nothing() {
         assert!(w.query.contains("fieldManager=devplug-operator"), "{w:?}");
         // The finalizer is a set entry of its own: applied without force,
         // so it never takes another manager's finalizers.
-        let finalizer = w.path == paths::policy("foo");
+        let finalizer = w.path == paths::policy(foo);
         assert_eq!(w.query.contains("force=true"), !finalizer, "{w:?}");
     }
-    let ds = api.get(&paths::daemonset("foo")).unwrap();
+    let ds = api.get(&paths::daemonset(foo)).await.unwrap();
     assert_eq!(
-        ds["metadata"]["ownerReferences"][0]["uid"],
-        "policy-uid-foo"
+        ds["metadata"]["ownerReferences"][0]["uid"].as_str(),
+        current(&api, foo).await.metadata.uid.as_deref()
     );
     assert_eq!(ds["metadata"]["ownerReferences"][0]["controller"], true);
-    let cr = api.get(&paths::cluster_role("foo")).unwrap();
-    assert_eq!(cr["rules"][0]["resourceNames"], json!(["foo"]));
-    let st = current(&api, "foo").status.unwrap();
+    let cr = api.get(&paths::cluster_role(foo)).await.unwrap();
+    assert_eq!(cr["rules"][0]["resourceNames"], json!([foo]));
+    let st = current(&api, foo).await.status.unwrap();
     assert_eq!(st.observed_generation, Some(1));
     assert_eq!(st.nodes_ready.as_deref(), Some("0/0"));
 
     api.clear_log();
-    reconcile(&api, &ctx, "foo").await.unwrap();
+    reconcile(&api, &ctx, foo).await.unwrap();
     assert!(
         api.writes().is_empty(),
         "second reconcile wrote: {:?}",
@@ -180,43 +174,37 @@ async fn first_reconcile_applies_agent_objects_and_the_second_writes_nothing() {
     );
     // Someone deletes the DaemonSet: the watch reports it, the next
     // reconcile applies it again.
-    api.delete_object(&paths::daemonset("foo"));
-    reconcile(&api, &ctx, "foo").await.unwrap();
+    api.delete_object(&paths::daemonset(foo)).await;
+    reconcile(&api, &ctx, foo).await.unwrap();
     assert!(
-        api.get(&paths::daemonset("foo")).is_some(),
+        api.get(&paths::daemonset(foo)).await.is_some(),
         "DaemonSet not restored"
     );
 }
 
 #[tokio::test]
 async fn a_stale_copy_of_the_policy_repeats_neither_the_status_nor_its_events() {
-    let (client, api) = FakeApi::start();
-    let (store, _w) = seed(
-        &api,
-        &[policy_json(
-            "foo",
-            "example.com/foo",
-            "2026-11-01T00:00:00Z",
-            json!({}),
-        )],
-    );
+    let foo_name = unique("foo");
+    let foo = foo_name.as_str();
+    let (client, api) = support::start().await;
+    let (store, _w) = seed(&api, &[policy_json(foo, "example.com/foo", json!({}))]).await;
     let mut ctx = ctx(client, store);
     // Own writes trusted only while the index holds the very version they
     // were computed from, so the foreign change below is repaired at once
     // (by default they are also trusted for TRUST_OWN_WRITE).
     let inner = Arc::try_unwrap(ctx.ctx).ok().unwrap();
     ctx.ctx = Arc::new(inner.trusting_own_writes_for(Duration::ZERO));
-    reconcile(&api, &ctx, "foo").await.unwrap();
-    set_ds_status(&api, "foo", 2, 2, 2);
-    support::mirror(&api, paths::DAEMONSETS, &ctx.daemonsets);
-    let stale = Arc::new(current(&api, "foo"));
+    reconcile(&api, &ctx, foo).await.unwrap();
+    set_ds_status(&api, foo, 2, 2, 2).await;
+    support::mirror(&api, paths::DAEMONSETS, &ctx.daemonsets).await;
+    let stale = Arc::new(current(&api, foo).await);
     api.clear_log();
     controller::reconcile(stale.clone(), ctx.ctx.clone())
         .await
         .unwrap();
     let first = write_paths(&api);
     assert!(
-        first.contains(&format!("PATCH {}/status", paths::policy("foo"))),
+        first.contains(&format!("PATCH {}/status", paths::policy(foo))),
         "{first:?}"
     );
     // Triggered again before the watch delivered that write: the index
@@ -231,41 +219,41 @@ async fn a_stale_copy_of_the_policy_repeats_neither_the_status_nor_its_events() 
         write_paths(&api)
     );
     // The write arrives: still nothing to do.
-    reconcile(&api, &ctx, "foo").await.unwrap();
+    reconcile(&api, &ctx, foo).await.unwrap();
     assert!(api.writes().is_empty(), "{:?}", write_paths(&api));
     // Someone else changes the status: the new version is judged afresh
     // and the operator's status restored.
-    let mut p = current(&api, "foo");
+    let mut p = current(&api, foo).await;
     p.status.as_mut().unwrap().nodes_ready = Some("9/9".into());
     p.metadata.resource_version = Some("someone-else".into());
-    api.put(&paths::policy("foo"), serde_json::to_value(&p).unwrap());
-    reconcile(&api, &ctx, "foo").await.unwrap();
+    api.put(&paths::policy(foo), serde_json::to_value(&p).unwrap())
+        .await;
+    reconcile(&api, &ctx, foo).await.unwrap();
     assert_eq!(
-        current(&api, "foo").status.unwrap().nodes_ready.as_deref(),
+        current(&api, foo)
+            .await
+            .status
+            .unwrap()
+            .nodes_ready
+            .as_deref(),
         Some("2/2")
     );
 }
 
 #[tokio::test]
 async fn status_follows_the_daemonset_and_transitions_make_events() {
-    let (client, api) = FakeApi::start();
-    let (store, _w) = seed(
-        &api,
-        &[policy_json(
-            "foo",
-            "example.com/foo",
-            "2026-11-01T00:00:00Z",
-            json!({}),
-        )],
-    );
+    let foo_name = unique("foo");
+    let foo = foo_name.as_str();
+    let (client, api) = support::start().await;
+    let (store, _w) = seed(&api, &[policy_json(foo, "example.com/foo", json!({}))]).await;
     let ctx = ctx(client, store);
-    reconcile(&api, &ctx, "foo").await.unwrap();
+    reconcile(&api, &ctx, foo).await.unwrap();
 
-    set_ds_status(&api, "foo", 3, 1, 2);
-    reconcile(&api, &ctx, "foo").await.unwrap();
-    assert_eq!(condition(&api, "foo", types::READY).1, "AgentsNotReady");
+    set_ds_status(&api, foo, 3, 1, 2).await;
+    reconcile(&api, &ctx, foo).await.unwrap();
+    assert_eq!(condition(&api, foo, types::READY).await.1, "AgentsNotReady");
     assert_eq!(
-        condition(&api, "foo", types::PROGRESSING),
+        condition(&api, foo, types::PROGRESSING).await,
         (
             "True".into(),
             "RollingOut".into(),
@@ -273,54 +261,58 @@ async fn status_follows_the_daemonset_and_transitions_make_events() {
         )
     );
     assert_eq!(
-        current(&api, "foo").status.unwrap().nodes_ready.as_deref(),
+        current(&api, foo)
+            .await
+            .status
+            .unwrap()
+            .nodes_ready
+            .as_deref(),
         Some("1/3")
     );
 
-    set_ds_status(&api, "foo", 3, 3, 3);
+    set_ds_status(&api, foo, 3, 3, 3).await;
     api.clear_log();
-    reconcile(&api, &ctx, "foo").await.unwrap();
-    assert_eq!(condition(&api, "foo", types::READY).0, "True");
-    assert_eq!(condition(&api, "foo", types::PROGRESSING).0, "False");
-    let evs = api.objects_under(paths::EVENTS);
+    reconcile(&api, &ctx, foo).await.unwrap();
+    assert_eq!(condition(&api, foo, types::READY).await.0, "True");
+    assert_eq!(condition(&api, foo, types::PROGRESSING).await.0, "False");
+    let evs = support::policy_events(&api, foo).await;
     assert_eq!(evs.len(), 1, "{evs:?}");
     assert_eq!(evs[0]["reason"], "AgentsReady");
     assert_eq!(evs[0]["type"], "Normal");
-    assert_eq!(evs[0]["regarding"]["name"], "foo");
+    assert_eq!(evs[0]["regarding"]["name"], foo);
 
     api.clear_log();
-    reconcile(&api, &ctx, "foo").await.unwrap();
+    reconcile(&api, &ctx, foo).await.unwrap();
     assert!(api.writes().is_empty(), "{:?}", write_paths(&api));
 }
 
 #[tokio::test]
 async fn crashing_or_unschedulable_agents_degrade_the_policy() {
-    let (client, api) = FakeApi::start();
-    let (store, _w) = seed(
-        &api,
-        &[policy_json(
-            "foo",
-            "example.com/foo",
-            "2026-11-01T00:00:00Z",
-            json!({}),
-        )],
-    );
+    let foo_name = unique("foo");
+    let foo = foo_name.as_str();
+    let (client, api) = support::start().await;
+    let (store, _w) = seed(&api, &[policy_json(foo, "example.com/foo", json!({}))]).await;
     let ctx = ctx(client, store);
-    reconcile(&api, &ctx, "foo").await.unwrap();
-    set_ds_status(&api, "foo", 2, 0, 2);
-    let labels = json!({"app.kubernetes.io/name": "devplug-agent", "devplug.io/policy": "foo"});
-    api.put(&paths::pod("agent-a"), json!({
+    reconcile(&api, &ctx, foo).await.unwrap();
+    set_ds_status(&api, foo, 2, 0, 2).await;
+    let agent_name = unique("agent-a");
+    let agent = agent_name.as_str();
+    let labels = json!({"app.kubernetes.io/name": "devplug-agent", "devplug.io/policy": foo});
+    api.put(&paths::pod(agent), json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "agent-a", "namespace": paths::NS, "labels": labels},
-        "spec": {"nodeName": "node-1", "containers": [{"name": "agent"}]},
+        "metadata": {"name": agent, "namespace": paths::NS, "labels": labels},
+        "spec": {"nodeName": "node-1", "containers": [{"name": "agent", "image": "devplug-agent:test"}]},
         "status": {"containerStatuses": [{"name": "agent", "ready": false, "restartCount": 5, "image": "x", "imageID": "",
                     "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}
-    }));
-    reconcile(&api, &ctx, "foo").await.unwrap();
-    let (st, reason, msg) = condition(&api, "foo", types::DEGRADED);
+    })).await;
+    reconcile(&api, &ctx, foo).await.unwrap();
+    let (st, reason, msg) = condition(&api, foo, types::DEGRADED).await;
     assert_eq!((st.as_str(), reason.as_str()), ("True", "AgentsFailing"));
-    assert!(msg.contains("agent-a on node-1: CrashLoopBackOff"), "{msg}");
-    let evs = api.objects_under(paths::EVENTS);
+    assert!(
+        msg.contains(&format!("{agent} on node-1: CrashLoopBackOff")),
+        "{msg}"
+    );
+    let evs = support::policy_events(&api, foo).await;
     assert!(
         evs.iter()
             .any(|e| e["reason"] == "AgentsFailing" && e["type"] == "Warning"),
@@ -333,25 +325,19 @@ async fn crashing_or_unschedulable_agents_degrade_the_policy() {
 /// FailedCreate message is in Degraded, with the fix.
 #[tokio::test]
 async fn agents_the_daemonset_cannot_create_degrade_the_policy_with_the_reason() {
-    let (client, api) = FakeApi::start();
-    let (store, _w) = seed(
-        &api,
-        &[policy_json(
-            "foo",
-            "example.com/foo",
-            "2026-11-01T00:00:00Z",
-            json!({}),
-        )],
-    );
+    let foo_name = unique("foo");
+    let foo = foo_name.as_str();
+    let (client, api) = support::start().await;
+    let (store, _w) = seed(&api, &[policy_json(foo, "example.com/foo", json!({}))]).await;
     let ctx = ctx(client, store);
-    reconcile(&api, &ctx, "foo").await.unwrap();
+    reconcile(&api, &ctx, foo).await.unwrap();
     // One node, no pod: the DaemonSet controller was refused.
-    let path = paths::daemonset("foo");
-    let mut ds = api.get(&path).unwrap();
+    let path = paths::daemonset(foo);
+    let mut ds = api.get(&path).await.unwrap();
     let ds_name = ds["metadata"]["name"].as_str().unwrap().to_string();
     ds["status"] = json!({"desiredNumberScheduled": 1, "currentNumberScheduled": 0, "numberReady": 0,
                           "numberMisscheduled": 0, "observedGeneration": ds["metadata"]["generation"].clone()});
-    api.put(&path, ds);
+    api.put(&path, ds).await;
     let ev = |name: &str, obj: &str, reason: &str, msg: &str, at: &str| {
         json!({"apiVersion": "v1", "kind": "Event",
                "metadata": {"name": name, "namespace": paths::NS},
@@ -367,9 +353,10 @@ async fn agents_the_daemonset_cannot_create_degrade_the_policy_with_the_reason()
             "Error creating: pods \"x\" is forbidden: old",
             "2026-11-30T00:00:00Z",
         ),
-    );
+    )
+    .await;
     api.put(&format!("{}/e2", paths::CORE_EVENTS), ev("e2", &ds_name, "FailedCreate",
-        "Error creating: pods \"x\" is forbidden: violates PodSecurity \"baseline:latest\": hostPath volumes", "2026-11-30T00:01:00Z"));
+        "Error creating: pods \"x\" is forbidden: violates PodSecurity \"baseline:latest\": hostPath volumes", "2026-11-30T00:01:00Z")).await;
     api.put(
         &format!("{}/e3", paths::CORE_EVENTS),
         ev(
@@ -379,9 +366,10 @@ async fn agents_the_daemonset_cannot_create_degrade_the_policy_with_the_reason()
             "not ours",
             "2026-11-30T00:02:00Z",
         ),
-    );
-    reconcile(&api, &ctx, "foo").await.unwrap();
-    let (st, reason, msg) = condition(&api, "foo", types::DEGRADED);
+    )
+    .await;
+    reconcile(&api, &ctx, foo).await.unwrap();
+    let (st, reason, msg) = condition(&api, foo, types::DEGRADED).await;
     assert_eq!((st.as_str(), reason.as_str()), ("True", "AgentsNotCreated"));
     assert!(
         msg.contains("violates PodSecurity"),
@@ -398,37 +386,44 @@ async fn agents_the_daemonset_cannot_create_degrade_the_policy_with_the_reason()
     );
 
     // Pods created: the condition clears.
-    set_ds_status(&api, "foo", 1, 1, 1);
-    reconcile(&api, &ctx, "foo").await.unwrap();
-    let (st, _, _) = condition(&api, "foo", types::DEGRADED);
+    set_ds_status(&api, foo, 1, 1, 1).await;
+    reconcile(&api, &ctx, foo).await.unwrap();
+    let (st, _, _) = condition(&api, foo, types::DEGRADED).await;
     assert_eq!(st, "False");
 }
 
 #[tokio::test]
 async fn the_newer_of_two_conflicting_policies_gets_no_agents() {
-    let (client, api) = FakeApi::start();
+    let old_name = unique("old");
+    let old = old_name.as_str();
+    let new_name = unique("new");
+    let new = new_name.as_str();
+    let (client, api) = support::start().await;
     let (store, _w) = seed(
         &api,
         &[
-            policy_json("old", "example.com/gpu", "2026-11-01T00:00:00Z", json!({})),
+            policy_json(old, "example.com/gpu", json!({})),
             policy_json(
-                "new",
+                new,
                 "example.com/gpu",
-                "2026-11-02T00:00:00Z",
                 json!({"nodeSelector": {"gpu": "yes"}}),
             ),
         ],
-    );
+    )
+    .await;
     let ctx = ctx(client, store);
-    reconcile(&api, &ctx, "old").await.unwrap();
+    reconcile(&api, &ctx, old).await.unwrap();
     // The newer one had agents from before the older one existed.
     api.put(
-        &paths::daemonset("new"),
+        &paths::daemonset(new),
         json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
-        "metadata": {"name": "devplug-agent-new", "namespace": paths::NS}}),
-    );
+        "metadata": {"name": format!("devplug-agent-{new}"), "namespace": paths::NS},
+        "spec": {"selector": {"matchLabels": {"app": "agent"}},
+                 "template": {"metadata": {"labels": {"app": "agent"}},
+                              "spec": {"containers": [{"name": "agent", "image": "devplug-agent:old"}]}}}}),
+    ).await;
     api.clear_log();
-    reconcile(&api, &ctx, "new").await.unwrap();
+    reconcile(&api, &ctx, new).await.unwrap();
     assert_eq!(
         write_paths(&api)
             .iter()
@@ -436,52 +431,46 @@ async fn the_newer_of_two_conflicting_policies_gets_no_agents() {
             .cloned()
             .collect::<Vec<_>>(),
         vec![
-            format!("PATCH {}", paths::policy("new")),
-            format!("DELETE {}", paths::daemonset("new")),
-            format!("PATCH {}/status", paths::policy("new"))
+            format!("PATCH {}", paths::policy(new)),
+            format!("DELETE {}", paths::daemonset(new)),
+            format!("PATCH {}/status", paths::policy(new))
         ]
     );
-    assert!(api.get(&paths::daemonset("new")).is_none());
+    assert!(api.get(&paths::daemonset(new)).await.is_none());
     assert!(
-        api.get(&paths::daemonset("old")).is_some(),
+        api.get(&paths::daemonset(old)).await.is_some(),
         "the older keeps its agents"
     );
-    let (st, reason, msg) = condition(&api, "new", types::CONFLICT);
+    let (st, reason, msg) = condition(&api, new, types::CONFLICT).await;
     assert_eq!((st.as_str(), reason.as_str()), ("True", "ResourceClaimed"));
-    assert!(msg.contains("older policy old"), "{msg}");
-    assert_eq!(condition(&api, "old", types::CONFLICT).0, "False");
-    let evs = api.objects_under(paths::EVENTS);
+    assert!(msg.contains(&format!("older policy {old}")), "{msg}");
+    assert_eq!(condition(&api, old, types::CONFLICT).await.0, "False");
+    let evs = support::policy_events(&api, new).await;
     assert!(
         evs.iter()
             .any(|e| e["reason"] == "ResourceClaimed" && e["type"] == "Warning")
     );
 
     api.clear_log();
-    reconcile(&api, &ctx, "new").await.unwrap();
+    reconcile(&api, &ctx, new).await.unwrap();
     assert!(api.writes().is_empty(), "{:?}", write_paths(&api));
 }
 
 #[tokio::test]
 async fn api_errors_back_off_and_show_in_a_condition() {
-    let (client, api) = FakeApi::start();
-    let (store, _w) = seed(
-        &api,
-        &[policy_json(
-            "foo",
-            "example.com/foo",
-            "2026-11-01T00:00:00Z",
-            json!({}),
-        )],
-    );
+    let foo_name = unique("foo");
+    let foo = foo_name.as_str();
+    let (client, api) = support::start().await;
+    let (store, _w) = seed(&api, &[policy_json(foo, "example.com/foo", json!({}))]).await;
     let ctx = ctx(client, store);
     api.fail(Method::PATCH, "/daemonsets/", 500);
-    let err = reconcile(&api, &ctx, "foo").await.unwrap_err();
+    let err = reconcile(&api, &ctx, foo).await.unwrap_err();
     assert!(err.contains("apply DaemonSet devplug-agent-foo"), "{err}");
-    let (st, reason, msg) = condition(&api, "foo", types::DEGRADED);
+    let (st, reason, msg) = condition(&api, foo, types::DEGRADED).await;
     assert_eq!((st.as_str(), reason.as_str()), ("True", "ApplyFailed"));
     assert!(msg.contains("injected failure"), "{msg}");
 
-    let p = Arc::new(current(&api, "foo"));
+    let p = Arc::new(current(&api, foo).await);
     let e = controller::reconcile(p.clone(), ctx.clone())
         .await
         .unwrap_err();
@@ -502,8 +491,8 @@ async fn api_errors_back_off_and_show_in_a_condition() {
     );
 
     api.heal();
-    reconcile(&api, &ctx, "foo").await.unwrap();
-    assert_eq!(condition(&api, "foo", types::DEGRADED).0, "False");
+    reconcile(&api, &ctx, foo).await.unwrap();
+    assert_eq!(condition(&api, foo, types::DEGRADED).await.0, "False");
     let a3 = controller::error_policy(p, &e, ctx.clone());
     assert_eq!(
         a3,
@@ -514,80 +503,95 @@ async fn api_errors_back_off_and_show_in_a_condition() {
 
 #[tokio::test]
 async fn a_policy_being_deleted_is_left_to_the_garbage_collector() {
-    let (client, api) = FakeApi::start();
-    let mut p = policy_json("foo", "example.com/foo", "2026-11-01T00:00:00Z", json!({}));
-    p["metadata"]["deletionTimestamp"] = json!("2026-11-22T00:00:00Z");
-    let (store, _w) = seed(&api, &[p]);
+    let foo_name = unique("foo");
+    let foo = foo_name.as_str();
+    let (client, api) = support::start().await;
+    // Someone else's finalizer holds the deleted policy; ours is not on it.
+    let mut p = policy_json(foo, "example.com/foo", json!({}));
+    p["metadata"]["finalizers"] = json!(["example.com/hold"]);
+    seed(&api, &[p]).await;
+    api.delete_object(&paths::policy(foo)).await;
+    let deleted = current(&api, foo).await;
+    assert!(deleted.metadata.deletion_timestamp.is_some());
+    let (store, _w) = support::synced(vec![deleted]);
     let ctx = ctx(client, store);
     api.clear_log();
-    reconcile(&api, &ctx, "foo").await.unwrap();
+    reconcile(&api, &ctx, foo).await.unwrap();
     assert!(api.log().is_empty(), "{:?}", api.log());
 }
 
 #[tokio::test]
 async fn only_pod_relevant_changes_roll_the_daemonset() {
-    let (client, api) = FakeApi::start();
-    let (store, _w) = seed(
-        &api,
-        &[policy_json(
-            "foo",
-            "example.com/foo",
-            "2026-11-01T00:00:00Z",
-            json!({}),
-        )],
-    );
+    let foo_name = unique("foo");
+    let foo = foo_name.as_str();
+    let (client, api) = support::start().await;
+    let (store, _w) = seed(&api, &[policy_json(foo, "example.com/foo", json!({}))]).await;
     let ctx = ctx(client, store);
-    reconcile(&api, &ctx, "foo").await.unwrap();
-    let hash = |api: &FakeApi| {
-        api.get(&paths::daemonset("foo")).unwrap()["spec"]["template"]["metadata"]["annotations"]["devplug.io/pod-config-hash"]
+    reconcile(&api, &ctx, foo).await.unwrap();
+    let hash = async |api: &TestApi| {
+        api.get(&paths::daemonset(foo)).await.unwrap()["spec"]["template"]["metadata"]["annotations"]["devplug.io/pod-config-hash"]
             .clone()
     };
-    let h0 = hash(&api);
+    let h0 = hash(&api).await;
 
     // Allocation settings reach the agents through their watch: no rollout.
-    let mut p = api.get(&paths::policy("foo")).unwrap();
+    let mut p = api.get(&paths::policy(foo)).await.unwrap();
     p["spec"]["allocate"] = json!({"env": {"MODE": "fast"}});
     p["metadata"]["generation"] = json!(2);
-    api.put(&paths::policy("foo"), p.clone());
+    api.put(&paths::policy(foo), p.clone()).await;
     api.clear_log();
-    reconcile(&api, &ctx, "foo").await.unwrap();
+    reconcile(&api, &ctx, foo).await.unwrap();
     assert_eq!(
         write_paths(&api),
-        vec![format!("PATCH {}/status", paths::policy("foo"))]
+        vec![format!("PATCH {}/status", paths::policy(foo))]
     );
-    assert_eq!(hash(&api), h0);
+    assert_eq!(hash(&api).await, h0);
     assert_eq!(
-        current(&api, "foo").status.unwrap().observed_generation,
+        current(&api, foo).await.status.unwrap().observed_generation,
         Some(2)
     );
 
     // A new image needs new pods.
     p["spec"]["agent"] = json!({"image": "devplug-agent:v2"});
     p["metadata"]["generation"] = json!(3);
-    api.put(&paths::policy("foo"), p);
+    api.put(&paths::policy(foo), p).await;
     api.clear_log();
-    reconcile(&api, &ctx, "foo").await.unwrap();
-    assert!(write_paths(&api).contains(&format!("PATCH {}", paths::daemonset("foo"))));
-    assert_ne!(hash(&api), h0);
+    reconcile(&api, &ctx, foo).await.unwrap();
+    assert!(write_paths(&api).contains(&format!("PATCH {}", paths::daemonset(foo))));
+    assert_ne!(hash(&api).await, h0);
 }
 
 #[tokio::test]
 async fn an_invalid_spec_that_got_past_admission_gets_no_agents() {
-    let (client, api) = FakeApi::start();
-    // e.g. applied to an API server that does not enforce CEL rules.
-    let (store, _w) = seed(
-        &api,
-        &[policy_json(
-            "foo",
-            "kubernetes.io/foo",
-            "2026-11-01T00:00:00Z",
-            json!({}),
-        )],
-    );
+    let foo_name = unique("foo");
+    let foo = foo_name.as_str();
+    let (client, api) = support::start().await;
+    // The API server refuses it at admission (the CRD's CEL rules)...
+    let bad = policy_json(foo, "kubernetes.io/foo", json!({}));
+    let refused = api
+        .admin
+        .request::<serde_json::Value>(
+            http::Request::post("/apis/devplug.io/v1alpha1/devicepluginpolicies")
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(&bad).unwrap())
+                .unwrap(),
+        )
+        .await;
+    match refused {
+        Err(kube::Error::Api(s)) => assert!(s.message.contains("spec.resourceName"), "{s:?}"),
+        other => panic!("the API server took kubernetes.io/foo: {other:?}"),
+    }
+    // ...but a policy stored before the rule existed (an older CRD) can
+    // still reach the operator: the watch delivers it as stored.
+    let (store, _w) = seed(&api, &[policy_json(foo, "example.com/foo", json!({}))]).await;
     let ctx = ctx(client, store);
-    reconcile(&api, &ctx, "foo").await.unwrap();
-    assert!(api.get(&paths::daemonset("foo")).is_none());
-    let (st, reason, msg) = condition(&api, "foo", types::DEGRADED);
+    let mut p = current(&api, foo).await;
+    p.spec.resource_name = "kubernetes.io/foo".into();
+    controller::reconcile(Arc::new(p), ctx.ctx.clone())
+        .await
+        .unwrap();
+    assert!(api.get(&paths::daemonset(foo)).await.is_none());
+    let (st, reason, msg) = condition(&api, foo, types::DEGRADED).await;
     assert_eq!((st.as_str(), reason.as_str()), ("True", "InvalidSpec"));
     assert!(msg.contains("spec.resourceName"), "{msg}");
 }
@@ -601,53 +605,51 @@ fn nds(node: &str, entries: serde_json::Value) -> NodeView {
     .unwrap()
 }
 
-fn gpu_entry(devices: serde_json::Value) -> serde_json::Value {
-    json!([{"resourceName": "example.com/foo", "policy": "foo", "state": "Serving",
+fn gpu_entry(policy: &str, devices: serde_json::Value) -> serde_json::Value {
+    json!([{"resourceName": "example.com/foo", "policy": policy, "state": "Serving",
             "healthy": 0, "total": 0, "allocated": 0, "devices": devices}])
 }
 
 #[tokio::test]
 async fn device_health_from_every_node_lands_in_the_policy_status() {
-    let (client, api) = FakeApi::start();
-    let (store, _w) = seed(
-        &api,
-        &[policy_json(
-            "foo",
-            "example.com/foo",
-            "2026-11-01T00:00:00Z",
-            json!({}),
-        )],
-    );
+    let foo_name = unique("foo");
+    let foo = foo_name.as_str();
+    let (client, api) = support::start().await;
+    let (store, _w) = seed(&api, &[policy_json(foo, "example.com/foo", json!({}))]).await;
     let (_, mut w) = support::synced(Vec::new());
     let healthy = |id: &str| json!({"id": id, "health": "Healthy"});
     w.apply_watcher_event(&watcher::Event::Apply(nds(
         "n1",
-        gpu_entry(json!([healthy("a"), healthy("b")])),
+        gpu_entry(foo, json!([healthy("a"), healthy("b")])),
     )));
     w.apply_watcher_event(&watcher::Event::Apply(nds(
         "n2",
-        gpu_entry(json!([healthy("a")])),
+        gpu_entry(foo, json!([healthy("a")])),
     )));
     let ctx = ctx_with(client, store, w.as_reader());
-    reconcile(&api, &ctx, "foo").await.unwrap();
-    set_ds_status(&api, "foo", 2, 2, 2);
-    reconcile(&api, &ctx, "foo").await.unwrap();
-    let st = current(&api, "foo").status.unwrap();
+    reconcile(&api, &ctx, foo).await.unwrap();
+    set_ds_status(&api, foo, 2, 2, 2).await;
+    reconcile(&api, &ctx, foo).await.unwrap();
+    let st = current(&api, foo).await.status.unwrap();
     assert_eq!((st.devices.total, st.devices.healthy), (3, 3));
     assert_eq!(st.devices_healthy.as_deref(), Some("3/3"));
-    assert_eq!(condition(&api, "foo", types::DEGRADED).1, "AgentsHealthy");
+    assert_eq!(
+        condition(&api, foo, types::DEGRADED).await.1,
+        "AgentsHealthy"
+    );
 
     // A device breaks under a running pod on n1.
     w.apply_watcher_event(&watcher::Event::Apply(nds(
         "n1",
         gpu_entry(
+            foo,
             json!([healthy("a"), {"id": "b", "health": "Unhealthy", "reason": "XID 79",
             "allocations": [{"namespace": "ml", "pod": "trainer", "container": "main"}]}]),
         ),
     )));
     api.clear_log();
-    reconcile(&api, &ctx, "foo").await.unwrap();
-    let st = current(&api, "foo").status.unwrap();
+    reconcile(&api, &ctx, foo).await.unwrap();
+    let st = current(&api, foo).await.status.unwrap();
     assert_eq!(
         (
             st.devices.total,
@@ -659,13 +661,13 @@ async fn device_health_from_every_node_lands_in_the_policy_status() {
     );
     assert_eq!(st.unhealthy_devices.len(), 1);
     assert_eq!(st.unhealthy_devices[0].pods, vec!["ml/trainer"]);
-    let (s, reason, msg) = condition(&api, "foo", types::DEGRADED);
+    let (s, reason, msg) = condition(&api, foo, types::DEGRADED).await;
     assert_eq!((s.as_str(), reason.as_str()), ("True", "DevicesUnhealthy"));
     assert!(
         msg.contains("n1/b Unhealthy (XID 79), affects ml/trainer"),
         "{msg}"
     );
-    let evs = api.objects_under(paths::EVENTS);
+    let evs = support::policy_events(&api, foo).await;
     let ev = evs
         .iter()
         .find(|e| e["reason"] == "DeviceUnhealthy")
@@ -680,18 +682,19 @@ async fn device_health_from_every_node_lands_in_the_policy_status() {
 
     // Nothing changed: nothing written, no event repeated.
     api.clear_log();
-    reconcile(&api, &ctx, "foo").await.unwrap();
+    reconcile(&api, &ctx, foo).await.unwrap();
     assert!(api.writes().is_empty(), "{:?}", write_paths(&api));
 
     // Recovery.
     w.apply_watcher_event(&watcher::Event::Apply(nds(
         "n1",
-        gpu_entry(json!([healthy("a"), healthy("b")])),
+        gpu_entry(foo, json!([healthy("a"), healthy("b")])),
     )));
-    reconcile(&api, &ctx, "foo").await.unwrap();
-    assert_eq!(condition(&api, "foo", types::DEGRADED).0, "False");
+    reconcile(&api, &ctx, foo).await.unwrap();
+    assert_eq!(condition(&api, foo, types::DEGRADED).await.0, "False");
     assert!(
-        api.objects_under(paths::EVENTS)
+        support::policy_events(&api, foo)
+            .await
             .iter()
             .any(|e| e["reason"] == "DeviceRecovered")
     );
@@ -704,58 +707,52 @@ async fn device_health_from_every_node_lands_in_the_policy_status() {
 /// never runs for them if the CRD is deleted first.
 #[tokio::test]
 async fn a_deleted_policy_is_released_only_when_nothing_serves_it() {
-    let (client, api) = FakeApi::start();
-    let (store, mut w) = seed(
-        &api,
-        &[policy_json(
-            "foo",
-            "example.com/foo",
-            "2026-11-01T00:00:00Z",
-            json!({}),
-        )],
-    );
+    let foo_name = unique("foo");
+    let foo = foo_name.as_str();
+    let (client, api) = support::start().await;
+    let (store, mut w) = seed(&api, &[policy_json(foo, "example.com/foo", json!({}))]).await;
     let ctx = ctx(client, store);
-    reconcile(&api, &ctx, "foo").await.unwrap();
+    reconcile(&api, &ctx, foo).await.unwrap();
     assert_eq!(
-        api.get(&paths::policy("foo")).unwrap()["metadata"]["finalizers"],
+        api.get(&paths::policy(foo)).await.unwrap()["metadata"]["finalizers"],
         json!(["devplug.io/cleanup"])
     );
     // An agent pod still runs; then it is deleted.
+    let pod = format!("devplug-agent-{foo}-x");
     api.put(
-        &paths::pod("devplug-agent-foo-x"),
+        &paths::pod(&pod),
         json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "devplug-agent-foo-x", "namespace": paths::NS,
-            "labels": {"app.kubernetes.io/name": "devplug-agent", "devplug.io/policy": "foo"}}}),
-    );
-    let mut p = api.get(&paths::policy("foo")).unwrap();
-    p["metadata"]["deletionTimestamp"] = json!("2026-11-22T00:00:00Z");
-    api.put(&paths::policy("foo"), p.clone());
-    w.apply_watcher_event(&kube::runtime::watcher::Event::Apply(
-        serde_json::from_value(p).unwrap(),
-    ));
-    reconcile(&api, &ctx, "foo").await.unwrap();
+        "metadata": {"name": pod, "namespace": paths::NS,
+            "labels": {"app.kubernetes.io/name": "devplug-agent", "devplug.io/policy": foo}},
+        "spec": {"nodeName": "node-1", "containers": [{"name": "agent", "image": "devplug-agent:test"}]}}),
+    ).await;
+    // Deleted: the finalizer keeps it, with a deletion timestamp.
+    api.delete_object(&paths::policy(foo)).await;
+    let p = current(&api, foo).await;
+    assert!(p.metadata.deletion_timestamp.is_some());
+    w.apply_watcher_event(&kube::runtime::watcher::Event::Apply(p));
+    reconcile(&api, &ctx, foo).await.unwrap();
     assert!(
-        api.get(&paths::daemonset("foo")).is_none(),
+        api.get(&paths::daemonset(foo)).await.is_none(),
         "DaemonSet deleted at once"
     );
     assert!(
-        api.get(&paths::service_account("foo")).is_some(),
+        api.get(&paths::service_account(foo)).await.is_some(),
         "RBAC kept while an agent may still write"
     );
     assert_eq!(
-        api.get(&paths::policy("foo")).unwrap()["metadata"]["finalizers"],
+        api.get(&paths::policy(foo)).await.unwrap()["metadata"]["finalizers"],
         json!(["devplug.io/cleanup"]),
         "held while an agent pod runs"
     );
-    api.delete_object(&paths::pod("devplug-agent-foo-x"));
-    reconcile(&api, &ctx, "foo").await.unwrap();
-    assert!(api.get(&paths::service_account("foo")).is_none());
-    assert!(api.get(&paths::cluster_role("foo")).is_none());
-    assert!(api.get(&paths::cluster_role_binding("foo")).is_none());
-    assert_eq!(
-        api.get(&paths::policy("foo")).unwrap()["metadata"]["finalizers"],
-        json!([]),
-        "released"
+    api.delete_object(&paths::pod(&pod)).await;
+    reconcile(&api, &ctx, foo).await.unwrap();
+    assert!(api.get(&paths::service_account(foo)).await.is_none());
+    assert!(api.get(&paths::cluster_role(foo)).await.is_none());
+    assert!(api.get(&paths::cluster_role_binding(foo)).await.is_none());
+    assert!(
+        api.get(&paths::policy(foo)).await.is_none(),
+        "released: the API server removed the policy with its last finalizer"
     );
     assert!(api.denied().is_empty(), "{:?}", api.denied());
 }

@@ -162,7 +162,9 @@ fn apiserver_binary() -> Result<PathBuf, String> {
     if !st.success() {
         return Err(format!("xz -dc {} failed: {st}", xz.display()));
     }
-    let mut perms = std::fs::metadata(&tmp).map_err(|e| e.to_string())?.permissions();
+    let mut perms = std::fs::metadata(&tmp)
+        .map_err(|e| e.to_string())?
+        .permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
     std::fs::set_permissions(&tmp, perms).map_err(|e| e.to_string())?;
     std::fs::rename(&tmp, &out).map_err(|e| e.to_string())?;
@@ -218,7 +220,12 @@ openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
 
 /// Runs `program args` under `sh`, which stops it (and removes `cleanup`)
 /// once this process's end of its stdin closes.
-fn spawn_daemon(program: &Path, args: &[String], log: &Path, cleanup: &Path) -> Result<Daemon, String> {
+fn spawn_daemon(
+    program: &Path,
+    args: &[String],
+    log: &Path,
+    cleanup: &Path,
+) -> Result<Daemon, String> {
     let log_file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
     let script = r#"prog=$1; log=$2; cleanup=$3; shift 3
 "$prog" "$@" </dev/null >>"$log" 2>&1 &
@@ -373,7 +380,9 @@ async fn setup(env: &Env) -> Result<(), String> {
     ns.patch(
         RELEASE_NS,
         &PatchParams::apply(MANAGER),
-        &Patch::Apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": RELEASE_NS}})),
+        &Patch::Apply(
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": RELEASE_NS}}),
+        ),
     )
     .await
     .map_err(|e| format!("namespace {RELEASE_NS}: {e}"))?;
@@ -399,16 +408,23 @@ async fn apply_crds(admin: &Client) -> Result<(), String> {
             let crd: CustomResourceDefinition = serde::Deserialize::deserialize(doc)
                 .map_err(|e| format!("{}: {e}", path.display()))?;
             let name = crd.metadata.name.clone().unwrap_or_default();
-            crds.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd))
-                .await
-                .map_err(|e| format!("CRD {name}: {e}"))?;
+            crds.patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&crd),
+            )
+            .await
+            .map_err(|e| format!("CRD {name}: {e}"))?;
             names.push(name);
         }
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     for name in names {
         loop {
-            let crd = crds.get(&name).await.map_err(|e| format!("CRD {name}: {e}"))?;
+            let crd = crds
+                .get(&name)
+                .await
+                .map_err(|e| format!("CRD {name}: {e}"))?;
             let established = crd.status.and_then(|s| s.conditions).is_some_and(|cs| {
                 cs.iter()
                     .any(|c| c.type_ == "Established" && c.status == "True")
@@ -463,7 +479,8 @@ pub fn render_chart(extra: &[&str]) -> Result<Vec<Value>, String> {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let mut docs = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(&text) {
-        let v: Value = serde::Deserialize::deserialize(doc).map_err(|e| format!("helm output: {e}"))?;
+        let v: Value =
+            serde::Deserialize::deserialize(doc).map_err(|e| format!("helm output: {e}"))?;
         if !v.is_null() {
             docs.push(v);
         }
@@ -491,15 +508,21 @@ pub async fn apply_value(client: &Client, obj: &Value) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", types.kind))?;
     let name = obj.metadata.name.clone().unwrap_or_default();
     let api: Api<DynamicObject> = match (&caps.scope, &obj.metadata.namespace) {
-        (kube::discovery::Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), ns, &ar),
+        (kube::discovery::Scope::Namespaced, Some(ns)) => {
+            Api::namespaced_with(client.clone(), ns, &ar)
+        }
         (kube::discovery::Scope::Namespaced, None) => {
             Api::namespaced_with(client.clone(), RELEASE_NS, &ar)
         }
         _ => Api::all_with(client.clone(), &ar),
     };
-    api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&obj))
-        .await
-        .map_err(|e| format!("{} {name}: {e}", types.kind))?;
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&obj),
+    )
+    .await
+    .map_err(|e| format!("{} {name}: {e}", types.kind))?;
     Ok(())
 }
 
@@ -550,7 +573,9 @@ async fn wait_admission_policy(env: &Env) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match nds.create(&pp, &obj).await {
-            Err(kube::Error::Api(s)) if s.message.contains("devplug-agent-own-node") => return Ok(()),
+            Err(kube::Error::Api(s)) if s.message.contains("devplug-agent-own-node") => {
+                return Ok(());
+            }
             r if Instant::now() > deadline => {
                 return Err(format!(
                     "the chart's ValidatingAdmissionPolicy did not judge within 30 s: {r:?}"
@@ -603,10 +628,11 @@ impl Env {
     /// The operator's client with a [`Recorder`] in front.
     pub async fn operator_recorded(&self) -> (Client, Recorder) {
         let rec = Recorder::default();
-        let client = kube::client::ClientBuilder::try_from(self.token_config(&self.operator_token().await))
-            .expect("client")
-            .with_layer(&rec.clone())
-            .build();
+        let client =
+            kube::client::ClientBuilder::try_from(self.token_config(&self.operator_token().await))
+                .expect("client")
+                .with_layer(&rec.clone())
+                .build();
         (client, rec)
     }
 
@@ -615,9 +641,13 @@ impl Env {
         if let Some(t) = self.operator_token.lock().unwrap().clone() {
             return t;
         }
-        let t = token_request(&self.admin(), OPERATOR_SA, json!({"expirationSeconds": 86400}))
-            .await
-            .expect("operator token");
+        let t = token_request(
+            &self.admin(),
+            OPERATOR_SA,
+            json!({"expirationSeconds": 86400}),
+        )
+        .await
+        .expect("operator token");
         *self.operator_token.lock().unwrap() = Some(t.clone());
         t
     }
@@ -637,7 +667,8 @@ impl Env {
         for obj in [
             serde_json::to_value(&sa).unwrap(),
             serde_json::to_value(devplug_operator::desired::cluster_role(policy)).unwrap(),
-            serde_json::to_value(devplug_operator::desired::cluster_role_binding(policy, &d)).unwrap(),
+            serde_json::to_value(devplug_operator::desired::cluster_role_binding(policy, &d))
+                .unwrap(),
         ] {
             apply_value(&admin, &obj).await.expect("agent RBAC");
         }
@@ -657,7 +688,10 @@ impl Env {
         let pods: Api<Pod> = Api::namespaced(admin.clone(), RELEASE_NS);
         let mut name = format!("tok-{sa}-{node}");
         if name.len() > 63 {
-            name = format!("tok-{}", devplug_operator::desired::stable_hash(name.as_bytes()));
+            name = format!(
+                "tok-{}",
+                devplug_operator::desired::stable_hash(name.as_bytes())
+            );
         }
         let pod: Pod = serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "Pod",
@@ -668,7 +702,9 @@ impl Env {
         .map_err(|e| e.to_string())?;
         let pod = match pods.create(&PostParams::default(), &pod).await {
             Ok(p) => p,
-            Err(kube::Error::Api(s)) if s.code == 409 => pods.get(&name).await.map_err(|e| e.to_string())?,
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                pods.get(&name).await.map_err(|e| e.to_string())?
+            }
             Err(e) => return Err(format!("pod {name}: {e}")),
         };
         token_request(
@@ -684,8 +720,10 @@ impl Env {
     /// Creates Node `name` if it does not exist.
     pub async fn ensure_node(&self, name: &str) -> Result<(), String> {
         let nodes: Api<Node> = Api::all(self.admin());
-        let node: Node = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}))
-            .map_err(|e| e.to_string())?;
+        let node: Node = serde_json::from_value(
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}),
+        )
+        .map_err(|e| e.to_string())?;
         match nodes.create(&PostParams::default(), &node).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
@@ -715,7 +753,8 @@ impl Env {
 }
 
 async fn token_request(admin: &Client, sa: &str, spec: Value) -> Result<String, String> {
-    let body = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec});
+    let body =
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec});
     let req = http::Request::post(format!(
         "/api/v1/namespaces/{RELEASE_NS}/serviceaccounts/{sa}/token"
     ))

@@ -20,6 +20,9 @@ pub struct Call {
     pub method: Method,
     pub path: String,
     pub query: String,
+    /// The answer's status code (0 while unanswered, or if the request
+    /// never got an answer).
+    pub code: u16,
 }
 
 impl Call {
@@ -32,6 +35,8 @@ impl Call {
 #[derive(Default)]
 struct State {
     log: Vec<Call>,
+    /// Calls cleared so far: a call's number minus this is its place in `log`.
+    cleared: usize,
     /// (method, path substring, status code).
     faults: Vec<(Method, String, u16)>,
 }
@@ -53,9 +58,16 @@ impl Recorder {
         self.log().into_iter().filter(Call::is_write).collect()
     }
 
+    /// Requests the server refused as not authorized (403).
+    pub fn denied(&self) -> Vec<Call> {
+        self.log().into_iter().filter(|c| c.code == 403).collect()
+    }
+
     /// Forgets what was recorded.
     pub fn clear(&self) {
-        self.state.lock().unwrap().log.clear();
+        let mut st = self.state.lock().unwrap();
+        st.cleared += st.log.len();
+        st.log.clear();
     }
 
     /// From now on, `method` requests whose path contains `path` are
@@ -123,17 +135,33 @@ where
             method: req.method().clone(),
             path: req.uri().path().to_string(),
             query: req.uri().query().unwrap_or("").to_string(),
+            code: 0,
         };
-        let fault = {
+        let (index, fault) = {
             let mut st = self.rec.state.lock().unwrap();
             st.log.push(call.clone());
-            st.faults
+            let index = st.cleared + st.log.len() - 1;
+            let fault = st
+                .faults
                 .iter()
                 .find(|(m, p, _)| *m == call.method && call.path.contains(p.as_str()))
-                .map(|(_, _, code)| *code)
+                .map(|(_, _, code)| *code);
+            (index, fault)
+        };
+        let state = self.rec.state.clone();
+        let answered = move |code: u16| {
+            let mut st = state.lock().unwrap();
+            // Cleared since: nothing to mark.
+            let Some(at) = index.checked_sub(st.cleared) else {
+                return;
+            };
+            if let Some(c) = st.log.get_mut(at) {
+                c.code = code;
+            }
         };
         match fault {
             Some(code) => Box::pin(async move {
+                answered(code);
                 let body = serde_json::json!({
                     "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                     "message": "injected failure", "reason": "InternalError", "code": code});
@@ -144,7 +172,14 @@ where
                     .body(Box::new(Whole(Some(bytes))) as Box<DynBody>)?;
                 Ok(resp)
             }),
-            None => Box::pin(self.inner.call(req)),
+            None => {
+                let fut = self.inner.call(req);
+                Box::pin(async move {
+                    let resp = fut.await?;
+                    answered(resp.status().as_u16());
+                    Ok(resp)
+                })
+            }
         }
     }
 }
