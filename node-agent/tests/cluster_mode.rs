@@ -9,15 +9,15 @@ use std::time::{Duration, Instant};
 
 use devplug_proto::deviceplugin::v1beta1 as dp;
 use serde_json::json;
-use support::apiserver::ApiServer;
+use support::cluster::Cluster;
 use support::podresources::FakePodResources;
 use support::{Agent, KubeletSim, Node};
 
 const T: Duration = Duration::from_secs(15);
 const R: &str = "example.com/live";
 
-async fn env_of(kubelet: &KubeletSim, key: &str) -> Option<String> {
-    let mut c = kubelet.client("devplug-live.sock").await;
+async fn env_of(kubelet: &KubeletSim, policy: &str, key: &str) -> Option<String> {
+    let mut c = kubelet.client(&format!("devplug-{policy}.sock")).await;
     let req = dp::AllocateRequest {
         container_requests: vec![dp::ContainerAllocateRequest {
             devices_ids: vec!["sim-0".into()],
@@ -31,30 +31,36 @@ async fn env_of(kubelet: &KubeletSim, key: &str) -> Option<String> {
 async fn watches_its_policy_reloads_and_survives_the_api_server() {
     let node = Node::new();
     let mut kubelet = KubeletSim::start(&node.plugins);
-    let api = ApiServer::start(json!({
-        "apiVersion": "devplug.io/v1alpha1", "kind": "DevicePluginPolicy",
-        "metadata": {"name": "live", "uid": "u1", "generation": 1},
-        "spec": {"resourceName": R, "source": {"simulated": {"count": 2}},
-                 "allocate": {"env": {"MODE": "one"}}},
-    }))
+    let api = Cluster::start(
+        &node.name,
+        json!({
+            "apiVersion": "devplug.io/v1alpha1", "kind": "DevicePluginPolicy",
+            "metadata": {"name": "live"},
+            "spec": {"resourceName": R, "source": {"simulated": {"count": 2}},
+                     "allocate": {"env": {"MODE": "one"}}},
+        }),
+    )
     .await;
     let kubeconfig = api.kubeconfig(node.tmp.path());
-    let _agent = Agent::spawn_cluster(&node, "live", &kubeconfig);
+    let _agent = Agent::spawn_cluster(&node, &api.policy, &kubeconfig);
     kubelet.wait_registrations(1, T).await;
     kubelet.wait_list(R, T, |l| l.len() == 2).await;
-    assert_eq!(env_of(&kubelet, "MODE").await.as_deref(), Some("one"));
+    assert_eq!(
+        env_of(&kubelet, &api.policy, "MODE").await.as_deref(),
+        Some("one")
+    );
 
     // A serving change reaches the agent without a restart of the process.
     let changed = Instant::now();
     api.update(|p| {
         p["spec"]["allocate"]["env"]["MODE"] = json!("two");
         p["spec"]["source"]["simulated"]["count"] = json!(3);
-        p["metadata"]["generation"] = json!(2);
-    });
+    })
+    .await;
     let (list, _) = kubelet.wait_list(R, T, |l| l.len() == 3).await;
     assert!(list.iter().all(|d| d.health == "Healthy"));
     let deadline = Instant::now() + T;
-    while env_of(&kubelet, "MODE").await.as_deref() != Some("two") {
+    while env_of(&kubelet, &api.policy, "MODE").await.as_deref() != Some("two") {
         assert!(Instant::now() < deadline, "new env never served");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -63,29 +69,40 @@ async fn watches_its_policy_reloads_and_survives_the_api_server() {
     let regs = kubelet.registrations().len();
 
     // Placement-only changes are the operator's business: no plugin restart.
-    api.update(|p| p["spec"]["nodeSelector"] = json!({"zone": "a"}));
-    // An invalid spec (one that bypassed admission) is refused; the last good one stays.
-    api.update(|p| p["spec"]["resourceName"] = json!("kubernetes.io/nope"));
+    api.update(|p| p["spec"]["nodeSelector"] = json!({"zone": "a"}))
+        .await;
+    // An invalid spec never reaches the agent: the API server refuses it.
+    let refused = api
+        .try_update(|p| p["spec"]["resourceName"] = json!("kubernetes.io/nope"))
+        .await
+        .unwrap_err();
+    assert!(refused.contains("spec.resourceName"), "{refused}");
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(kubelet.registrations().len(), regs, "no re-registration");
-    assert_eq!(env_of(&kubelet, "MODE").await.as_deref(), Some("two"));
+    assert_eq!(
+        env_of(&kubelet, &api.policy, "MODE").await.as_deref(),
+        Some("two")
+    );
 
     // The API server goes away: serving goes on, health still flows.
     api.stop();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    node.sim_set("live", "sim-1", "Unhealthy");
+    node.sim_set(&api.policy, "sim-1", "Unhealthy");
     kubelet
         .wait_list(R, T, |l| {
             l.iter().any(|d| d.id == "sim-1" && d.health == "Unhealthy")
         })
         .await;
-    assert_eq!(env_of(&kubelet, "MODE").await.as_deref(), Some("two"));
+    assert_eq!(
+        env_of(&kubelet, &api.policy, "MODE").await.as_deref(),
+        Some("two")
+    );
 }
 
 fn shared_policy(replicas: u32) -> serde_json::Value {
     json!({
         "apiVersion": "devplug.io/v1alpha1", "kind": "DevicePluginPolicy",
-        "metadata": {"name": "live", "uid": "u-live", "generation": 1},
+        "metadata": {"name": "live"},
         "spec": {"resourceName": R, "source": {"simulated": {"count": 2}},
                  "sharing": {"strategy": "TimeSlicing", "replicas": replicas}},
     })
@@ -101,13 +118,14 @@ async fn a_replicas_change_keeps_the_registration_and_reports_orphans() {
     let node = Node::new();
     let (pods, _pr) = FakePodResources::start(&node.pod_resources_socket());
     let mut kubelet = KubeletSim::start(&node.plugins);
-    let api = ApiServer::start(shared_policy(3)).await;
+    let api = Cluster::start(&node.name, shared_policy(3)).await;
     let kubeconfig = api.kubeconfig(node.tmp.path());
-    let _agent = Agent::spawn_cluster(&node, "live", &kubeconfig);
+    let _agent = Agent::spawn_cluster(&node, &api.policy, &kubeconfig);
     kubelet.wait_registrations(1, T).await;
     kubelet.wait_list(R, T, |l| l.len() == 6).await;
 
-    api.update(|p| p["spec"]["sharing"]["replicas"] = json!(6));
+    api.update(|p| p["spec"]["sharing"]["replicas"] = json!(6))
+        .await;
     kubelet
         .wait_list(R, T, |l| {
             l.len() == 12 && l.iter().all(|d| d.health == "Healthy")
@@ -115,7 +133,8 @@ async fn a_replicas_change_keeps_the_registration_and_reports_orphans() {
         .await;
     pods.hold("ml", "old", "main", R, &["sim-0::5"]);
     pods.hold("ml", "kept", "main", R, &["sim-1::0"]);
-    api.update(|p| p["spec"]["sharing"]["replicas"] = json!(2));
+    api.update(|p| p["spec"]["sharing"]["replicas"] = json!(2))
+        .await;
     let (list, _) = kubelet
         .wait_list(R, T, |l| {
             l.len() == 4 && l.iter().all(|d| d.health == "Healthy")
@@ -130,7 +149,7 @@ async fn a_replicas_change_keeps_the_registration_and_reports_orphans() {
     // the policy names it.
     let deadline = Instant::now() + T;
     loop {
-        let entry = api.nds("test-node").and_then(|n| {
+        let entry = api.nds(&node.name).await.and_then(|n| {
             n["status"]["resources"]
                 .as_array()
                 .and_then(|a| a.iter().find(|e| e["resourceName"] == R).cloned())
@@ -150,12 +169,13 @@ async fn a_replicas_change_keeps_the_registration_and_reports_orphans() {
     }
     let deadline = Instant::now() + T;
     loop {
-        let events = api.events();
+        let events = api.events().await;
         if let Some(ev) = events.iter().find(|e| e["reason"] == "DevicesOrphaned") {
             assert_eq!(ev["type"], "Warning");
             assert_eq!(ev["regarding"]["kind"], "DevicePluginPolicy");
-            assert_eq!(ev["regarding"]["name"], "live");
-            assert_eq!(ev["regarding"]["uid"], "u-live");
+            let p = api.policy_json().await;
+            assert_eq!(ev["regarding"]["name"], p["metadata"]["name"]);
+            assert_eq!(ev["regarding"]["uid"], p["metadata"]["uid"]);
             let note = ev["note"].as_str().unwrap();
             assert!(note.contains("sim-0::5 (ml/old)"), "{note}");
             break;
@@ -171,7 +191,7 @@ async fn a_replicas_change_keeps_the_registration_and_reports_orphans() {
     pods.hold("ml", "kept", "main", R, &["sim-1::0"]);
     let deadline = Instant::now() + T;
     loop {
-        let e = api.nds("test-node").unwrap()["status"]["resources"][0].clone();
+        let e = api.nds(&node.name).await.unwrap()["status"]["resources"][0].clone();
         if e.get("orphaned").is_none() {
             break;
         }
@@ -187,18 +207,19 @@ async fn a_replicas_change_keeps_the_registration_and_reports_orphans() {
 async fn a_spec_that_cannot_start_keeps_the_last_good_one_and_is_retried() {
     let node = Node::new();
     let mut kubelet = KubeletSim::start(&node.plugins);
-    let api = ApiServer::start(shared_policy(1)).await;
+    let api = Cluster::start(&node.name, shared_policy(1)).await;
     let kubeconfig = api.kubeconfig(node.tmp.path());
-    let _agent = Agent::spawn_cluster(&node, "live", &kubeconfig);
+    let _agent = Agent::spawn_cluster(&node, &api.policy, &kubeconfig);
     kubelet.wait_registrations(1, T).await;
     kubelet.wait_list(R, T, |l| l.len() == 2).await;
 
     // The simulated source's control directory cannot be created: a file
     // stands where it should be.
-    let control = node.sim.join("live");
+    let control = node.sim.join(&api.policy);
     std::fs::remove_dir_all(&control).unwrap();
     std::fs::write(&control, b"in the way").unwrap();
-    api.update(|p| p["spec"]["source"]["simulated"]["count"] = json!(3));
+    api.update(|p| p["spec"]["source"]["simulated"]["count"] = json!(3))
+        .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let list = kubelet.list(R).unwrap();
     assert_eq!(list.len(), 2, "the last good spec must keep serving");

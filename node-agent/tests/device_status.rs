@@ -1,6 +1,6 @@
 //! Device health and allocations from the real agent into NodeDeviceStatus,
-//! with a fake PodResources service and an HTTP API server that records
-//! every write.
+//! with a fake PodResources service and the real API server (whose audit
+//! log counts the agent's writes).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use devplug_proto::deviceplugin::v1beta1 as dp;
 use serde_json::{Value, json};
-use support::apiserver::ApiServer;
+use support::cluster::Cluster;
 use support::podresources::FakePodResources;
 use support::{Agent, KubeletSim, Node, free_addr, http_get, policy};
 
@@ -22,11 +22,11 @@ fn policy_json(extra: Value) -> Value {
         spec[k] = v.clone();
     }
     json!({"apiVersion": "devplug.io/v1alpha1", "kind": "DevicePluginPolicy",
-           "metadata": {"name": "gpu", "uid": "u1", "generation": 1}, "spec": spec})
+           "metadata": {"name": "gpu"}, "spec": spec})
 }
 
-fn entry(api: &ApiServer) -> Option<Value> {
-    let nds = api.nds("test-node")?;
+async fn entry(api: &Cluster) -> Option<Value> {
+    let nds = api.nds(&api.node).await?;
     nds["status"]["resources"]
         .as_array()?
         .iter()
@@ -44,14 +44,10 @@ fn device(e: &Value, id: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
-async fn wait_entry(
-    api: &ApiServer,
-    what: &str,
-    pred: impl Fn(&Value) -> bool,
-) -> (Value, Instant) {
+async fn wait_entry(api: &Cluster, what: &str, pred: impl Fn(&Value) -> bool) -> (Value, Instant) {
     let deadline = Instant::now() + T;
     loop {
-        if let Some(e) = entry(api)
+        if let Some(e) = entry(api).await
             && pred(&e)
         {
             return (e, Instant::now());
@@ -59,13 +55,13 @@ async fn wait_entry(
         assert!(
             Instant::now() < deadline,
             "{what}: last entry {:?}",
-            entry(api)
+            entry(api).await
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-fn status_writes(api: &ApiServer) -> usize {
+fn status_writes(api: &Cluster) -> usize {
     api.writes()
         .iter()
         .filter(|w| w.path.ends_with("/status"))
@@ -78,15 +74,15 @@ async fn health_and_allocations_reach_the_api_with_disciplined_writes() {
     let (pods, _pr) = FakePodResources::start(&node.pod_resources_socket());
     pods.hold("ml", "trainer", "main", R, &["sim-1"]);
     let kubelet = KubeletSim::start(&node.plugins);
-    let api = ApiServer::start(policy_json(json!({}))).await;
-    let _agent = Agent::spawn_cluster(&node, "gpu", &api.kubeconfig(node.tmp.path()));
+    let api = Cluster::start(&node.name, policy_json(json!({}))).await;
+    let _agent = Agent::spawn_cluster(&node, &api.policy, &api.kubeconfig(node.tmp.path()));
 
     // First write: the object did not exist, so the agent created it.
     let (e, _) = wait_entry(&api, "first entry", |e| {
         e["total"] == 3 && e["allocated"] == 1
     })
     .await;
-    assert_eq!(e["policy"], "gpu");
+    assert_eq!(e["policy"], api.policy.as_str());
     assert_eq!(e["state"], "Serving");
     assert_eq!(
         device(&e, "sim-1")["allocations"],
@@ -94,11 +90,12 @@ async fn health_and_allocations_reach_the_api_with_disciplined_writes() {
     );
     assert_eq!(device(&e, "sim-0")["health"], "Healthy");
     assert_eq!(
-        api.nds("test-node").unwrap()["spec"]["nodeName"],
-        "test-node"
+        api.nds(&node.name).await.unwrap()["spec"]["nodeName"],
+        node.name.as_str()
     );
+    let manager = format!("fieldManager=devplug-agent-{}", api.policy);
     for w in api.writes() {
-        assert!(w.query.contains("fieldManager=devplug-agent-gpu"), "{w:?}");
+        assert!(w.query.contains(&manager), "{w:?}");
     }
 
     // Idle, through a full PodResources poll: no write at all.
@@ -109,7 +106,7 @@ async fn health_and_allocations_reach_the_api_with_disciplined_writes() {
     // A burst of flips is one write, and arrives well within 2 s.
     let flipped = Instant::now();
     for i in 0..5 {
-        node.sim_write("gpu", "sim-0", &format!("Unhealthy: burst {i}"));
+        node.sim_write(&api.policy, "sim-0", &format!("Unhealthy: burst {i}"));
     }
     let (e, seen) = wait_entry(&api, "burst", |e| device(e, "sim-0")["reason"] == "burst 4").await;
     assert!(
@@ -129,14 +126,16 @@ async fn health_and_allocations_reach_the_api_with_disciplined_writes() {
     );
 
     // The API server refuses writes: serving goes on, state is kept.
-    api.refuse_writes(true);
-    node.sim_set("gpu", "sim-2", "Unhealthy");
+    api.refuse_writes(true).await;
+    node.sim_set(&api.policy, "sim-2", "Unhealthy");
     kubelet
         .wait_list(R, T, |l| {
             l.iter().any(|d| d.id == "sim-2" && d.health == "Unhealthy")
         })
         .await;
-    let mut c = kubelet.client("devplug-gpu.sock").await;
+    let mut c = kubelet
+        .client(&format!("devplug-{}.sock", api.policy))
+        .await;
     let ok = c
         .allocate(dp::AllocateRequest {
             container_requests: vec![dp::ContainerAllocateRequest {
@@ -150,7 +149,7 @@ async fn health_and_allocations_reach_the_api_with_disciplined_writes() {
         api.writes().len() > before + burst + 1,
         "the agent keeps retrying"
     );
-    api.refuse_writes(false);
+    api.refuse_writes(false).await;
     wait_entry(&api, "catch-up after the outage", |e| {
         device(e, "sim-2")["health"] == "Unhealthy"
     })
@@ -170,8 +169,8 @@ async fn health_and_allocations_reach_the_api_with_disciplined_writes() {
 async fn a_missing_pod_resources_socket_is_a_reason_not_a_failure() {
     let node = Node::new();
     let _kubelet = KubeletSim::start(&node.plugins);
-    let api = ApiServer::start(policy_json(json!({}))).await;
-    let _agent = Agent::spawn_cluster(&node, "gpu", &api.kubeconfig(node.tmp.path()));
+    let api = Cluster::start(&node.name, policy_json(json!({}))).await;
+    let _agent = Agent::spawn_cluster(&node, &api.policy, &api.kubeconfig(node.tmp.path()));
     let (e, _) = wait_entry(&api, "entry with a reason", |e| e["reason"].is_string()).await;
     assert!(
         e["reason"].as_str().unwrap().contains("pod-resources.sock"),
@@ -215,8 +214,14 @@ async fn metrics_show_health_per_device_and_pod() {
     .unwrap();
     node.sim_set("m", "sim-0", "Unhealthy");
     let want = [
-        "devplug_device_health{node=\"test-node\",resource=\"example.com/m\",device=\"sim-1\",namespace=\"ml\",pod=\"trainer\",container=\"main\"} 1",
-        "devplug_device_health{node=\"test-node\",resource=\"example.com/m\",device=\"sim-0\",namespace=\"\",pod=\"\",container=\"\"} 0",
+        &format!(
+            "devplug_device_health{{node=\"{}\",resource=\"example.com/m\",device=\"sim-1\",namespace=\"ml\",pod=\"trainer\",container=\"main\"}} 1",
+            node.name
+        ),
+        &format!(
+            "devplug_device_health{{node=\"{}\",resource=\"example.com/m\",device=\"sim-0\",namespace=\"\",pod=\"\",container=\"\"}} 0",
+            node.name
+        ),
         "devplug_allocate_requests_total{resource=\"example.com/m\",result=\"success\"} 1",
         "devplug_registrations_total{resource=\"example.com/m\"} 1",
         "devplug_allocate_duration_seconds_count{resource=\"example.com/m\"} 1",
@@ -225,7 +230,7 @@ async fn metrics_show_health_per_device_and_pod() {
     loop {
         let (code, body) = http_get(&addr, "/metrics").await.unwrap();
         assert_eq!(code, 200);
-        if want.iter().all(|w| body.contains(w)) {
+        if want.iter().all(|w| body.contains(*w)) {
             assert!(body.trim_end().ends_with("# EOF"), "{body}");
             break;
         }

@@ -47,6 +47,23 @@ pub const RELEASE_NS: &str = "devplug-system";
 pub const OPERATOR_SA: &str = "devplug-operator";
 const MANAGER: &str = "devplug-testenv";
 
+/// One request of the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audited {
+    /// The API verb: get, list, watch, create, update, patch, delete.
+    pub verb: String,
+    pub path: String,
+    pub query: String,
+    pub code: u16,
+}
+
+impl Audited {
+    /// Anything but a read.
+    pub fn is_write(&self) -> bool {
+        !matches!(self.verb.as_str(), "get" | "list" | "watch")
+    }
+}
+
 /// The running control plane of this test binary.
 pub struct Env {
     /// `https://127.0.0.1:<port>`.
@@ -294,7 +311,7 @@ fn start() -> Result<Env, String> {
     let etcd_log = dir.join("etcd.log");
     let d1 = spawn_daemon(&etcd, &etcd_args, &etcd_log, &dir.join("etcd"))?;
     let p = |f: &str| dir.join(f).display().to_string();
-    let api_args: Vec<String> = vec![
+    let mut api_args: Vec<String> = vec![
         format!("--etcd-servers={etcd_url}"),
         "--bind-address=127.0.0.1".into(),
         format!("--secure-port={api_port}"),
@@ -315,6 +332,18 @@ fn start() -> Result<Env, String> {
         "--allow-privileged=true".into(),
         "--endpoint-reconciler-type=none".into(),
     ];
+    // What ServiceAccounts (the code under test) ask, for tests that count
+    // an agent process's requests: the API server's own audit log.
+    std::fs::write(
+        dir.join("audit-policy.yaml"),
+        "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n  \
+         - level: Metadata\n    userGroups: [\"system:serviceaccounts\"]\n  - level: None\n",
+    )
+    .map_err(|e| e.to_string())?;
+    api_args.push(format!("--audit-policy-file={}", p("audit-policy.yaml")));
+    api_args.push(format!("--audit-log-path={}", p("audit.log")));
+    api_args.push("--audit-log-format=json".into());
+    api_args.push("--audit-log-mode=blocking".into());
     let api_log = dir.join("kube-apiserver.log");
     let d2 = spawn_daemon(&apiserver, &api_args, &api_log, &dir)?;
 
@@ -744,6 +773,26 @@ impl Env {
         });
         std::fs::write(&path, serde_yaml::to_string(&doc).unwrap()).unwrap();
         path
+    }
+
+    /// The requests `user` made so far, as the API server's audit log has
+    /// them (ServiceAccounts only; written when each answer completes).
+    pub fn audit(&self, user: &str) -> Vec<Audited> {
+        let text = std::fs::read_to_string(self.dir.join("audit.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["user"]["username"] == user && e["stage"] == "ResponseComplete")
+            .map(|e| {
+                let uri = e["requestURI"].as_str().unwrap_or_default();
+                let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
+                Audited {
+                    verb: e["verb"].as_str().unwrap_or_default().to_string(),
+                    path: path.to_string(),
+                    query: query.to_string(),
+                    code: e["responseStatus"]["code"].as_u64().unwrap_or(0) as u16,
+                }
+            })
+            .collect()
     }
 
     /// Where the daemons' logs and certificates are.

@@ -19,6 +19,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status};
 
 pub mod apiserver;
+pub mod cluster;
 pub mod podresources;
 
 /// Dials a Unix socket as a tonic channel.
@@ -420,6 +421,9 @@ pub struct Node {
     pub dev: PathBuf,
     pub sys: PathBuf,
     pub sim: PathBuf,
+    /// The node's name (unique to the test: the tests of a binary share one
+    /// API server).
+    pub name: String,
 }
 
 impl Node {
@@ -440,6 +444,7 @@ impl Node {
             dev: mk("dev"),
             sys: mk("sys"),
             sim: mk("sim"),
+            name: devplug_testenv::unique("test-node"),
             tmp,
         }
     }
@@ -502,7 +507,7 @@ impl Agent {
             .arg("--cdi-dir")
             .arg(node.cdi())
             .arg("--node-name")
-            .arg("test-node")
+            .arg(&node.name)
             .arg("--pod-resources-socket")
             .arg(node.pod_resources_socket())
             .args(extra)
@@ -536,7 +541,7 @@ impl Agent {
         extra: &[&str],
     ) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_devplug-agent"))
-            .args(["--policy", policy, "--node-name", "test-node"])
+            .args(["--policy", policy, "--node-name", &node.name])
             .args(extra)
             .arg("--pod-resources-socket")
             .arg(node.pod_resources_socket())

@@ -1,0 +1,335 @@
+//! The agent in cluster mode against the real kube-apiserver of
+//! `devplug-testenv`: its policy stored there, a real bound token of its
+//! ServiceAccount on its node (so the chart's RBAC and admission policy
+//! judge every request), a TCP relay in front that a test can cut ("the
+//! API server goes away"), and the API server's audit log to count what
+//! the agent asked.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use devplug_testenv::{Audited, Proxy, RELEASE_NS, env, get_json, unique};
+use kube::Client;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+/// One policy's agent identity on one node, and the server behind it.
+pub struct Cluster {
+    /// The policy's name on the server (unique to this test).
+    pub policy: String,
+    /// The node the agent's token names.
+    pub node: String,
+    admin: Client,
+    token: String,
+    user: String,
+    proxy: Proxy,
+}
+
+fn policy_path(name: &str) -> String {
+    format!("/apis/devplug.io/v1alpha1/devicepluginpolicies/{name}")
+}
+
+impl Cluster {
+    /// Stores `policy` (renamed to a name unique to this test: see
+    /// [`Cluster::policy`]) and makes the agent's identity on `node`.
+    pub async fn start(node: &str, mut policy: Value) -> Self {
+        let env = env();
+        let admin = env.admin();
+        let prefix = policy["metadata"]["name"].as_str().unwrap().to_string();
+        let name = unique(&prefix);
+        let meta = policy["metadata"].as_object_mut().unwrap();
+        meta.insert("name".into(), json!(name));
+        for k in ["uid", "generation", "resourceVersion"] {
+            meta.remove(k);
+        }
+        let api: Api<DynamicObject> = Api::all_with(
+            admin.clone(),
+            &kube::core::ApiResource::erase::<devplug_api::DevicePluginPolicy>(&()),
+        );
+        let obj: DynamicObject = serde_json::from_value(policy).unwrap();
+        api.create(&PostParams::default(), &obj)
+            .await
+            .unwrap_or_else(|e| panic!("policy {name}: {e}"));
+        let typed: devplug_api::DevicePluginPolicy =
+            serde_json::from_value(get_json(&admin, &policy_path(&name)).await.unwrap()).unwrap();
+        let token = env.agent_token(&typed, node).await;
+        let proxy = Proxy::start(&env.url).await;
+        Cluster {
+            user: format!("system:serviceaccount:{RELEASE_NS}:devplug-agent-{name}"),
+            policy: name,
+            node: node.to_string(),
+            admin,
+            token,
+            proxy,
+        }
+    }
+
+    /// The admin's client, for setting up and checking.
+    pub fn admin(&self) -> Client {
+        self.admin.clone()
+    }
+
+    /// A kubeconfig for the agent: its token, the relay's address.
+    pub fn kubeconfig(&self, dir: &Path) -> PathBuf {
+        env().kubeconfig(dir, &self.token, Some(&self.proxy.url))
+    }
+
+    /// The policy as stored.
+    pub async fn policy_json(&self) -> Value {
+        get_json(&self.admin, &policy_path(&self.policy))
+            .await
+            .unwrap()
+    }
+
+    /// Changes the policy as `kubectl edit` would; the API server's refusal
+    /// (schema, CEL) is the error.
+    pub async fn try_update(&self, f: impl FnOnce(&mut Value)) -> Result<(), String> {
+        let mut p = self.policy_json().await;
+        f(&mut p);
+        let req = http::Request::put(policy_path(&self.policy))
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&p).unwrap())
+            .unwrap();
+        self.admin
+            .request::<Value>(req)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Same, and the API server must take it.
+    pub async fn update(&self, f: impl FnOnce(&mut Value)) {
+        if let Err(e) = self.try_update(f).await {
+            panic!("policy update refused: {e}");
+        }
+    }
+
+    /// The API server goes away for the agent: its connections close and
+    /// new ones are refused.
+    pub fn stop(&self) {
+        self.proxy.cut();
+    }
+
+    /// ...and comes back.
+    pub fn restore(&self) {
+        self.proxy.restore();
+    }
+
+    /// Events (events.k8s.io) about the policy.
+    pub async fn events(&self) -> Vec<Value> {
+        let list = get_json(&self.admin, "/apis/events.k8s.io/v1/events")
+            .await
+            .unwrap();
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["regarding"]["name"] == self.policy.as_str())
+            .cloned()
+            .collect()
+    }
+
+    /// Every request the agent made, from the API server's audit log.
+    pub fn requests(&self) -> Vec<Audited> {
+        env().audit(&self.user)
+    }
+
+    /// The agent's writes.
+    pub fn writes(&self) -> Vec<Audited> {
+        self.requests()
+            .into_iter()
+            .filter(Audited::is_write)
+            .collect()
+    }
+
+    /// The NodeDeviceStatus of a node.
+    pub async fn nds(&self, node: &str) -> Option<Value> {
+        get_json(
+            &self.admin,
+            &format!("/apis/devplug.io/v1alpha1/nodedevicestatuses/{node}"),
+        )
+        .await
+    }
+
+    /// This node's ResourceSlices, by name.
+    pub async fn slices(&self) -> BTreeMap<String, Value> {
+        let list = get_json(
+            &self.admin,
+            &format!(
+                "/apis/resource.k8s.io/v1/resourceslices?fieldSelector=spec.nodeName%3D{}",
+                self.node
+            ),
+        )
+        .await
+        .unwrap();
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["metadata"]["name"].as_str().unwrap().to_string(),
+                    s.clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// Deletes a ResourceSlice, as the kubelet does when it restarts.
+    pub async fn delete_slice(&self, name: &str) {
+        let api: Api<DynamicObject> =
+            Api::all_with(self.admin.clone(), &devplug_agent::dra::slices::resource());
+        api.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+
+    /// Creates the ResourceClaim `namespace/name` with `requests` (each
+    /// `(request, deviceClassName)`), allocated as the scheduler would:
+    /// `results` of `(request, driver, pool, device)`. Returns its uid.
+    pub async fn allocated_claim(
+        &self,
+        namespace: &str,
+        name: &str,
+        requests: &[(&str, &str)],
+        results: &[(&str, &str, &str, &str)],
+    ) -> String {
+        ensure_namespace(&self.admin, namespace).await;
+        let reqs: Vec<Value> = requests
+            .iter()
+            .map(|(r, class)| json!({"name": r, "exactly": {"deviceClassName": class}}))
+            .collect();
+        let claim = json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"devices": {"requests": reqs}}});
+        let path = format!("/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims");
+        let created: Value = self
+            .admin
+            .request(
+                http::Request::post(&path)
+                    .header("content-type", "application/json")
+                    .body(serde_json::to_vec(&claim).unwrap())
+                    .unwrap(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("claim {namespace}/{name}: {e}"));
+        let results: Vec<Value> = results
+            .iter()
+            .map(|(r, driver, pool, dev)| json!({"request": r, "driver": driver, "pool": pool, "device": dev}))
+            .collect();
+        let mut with = created.clone();
+        with["status"] = json!({"allocation": {"devices": {"results": results}}});
+        let _: Value = self
+            .admin
+            .request(
+                http::Request::put(format!("{path}/{name}/status"))
+                    .header("content-type", "application/json")
+                    .body(serde_json::to_vec(&with).unwrap())
+                    .unwrap(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("claim {namespace}/{name} status: {e}"));
+        created["metadata"]["uid"].as_str().unwrap().to_string()
+    }
+
+    /// Deletes a ResourceClaim.
+    pub async fn delete_claim(&self, namespace: &str, name: &str) {
+        let path = format!("/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims/{name}");
+        let _ = self
+            .admin
+            .request::<Value>(http::Request::delete(path).body(Vec::new()).unwrap())
+            .await;
+    }
+
+    /// How many times the agent read a ResourceClaim.
+    pub fn claim_reads(&self) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.verb == "get" && r.path.contains("/resourceclaims/"))
+            .count()
+    }
+
+    /// While `down`, the API server refuses the agent's NodeDeviceStatus
+    /// writes: a ValidatingAdmissionPolicy of the test's own denies them,
+    /// as an admission webhook or a quota would. Returns once the refusal
+    /// (or its end) is in force.
+    pub async fn refuse_writes(&self, down: bool) {
+        let name = format!("test-refuse-{}", self.policy);
+        if down {
+            devplug_testenv::apply_value(
+                &self.admin,
+                &json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+                    "metadata": {"name": name},
+                    "spec": {"failurePolicy": "Fail",
+                        "matchConstraints": {"resourceRules": [{"apiGroups": ["devplug.io"], "apiVersions": ["*"],
+                            "operations": ["CREATE", "UPDATE"], "resources": ["nodedevicestatuses", "nodedevicestatuses/status"]}]},
+                        "matchConditions": [{"name": "this-agent", "expression": format!("request.userInfo.username == '{}'", self.user)}],
+                        "validations": [{"expression": "false", "message": "refused by the test"}]}}),
+            )
+            .await
+            .unwrap();
+            devplug_testenv::apply_value(
+                &self.admin,
+                &json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+                    "metadata": {"name": name},
+                    "spec": {"policyName": name, "validationActions": ["Deny"]}}),
+            )
+            .await
+            .unwrap();
+        } else {
+            for kind in [
+                "validatingadmissionpolicybindings",
+                "validatingadmissionpolicies",
+            ] {
+                let path = format!("/apis/admissionregistration.k8s.io/v1/{kind}/{name}");
+                let _ = self
+                    .admin
+                    .request::<Value>(http::Request::delete(path).body(Vec::new()).unwrap())
+                    .await;
+            }
+        }
+        // In force when a dry-run write as the agent gets the answer.
+        let probe = env().client_with_token(&self.token);
+        let api: Api<DynamicObject> = Api::all_with(
+            probe,
+            &kube::core::ApiResource::erase::<devplug_api::NodeDeviceStatus>(&()),
+        );
+        let pp = PatchParams {
+            dry_run: true,
+            ..PatchParams::apply(&devplug_api::agent_manager(&self.policy)).force()
+        };
+        let obj = json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
+                         "metadata": {"name": self.node}, "spec": {"nodeName": self.node}});
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let refused = matches!(
+                api.patch(&self.node, &pp, &Patch::Apply(&obj)).await,
+                Err(kube::Error::Api(ref s)) if s.message.contains("refused by the test")
+            );
+            if refused == down {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "refuse_writes({down}) not in force after 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn ensure_namespace(admin: &Client, ns: &str) {
+    let _ = admin
+        .request::<Value>(
+            http::Request::post("/api/v1/namespaces")
+                .header("content-type", "application/json")
+                .body(
+                    serde_json::to_vec(
+                        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+                    )
+                    .unwrap(),
+                )
+                .unwrap(),
+        )
+        .await;
+}
