@@ -144,8 +144,10 @@ async fn an_agent_cannot_touch_another_nodes_status_or_slices() {
     let as_agent: Api<DynamicObject> = Api::all_with(agent.clone(), &nds_res);
     let as_admin: Api<DynamicObject> = Api::all_with(admin.clone(), &nds_res);
     let nds = |name: &str| -> DynamicObject {
-        serde_json::from_value(json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
-                                      "metadata": {"name": name}, "spec": {"nodeName": name}}))
+        serde_json::from_value(
+            json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
+                                      "metadata": {"name": name}, "spec": {"nodeName": name}}),
+        )
         .unwrap()
     };
     as_agent
@@ -165,8 +167,10 @@ async fn an_agent_cannot_touch_another_nodes_status_or_slices() {
             .patch(
                 &other,
                 &PatchParams::apply(&manager).force(),
-                &Patch::Apply(json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
-                                     "metadata": {"name": other}, "status": {"resources": []}})),
+                &Patch::Apply(
+                    json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
+                                     "metadata": {"name": other}, "status": {"resources": []}}),
+                ),
             )
             .await,
         "apply another node's NodeDeviceStatus",
@@ -227,10 +231,15 @@ async fn a_device_plugin_agent_may_not_publish_slices() {
     let policy = device_plugin_policy(&unique("dp"));
     let agent = env.client_with_token(&env.agent_token(&policy, &node).await);
     let cfg = PluginConfig::from_policy(&policy);
-    let (name, body) = slices::slices(&node, &cfg, 1, &slices::devices(&snapshot(1, &[]))).remove(0);
+    let (name, body) =
+        slices::slices(&node, &cfg, 1, &slices::devices(&snapshot(1, &[]))).remove(0);
     let msg = forbidden(
         slice_api(agent)
-            .patch(&name, &PatchParams::apply("x").force(), &Patch::Apply(&body))
+            .patch(
+                &name,
+                &PatchParams::apply("x").force(),
+                &Patch::Apply(&body),
+            )
             .await,
         "a device-plugin agent publishing a slice",
     );
@@ -263,11 +272,185 @@ async fn a_token_without_the_node_claim_writes_nothing() {
     );
     assert!(msg.contains("projected token"), "{msg}");
     let cfg = PluginConfig::from_policy(&policy);
-    let (name, body) = slices::slices(&node, &cfg, 1, &slices::devices(&snapshot(1, &[]))).remove(0);
+    let (name, body) =
+        slices::slices(&node, &cfg, 1, &slices::devices(&snapshot(1, &[]))).remove(0);
     forbidden(
         slice_api(agent)
-            .patch(&name, &PatchParams::apply("x").force(), &Patch::Apply(&body))
+            .patch(
+                &name,
+                &PatchParams::apply("x").force(),
+                &Patch::Apply(&body),
+            )
             .await,
         "a claimless token publishing a slice",
     );
+}
+
+/// The pool of `node` as the server holds it: (generation, slice count the
+/// slices say, slices present at that generation, slices at other
+/// generations, tainted devices).
+async fn pool_state(admin: &kube::Client, node: &str) -> (i64, i64, usize, usize, usize) {
+    let list = devplug_testenv::get_json(
+        admin,
+        &format!("/apis/resource.k8s.io/v1/resourceslices?fieldSelector=spec.nodeName%3D{node}"),
+    )
+    .await
+    .unwrap();
+    let items = list["items"].as_array().cloned().unwrap_or_default();
+    let generation = items
+        .iter()
+        .filter_map(|s| s["spec"]["pool"]["generation"].as_i64())
+        .max()
+        .unwrap_or(0);
+    let current: Vec<&Value> = items
+        .iter()
+        .filter(|s| s["spec"]["pool"]["generation"] == generation)
+        .collect();
+    let count = current
+        .first()
+        .and_then(|s| s["spec"]["pool"]["resourceSliceCount"].as_i64())
+        .unwrap_or(0);
+    let tainted = current
+        .iter()
+        .flat_map(|s| s["spec"]["devices"].as_array().cloned().unwrap_or_default())
+        .filter(|d| d.get("taints").is_some())
+        .count();
+    (
+        generation,
+        count,
+        current.len(),
+        items.len() - current.len(),
+        tainted,
+    )
+}
+
+/// A publish the API server refuses part-way (here: a test's admission
+/// policy refusing any slice of this node with a tainted device, so the
+/// first slice of the new generation goes through and the second does not)
+/// leaves the pool whole: the last published pool is put back at a newer
+/// generation, and the new one is published once the server takes it.
+/// Before, the pool stayed split across two generations, which the
+/// scheduler treats as incomplete: nothing could be allocated from it.
+#[tokio::test]
+async fn a_publish_refused_part_way_leaves_the_pool_whole() {
+    let env = env();
+    let admin = env.admin();
+    let node = unique("split-node");
+    let policy = dra_policy(&unique("split"));
+    let agent = env.client_with_token(&env.agent_token(&policy, &node).await);
+    let cfg = std::sync::Arc::new(PluginConfig::from_policy(&policy));
+    let (_cfg_tx, cfgs) = tokio::sync::watch::channel(cfg);
+    let snap = |unhealthy: &[usize], version: u64| {
+        let mut s = snapshot(100, unhealthy);
+        s.version = version;
+        std::sync::Arc::new(s)
+    };
+    let (snap_tx, snaps) = tokio::sync::watch::channel(snap(&[], 1));
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let publisher = tokio::spawn(slices::publish(agent, node.clone(), cfgs, snaps, stop));
+
+    let wait_pool = async |what: &str, want: &dyn Fn((i64, i64, usize, usize, usize)) -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let st = pool_state(&admin, &node).await;
+            if want(st) {
+                return st;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: pool (generation, sliceCount, at generation, others, tainted) = {st:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    let (g1, ..) = wait_pool("first publish", &|(_, c, n, o, _)| {
+        c == 2 && n == 2 && o == 0
+    })
+    .await;
+
+    // The server starts refusing slices of this node that hold a taint.
+    let vap = unique("refuse-taints");
+    devplug_testenv::apply_value(
+        &admin,
+        &json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": vap},
+            "spec": {"failurePolicy": "Fail",
+                "matchConstraints": {"resourceRules": [{"apiGroups": ["resource.k8s.io"], "apiVersions": ["*"],
+                    "operations": ["CREATE", "UPDATE"], "resources": ["resourceslices"]}]},
+                "matchConditions": [{"name": "this-node", "expression": format!("object.spec.nodeName == '{node}'")}],
+                "validations": [{"expression": "!object.spec.devices.exists(d, has(d.taints))",
+                                 "message": "refused by the test: a tainted device"}]}}),
+    )
+    .await
+    .unwrap();
+    devplug_testenv::apply_value(
+        &admin,
+        &json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": vap}, "spec": {"policyName": vap, "validationActions": ["Deny"]}}),
+    )
+    .await
+    .unwrap();
+    // In force once a dry run of such a slice is refused.
+    let probe_devs = slices::devices(&snapshot(1, &[0]));
+    let (probe_name, probe) =
+        slices::slices(&node, &PluginConfig::from_policy(&policy), 99, &probe_devs).remove(0);
+    let pp = PatchParams {
+        dry_run: true,
+        ..PatchParams::apply("probe").force()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while slice_api(admin.clone())
+        .patch(&probe_name, &pp, &Patch::Apply(&probe))
+        .await
+        .is_ok()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the test's policy never took effect"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    // Device 70 (the second slice) fails: the first slice of the new
+    // generation is taken, the second refused.
+    snap_tx.send_replace(snap(&[70], 2));
+    let (g, ..) = wait_pool("the pool back whole after the refusal", &|(
+        g,
+        c,
+        n,
+        o,
+        t,
+    )| {
+        g > g1 + 1 && c == 2 && n == 2 && o == 0 && t == 0
+    })
+    .await;
+    assert!(g > g1 + 1, "restored at a newer generation");
+
+    // The server takes it again: the taint is published, whole.
+    for kind in [
+        "validatingadmissionpolicybindings",
+        "validatingadmissionpolicies",
+    ] {
+        let _ = admin
+            .request::<Value>(
+                http::Request::delete(format!(
+                    "/apis/admissionregistration.k8s.io/v1/{kind}/{vap}"
+                ))
+                .body(Vec::new())
+                .unwrap(),
+            )
+            .await;
+    }
+    wait_pool("the taint published once the server takes it", &|(
+        _,
+        c,
+        n,
+        o,
+        t,
+    )| {
+        c == 2 && n == 2 && o == 0 && t == 1
+    })
+    .await;
+    stop_tx.send_replace(true);
+    publisher.await.unwrap();
 }

@@ -14,7 +14,9 @@
 //! a `NoSchedule` taint, removed when it recovers.
 //!
 //! The pool's generation goes up on every change; slices of an older
-//! generation left over (fewer devices now) are deleted. A watch of the
+//! generation left over (fewer devices now) are deleted. A publish the API
+//! server refuses part-way puts the last published pool back whole at a
+//! newer generation, so a pool is never left split across generations. A watch of the
 //! pool's own slices publishes it again when anyone else deletes one (the
 //! kubelet wipes a node's slices when it restarts). Nothing is
 //! published before discovery has run once, so the scheduler never sees an
@@ -141,28 +143,36 @@ async fn existing(
     Ok((names, generation))
 }
 
-/// Applies `slices` and deletes the names in `before` they no longer use;
-/// returns the names now in use.
+/// Applies `slices`, then deletes the names in `names` they no longer use.
+/// `names` follows every step that succeeded (a slice applied, a stale one
+/// deleted), so after a failure part-way it still says what the server
+/// holds.
 async fn write(
     api: &Api<DynamicObject>,
     manager: &str,
     slices: &[(String, Value)],
-    before: &BTreeSet<String>,
-) -> Result<BTreeSet<String>, kube::Error> {
+    names: &mut BTreeSet<String>,
+) -> Result<(), kube::Error> {
     let pp = PatchParams::apply(manager).force();
-    let mut now = BTreeSet::new();
+    let wanted: BTreeSet<&String> = slices.iter().map(|(n, _)| n).collect();
     for (name, body) in slices {
         api.patch(name, &pp, &Patch::Apply(body)).await?;
-        now.insert(name.clone());
+        names.insert(name.clone());
     }
-    for stale in before.difference(&now) {
-        match api.delete(stale, &DeleteParams::default()).await {
+    let stale: Vec<String> = names
+        .iter()
+        .filter(|n| !wanted.contains(n))
+        .cloned()
+        .collect();
+    for stale in stale {
+        match api.delete(&stale, &DeleteParams::default()).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => return Err(e),
         }
+        names.remove(&stale);
     }
-    Ok(now)
+    Ok(())
 }
 
 /// Publishes the node's pool until `shutdown`: on every change of what the
@@ -210,20 +220,36 @@ pub async fn publish(
         {
             let cfg = cfgs.borrow().clone();
             generation += 1;
-            let slices = slices(&node, &cfg, generation, &want);
-            match write(&api, &manager, &slices, &names).await {
-                Ok(now) => {
+            let layout = slices(&node, &cfg, generation, &want);
+            match write(&api, &manager, &layout, &mut names).await {
+                Ok(()) => {
                     if published.is_none() {
-                        info!(policy = %cfg.name, devices = want.len(), slices = now.len(), generation, "ResourceSlices published");
+                        info!(policy = %cfg.name, devices = want.len(), slices = names.len(), generation, "ResourceSlices published");
                     } else {
                         debug!(policy = %cfg.name, devices = want.len(), generation, "ResourceSlices updated");
                     }
-                    names = now;
                     published = Some(want);
                     backoff = Duration::from_millis(500);
                 }
                 Err(e) => {
                     warn!(policy = %cfg.name, error = %e, retry_in = ?backoff, "cannot publish ResourceSlices");
+                    // Part of the new generation may be on the server and
+                    // part not: the scheduler then sees an incomplete pool
+                    // and allocates nothing from it. Put the last pool that
+                    // was published back, whole, at a newer generation, and
+                    // retry the new one after the backoff.
+                    if let Some(prev) = &published {
+                        generation += 1;
+                        let back = slices(&node, &cfg, generation, prev);
+                        match write(&api, &manager, &back, &mut names).await {
+                            Ok(()) => {
+                                info!(policy = %cfg.name, generation, "kept the last published pool whole")
+                            }
+                            Err(e) => {
+                                warn!(policy = %cfg.name, error = %e, "cannot restore the last published pool either")
+                            }
+                        }
+                    }
                     tokio::select! {
                         _ = crate::stopped(&mut shutdown) => return,
                         _ = tokio::time::sleep(backoff) => {}
