@@ -1,7 +1,7 @@
 # One entry point for humans and CI. `make test` is what .ci/run runs.
 CARGO ?= cargo
 
-.PHONY: test tools fmt-check clippy unit bench bench-scale agent crds e2e images
+.PHONY: test tools testenv-deps fmt-check clippy unit bench bench-scale agent crds e2e images
 
 test: tools fmt-check clippy unit e2e
 
@@ -15,7 +15,15 @@ fmt-check:
 clippy:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
-unit:
+# etcd, openssl and xz for the real kube-apiserver under the integration
+# tests (devplug-testenv; the API server binary is the cluster kit's).
+testenv-deps:
+	./hack/testenv-deps.sh
+
+# Unit tests, and the integration tests of both crates against a real
+# etcd + kube-apiserver 1.36 (one per test binary) with the chart's RBAC
+# and admission policies; helm comes from `make tools`.
+unit: tools testenv-deps
 	$(CARGO) test --workspace --locked
 
 bench:

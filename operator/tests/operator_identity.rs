@@ -61,7 +61,10 @@ impl Operator {
         let sink = log.clone();
         let stderr = child.stderr.take().unwrap();
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
                 sink.lock().unwrap().push(line);
             }
         });
@@ -174,7 +177,10 @@ async fn the_operators_identity_can_do_all_its_reconciles_need() {
             let path = format!("/apis/devplug.io/v1alpha1/devicepluginpolicies/{name}");
             async move {
                 let p = get_json(&admin, &path).await.ok_or("policy gone")?;
-                let conds = p["status"]["conditions"].as_array().cloned().unwrap_or_default();
+                let conds = p["status"]["conditions"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
                 let ready = conds.iter().any(|c| c["type"] == "Ready");
                 if p["status"]["observedGeneration"] == p["metadata"]["generation"] && ready {
                     Ok(())
@@ -235,8 +241,10 @@ async fn the_operators_identity_can_do_all_its_reconciles_need() {
     nds.patch(
         &node,
         &PatchParams::apply(&manager).force(),
-        &Patch::Apply(json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
-                             "metadata": {"name": node}, "spec": {"nodeName": node}})),
+        &Patch::Apply(
+            json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
+                             "metadata": {"name": node}, "spec": {"nodeName": node}}),
+        ),
     )
     .await
     .unwrap();
@@ -257,7 +265,10 @@ async fn the_operators_identity_can_do_all_its_reconciles_need() {
         let dp = dp.clone();
         async move {
             let n = get_json(&admin, &path).await.ok_or("node gone")?;
-            let labels = n["metadata"]["labels"].as_object().cloned().unwrap_or_default();
+            let labels = n["metadata"]["labels"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default();
             if labels.keys().any(|k| k.contains(&dp)) {
                 Ok(())
             } else {
@@ -268,26 +279,33 @@ async fn the_operators_identity_can_do_all_its_reconciles_need() {
     .await;
 
     // The chart asks the operator to label its namespace for Pod Security.
-    wait_for("the release namespace labelled for Pod Security", &op, || {
-        let admin = admin.clone();
-        async move {
-            let ns = get_json(&admin, &format!("/api/v1/namespaces/{RELEASE_NS}"))
-                .await
-                .ok_or("no namespace")?;
-            let l = &ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"];
-            if l == "privileged" {
-                Ok(())
-            } else {
-                Err(format!("labels {}", ns["metadata"]["labels"]))
+    wait_for(
+        "the release namespace labelled for Pod Security",
+        &op,
+        || {
+            let admin = admin.clone();
+            async move {
+                let ns = get_json(&admin, &format!("/api/v1/namespaces/{RELEASE_NS}"))
+                    .await
+                    .ok_or("no namespace")?;
+                let l = &ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"];
+                if l == "privileged" {
+                    Ok(())
+                } else {
+                    Err(format!("labels {}", ns["metadata"]["labels"]))
+                }
             }
-        }
-    })
+        },
+    )
     .await;
 
     // Deleting the policies: the operator releases them (its finalizer)
     // and removes what it made cluster-wide.
     for name in [&dp, &dra] {
-        policies.delete(name, &DeleteParams::default()).await.unwrap();
+        policies
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
     }
     // The operator deletes the DaemonSet; the garbage collector (not
     // running here) would then delete its pods.
