@@ -1,5 +1,6 @@
-//! Leader election against the fake API server (which refuses a replace
-//! carrying a stale resourceVersion, as the real one does).
+//! Leader election against the real API server (which refuses a replace
+//! carrying a stale resourceVersion). Every test uses a lease of its own
+//! name: the tests of this binary share one API server.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -10,26 +11,37 @@ use devplug_operator::leader::LeaseLock;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use serde_json::json;
-use support::FakeApi;
+use support::{TestApi, paths, unique};
 
-const PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/devplug-system/leases/devplug-operator";
+fn lease_path(name: &str) -> String {
+    format!(
+        "/apis/coordination.k8s.io/v1/namespaces/{}/leases/{name}",
+        paths::NS
+    )
+}
+
+/// The tests that run the whole operator take turns: it watches, and while
+/// it leads reconciles, every policy on the API server the tests share, so
+/// one test's leader would write what another test asserts a standby
+/// leaves alone.
+static OPERATOR: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn calls(api: &TestApi) -> Vec<String> {
+    api.log()
+        .iter()
+        .map(|c| format!("{} {}?{} -> {}", c.method, c.path, c.query, c.code))
+        .collect()
+}
 
 #[tokio::test]
 async fn one_holder_at_a_time_and_takeover_after_expiry() {
-    let (client, api) = FakeApi::start();
-    let leases: Api<Lease> = Api::namespaced(client, "devplug-system");
-    let a = LeaseLock::new(
-        leases.clone(),
-        "devplug-operator",
-        "a",
-        Duration::from_secs(15),
-    );
-    let b = LeaseLock::new(
-        leases.clone(),
-        "devplug-operator",
-        "b",
-        Duration::from_secs(15),
-    );
+    let lease_name = unique("devplug-operator");
+    let lease = lease_name.as_str();
+    let path = lease_path(lease);
+    let (client, api) = support::start().await;
+    let leases: Api<Lease> = Api::namespaced(client, paths::NS);
+    let a = LeaseLock::new(leases.clone(), lease, "a", Duration::from_secs(15));
+    let b = LeaseLock::new(leases.clone(), lease, "b", Duration::from_secs(15));
 
     assert!(
         a.try_acquire_or_renew().await.unwrap(),
@@ -37,49 +49,54 @@ async fn one_holder_at_a_time_and_takeover_after_expiry() {
     );
     assert!(!b.try_acquire_or_renew().await.unwrap(), "b must wait");
     assert!(a.try_acquire_or_renew().await.unwrap(), "a renews");
-    assert_eq!(api.get(PATH).unwrap()["spec"]["holderIdentity"], "a");
+    assert_eq!(api.get(&path).await.unwrap()["spec"]["holderIdentity"], "a");
 
     // a stops renewing. Its renewTime says 2020 (a clock far behind), but
     // b judges on its own clock: the lease expires only once b has seen it
     // unchanged for its duration (1 s here).
-    let mut lease = api.get(PATH).unwrap();
-    lease["spec"]["renewTime"] = json!("2020-01-01T00:00:00.000000Z");
-    lease["spec"]["leaseDurationSeconds"] = json!(1);
-    api.put(PATH, lease);
+    let mut l = api.get(&path).await.unwrap();
+    l["spec"]["renewTime"] = json!("2020-01-01T00:00:00.000000Z");
+    l["spec"]["leaseDurationSeconds"] = json!(1);
+    api.put(&path, l).await;
     assert!(
         !b.try_acquire_or_renew().await.unwrap(),
         "an old renewTime alone is no expiry (clock skew)"
     );
+    // The lease's duration passing is what is tested, not a wait for a
+    // condition.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert!(
         b.try_acquire_or_renew().await.unwrap(),
         "b takes over a lease unchanged for its duration"
     );
-    let lease = api.get(PATH).unwrap();
-    assert_eq!(lease["spec"]["holderIdentity"], "b");
-    assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    let l = api.get(&path).await.unwrap();
+    assert_eq!(l["spec"]["holderIdentity"], "b");
+    assert_eq!(l["spec"]["leaseTransitions"], 1);
     assert!(!a.try_acquire_or_renew().await.unwrap(), "a lost it");
+    assert_eq!(
+        api.get(&path).await.unwrap()["spec"]["holderIdentity"],
+        "b",
+        "a did not take it back"
+    );
+    assert!(api.denied().is_empty(), "{:?}", api.denied());
 }
 
 #[tokio::test]
 async fn a_concurrent_writer_wins_and_the_other_backs_off() {
-    let (client, api) = FakeApi::start();
-    let leases: Api<Lease> = Api::namespaced(client, "devplug-system");
-    let a = LeaseLock::new(
-        leases.clone(),
-        "devplug-operator",
-        "a",
-        Duration::from_secs(15),
-    );
+    let lease_name = unique("devplug-operator");
+    let lease = lease_name.as_str();
+    let (client, api) = support::start().await;
+    let leases: Api<Lease> = Api::namespaced(client, paths::NS);
+    let a = LeaseLock::new(leases.clone(), lease, "a", Duration::from_secs(15));
     assert!(a.try_acquire_or_renew().await.unwrap());
     // Someone else replaced the lease after a read it: a's replace is refused.
-    api.fail(http::Method::PUT, "/leases/", 409);
+    api.fail(http::Method::PUT, &format!("/leases/{lease}"), 409);
     assert!(
         !a.try_acquire_or_renew().await.unwrap(),
         "a conflict means not leading this round"
     );
     api.heal();
-    api.fail(http::Method::GET, "/leases/", 500);
+    api.fail(http::Method::GET, &format!("/leases/{lease}"), 500);
     assert!(
         a.try_acquire_or_renew().await.is_err(),
         "API errors surface to the caller"
@@ -91,35 +108,38 @@ async fn a_concurrent_writer_wins_and_the_other_backs_off() {
 /// resourceVersion, read again, and not taken back.
 #[tokio::test]
 async fn a_renewal_is_one_request_and_a_changed_lease_is_read_again() {
-    let (client, api) = FakeApi::start();
-    let leases: Api<Lease> = Api::namespaced(client, "devplug-system");
-    let a = LeaseLock::new(
-        leases.clone(),
-        "devplug-operator",
-        "a",
-        Duration::from_secs(15),
-    );
+    let lease_name = unique("devplug-operator");
+    let lease = lease_name.as_str();
+    let path = lease_path(lease);
+    let (client, api) = support::start().await;
+    let leases: Api<Lease> = Api::namespaced(client, paths::NS);
+    let a = LeaseLock::new(leases.clone(), lease, "a", Duration::from_secs(15));
     assert!(a.try_acquire_or_renew().await.unwrap());
     api.clear_log();
     assert!(a.try_acquire_or_renew().await.unwrap(), "a renews");
-    let calls: Vec<_> = api.log().into_iter().map(|c| c.method).collect();
-    assert_eq!(calls, [http::Method::PUT], "one replace, no read");
+    let methods: Vec<_> = api.log().into_iter().map(|c| (c.method, c.code)).collect();
+    assert_eq!(methods, [(http::Method::PUT, 200)], "one replace, no read");
 
-    // Another candidate took the lease (a changed resourceVersion).
-    let mut lease = api.get(PATH).unwrap();
-    lease["spec"]["holderIdentity"] = json!("b");
-    lease["metadata"]["resourceVersion"] = json!("9999");
-    api.put(PATH, lease);
+    // Another candidate took the lease (the server gives it a new
+    // resourceVersion).
+    let mut l = api.get(&path).await.unwrap();
+    let renewed = l["metadata"]["resourceVersion"].clone();
+    l["spec"]["holderIdentity"] = json!("b");
+    api.put(&path, l).await;
+    assert_ne!(
+        api.get(&path).await.unwrap()["metadata"]["resourceVersion"],
+        renewed
+    );
     api.clear_log();
     assert!(
         !a.try_acquire_or_renew().await.unwrap(),
         "a does not renew over b"
     );
-    assert_eq!(api.get(PATH).unwrap()["spec"]["holderIdentity"], "b");
-    let calls: Vec<_> = api.log().into_iter().map(|c| c.method).collect();
+    assert_eq!(api.get(&path).await.unwrap()["spec"]["holderIdentity"], "b");
+    let methods: Vec<_> = api.log().into_iter().map(|c| (c.method, c.code)).collect();
     assert_eq!(
-        calls,
-        [http::Method::PUT, http::Method::GET],
+        methods,
+        [(http::Method::PUT, 409), (http::Method::GET, 200)],
         "refused, then read"
     );
 }
@@ -129,23 +149,20 @@ async fn a_renewal_is_one_request_and_a_changed_lease_is_read_again() {
 /// injected error), and the loser keeps standing by while the winner renews.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_candidates_racing_never_both_lead() {
-    let (client, api) = FakeApi::start();
-    let leases: Api<Lease> = Api::namespaced(client, "devplug-system");
-    let lock = |id: &str| {
-        LeaseLock::new(
-            leases.clone(),
-            "devplug-operator",
-            id,
-            Duration::from_secs(15),
-        )
-    };
+    let lease_name = unique("devplug-operator");
+    let lease = lease_name.as_str();
+    let path = lease_path(lease);
+    let (client, api) = support::start().await;
+    let leases: Api<Lease> = Api::namespaced(client, paths::NS);
+    let lock = |id: &str| LeaseLock::new(leases.clone(), lease, id, Duration::from_secs(15));
     for round in 0..40 {
         let (a, b) = (lock("a"), lock("b"));
         if round % 2 == 0 {
-            api.delete_object(PATH); // free: both try to create it
-        } else if let Some(mut l) = api.get(PATH) {
+            api.delete_object(&path).await; // free: both try to create it
+            assert!(api.get(&path).await.is_none());
+        } else if let Some(mut l) = api.get(&path).await {
             l["spec"]["holderIdentity"] = json!(""); // released: both try to take it
-            api.put(PATH, l);
+            api.put(&path, l).await;
         }
         let (ra, rb) = tokio::join!(
             tokio::spawn(async move { (a.try_acquire_or_renew().await.unwrap(), a) }),
@@ -156,7 +173,12 @@ async fn two_candidates_racing_never_both_lead() {
             wa ^ wb,
             "round {round}: a={wa} b={wb}, exactly one must lead"
         );
-        let (winner, loser) = if wa { (a, b) } else { (b, a) };
+        let (winner, loser, id) = if wa { (a, b, "a") } else { (b, a, "b") };
+        assert_eq!(
+            api.get(&path).await.unwrap()["spec"]["holderIdentity"],
+            id,
+            "round {round}"
+        );
         assert!(
             winner.try_acquire_or_renew().await.unwrap(),
             "the winner renews"
@@ -166,11 +188,18 @@ async fn two_candidates_racing_never_both_lead() {
             "the loser stands by"
         );
     }
+    assert!(api.denied().is_empty(), "{:?}", api.denied());
 }
 
-fn args() -> devplug_operator::args::Args {
+fn args(lease: &str) -> devplug_operator::args::Args {
     use clap::Parser;
-    devplug_operator::args::Args::parse_from(["devplug-operator", "--metrics-addr", "127.0.0.1:0"])
+    devplug_operator::args::Args::parse_from([
+        "devplug-operator",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--lease-name",
+        lease,
+    ])
 }
 
 /// Seen on the real cluster: a replica deleted while it stood by (or just
@@ -179,19 +208,28 @@ fn args() -> devplug_operator::args::Args {
 /// once and leaves the lease alone.
 #[tokio::test]
 async fn a_standby_stops_at_once_when_told() {
-    let (client, api) = FakeApi::start();
-    let now = k8s_openapi::jiff::Timestamp::now();
+    let _turn = OPERATOR.lock().await;
+    let lease_name = unique("devplug-operator");
+    let lease = lease_name.as_str();
+    let path = lease_path(lease);
+    let (client, api) = support::start().await;
+    // A MicroTime, as the API server parses a renewTime.
+    let now = serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now(),
+    ))
+    .unwrap();
     api.put(
-        PATH,
+        &path,
         json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-               "metadata": {"name": "devplug-operator", "namespace": "devplug-system"},
+               "metadata": {"name": lease, "namespace": paths::NS},
                "spec": {"holderIdentity": "someone-else", "leaseDurationSeconds": 15,
-                        "renewTime": now.to_string()}}),
-    );
+                        "renewTime": now}}),
+    )
+    .await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(devplug_operator::run_with(
         client,
-        args(),
+        args(lease),
         Default::default(),
         async move {
             let _ = stop_rx.await;
@@ -199,14 +237,11 @@ async fn a_standby_stops_at_once_when_told() {
     ));
     // Standing by: it has read the lease at least once.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !api
-        .log()
-        .iter()
-        .any(|c| c.path.ends_with("/leases/devplug-operator"))
-    {
+    while !api.log().iter().any(|c| c.path == path && c.code == 200) {
         assert!(
             std::time::Instant::now() < deadline,
-            "never tried the lease"
+            "never tried the lease: {:?}",
+            calls(&api)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -218,8 +253,13 @@ async fn a_standby_stops_at_once_when_told() {
     assert!(r.unwrap().is_ok());
     assert!(told.elapsed() < Duration::from_secs(2));
     assert_eq!(
-        api.get(PATH).unwrap()["spec"]["holderIdentity"],
+        api.get(&path).await.unwrap()["spec"]["holderIdentity"],
         "someone-else"
+    );
+    assert!(
+        !api.writes().iter().any(|c| c.path == path),
+        "a standby leaves the lease alone: {:?}",
+        calls(&api)
     );
 }
 
@@ -227,14 +267,25 @@ async fn a_standby_stops_at_once_when_told() {
 /// takes over at its next try instead of after the lease expires.
 #[tokio::test]
 async fn a_leader_told_to_stop_releases_the_lease() {
-    let (client, api) = FakeApi::start();
+    let _turn = OPERATOR.lock().await;
+    let lease_name = unique("devplug-operator");
+    let lease = lease_name.as_str();
+    let path = lease_path(lease);
+    let (client, api) = support::start().await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    // The operator's namespace exists (it runs in it).
-    api.put(
-        "/api/v1/namespaces/devplug-system",
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "devplug-system"}}),
-    );
-    let mut args = args();
+    // The operator's namespace exists (it runs in it), without the label
+    // the operator puts on it.
+    let ns = format!("/api/v1/namespaces/{}", paths::NS);
+    let mut n = api.get(&ns).await.expect("the operator's namespace");
+    let label = devplug_operator::POD_SECURITY_ENFORCE;
+    if let Some(labels) = n["metadata"]["labels"].as_object_mut()
+        && labels.remove(label).is_some()
+    {
+        n.as_object_mut().unwrap().remove("status");
+        api.put(&ns, n).await;
+    }
+    assert!(api.get(&ns).await.unwrap()["metadata"]["labels"][label].is_null());
+    let mut args = args(lease);
     args.namespace_pod_security = "privileged".into();
     let run = tokio::spawn(devplug_operator::run_with(
         client,
@@ -247,27 +298,32 @@ async fn a_leader_told_to_stop_releases_the_lease() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let holder = api
-            .get(PATH)
+            .get(&path)
+            .await
             .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string));
         if holder.is_some_and(|h| !h.is_empty()) {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "never led");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never led: {:?}",
+            calls(&api)
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Leading, it labels its namespace for the Pod Security agents need
-    // (under the chart's RBAC, which the fake enforces).
-    let ns = "/api/v1/namespaces/devplug-system";
+    // (under the chart's RBAC, which the API server enforces).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while api
-        .get(ns)
-        .map(|n| n["metadata"]["labels"]["pod-security.kubernetes.io/enforce"].clone())
+        .get(&ns)
+        .await
+        .map(|n| n["metadata"]["labels"][label].clone())
         != Some(json!("privileged"))
     {
         assert!(
             std::time::Instant::now() < deadline,
             "namespace never labelled: {:?}; denied {:?}",
-            api.get(ns),
+            api.get(&ns).await,
             api.denied()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -277,14 +333,15 @@ async fn a_leader_told_to_stop_releases_the_lease() {
         .await
         .expect("a leader must stop promptly");
     assert!(r.unwrap().is_ok());
-    let lease = api.get(PATH).unwrap();
+    let l = api.get(&path).await.unwrap();
     assert!(
-        lease["spec"]["holderIdentity"]
+        l["spec"]["holderIdentity"]
             .as_str()
             .unwrap_or("")
             .is_empty(),
-        "lease still held after stopping: {lease}"
+        "lease still held after stopping: {l}"
     );
+    assert!(api.denied().is_empty(), "{:?}", api.denied());
 }
 
 /// A local address nothing listens on, for the admin server.
@@ -324,11 +381,15 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String
 /// the policies, leading or not. `/metrics` answers with the content type of what it writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_waits_for_the_stores_and_metrics_say_their_format() {
-    let (client, api) = FakeApi::start();
+    let _turn = OPERATOR.lock().await;
+    let lease_name = unique("devplug-operator");
+    let lease = lease_name.as_str();
+    let path = lease_path(lease);
+    let (client, api) = support::start().await;
     // The policies cannot be listed (as when the CRD is missing).
     api.fail(http::Method::GET, "/devicepluginpolicies", 404);
     let addr = free_addr();
-    let mut a = args();
+    let mut a = args(lease);
     a.metrics_addr = addr;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(devplug_operator::run_with(
@@ -341,8 +402,12 @@ async fn readyz_waits_for_the_stores_and_metrics_say_their_format() {
     ));
     // Leading, but blind: not ready, and it stays so.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while api.get(PATH).is_none() {
-        assert!(std::time::Instant::now() < deadline, "never led");
+    while api.get(&path).await.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never led: {:?}",
+            calls(&api)
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for _ in 0..10 {
@@ -350,6 +415,13 @@ async fn readyz_waits_for_the_stores_and_metrics_say_their_format() {
         assert_eq!(got, Some(503), "ready while its stores are empty");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(
+        api.log()
+            .iter()
+            .any(|c| c.path.ends_with("/devicepluginpolicies") && c.code == 404),
+        "the policies were asked for and refused: {:?}",
+        calls(&api)
+    );
     api.heal();
     // The policy watch retries on kube's backoff (up to 30 s between tries).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -361,9 +433,8 @@ async fn readyz_waits_for_the_stores_and_metrics_say_their_format() {
             std::time::Instant::now() < deadline,
             "never ready once the stores listed: denied {:?}; calls {:?}",
             api.denied(),
-            api.log()
-                .iter()
-                .map(|c| format!("{} {}?{}", c.method, c.path, c.query))
+            calls(&api)
+                .into_iter()
                 .collect::<std::collections::BTreeSet<_>>()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -376,7 +447,10 @@ async fn readyz_waits_for_the_stores_and_metrics_say_their_format() {
         "OpenMetrics ends with # EOF"
     );
     stop_tx.send(()).unwrap();
-    let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
+    let r = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("a leader must stop promptly");
+    assert!(r.unwrap().is_ok());
 }
 
 /// Seen in CI and in bench-scale: on a saturated API server no renewal
@@ -387,18 +461,24 @@ async fn readyz_waits_for_the_stores_and_metrics_say_their_format() {
 /// leads again.
 #[tokio::test]
 async fn a_leader_that_cannot_renew_stands_by_again_instead_of_exiting() {
-    let (client, api) = FakeApi::start();
+    let _turn = OPERATOR.lock().await;
+    let lease_name = unique("devplug-operator");
+    let lease = lease_name.as_str();
+    let (client, api) = support::start().await;
     let metrics = std::sync::Arc::new(devplug_operator::metrics::Metrics::default());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // Short, yet with room for a real API server on a loaded machine: a
+    // renewal answered late there must not end leadership before the
+    // failures below do.
     let renewal = devplug_operator::leader::Renewal {
         every: Duration::from_millis(100),
         retry: Duration::from_millis(50),
-        attempt: Duration::from_millis(200),
-        deadline: Duration::from_millis(600),
+        attempt: Duration::from_millis(1000),
+        deadline: Duration::from_millis(2000),
     };
     let run = tokio::spawn(devplug_operator::run_with_renewal(
         client,
-        args(),
+        args(lease),
         metrics.clone(),
         async move {
             let _ = stop_rx.await;
@@ -417,8 +497,8 @@ async fn a_leader_that_cannot_renew_stands_by_again_instead_of_exiting() {
     };
     wait_for(true, "never led").await;
 
-    api.fail(http::Method::PUT, "/leases/", 500);
-    api.fail(http::Method::GET, "/leases/", 500);
+    api.fail(http::Method::PUT, &format!("/leases/{lease}"), 500);
+    api.fail(http::Method::GET, &format!("/leases/{lease}"), 500);
     wait_for(false, "still leading without a renewal").await;
     assert!(!run.is_finished(), "the process must not exit");
     assert!(
@@ -442,33 +522,43 @@ async fn a_leader_that_cannot_renew_stands_by_again_instead_of_exiting() {
 /// NodeDeviceStatus again before its first correct status (24 s at 2,000
 /// nodes). A standby now keeps its watches (and stores) from the start, and
 /// on taking over reconciles what its stores hold without listing again.
-/// The fake holds watches open, as a real watch with nothing to report, so
-/// a new leader that relied on a fresh listing would have to list, and one
-/// that followed only new events would never reconcile the policy.
+/// The API server holds watches open with nothing to report, so a new
+/// leader that relied on a fresh listing would have to list, and one that
+/// followed only new events would never reconcile the policy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_keeps_its_stores_and_leads_without_listing_again() {
-    let (client, api) = FakeApi::start();
-    api.hold_watches();
+    let _turn = OPERATOR.lock().await;
+    let warm_name = unique("warm");
+    let warm = warm_name.as_str();
+    let lease_name = unique("devplug-operator");
+    let lease = lease_name.as_str();
+    let path = lease_path(lease);
+    let (client, api) = support::start().await;
     support::seed(
         &api,
         &[support::policy_json(
-            "warm",
-            "example.com/warm",
-            "2026-11-01T00:00:00Z",
+            warm,
+            &format!("example.com/{warm}"),
             json!({}),
         )],
-    );
-    let now = k8s_openapi::jiff::Timestamp::now();
+    )
+    .await;
+    // A MicroTime, as the API server parses a renewTime.
+    let now = serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now(),
+    ))
+    .unwrap();
     api.put(
-        PATH,
+        &path,
         json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-               "metadata": {"name": "devplug-operator", "namespace": "devplug-system"},
+               "metadata": {"name": lease, "namespace": paths::NS},
                "spec": {"holderIdentity": "someone-else", "leaseDurationSeconds": 15,
-                        "renewTime": now.to_string()}}),
-    );
+                        "renewTime": now}}),
+    )
+    .await;
     let metrics = std::sync::Arc::new(devplug_operator::metrics::Metrics::default());
     let addr = free_addr();
-    let mut a = args();
+    let mut a = args(lease);
     a.metrics_addr = addr;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(devplug_operator::run_with(
@@ -500,9 +590,7 @@ async fn a_standby_keeps_its_stores_and_leads_without_listing_again() {
         assert!(
             std::time::Instant::now() < deadline,
             "a standby must watch every kind; calls {:?}, denied {:?}",
-            log.iter()
-                .map(|c| format!("{} {}?{}", c.method, c.path, c.query))
-                .collect::<Vec<_>>(),
+            calls(&api),
             api.denied()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -518,34 +606,41 @@ async fn a_standby_keeps_its_stores_and_leads_without_listing_again() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
-        api.get(&support::paths::policy("warm")).unwrap()["metadata"]["finalizers"].is_null(),
+        api.writes().is_empty(),
+        "a standby must not write: {:?}",
+        api.writes()
+    );
+    assert!(
+        api.get(&support::paths::policy(warm)).await.unwrap()["metadata"]["finalizers"].is_null(),
         "a standby must not write"
     );
 
     // The holder releases the lease: the standby takes over.
     api.clear_log();
-    let mut lease = api.get(PATH).unwrap();
-    lease["spec"]["holderIdentity"] = json!("");
-    api.put(PATH, lease);
+    let mut l = api.get(&path).await.unwrap();
+    l["spec"]["holderIdentity"] = json!("");
+    api.put(&path, l).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !metrics.leading() {
         assert!(std::time::Instant::now() < deadline, "never led");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // It reconciles the policy it already holds: the status is written.
+    let status = format!("{}/status", support::paths::policy(warm));
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let p = api.get(&support::paths::policy("warm")).unwrap();
-        if !p["status"]["observedGeneration"].is_null() {
+        let p = api.get(&support::paths::policy(warm)).await.unwrap();
+        let wrote = api
+            .writes()
+            .iter()
+            .any(|c| c.path == status && c.code == 200);
+        if wrote && !p["status"]["observedGeneration"].is_null() {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
             "the new leader never reconciled the policy its store held: {p}; calls {:?}",
-            api.log()
-                .iter()
-                .map(|c| format!("{} {}?{}", c.method, c.path, c.query))
-                .collect::<Vec<_>>()
+            calls(&api)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -572,6 +667,7 @@ async fn a_standby_keeps_its_stores_and_leads_without_listing_again() {
         relisted.is_empty(),
         "the new leader listed again: {relisted:?}"
     );
+    assert!(api.denied().is_empty(), "{:?}", api.denied());
     stop_tx.send(()).unwrap();
     let r = tokio::time::timeout(Duration::from_secs(5), run)
         .await

@@ -1,4 +1,4 @@
-//! The NodeDeviceStatus controller against the fake API server (with the
+//! The NodeDeviceStatus controller against the real API server (with the
 //! chart's RBAC): ownership by the Node, agents not reporting named in the
 //! operator's own field (never by writing the agent's entry), stale entries
 //! removed only on the version judged, summary and node labels, no writes
@@ -15,58 +15,94 @@ use devplug_operator::metrics::Metrics;
 use devplug_operator::node_controller::{self, NodeContext};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
-use support::{FakeApi, paths, policy_json, seed, synced};
+use support::{TestApi, paths, policy_json, seed, synced, unique};
 
-const NDS: &str = "/apis/devplug.io/v1alpha1/nodedevicestatuses/n1";
-const NODE: &str = "/api/v1/nodes/n1";
-
-fn agent_pod(ready: bool) -> AgentPod {
-    serde_json::from_value(json!({
-        "metadata": {"name": "devplug-agent-foo-abcde", "namespace": paths::NS,
-                     "labels": {"app.kubernetes.io/name": "devplug-agent", "devplug.io/policy": "foo"}},
-        "spec": {"nodeName": "n1", "containers": [{"name": "agent"}]},
-        "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}
-    }))
-    .unwrap()
+/// The agent pod of `policy` on `node`, created on the server if it is not
+/// there yet, its Ready condition set as `ready` (no kubelet runs: the
+/// test writes the status), and returned as the operator's store holds it.
+async fn agent_pod(api: &TestApi, policy: &str, node: &str, ready: bool) -> AgentPod {
+    let path = paths::pod(&format!("devplug-agent-{policy}-abcde"));
+    if api.get(&path).await.is_none() {
+        api.put(
+            &path,
+            json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": format!("devplug-agent-{policy}-abcde"), "namespace": paths::NS,
+                             "labels": {"app.kubernetes.io/name": "devplug-agent", "devplug.io/policy": policy}},
+                "spec": {"nodeName": node,
+                         "containers": [{"name": "agent", "image": "devplug-testenv/none:0"}]}}),
+        )
+        .await;
+    }
+    api.patch_status(
+        &path,
+        json!({"status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}}),
+    )
+    .await;
+    let pod: AgentPod = serde_json::from_value(api.get(&path).await.unwrap()).unwrap();
+    assert_eq!(pod.ready, ready, "{pod:?}");
+    assert_eq!(pod.node.as_deref(), Some(node), "{pod:?}");
+    pod
 }
 
-fn current_nds(api: &FakeApi) -> Arc<devplug_operator::view::NodeView> {
-    Arc::new(serde_json::from_value(api.get(NDS).unwrap()).unwrap())
+async fn current_nds(api: &TestApi, nds: &str) -> Arc<devplug_operator::view::NodeView> {
+    Arc::new(serde_json::from_value(api.get(nds).await.unwrap()).unwrap())
 }
 
-fn entry(api: &FakeApi) -> Value {
-    api.get(NDS).unwrap()["status"]["resources"][0].clone()
+async fn entry(api: &TestApi, nds: &str) -> Value {
+    api.get(nds).await.unwrap()["status"]["resources"][0].clone()
 }
 
-fn writes(api: &FakeApi) -> Vec<String> {
+fn writes(api: &TestApi) -> Vec<String> {
     api.writes()
         .iter()
         .map(|c| format!("{} {} {}", c.method, c.path, c.query))
         .collect()
 }
 
+async fn summary(api: &TestApi, nds: &str) -> Value {
+    api.get(nds).await.unwrap()["status"]["summary"].clone()
+}
+
+/// An agent (re)writes its entry: the status alone, as agents do.
+async fn agent_writes(api: &TestApi, nds: &str, entry: Value) {
+    api.patch_status(nds, json!({"status": {"resources": [entry]}}))
+        .await;
+}
+
 #[tokio::test]
 async fn node_status_lifecycle() {
-    let (client, api) = FakeApi::start();
-    api.enforce_chart_rbac();
+    let foo_name = unique("foo");
+    let foo = foo_name.as_str();
+    let n1_name = unique("n1");
+    let n1 = n1_name.as_str();
+    let resource = format!("example.com/{foo}");
+    let (nds_path, node_path) = (paths::nds(n1), paths::node(n1));
+    let (nds, node) = (nds_path.as_str(), node_path.as_str());
+    let (client, api) = support::start().await;
     let (policies, mut pw) = seed(
         &api,
         &[policy_json(
-            "foo",
-            "example.com/foo",
-            "2026-11-01T00:00:00Z",
+            foo,
+            &resource,
             json!({"sharing": {"strategy": "TimeSlicing", "replicas": 4}}),
         )],
-    );
-    api.put(NODE, json!({"apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": "n1", "uid": "node-uid-1", "labels": {"kubernetes.io/hostname": "n1"}}}));
-    api.put(NDS, json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
-        "metadata": {"name": "n1", "uid": "nds-1"}, "spec": {"nodeName": "n1"},
-        "status": {"resources": [{"resourceName": "example.com/foo", "policy": "foo", "state": "Serving",
+    )
+    .await;
+    api.put(
+        node,
+        json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": n1, "labels": {"kubernetes.io/hostname": n1}}}),
+    )
+    .await;
+    let node_uid = api.get(node).await.unwrap()["metadata"]["uid"].clone();
+    assert!(node_uid.is_string(), "the server gives the Node a uid");
+    api.put(nds, json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
+        "metadata": {"name": n1}, "spec": {"nodeName": n1},
+        "status": {"resources": [{"resourceName": resource, "policy": foo, "state": "Serving",
             "healthy": 2, "total": 2, "allocated": 1,
             "devices": [{"id": "a", "health": "Healthy"},
-                        {"id": "b", "health": "Healthy", "allocations": [{"namespace": "ml", "pod": "p", "container": "c"}]}]}]}}));
-    let (pods_store, mut pods) = synced(vec![agent_pod(true)]);
+                        {"id": "b", "health": "Healthy", "allocations": [{"namespace": "ml", "pod": "p", "container": "c"}]}]}]}})).await;
+    let (pods_store, mut pods) = synced(vec![agent_pod(&api, foo, n1, true).await]);
     let ctx = Arc::new(
         NodeContext::new(
             client,
@@ -85,11 +121,12 @@ async fn node_status_lifecycle() {
     );
 
     // First look: own it, summarise it, label the node.
-    let stale = current_nds(&api);
+    let stale = current_nds(&api, nds).await;
     node_controller::reconcile(stale.clone(), ctx.clone())
         .await
         .unwrap();
     assert_eq!(api.writes().len(), 3, "{:?}", writes(&api));
+    assert!(api.denied().is_empty(), "{:?}", api.denied());
 
     // Triggered again before the watch delivered those writes (the index
     // still holds the version judged, as on a loaded API server): the same
@@ -116,34 +153,37 @@ async fn node_status_lifecycle() {
         "rewrote from a lagging index: {:?}",
         writes(&api)
     );
-    let nds = api.get(NDS).unwrap();
-    assert_eq!(nds["metadata"]["ownerReferences"][0]["uid"], "node-uid-1");
-    assert_eq!(nds["metadata"]["ownerReferences"][0]["kind"], "Node");
+    let got = api.get(nds).await.unwrap();
+    assert_eq!(got["metadata"]["ownerReferences"][0]["uid"], node_uid);
+    assert_eq!(got["metadata"]["ownerReferences"][0]["kind"], "Node");
+    assert_eq!(got["metadata"]["ownerReferences"][0]["name"], n1);
     assert_eq!(
-        nds["status"]["summary"],
+        got["status"]["summary"],
         json!({"resources": 1, "healthy": "2/2", "allocated": 1})
     );
-    let labels = api.get(NODE).unwrap()["metadata"]["labels"].clone();
-    assert_eq!(labels["devplug.io/foo.count"], "2");
-    assert_eq!(labels["devplug.io/foo.sharing"], "TimeSlicing");
-    assert_eq!(labels["devplug.io/foo.replicas"], "4");
+    let labels = api.get(node).await.unwrap()["metadata"]["labels"].clone();
+    assert_eq!(labels[format!("devplug.io/{foo}.count")], "2");
+    assert_eq!(labels[format!("devplug.io/{foo}.sharing")], "TimeSlicing");
+    assert_eq!(labels[format!("devplug.io/{foo}.replicas")], "4");
     assert_eq!(
-        labels["kubernetes.io/hostname"], "n1",
+        labels["kubernetes.io/hostname"], n1,
         "other labels untouched"
     );
 
     // Nothing changed: nothing written.
     api.clear_log();
-    node_controller::reconcile(current_nds(&api), ctx.clone())
+    node_controller::reconcile(current_nds(&api, nds).await, ctx.clone())
         .await
         .unwrap();
     assert!(api.writes().is_empty(), "{:?}", writes(&api));
 
     // The agent stops being ready: the operator says so in its own field,
     // under its own field manager; the agent's entry is left as it wrote it.
-    pods.apply_watcher_event(&watcher::Event::Apply(agent_pod(false)));
+    pods.apply_watcher_event(&watcher::Event::Apply(
+        agent_pod(&api, foo, n1, false).await,
+    ));
     api.clear_log();
-    node_controller::reconcile(current_nds(&api), ctx.clone())
+    node_controller::reconcile(current_nds(&api, nds).await, ctx.clone())
         .await
         .unwrap();
     let w = writes(&api);
@@ -152,10 +192,10 @@ async fn node_status_lifecycle() {
         "the operator never writes as an agent: {w:?}"
     );
     assert!(
-        w[0].contains("/status") && w[0].contains("fieldManager=devplug-operator"),
+        w[0].contains(&format!("{nds}/status")) && w[0].contains("fieldManager=devplug-operator"),
         "{w:?}"
     );
-    let e = entry(&api);
+    let e = entry(&api, nds).await;
     assert_eq!(e["state"], "Serving", "the agent's entry is untouched: {e}");
     assert!(
         e["devices"]
@@ -164,8 +204,8 @@ async fn node_status_lifecycle() {
             .iter()
             .all(|d| d["health"] == "Healthy")
     );
-    let nr = &api.get(NDS).unwrap()["status"]["notReporting"];
-    assert_eq!(nr[0]["policy"], "foo");
+    let nr = &api.get(nds).await.unwrap()["status"]["notReporting"];
+    assert_eq!(nr[0]["policy"], foo);
     assert!(
         nr[0]["reason"]
             .as_str()
@@ -173,14 +213,22 @@ async fn node_status_lifecycle() {
             .starts_with("AgentNotReady"),
         "{nr}"
     );
-    assert_eq!(api.get(NDS).unwrap()["status"]["summary"]["healthy"], "0/2");
-    let labels = api.get(NODE).unwrap()["metadata"]["labels"].clone();
+    assert_eq!(
+        api.get(nds).await.unwrap()["status"]["summary"]["healthy"],
+        "0/2"
+    );
+    let labels = api.get(node).await.unwrap()["metadata"]["labels"].clone();
     assert!(
-        labels.get("devplug.io/foo.count").is_none(),
+        labels.get(format!("devplug.io/{foo}.count")).is_none(),
         "no labels for a resource nobody vouches for: {labels}"
     );
+    assert_eq!(
+        labels["kubernetes.io/hostname"], n1,
+        "other labels untouched"
+    );
+    assert!(api.denied().is_empty(), "{:?}", api.denied());
     api.clear_log();
-    node_controller::reconcile(current_nds(&api), ctx.clone())
+    node_controller::reconcile(current_nds(&api, nds).await, ctx.clone())
         .await
         .unwrap();
     assert!(
@@ -190,24 +238,28 @@ async fn node_status_lifecycle() {
     );
 
     // Ready again: the operator withdraws its verdict; nothing else to repair.
-    pods.apply_watcher_event(&watcher::Event::Apply(agent_pod(true)));
-    node_controller::reconcile(current_nds(&api), ctx.clone())
+    let ready_again = agent_pod(&api, foo, n1, true).await;
+    pods.apply_watcher_event(&watcher::Event::Apply(ready_again.clone()));
+    node_controller::reconcile(current_nds(&api, nds).await, ctx.clone())
         .await
         .unwrap();
-    let st = &api.get(NDS).unwrap()["status"];
+    let st = &api.get(nds).await.unwrap()["status"];
     assert!(st.get("notReporting").is_none(), "{st}");
     assert_eq!(st["summary"]["healthy"], "2/2");
     assert_eq!(
-        api.get(NODE).unwrap()["metadata"]["labels"]["devplug.io/foo.count"],
+        api.get(node).await.unwrap()["metadata"]["labels"][format!("devplug.io/{foo}.count")],
         "2"
     );
 
     // The pod is gone altogether while the policy still wants the node.
-    pods.apply_watcher_event(&watcher::Event::Delete(agent_pod(true)));
-    node_controller::reconcile(current_nds(&api), ctx.clone())
+    let pod_path = paths::pod(&ready_again.metadata.name.clone().unwrap());
+    api.delete_object(&pod_path).await;
+    assert!(api.get(&pod_path).await.is_none(), "the agent pod is gone");
+    pods.apply_watcher_event(&watcher::Event::Delete(ready_again));
+    node_controller::reconcile(current_nds(&api, nds).await, ctx.clone())
         .await
         .unwrap();
-    let st = &api.get(NDS).unwrap()["status"];
+    let st = &api.get(nds).await.unwrap()["status"];
     assert!(
         st["notReporting"][0]["reason"]
             .as_str()
@@ -223,70 +275,94 @@ async fn node_status_lifecycle() {
 
     // The policy is deleted: its entry is removed, guarded by the
     // resourceVersion the decision was made on.
-    let p: DevicePluginPolicy =
-        serde_json::from_value(api.get(&paths::policy("foo")).unwrap()).unwrap();
+    let p: DevicePluginPolicy = support::current(&api, foo).await;
     pw.apply_watcher_event(&watcher::Event::Delete(p));
-    let judged = current_nds(&api);
+    let judged = current_nds(&api, nds).await;
     // An agent writes meanwhile: the stale judgment must not remove anything.
-    let mut newer = api.get(NDS).unwrap();
-    newer["metadata"]["resourceVersion"] = json!("999999");
-    api.put(NDS, newer);
+    let mut e = entry(&api, nds).await;
+    e["devices"][0]["lastTransitionTime"] = json!("2026-01-01T00:00:00Z");
+    agent_writes(&api, nds, e).await;
+    let newer = api.get(nds).await.unwrap();
+    assert_ne!(
+        newer["metadata"]["resourceVersion"].as_str(),
+        judged.metadata.resource_version.as_deref(),
+        "the agent's write made a new version"
+    );
+    api.clear_log();
     node_controller::reconcile(judged, ctx.clone())
         .await
         .unwrap();
     assert_eq!(
-        api.get(NDS).unwrap()["status"]["resources"]
+        api.get(nds).await.unwrap()["status"]["resources"]
             .as_array()
             .unwrap()
             .len(),
         1,
         "an entry must not be removed on a judgment of an older version"
     );
-    node_controller::reconcile(current_nds(&api), ctx.clone())
-        .await
-        .unwrap();
-    assert_eq!(api.get(NDS).unwrap()["status"]["resources"], json!([]));
-    node_controller::reconcile(current_nds(&api), ctx.clone())
-        .await
-        .unwrap();
-    assert_eq!(api.get(NDS).unwrap()["status"]["summary"]["resources"], 0);
+    // The removal was tried, and the server refused it for the version.
+    let tried: Vec<u16> = api
+        .writes()
+        .iter()
+        .filter(|c| c.method == http::Method::PATCH && c.path == format!("{nds}/status"))
+        .map(|c| c.code)
+        .collect();
     assert!(
-        api.get(NDS).unwrap()["status"]
+        matches!(tried.as_slice(), [409 | 422]),
+        "one guarded removal, refused: {tried:?}; {:?}",
+        writes(&api)
+    );
+    node_controller::reconcile(current_nds(&api, nds).await, ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        api.get(nds).await.unwrap()["status"]["resources"],
+        json!([])
+    );
+    node_controller::reconcile(current_nds(&api, nds).await, ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        api.get(nds).await.unwrap()["status"]["summary"]["resources"],
+        0
+    );
+    assert!(
+        api.get(nds).await.unwrap()["status"]
             .get("notReporting")
             .is_none()
     );
     assert!(api.denied().is_empty(), "{:?}", api.denied());
 
     // The node is gone: so is its status.
-    api.delete_object(NODE);
-    node_controller::reconcile(current_nds(&api), ctx.clone())
+    api.delete_object(node).await;
+    node_controller::reconcile(current_nds(&api, nds).await, ctx.clone())
         .await
         .unwrap();
-    assert!(api.get(NDS).is_none());
+    assert!(api.get(nds).await.is_none());
+    assert!(api.denied().is_empty(), "{:?}", api.denied());
 }
 
 #[tokio::test]
 async fn nothing_is_judged_before_the_stores_are_synced() {
-    let (client, api) = FakeApi::start();
-    api.enforce_chart_rbac();
-    let (policies, _pw) = seed(
-        &api,
-        &[policy_json(
-            "foo",
-            "example.com/foo",
-            "2026-11-01T00:00:00Z",
-            json!({}),
-        )],
-    );
+    let foo_name = unique("foo");
+    let foo = foo_name.as_str();
+    let n1_name = unique("n1");
+    let n1 = n1_name.as_str();
+    let resource = format!("example.com/{foo}");
+    let (nds_path, node_path) = (paths::nds(n1), paths::node(n1));
+    let (nds, node) = (nds_path.as_str(), node_path.as_str());
+    let (client, api) = support::start().await;
+    let (policies, _pw) = seed(&api, &[policy_json(foo, &resource, json!({}))]).await;
     api.put(
-        NODE,
-        json!({"apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": "n1", "uid": "node-uid-1"}}),
-    );
-    api.put(NDS, json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
-        "metadata": {"name": "n1", "uid": "nds-1", "resourceVersion": "1"}, "spec": {"nodeName": "n1"},
-        "status": {"resources": [{"resourceName": "example.com/foo", "policy": "foo", "state": "Serving",
-            "healthy": 1, "total": 1, "allocated": 0, "devices": [{"id": "a", "health": "Healthy"}]}]}}));
+        node,
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n1}}),
+    )
+    .await;
+    api.put(nds, json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
+        "metadata": {"name": n1}, "spec": {"nodeName": n1},
+        "status": {"resources": [{"resourceName": resource, "policy": foo, "state": "Serving",
+            "healthy": 1, "total": 1, "allocated": 0, "devices": [{"id": "a", "health": "Healthy"}]}]}})).await;
+    let pod = agent_pod(&api, foo, n1, true).await;
     // The agent pod store has not listed yet: an empty store must not read
     // as "no agent runs here". The flags come from the watch streams.
     let synced = devplug_operator::synced::Synced::all();
@@ -307,7 +383,7 @@ async fn nothing_is_judged_before_the_stores_are_synced() {
         Arc::new(Metrics::default()),
         Default::default(),
     ));
-    node_controller::reconcile(current_nds(&api), ctx.clone())
+    node_controller::reconcile(current_nds(&api, nds).await, ctx.clone())
         .await
         .unwrap();
     assert!(
@@ -315,12 +391,15 @@ async fn nothing_is_judged_before_the_stores_are_synced() {
         "judged from an unsynced store: {:?}",
         writes(&api)
     );
+    let st = &api.get(nds).await.unwrap()["status"];
+    assert!(st.get("notReporting").is_none(), "{st}");
+    assert!(st.get("summary").is_none(), "{st}");
 
     // The listing arrives through the stream that sets the flag.
     let (pods_store, pods_writer) = kube::runtime::reflector::store::<AgentPod>();
     let events = futures::stream::iter(vec![
         Ok(watcher::Event::Init),
-        Ok(watcher::Event::InitApply(agent_pod(true))),
+        Ok(watcher::Event::InitApply(pod)),
         Ok(watcher::Event::InitDone),
     ]);
     let stream = devplug_operator::synced::mark(
@@ -345,12 +424,13 @@ async fn nothing_is_judged_before_the_stores_are_synced() {
         )
         .delaying_node_writes_by(std::time::Duration::ZERO),
     );
-    node_controller::reconcile(current_nds(&api), ctx)
+    node_controller::reconcile(current_nds(&api, nds).await, ctx)
         .await
         .unwrap();
-    let st = &api.get(NDS).unwrap()["status"];
+    let st = &api.get(nds).await.unwrap()["status"];
     assert!(st.get("notReporting").is_none(), "{st}");
     assert_eq!(st["summary"]["healthy"], "1/1");
+    assert!(api.denied().is_empty(), "{:?}", api.denied());
 }
 
 /// Summary and label changes are written once, a delay after they were
@@ -359,32 +439,39 @@ async fn nothing_is_judged_before_the_stores_are_synced() {
 /// stops reporting is written at once.
 #[tokio::test]
 async fn summary_and_label_changes_wait_notreporting_does_not() {
-    let (client, api) = FakeApi::start();
-    api.enforce_chart_rbac();
-    let (policies, _pw) = seed(
-        &api,
-        &[policy_json(
-            "foo",
-            "example.com/foo",
-            "2026-11-01T00:00:00Z",
-            json!({}),
-        )],
-    );
+    let foo_name = unique("foo");
+    let foo = foo_name.as_str();
+    let n1_name = unique("n1");
+    let n1 = n1_name.as_str();
+    let resource = format!("example.com/{foo}");
+    let (nds_path, node_path) = (paths::nds(n1), paths::node(n1));
+    let (nds, node) = (nds_path.as_str(), node_path.as_str());
+    let (client, api) = support::start().await;
+    let (policies, _pw) = seed(&api, &[policy_json(foo, &resource, json!({}))]).await;
     api.put(
-        NODE,
-        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1", "uid": "node-uid-1"}}),
-    );
-    let nds = |rv: &str, healthy: u32, allocated: u32| {
-        json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
-            "metadata": {"name": "n1", "uid": "nds-1", "resourceVersion": rv}, "spec": {"nodeName": "n1"},
-            "status": {"resources": [{"resourceName": "example.com/foo", "policy": "foo", "state": "Serving",
-                "healthy": healthy, "total": 2, "allocated": allocated,
-                "devices": [{"id": "a", "health": "Healthy"},
-                            {"id": "b", "health": if healthy == 2 { "Healthy" } else { "Unhealthy" }}]}]}})
+        node,
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n1}}),
+    )
+    .await;
+    let node_uid = api.get(node).await.unwrap()["metadata"]["uid"].clone();
+    // The agent's entry with `healthy` of 2 devices, `allocated` held.
+    let agent_entry = |healthy: u32, allocated: u32| {
+        json!({"resourceName": resource, "policy": foo, "state": "Serving",
+            "healthy": healthy, "total": 2, "allocated": allocated,
+            "devices": [{"id": "a", "health": "Healthy"},
+                        {"id": "b", "health": if healthy == 2 { "Healthy" } else { "Unhealthy" }}]})
     };
-    api.put(NDS, nds("1", 2, 0));
-    let (pods_store, mut pods) = synced(vec![agent_pod(true)]);
-    let delay = std::time::Duration::from_millis(600);
+    api.put(
+        nds,
+        json!({"apiVersion": "devplug.io/v1alpha1", "kind": "NodeDeviceStatus",
+            "metadata": {"name": n1}, "spec": {"nodeName": n1},
+            "status": {"resources": [agent_entry(2, 0)]}}),
+    )
+    .await;
+    let (pods_store, mut pods) = synced(vec![agent_pod(&api, foo, n1, true).await]);
+    // Long enough that the steps below that must fall within it do so on a
+    // loaded machine (each is a few requests to the API server).
+    let delay = std::time::Duration::from_millis(1000);
     let ctx = Arc::new(
         NodeContext::new(
             client,
@@ -401,83 +488,89 @@ async fn summary_and_label_changes_wait_notreporting_does_not() {
         )
         .delaying_node_writes_by(delay),
     );
-    let summary = |api: &FakeApi| api.get(NDS).unwrap()["status"]["summary"].clone();
-    let status_writes = |api: &FakeApi| {
-        writes(api)
-            .into_iter()
-            .filter(|w| w.contains("/nodedevicestatuses/n1/status"))
+    let status_path = format!("{nds}/status");
+    let status_writes = |api: &TestApi| {
+        api.writes()
+            .iter()
+            .filter(|c| c.path == status_path)
             .count()
     };
-    let label_writes = |api: &FakeApi| {
-        writes(api)
-            .into_iter()
-            .filter(|w| w.contains("/api/v1/nodes/n1"))
-            .count()
-    };
+    let label_writes = |api: &TestApi| api.writes().iter().filter(|c| c.path == node).count();
     // First look: owned at once; summary and labels wait.
     let first_seen = std::time::Instant::now();
-    node_controller::reconcile(current_nds(&api), ctx.clone())
+    node_controller::reconcile(current_nds(&api, nds).await, ctx.clone())
         .await
         .unwrap();
     assert_eq!(status_writes(&api), 0, "{:?}", writes(&api));
     assert_eq!(label_writes(&api), 0, "{:?}", writes(&api));
     assert_eq!(
-        api.get(NDS).unwrap()["metadata"]["ownerReferences"][0]["uid"],
-        "node-uid-1"
+        api.get(nds).await.unwrap()["metadata"]["ownerReferences"][0]["uid"],
+        node_uid
     );
+    // The delay passes (the controller requeues for then).
     tokio::time::sleep(
         delay.saturating_sub(first_seen.elapsed()) + std::time::Duration::from_millis(50),
     )
     .await;
-    node_controller::reconcile(current_nds(&api), ctx.clone())
+    node_controller::reconcile(current_nds(&api, nds).await, ctx.clone())
         .await
         .unwrap();
-    assert_eq!(summary(&api)["healthy"], "2/2");
+    assert_eq!(summary(&api, nds).await["healthy"], "2/2");
     assert_eq!(status_writes(&api), 1, "{:?}", writes(&api));
     assert_eq!(label_writes(&api), 1, "{:?}", writes(&api));
 
     // b turns Unhealthy: the agent's entry says so at once; the summary waits.
-    let mut o = nds("2", 1, 0);
-    o["status"]["summary"] = summary(&api);
-    api.put(NDS, o);
+    agent_writes(&api, nds, agent_entry(1, 0)).await;
     api.clear_log();
     let first_seen = std::time::Instant::now();
-    node_controller::reconcile(current_nds(&api), ctx.clone())
+    node_controller::reconcile(current_nds(&api, nds).await, ctx.clone())
         .await
         .unwrap();
     assert_eq!(status_writes(&api), 0, "{:?}", writes(&api));
     // A pod takes a device meanwhile: joins the same write.
-    let mut o = nds("3", 1, 1);
-    o["status"]["summary"] = summary(&api);
-    api.put(NDS, o);
-    node_controller::reconcile(current_nds(&api), ctx.clone())
+    agent_writes(&api, nds, agent_entry(1, 1)).await;
+    node_controller::reconcile(current_nds(&api, nds).await, ctx.clone())
         .await
         .unwrap();
+    assert!(
+        first_seen.elapsed() < delay,
+        "the steps above took longer than the delay ({:?}); the test cannot judge",
+        first_seen.elapsed()
+    );
     assert_eq!(status_writes(&api), 0, "{:?}", writes(&api));
-    assert_eq!(summary(&api)["healthy"], "2/2");
+    assert_eq!(summary(&api, nds).await["healthy"], "2/2");
     // Once due (the controller requeues for then), one write with both.
     tokio::time::sleep(
         delay.saturating_sub(first_seen.elapsed()) + std::time::Duration::from_millis(50),
     )
     .await;
-    node_controller::reconcile(current_nds(&api), ctx.clone())
+    node_controller::reconcile(current_nds(&api, nds).await, ctx.clone())
         .await
         .unwrap();
     assert_eq!(status_writes(&api), 1, "{:?}", writes(&api));
     assert_eq!(
-        summary(&api),
+        summary(&api, nds).await,
         json!({"resources": 1, "healthy": "1/2", "allocated": 1})
+    );
+    assert_eq!(
+        label_writes(&api),
+        0,
+        "the labels did not change: {:?}",
+        writes(&api)
     );
 
     // The agent stops being ready: said at once.
-    pods.apply_watcher_event(&watcher::Event::Apply(agent_pod(false)));
+    pods.apply_watcher_event(&watcher::Event::Apply(
+        agent_pod(&api, foo, n1, false).await,
+    ));
     api.clear_log();
-    node_controller::reconcile(current_nds(&api), ctx.clone())
+    node_controller::reconcile(current_nds(&api, nds).await, ctx.clone())
         .await
         .unwrap();
     assert_eq!(status_writes(&api), 1, "{:?}", writes(&api));
     assert_eq!(
-        api.get(NDS).unwrap()["status"]["notReporting"][0]["policy"],
-        "foo"
+        api.get(nds).await.unwrap()["status"]["notReporting"][0]["policy"],
+        foo
     );
+    assert!(api.denied().is_empty(), "{:?}", api.denied());
 }

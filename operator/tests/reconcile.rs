@@ -1,4 +1,5 @@
-//! Reconcile scenarios against a fake API server answering with real JSON.
+//! Reconcile scenarios against the real API server (devplug-testenv), the
+//! operator acting as the chart's ServiceAccount.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -31,7 +32,7 @@ fn defaults() -> AgentDefaults {
 }
 
 /// The operator's context, with the DaemonSet and agent-pod caches that its
-/// watches keep; [`reconcile`] brings them up to the fake server's state
+/// watches keep; [`reconcile`] brings them up to the API server's state
 /// first, as the watches would have.
 struct TestCtx {
     ctx: Arc<Context>,
