@@ -454,3 +454,51 @@ async fn a_publish_refused_part_way_leaves_the_pool_whole() {
     stop_tx.send_replace(true);
     publisher.await.unwrap();
 }
+
+/// Two DRA policies on one node: each agent publishes its own driver's
+/// slices and may neither write nor delete the other's.
+#[tokio::test]
+async fn an_agent_cannot_touch_another_policys_slices_on_its_node() {
+    let env = env();
+    let node = unique("two-drivers");
+    let a = dra_policy(&unique("drv-a"));
+    let b = dra_policy(&unique("drv-b"));
+    let agent_a = env.client_with_token(&env.agent_token(&a, &node).await);
+    let agent_b = env.client_with_token(&env.agent_token(&b, &node).await);
+    let devs = slices::devices(&snapshot(2, &[]));
+    let (a_name, a_slice) =
+        slices::slices(&node, &PluginConfig::from_policy(&a), 1, &devs).remove(0);
+    let (b_name, b_slice) =
+        slices::slices(&node, &PluginConfig::from_policy(&b), 1, &devs).remove(0);
+    let pp = PatchParams::apply("test").force();
+    slice_api(agent_a.clone())
+        .patch(&a_name, &pp, &Patch::Apply(&a_slice))
+        .await
+        .expect("a publishes its own driver's slice");
+    let msg = forbidden(
+        slice_api(agent_a.clone())
+            .patch(&b_name, &pp, &Patch::Apply(&b_slice))
+            .await,
+        "a publishing b's driver's slice",
+    );
+    assert!(msg.contains("own policy's driver"), "{msg}");
+    slice_api(agent_b.clone())
+        .patch(&b_name, &pp, &Patch::Apply(&b_slice))
+        .await
+        .expect("b publishes its own driver's slice");
+    forbidden(
+        slice_api(agent_a.clone())
+            .delete(&b_name, &DeleteParams::default())
+            .await,
+        "a deleting b's slice",
+    );
+    // A long policy name (its driver cut and hashed) still publishes.
+    let long = dra_policy(&format!("{}-{}", unique("long"), "x".repeat(50)));
+    let agent_long = env.client_with_token(&env.agent_token(&long, &node).await);
+    let (l_name, l_slice) =
+        slices::slices(&node, &PluginConfig::from_policy(&long), 1, &devs).remove(0);
+    slice_api(agent_long)
+        .patch(&l_name, &pp, &Patch::Apply(&l_slice))
+        .await
+        .expect("a long-named policy's agent publishes its own slice");
+}
