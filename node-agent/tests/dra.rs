@@ -1,48 +1,65 @@
 //! The real agent binary with a DRA policy (`kubeletApi: DRA`), against a
 //! simulated kubelet plugin watcher (registration socket, DRAPlugin v1 and
-//! v1beta1, DRAResourceHealth) and an HTTP API server holding
-//! ResourceSlices and ResourceClaims.
+//! v1beta1, DRAResourceHealth) and the real kube-apiserver of
+//! `devplug-testenv` holding ResourceSlices and ResourceClaims (the agent
+//! talks to it with its real bound token, judged by the chart's RBAC and
+//! admission policy).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use devplug_agent::dra::names::slice_name;
 use devplug_proto::dra::{v1, v1beta1};
 use devplug_proto::drahealth::v1alpha1 as health;
 use devplug_proto::pluginregistration as reg;
+use devplug_testenv::unique;
 use serde_json::{Value, json};
-use support::apiserver::ApiServer;
+use support::cluster::Cluster;
 use support::{Agent, Node, dial};
 
 const T: Duration = Duration::from_secs(15);
-const DRIVER: &str = "gpu.devplug.io";
+const TAINT: &str = "devplug.io/unhealthy";
 
 fn policy_json() -> Value {
+    policy_of(3)
+}
+
+fn policy_of(count: u32) -> Value {
     json!({"apiVersion": "devplug.io/v1alpha1", "kind": "DevicePluginPolicy",
-           "metadata": {"name": "gpu", "uid": "u1", "generation": 1},
+           "metadata": {"name": "gpu"},
            "spec": {"resourceName": "example.com/gpu", "kubeletApi": "DRA",
-                    "source": {"simulated": {"count": 3}},
+                    "source": {"simulated": {"count": count}},
                     "allocate": {"env": {"GREETING": "hello"}},
                     "health": {"settleSeconds": 1}}})
 }
 
-/// A ResourceClaim allocated `devices` (request, pool, device) of `driver`.
-fn claim(uid: &str, devices: &[(&str, &str, &str)]) -> Value {
-    let results: Vec<Value> = devices
-        .iter()
-        .map(|(req, pool, dev)| json!({"request": req, "driver": DRIVER, "pool": pool, "device": dev}))
-        .collect();
-    json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
-           "metadata": {"name": "c", "namespace": "ml", "uid": uid, "resourceVersion": "1"},
-           "spec": {"devices": {"requests": []}},
-           "status": {"allocation": {"devices": {"results": results}}}})
+/// The policy's DRA driver (`<policy>.devplug.io`).
+fn driver(api: &Cluster) -> String {
+    devplug_api::dra_driver_name(&api.policy)
 }
 
-fn c1(uid: &str, name: &str) -> v1::Claim {
+/// The policy's DeviceClass, as the operator makes it (every device of the
+/// driver): what the claims' requests name. Returns its name.
+async fn device_class(api: &Cluster) -> String {
+    let name = devplug_api::dra_device_class_name(&api.policy);
+    devplug_testenv::apply_value(
+        &api.admin(),
+        &json!({"apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass",
+                "metadata": {"name": name},
+                "spec": {"selectors": [{"cel": {"expression": format!("device.driver == {:?}", driver(api))}}]}}),
+    )
+    .await
+    .unwrap();
+    name
+}
+
+fn c1(namespace: &str, uid: &str, name: &str) -> v1::Claim {
     v1::Claim {
-        namespace: "ml".into(),
+        namespace: namespace.into(),
         uid: uid.into(),
         name: name.into(),
     }
@@ -60,11 +77,11 @@ async fn wait_file(path: &Path) {
     }
 }
 
-fn spawn(node: &Node, api: &ApiServer, root: &Path) -> Agent {
+fn spawn(node: &Node, api: &Cluster, root: &Path) -> Agent {
     let kc = api.kubeconfig(node.tmp.path());
     Agent::spawn_cluster_with(
         node,
-        "gpu",
+        &api.policy,
         &kc,
         &[
             "--admin-addr",
@@ -75,10 +92,14 @@ fn spawn(node: &Node, api: &ApiServer, root: &Path) -> Agent {
     )
 }
 
+fn registration(root: &Path, driver: &str) -> PathBuf {
+    root.join(format!("plugins_registry/{driver}-reg.sock"))
+}
+
 /// Does what the kubelet's plugin watcher does: GetInfo, then says
 /// "registered". Returns the info.
-async fn register(root: &Path) -> reg::PluginInfo {
-    let sock = root.join(format!("plugins_registry/{DRIVER}-reg.sock"));
+async fn register(root: &Path, driver: &str) -> reg::PluginInfo {
+    let sock = registration(root, driver);
     wait_file(&sock).await;
     // The file can be a socket left by an agent that was stopped, until the
     // new one replaces it: dial until someone answers, as the kubelet's
@@ -104,10 +125,11 @@ async fn register(root: &Path) -> reg::PluginInfo {
     info
 }
 
-async fn wait_slices(api: &ApiServer, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+/// Waits until this node's ResourceSlices (by name) satisfy `pred`.
+async fn wait_slices(api: &Cluster, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     let deadline = Instant::now() + T;
     loop {
-        let all: Vec<Value> = api.slices().into_values().collect();
+        let all: Vec<Value> = api.slices().await.into_values().collect();
         if pred(&all) {
             return all;
         }
@@ -116,21 +138,62 @@ async fn wait_slices(api: &ApiServer, what: &str, pred: impl Fn(&[Value]) -> boo
     }
 }
 
-fn endpoint(root: &Path) -> PathBuf {
-    root.join(format!("plugins/{DRIVER}/dra.sock"))
+fn endpoint(root: &Path, driver: &str) -> PathBuf {
+    root.join(format!("plugins/{driver}/dra.sock"))
+}
+
+fn device_names(slice: &Value) -> Vec<&str> {
+    slice["spec"]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect()
+}
+
+/// The agent's writes the API server refused (RBAC, admission, validation).
+/// Not counted: the 404 of the first NodeDeviceStatus status write on a
+/// node where the object does not exist yet (the agent then creates it).
+fn refused_writes(api: &Cluster) -> Vec<devplug_testenv::Audited> {
+    api.writes()
+        .into_iter()
+        .filter(|w| w.code >= 400)
+        .filter(|w| {
+            !(w.code == 404
+                && w.path.contains("/nodedevicestatuses/")
+                && w.path.ends_with("/status"))
+        })
+        .collect()
+}
+
+/// The devices of `slices` that carry the unhealthy taint.
+fn tainted_devices(slices: &[Value]) -> Vec<String> {
+    slices
+        .iter()
+        .flat_map(|s| s["spec"]["devices"].as_array().unwrap().iter())
+        .filter(|d| {
+            d.get("taints")
+                .and_then(Value::as_array)
+                .is_some_and(|t| t.iter().any(|t| t["key"] == TAINT))
+        })
+        .map(|d| d["name"].as_str().unwrap().to_string())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dra_policy_registers_publishes_and_prepares_claims_across_restarts() {
     let node = Node::new();
     let root = node.tmp.path().join("kubelet");
-    let api = ApiServer::start(policy_json()).await;
+    let api = Cluster::start(&node.name, policy_json()).await;
+    let driver = driver(&api);
+    let class = device_class(&api).await;
+    let ns = unique("ml");
     let mut agent = spawn(&node, &api, &root);
 
-    let info = register(&root).await;
+    let info = register(&root, &driver).await;
     assert_eq!(info.r#type, "DRAPlugin");
-    assert_eq!(info.name, DRIVER);
-    assert_eq!(Path::new(&info.endpoint), endpoint(&root));
+    assert_eq!(info.name, driver);
+    assert_eq!(Path::new(&info.endpoint), endpoint(&root, &driver));
     for v in [
         "v1.DRAPlugin",
         "v1beta1.DRAPlugin",
@@ -141,61 +204,65 @@ async fn a_dra_policy_registers_publishes_and_prepares_claims_across_restarts() 
 
     // The node's pool: one slice, every device with its ID.
     let slices = wait_slices(&api, "pool published", |s| s.len() == 1).await;
+    assert_eq!(
+        slices[0]["metadata"]["name"],
+        slice_name(&node.name, &driver, 0).as_str()
+    );
     let spec = &slices[0]["spec"];
-    assert_eq!(spec["driver"], DRIVER);
-    assert_eq!(spec["nodeName"], "test-node");
-    assert_eq!(spec["pool"]["name"], "test-node");
+    assert_eq!(spec["driver"], driver.as_str());
+    assert_eq!(spec["nodeName"], node.name.as_str());
+    assert_eq!(spec["pool"]["name"], node.name.as_str());
     assert_eq!(spec["pool"]["resourceSliceCount"], 1);
-    let names: Vec<&str> = spec["devices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["sim-0", "sim-1", "sim-2"]);
+    assert_eq!(device_names(&slices[0]), ["sim-0", "sim-1", "sim-2"]);
     assert_eq!(
         spec["devices"][1]["attributes"]["id"],
         json!({"string": "sim-1"})
     );
 
     // Someone deletes the slice (the kubelet does when it restarts): the
-    // agent publishes its pool again.
-    let name = api.slices().into_keys().next().unwrap();
-    api.delete_slice(&name);
-    wait_slices(&api, "pool published again after a deletion", |s| {
-        s.len() == 1
+    // agent publishes its pool again (a new object, the same devices).
+    let name = slices[0]["metadata"]["name"].as_str().unwrap().to_string();
+    let old_uid = slices[0]["metadata"]["uid"].clone();
+    api.delete_slice(&name).await;
+    let again = wait_slices(&api, "pool published again after a deletion", |s| {
+        s.len() == 1 && s[0]["metadata"]["uid"] != old_uid
     })
     .await;
+    assert_eq!(again[0]["metadata"]["name"], name.as_str());
+    assert_eq!(device_names(&again[0]), ["sim-0", "sim-1", "sim-2"]);
 
     // Prepare: the CDI spec of the claim, its name in the answer.
-    api.set_claim(
-        "ml",
-        "c",
-        Some(claim("uid-1", &[("gpu", "test-node", "sim-1")])),
-    );
+    let uid1 = api
+        .allocated_claim(
+            &ns,
+            "c",
+            &[("gpu", &class)],
+            &[("gpu", &driver, &node.name, "sim-1")],
+        )
+        .await;
     let mut dra =
-        v1::dra_plugin_client::DraPluginClient::new(dial(&endpoint(&root)).await.unwrap());
+        v1::dra_plugin_client::DraPluginClient::new(dial(&endpoint(&root, &driver)).await.unwrap());
     let r = dra
         .node_prepare_resources(v1::NodePrepareResourcesRequest {
-            claims: vec![c1("uid-1", "c")],
+            claims: vec![c1(&ns, &uid1, "c")],
         })
         .await
         .unwrap()
         .into_inner();
-    let got = &r.claims["uid-1"];
+    let got = &r.claims[&uid1];
     assert_eq!(got.error, "");
     assert_eq!(got.devices.len(), 1);
-    assert_eq!(got.devices[0].pool_name, "test-node");
+    assert_eq!(got.devices[0].pool_name, node.name);
     assert_eq!(got.devices[0].device_name, "sim-1");
     assert_eq!(got.devices[0].request_names, ["gpu"]);
     assert_eq!(
         got.devices[0].cdi_device_ids,
-        ["example.com/gpu=sim-1-gpu-uid-1"]
+        [format!("example.com/gpu=sim-1-gpu-{uid1}")]
     );
-    let spec_file = node.cdi().join("devplug-claim-uid-1.json");
+    let spec_file = node.cdi().join(format!("devplug-claim-{uid1}.json"));
     let cdi: Value = serde_json::from_slice(&std::fs::read(&spec_file).unwrap()).unwrap();
     assert_eq!(cdi["kind"], "example.com/gpu");
-    assert_eq!(cdi["devices"][0]["name"], "sim-1-gpu-uid-1");
+    assert_eq!(cdi["devices"][0]["name"], format!("sim-1-gpu-{uid1}"));
     let env = cdi["devices"][0]["containerEdits"]["env"].to_string();
     assert!(env.contains("sim-1"), "{env}");
     assert!(
@@ -206,36 +273,50 @@ async fn a_dra_policy_registers_publishes_and_prepares_claims_across_restarts() 
 
     // Bad claims are refused one by one, with the reason; a good one in the
     // same call is still prepared.
-    api.set_claim(
-        "ml",
-        "other-pool",
-        Some(claim("uid-2", &[("gpu", "elsewhere", "sim-0")])),
-    );
-    api.set_claim(
-        "ml",
-        "unknown",
-        Some(claim("uid-3", &[("gpu", "test-node", "sim-9")])),
-    );
-    let mut unallocated = claim("uid-4", &[]);
-    unallocated["status"] = json!({});
-    api.set_claim("ml", "unallocated", Some(unallocated));
-    api.set_claim(
-        "ml",
-        "good",
-        Some(claim(
-            "uid-6",
-            &[("a", "test-node", "sim-0"), ("b", "test-node", "sim-2")],
-        )),
-    );
+    let uid2 = api
+        .allocated_claim(
+            &ns,
+            "other-pool",
+            &[("gpu", &class)],
+            &[("gpu", &driver, "elsewhere", "sim-0")],
+        )
+        .await;
+    let uid3 = api
+        .allocated_claim(
+            &ns,
+            "unknown",
+            &[("gpu", &class)],
+            &[("gpu", &driver, &node.name, "sim-9")],
+        )
+        .await;
+    let uid4 = api
+        .unallocated_claim(&ns, "unallocated", &[("gpu", &class)])
+        .await;
+    // No claim of that name exists: the uid is the kubelet's word only.
+    let uid5 = "9f0c7c3e-0000-4000-8000-000000000005".to_string();
+    let uid6 = api
+        .allocated_claim(
+            &ns,
+            "good",
+            &[("a", &class), ("b", &class)],
+            &[
+                ("a", &driver, &node.name, "sim-0"),
+                ("b", &driver, &node.name, "sim-2"),
+            ],
+        )
+        .await;
+    // The kubelet asks for "good" with the uid of a claim of that name that
+    // was deleted and created again meanwhile.
+    let wrong_uid = "9f0c7c3e-0000-4000-8000-00000000000f".to_string();
     let r = dra
         .node_prepare_resources(v1::NodePrepareResourcesRequest {
             claims: vec![
-                c1("uid-2", "other-pool"),
-                c1("uid-3", "unknown"),
-                c1("uid-4", "unallocated"),
-                c1("uid-5", "missing"),
-                c1("wrong-uid", "good"),
-                c1("uid-6", "good"),
+                c1(&ns, &uid2, "other-pool"),
+                c1(&ns, &uid3, "unknown"),
+                c1(&ns, &uid4, "unallocated"),
+                c1(&ns, &uid5, "missing"),
+                c1(&ns, &wrong_uid, "good"),
+                c1(&ns, &uid6, "good"),
                 v1::Claim::default(),
             ],
         })
@@ -243,31 +324,27 @@ async fn a_dra_policy_registers_publishes_and_prepares_claims_across_restarts() 
         .unwrap()
         .into_inner();
     let err = |uid: &str| r.claims[uid].error.clone();
-    assert!(err("uid-2").contains("pool elsewhere"), "{}", err("uid-2"));
+    assert!(err(&uid2).contains("pool elsewhere"), "{}", err(&uid2));
     assert!(
-        err("uid-3").contains("sim-9 is not on this node"),
+        err(&uid3).contains("sim-9 is not on this node"),
         "{}",
-        err("uid-3")
+        err(&uid3)
     );
-    assert!(err("uid-4").contains("not allocated"), "{}", err("uid-4"));
+    assert!(err(&uid4).contains("not allocated"), "{}", err(&uid4));
     assert!(
-        err("uid-5").contains("cannot read ResourceClaim ml/missing"),
+        err(&uid5).contains(&format!("cannot read ResourceClaim {ns}/missing")),
         "{}",
-        err("uid-5")
+        err(&uid5)
     );
-    assert!(
-        err("wrong-uid").contains("replaced"),
-        "{}",
-        err("wrong-uid")
-    );
+    assert!(err(&wrong_uid).contains("replaced"), "{}", err(&wrong_uid));
     assert!(
         err("").contains("needs namespace, uid and name"),
         "{}",
         err("")
     );
-    assert_eq!(err("uid-6"), "");
-    assert_eq!(r.claims["uid-6"].devices.len(), 2);
-    let ids: Vec<_> = r.claims["uid-6"]
+    assert_eq!(err(&uid6), "");
+    assert_eq!(r.claims[&uid6].devices.len(), 2);
+    let ids: Vec<_> = r.claims[&uid6]
         .devices
         .iter()
         .map(|d| d.cdi_device_ids.clone())
@@ -275,11 +352,11 @@ async fn a_dra_policy_registers_publishes_and_prepares_claims_across_restarts() 
     assert_eq!(
         ids,
         [
-            vec!["example.com/gpu=sim-0-a-uid-6".to_string()],
-            vec!["example.com/gpu=sim-2-b-uid-6".to_string()]
+            vec![format!("example.com/gpu=sim-0-a-{uid6}")],
+            vec![format!("example.com/gpu=sim-2-b-{uid6}")]
         ]
     );
-    for bad in ["uid-2", "uid-3", "uid-4", "uid-5"] {
+    for bad in [&uid2, &uid3, &uid4, &uid5, &wrong_uid] {
         assert!(
             !node
                 .cdi()
@@ -291,67 +368,75 @@ async fn a_dra_policy_registers_publishes_and_prepares_claims_across_restarts() 
     // The agent restarts; the claim is gone from the API server: the
     // checkpoint answers, and a CDI file lost meanwhile is written again.
     assert!(agent.terminate().success());
-    api.set_claim("ml", "c", None);
+    api.delete_claim(&ns, "c").await;
+    assert!(
+        devplug_testenv::get_json(
+            &api.admin(),
+            &format!("/apis/resource.k8s.io/v1/namespaces/{ns}/resourceclaims/c")
+        )
+        .await
+        .is_none(),
+        "claim {ns}/c deleted"
+    );
     std::fs::remove_file(&spec_file).unwrap();
     let reads = api.claim_reads();
+    assert!(reads >= 6, "the agent read the claims it prepared: {reads}");
     let mut agent = spawn(&node, &api, &root);
-    register(&root).await;
+    register(&root, &driver).await;
     let mut dra =
-        v1::dra_plugin_client::DraPluginClient::new(dial(&endpoint(&root)).await.unwrap());
+        v1::dra_plugin_client::DraPluginClient::new(dial(&endpoint(&root, &driver)).await.unwrap());
     let again = dra
         .node_prepare_resources(v1::NodePrepareResourcesRequest {
-            claims: vec![c1("uid-1", "c")],
+            claims: vec![c1(&ns, &uid1, "c")],
         })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(again.claims["uid-1"], *got);
+    assert_eq!(again.claims[&uid1], *got);
     assert_eq!(api.claim_reads(), reads, "answered from the checkpoint");
     assert!(spec_file.exists(), "lost CDI spec written again");
 
     // Unprepare through v1beta1 removes what prepare made; twice is fine.
-    let mut beta =
-        v1beta1::dra_plugin_client::DraPluginClient::new(dial(&endpoint(&root)).await.unwrap());
+    let mut beta = v1beta1::dra_plugin_client::DraPluginClient::new(
+        dial(&endpoint(&root, &driver)).await.unwrap(),
+    );
     for _ in 0..2 {
         let u = beta
             .node_unprepare_resources(v1beta1::NodeUnprepareResourcesRequest {
                 claims: vec![v1beta1::Claim {
-                    namespace: "ml".into(),
-                    uid: "uid-1".into(),
+                    namespace: ns.clone(),
+                    uid: uid1.clone(),
                     name: "c".into(),
                 }],
             })
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(u.claims["uid-1"].error, "");
+        assert_eq!(u.claims[&uid1].error, "");
         assert!(!spec_file.exists());
     }
     let cp: Value = serde_json::from_slice(
-        &std::fs::read(root.join(format!("plugins/{DRIVER}/claims.json"))).unwrap(),
+        &std::fs::read(root.join(format!("plugins/{driver}/claims.json"))).unwrap(),
     )
     .unwrap();
-    assert!(cp["claims"].get("uid-1").is_none(), "{cp}");
-    assert!(cp["claims"].get("uid-6").is_some(), "{cp}");
+    assert!(cp["claims"].get(&uid1).is_none(), "{cp}");
+    assert!(cp["claims"].get(&uid6).is_some(), "{cp}");
 
     // Stopping deregisters: the registration socket goes.
     assert!(agent.terminate().success());
-    assert!(
-        !root
-            .join(format!("plugins_registry/{DRIVER}-reg.sock"))
-            .exists()
-    );
+    assert!(!registration(&root, &driver).exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dra_health_streams_to_the_kubelet_and_taints_the_slice() {
     let node = Node::new();
     let root = node.tmp.path().join("kubelet");
-    let api = ApiServer::start(policy_json()).await;
+    let api = Cluster::start(&node.name, policy_json()).await;
+    let driver = driver(&api);
     let mut agent = spawn(&node, &api, &root);
-    register(&root).await;
+    register(&root, &driver).await;
     let mut h = health::dra_resource_health_client::DraResourceHealthClient::new(
-        dial(&endpoint(&root)).await.unwrap(),
+        dial(&endpoint(&root, &driver)).await.unwrap(),
     );
     let mut stream = h
         .node_watch_resources(health::NodeWatchResourcesRequest {})
@@ -368,10 +453,14 @@ async fn dra_health_streams_to_the_kubelet_and_taints_the_slice() {
     );
     assert_eq!(
         first.devices[0].device.as_ref().unwrap().pool_name,
-        "test-node"
+        node.name
     );
+    // The pool as published before the flip: nothing tainted.
+    let before = wait_slices(&api, "pool published", |s| s.len() == 1).await;
+    assert!(tainted_devices(&before).is_empty(), "{before:?}");
+    let generation = before[0]["spec"]["pool"]["generation"].as_i64().unwrap();
 
-    node.sim_set("gpu", "sim-0", "Unhealthy");
+    node.sim_set(&api.policy, "sim-0", "Unhealthy");
     let deadline = Instant::now() + T;
     let bad = loop {
         let m = tokio::time::timeout(T, stream.message())
@@ -392,19 +481,111 @@ async fn dra_health_streams_to_the_kubelet_and_taints_the_slice() {
     };
     assert!(bad.message.contains("test flip"), "{bad:?}");
     assert!(bad.health_check_timeout_seconds > 0);
-    let tainted = |s: &[Value]| {
-        s.first()
-            .is_some_and(|s| s["spec"]["devices"][0]["taints"][0]["key"] == "devplug.io/unhealthy")
-    };
-    wait_slices(&api, "unhealthy device tainted", tainted).await;
-
-    node.sim_set("gpu", "sim-0", "Healthy");
-    wait_slices(&api, "taint removed on recovery", |s| {
-        s.first()
-            .is_some_and(|s| s["spec"]["devices"][0].get("taints").is_none())
-            && !tainted(s)
+    let tainted = wait_slices(&api, "unhealthy device tainted", |s| {
+        s.len() == 1 && tainted_devices(s) == ["sim-0"]
     })
     .await;
+    let taint = &tainted[0]["spec"]["devices"][0]["taints"][0];
+    assert_eq!(taint["key"], TAINT);
+    assert_eq!(taint["effect"], "NoSchedule");
+    let tainted_generation = tainted[0]["spec"]["pool"]["generation"].as_i64().unwrap();
+    assert!(tainted_generation > generation, "{tainted:?}");
+
+    node.sim_set(&api.policy, "sim-0", "Healthy");
+    let healed = wait_slices(&api, "taint removed on recovery", |s| {
+        s.len() == 1
+            && s[0]["spec"]["devices"][0].get("taints").is_none()
+            && tainted_devices(s).is_empty()
+    })
+    .await;
+    assert!(healed[0]["spec"]["pool"]["generation"].as_i64().unwrap() > tainted_generation);
+    assert_eq!(device_names(&healed[0]), ["sim-0", "sim-1", "sim-2"]);
+    let refused = refused_writes(&api);
+    assert!(refused.is_empty(), "refused: {refused:?}");
+    assert!(agent.terminate().success());
+}
+
+/// A pool larger than one slice, run by the real agent binary: 300
+/// simulated devices are published complete (slices of at most 64 devices,
+/// one generation, `resourceSliceCount` saying how many), an unhealthy
+/// device's taint reaches its slice (the real API server takes a tainted
+/// slice of at most 64 devices only), and goes again when it recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_300_device_pool_is_published_whole_and_one_taint_comes_and_goes() {
+    const N: usize = 300;
+    let node = Node::new();
+    let root = node.tmp.path().join("kubelet");
+    let api = Cluster::start(&node.name, policy_of(N as u32)).await;
+    let driver = driver(&api);
+    let mut agent = spawn(&node, &api, &root);
+    register(&root, &driver).await;
+
+    // The pool at one generation, complete: every slice of that generation,
+    // as many as it says, named as the agent numbers them, at most 64
+    // devices each, every device once. Gives that generation.
+    let names: Vec<String> = (0..N.div_ceil(64))
+        .map(|i| slice_name(&node.name, &driver, i))
+        .collect();
+    let complete = |s: &[Value]| -> Option<i64> {
+        let g = s.first()?["spec"]["pool"]["generation"].as_i64()?;
+        let whole = s.len() == names.len()
+            && s.iter().zip(&names).all(|(one, n)| {
+                one["metadata"]["name"] == n.as_str()
+                    && one["spec"]["driver"] == driver.as_str()
+                    && one["spec"]["pool"]["name"] == node.name.as_str()
+                    && one["spec"]["pool"]["generation"] == g
+                    && one["spec"]["pool"]["resourceSliceCount"] == s.len()
+                    && one["spec"]["devices"].as_array().unwrap().len() <= 64
+            });
+        let devices: BTreeSet<&str> = s.iter().flat_map(device_names).collect();
+        let count: usize = s.iter().map(|s| device_names(s).len()).sum();
+        let all = devices.len() == N
+            && count == N
+            && (0..N).all(|i| devices.contains(format!("sim-{i}").as_str()));
+        (whole && all).then_some(g)
+    };
+    // The slices by name sort as the agent numbers them only below ten.
+    assert!(names.len() < 10);
+    let published = wait_slices(&api, "300-device pool published", |s| complete(s).is_some()).await;
+    assert_eq!(published.len(), 5, "{names:?}");
+    let g0 = complete(&published).unwrap();
+    assert!(tainted_devices(&published).is_empty());
+
+    node.sim_set(&api.policy, "sim-7", "Unhealthy");
+    let tainted = wait_slices(&api, "sim-7 tainted in the 300-device pool", |s| {
+        complete(s).is_some_and(|g| g > g0) && tainted_devices(s) == ["sim-7"]
+    })
+    .await;
+    let g1 = complete(&tainted).unwrap();
+    let carrier = tainted
+        .iter()
+        .find(|s| device_names(s).contains(&"sim-7"))
+        .unwrap();
+    let d = carrier["spec"]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "sim-7")
+        .unwrap();
+    let taints = d["taints"].as_array().unwrap();
+    assert_eq!(taints.len(), 1, "{d}");
+    assert_eq!(taints[0]["key"], TAINT, "{d}");
+    assert_eq!(taints[0]["effect"], "NoSchedule", "{d}");
+
+    node.sim_set(&api.policy, "sim-7", "Healthy");
+    wait_slices(&api, "sim-7's taint removed", |s| {
+        complete(s).is_some_and(|g| g > g1) && tainted_devices(s).is_empty()
+    })
+    .await;
+    // The real API server took every write the agent made.
+    let refused = refused_writes(&api);
+    assert!(refused.is_empty(), "refused: {refused:?}");
+    assert!(
+        api.writes()
+            .iter()
+            .any(|w| w.verb == "patch" && w.path.contains("/resourceslices/")),
+        "the agent's slice writes are in the audit log"
+    );
     assert!(agent.terminate().success());
 }
 
@@ -412,12 +593,13 @@ async fn dra_health_streams_to_the_kubelet_and_taints_the_slice() {
 async fn a_corrupt_claim_checkpoint_is_moved_aside_and_reported() {
     let node = Node::new();
     let root = node.tmp.path().join("kubelet");
-    let dir = root.join(format!("plugins/{DRIVER}"));
+    let api = Cluster::start(&node.name, policy_json()).await;
+    let driver = driver(&api);
+    let dir = root.join(format!("plugins/{driver}"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("claims.json"), b"{not json").unwrap();
-    let api = ApiServer::start(policy_json()).await;
     let mut agent = spawn(&node, &api, &root);
-    register(&root).await;
+    register(&root, &driver).await;
     let aside: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .filter_map(|e| e.ok())
@@ -426,14 +608,21 @@ async fn a_corrupt_claim_checkpoint_is_moved_aside_and_reported() {
         .collect();
     assert_eq!(aside.len(), 1, "{aside:?}");
     let deadline = Instant::now() + T;
-    while !api
-        .events()
-        .iter()
-        .any(|e| e["reason"] == "CheckpointQuarantined")
-    {
-        assert!(Instant::now() < deadline, "no event: {:?}", api.events());
+    let event = loop {
+        let events = api.events().await;
+        if let Some(e) = events
+            .iter()
+            .find(|e| e["reason"] == "CheckpointQuarantined")
+        {
+            break e.clone();
+        }
+        assert!(Instant::now() < deadline, "no event: {events:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
+    assert_eq!(event["type"], "Warning", "{event}");
+    let note = event["note"].as_str().unwrap_or_default();
+    assert!(note.contains(&node.name), "{event}");
+    assert!(note.contains(&aside[0]), "{event}");
     assert!(agent.terminate().success());
 }
 
@@ -477,9 +666,10 @@ async fn the_plugin_watchers_request_with_the_socket_path_as_authority_is_answer
     use tokio::io::AsyncWriteExt;
     let node = Node::new();
     let root = node.tmp.path().join("kubelet");
-    let api = ApiServer::start(policy_json()).await;
+    let api = Cluster::start(&node.name, policy_json()).await;
+    let driver = driver(&api);
     let mut agent = spawn(&node, &api, &root);
-    let sock = root.join(format!("plugins_registry/{DRIVER}-reg.sock"));
+    let sock = registration(&root, &driver);
     wait_file(&sock).await;
     for method in ["GetInfo", "GetInfo"] {
         let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
@@ -511,7 +701,7 @@ async fn the_plugin_watchers_request_with_the_socket_path_as_authority_is_answer
                 0x7 => panic!("connection closed by the agent (GOAWAY {payload:?})"),
                 0x0 if stream == 1 => {
                     data.extend(payload);
-                    if data.windows(DRIVER.len()).any(|w| w == DRIVER.as_bytes()) {
+                    if data.windows(driver.len()).any(|w| w == driver.as_bytes()) {
                         break;
                     }
                 }

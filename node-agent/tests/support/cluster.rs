@@ -232,6 +232,38 @@ impl Cluster {
         created["metadata"]["uid"].as_str().unwrap().to_string()
     }
 
+    /// Creates the ResourceClaim `namespace/name` with `requests` (each
+    /// `(request, deviceClassName)`) and no allocation: a claim the
+    /// scheduler has not allocated (yet). Returns its uid.
+    pub async fn unallocated_claim(
+        &self,
+        namespace: &str,
+        name: &str,
+        requests: &[(&str, &str)],
+    ) -> String {
+        ensure_namespace(&self.admin, namespace).await;
+        let reqs: Vec<Value> = requests
+            .iter()
+            .map(|(r, class)| json!({"name": r, "exactly": {"deviceClassName": class}}))
+            .collect();
+        let claim = json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"devices": {"requests": reqs}}});
+        let created: Value = self
+            .admin
+            .request(
+                http::Request::post(format!(
+                    "/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims"
+                ))
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(&claim).unwrap())
+                .unwrap(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("claim {namespace}/{name}: {e}"));
+        created["metadata"]["uid"].as_str().unwrap().to_string()
+    }
+
     /// Deletes a ResourceClaim.
     pub async fn delete_claim(&self, namespace: &str, name: &str) {
         let path = format!("/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims/{name}");
