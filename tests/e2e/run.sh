@@ -133,6 +133,7 @@ trap cleanup EXIT
 # Removes what an earlier, failed run left on a reused cluster.
 leftovers() {
   kubectl delete pod -l app=devplug-e2e --ignore-not-found --wait=true --timeout=60s >/dev/null 2>&1 || true
+  kubectl delete resourceclaim -l app=devplug-e2e --ignore-not-found --wait=true --timeout=60s >/dev/null 2>&1 || true
   kubectl delete dpp --all --wait=true --timeout=60s >/dev/null 2>&1 || true
   # A policy whose operator is gone keeps its finalizer.
   for p in $(kubectl get dpp -o name 2>/dev/null); do
@@ -682,6 +683,68 @@ kubectl apply -f examples/claim-pod.yaml >/dev/null
 pod_ready_or_fail claim-pod 180
 kubectl delete pod claim-pod --grace-period=1 --wait=true --timeout=60s >/dev/null
 ok "the claim prepared before the restarts was unprepared after them; a new one ran"
+
+begin "DRA at real size: 300 devices, one Unhealthy: the taint is published and a new claim is allocated from the other 299"
+BIG=e2e-dra-300
+BIG_DRIVER=$BIG.devplug.io
+kubectl apply -f - >/dev/null <<YAML
+apiVersion: devplug.io/v1alpha1
+kind: DevicePluginPolicy
+metadata: {name: $BIG, labels: {app: devplug-e2e}}
+spec:
+  resourceName: hardware-vendor.example/big
+  kubeletApi: DRA
+  source: {simulated: {count: 300, idPrefix: big}}
+YAML
+big_slices() { # devices, slices at the newest generation, slices in all, tainted devices, generation
+  kubectl get resourceslices --field-selector spec.driver=$BIG_DRIVER,spec.nodeName="$NODE" -o json | python3 -c '
+import json,sys
+items=json.load(sys.stdin)["items"]
+if not items: print("none"); sys.exit()
+g=max(i["spec"]["pool"]["generation"] for i in items)
+cur=[i for i in items if i["spec"]["pool"]["generation"]==g]
+devs=[d for i in cur for d in i["spec"]["devices"]]
+want=cur[0]["spec"]["pool"]["resourceSliceCount"]
+print(len(devs), "devices", len(cur), "of", want, "slices", len(items), "in all", sum(1 for d in devs if d.get("taints")), "tainted")'
+}
+big_agent() {
+  kubectl -n $NS get pods -l devplug.io/policy=$BIG --field-selector spec.nodeName="$NODE" -o jsonpath='{.items[0].metadata.name}'
+}
+wait_for "the 300-device pool published whole" 120 "300 devices 5 of 5 slices 5 in all 0 tainted" big_slices
+kubectl -n $NS exec "$(big_agent)" -- devplug-agent sim --control-dir /run/devplug/sim $BIG big-7 Unhealthy "e2e: one bad device" >/dev/null
+wait_for "the taint published, the pool whole" 60 "300 devices 5 of 5 slices 5 in all 1 tainted" big_slices
+kubectl apply -f - >/dev/null <<YAML
+apiVersion: resource.k8s.io/v1
+kind: ResourceClaim
+metadata: {name: big-claim, labels: {app: devplug-e2e}}
+spec:
+  devices:
+    requests:
+      - name: big
+        exactly: {deviceClassName: $BIG_DRIVER, count: 1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: big-pod, labels: {app: devplug-e2e}}
+spec:
+  restartPolicy: Never
+  containers:
+    - name: c
+      image: registry.k8s.io/e2e-test-images/busybox:1.36.1-1
+      command: ["sleep", "3600"]
+      resources: {claims: [{name: big}]}
+  resourceClaims: [{name: big, resourceClaimName: big-claim}]
+YAML
+pod_ready_or_fail big-pod 180
+got=$(kubectl get resourceclaim big-claim -o jsonpath='{.status.allocation.devices.results[0].device}')
+[ -n "$got" ] && [ "$got" != big-7 ] || fail "big-claim got '$got' (the tainted device is big-7)"
+kubectl -n $NS exec "$(big_agent)" -- devplug-agent sim --control-dir /run/devplug/sim $BIG big-7 Healthy >/dev/null
+wait_for "the taint removed on recovery" 60 "300 devices 5 of 5 slices 5 in all 0 tainted" big_slices
+kubectl delete pod big-pod --grace-period=1 --wait=true --timeout=60s >/dev/null
+kubectl delete resourceclaim big-claim --wait=true --timeout=60s >/dev/null
+kubectl delete dpp $BIG --wait=true --timeout=120s >/dev/null || fail "deleting $BIG did not finish"
+[ -z "$(kubectl get resourceslices --field-selector spec.driver=$BIG_DRIVER -o name)" ] || fail "$BIG's ResourceSlices left"
+ok "big-claim got $got while big-7 was tainted"
 
 begin "DRA: deleting the policy removes its agents, slices and DeviceClass"
 kubectl delete resourceclaimtemplate foo-claim --ignore-not-found >/dev/null
