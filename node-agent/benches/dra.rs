@@ -2,33 +2,44 @@
 //!
 //! `cargo bench -p devplug-agent --bench dra`
 //!
-//! One cluster-mode agent with a DRA policy (64 simulated devices), an HTTP
-//! API server holding the ResourceClaims, and the kubelet's side played by
-//! this process over the real Unix sockets. On the driver socket it times:
+//! One cluster-mode agent with a DRA policy (64 simulated devices) against
+//! the real etcd + kube-apiserver of `devplug-testenv` (the agent's real
+//! bound token, straight to the server: not through the test relay, whose
+//! hop would count), and the kubelet's
+//! side played by this process over the real Unix sockets. On the driver
+//! socket it times:
 //! - an empty NodePrepareResources (no claims): the floor of one call;
 //! - preparing a claim the agent has prepared before (answered from its
 //!   checkpoint, as after every kubelet restart);
-//! - preparing a new claim: the ResourceClaim read from the API server, the
-//!   device checks, the CDI spec and the checkpoint written.
-//!
-//! It prints p50/p99 of each and their ratio to the floor.
+//! - preparing a new claim: a real ResourceClaim (all created before the
+//!   timing) read from the API server, the device checks, the CDI spec and
+//!   the checkpoint written;
+//! - the same number of GETs of those claims by the agent's identity alone
+//!   (the floor the new-claim figure sits on), and the ratio;
+//! - 100 concurrent NodePrepareResources calls for 100 new claims.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use devplug_proto::dra::v1;
 use devplug_proto::pluginregistration as reg;
+use futures::StreamExt;
+use kube::api::{Api, DynamicObject};
 use serde_json::json;
-use support::apiserver::ApiServer;
+use support::cluster::Cluster;
+use support::podresources::FakePodResources;
 use support::{Agent, Node, dial};
 
 const DEVICES: usize = 64;
 const CALLS: usize = 2000;
 const NEW: usize = 500;
-const DRIVER: &str = "bench.devplug.io";
+const CONCURRENT: usize = 100;
+const NS: &str = "ml";
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
@@ -39,48 +50,167 @@ fn us(d: Duration) -> String {
     format!("{:.1} µs", d.as_secs_f64() * 1e6)
 }
 
-fn claim(uid: &str, name: &str, device: usize) -> serde_json::Value {
-    json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
-           "metadata": {"name": name, "namespace": "ml", "uid": uid, "resourceVersion": "1"},
-           "status": {"allocation": {"devices": {"results": [
-               {"request": "r", "driver": DRIVER, "pool": "test-node", "device": format!("sim-{device}")}]}}}})
+/// An audit log timestamp.
+fn ts(v: &serde_json::Value) -> SystemTime {
+    v.as_str()
+        .unwrap()
+        .parse::<k8s_openapi::jiff::Timestamp>()
+        .unwrap()
+        .into()
+}
+
+/// p50/p99 of the API server's own handling time (audit log: received to
+/// answered) of `api`'s ResourceClaim GETs between `from` and `to`, and of
+/// its writes of any kind in that window.
+fn server_side(api: &Cluster, from: SystemTime, to: SystemTime) -> ((Duration, Duration), usize) {
+    let mut gets = Vec::new();
+    let mut writes = 0;
+    for e in api.audit_events() {
+        let recv = ts(&e["requestReceivedTimestamp"]);
+        if recv < from || recv > to {
+            continue;
+        }
+        let uri = e["requestURI"].as_str().unwrap_or_default();
+        if e["verb"] == "get" && uri.contains("/resourceclaims/") {
+            gets.push(
+                ts(&e["stageTimestamp"])
+                    .duration_since(recv)
+                    .unwrap_or_default(),
+            );
+        } else if !matches!(e["verb"].as_str(), Some("get" | "list" | "watch")) {
+            writes += 1;
+        }
+    }
+    (p50_p99(&mut gets), writes)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
 fn req(uid: &str, name: &str) -> v1::NodePrepareResourcesRequest {
     v1::NodePrepareResourcesRequest {
-        claims: vec![v1::Claim {
-            namespace: "ml".into(),
-            uid: uid.into(),
-            name: name.into(),
-        }],
+        claims: vec![claim(uid, name)],
     }
 }
 
-fn report(what: &str, v: &mut [Duration], floor: (Duration, Duration)) {
-    let (p50, p99) = (pct(v, 0.5), pct(v, 0.99));
+fn claim(uid: &str, name: &str) -> v1::Claim {
+    v1::Claim {
+        namespace: NS.into(),
+        uid: uid.into(),
+        name: name.into(),
+    }
+}
+
+fn p50_p99(v: &mut [Duration]) -> (Duration, Duration) {
+    (pct(v, 0.5), pct(v, 0.99))
+}
+
+fn line(what: &str, (p50, p99): (Duration, Duration), unit: fn(Duration) -> String, note: &str) {
     println!(
-        "{what:<44} p50 {:>9}  p99 {:>9}  ({:.2}x / {:.2}x the empty call)",
-        us(p50),
-        us(p99),
-        p50.as_secs_f64() / floor.0.as_secs_f64(),
-        p99.as_secs_f64() / floor.1.as_secs_f64()
+        "  {what:<52} p50 {:>10}  p99 {:>10}  {note}",
+        unit(p50),
+        unit(p99)
     );
+}
+
+fn ratio(a: (Duration, Duration), b: (Duration, Duration)) -> String {
+    format!(
+        "{:.2}x / {:.2}x",
+        a.0.as_secs_f64() / b.0.as_secs_f64(),
+        a.1.as_secs_f64() / b.1.as_secs_f64()
+    )
+}
+
+/// Creates the ResourceClaims `names` (allocated to `sim-<device>` of this
+/// node), 8 at a time; returns their uids in order.
+async fn create_claims(
+    api: &Cluster,
+    class: &str,
+    driver: &str,
+    node: &str,
+    claims: &[(String, usize)],
+) -> Vec<String> {
+    let mut uids: Vec<(usize, String)> = futures::stream::iter(claims.iter().enumerate())
+        .map(|(i, (name, device))| async move {
+            let dev = format!("sim-{device}");
+            let uid = api
+                .allocated_claim(NS, name, &[("r", class)], &[("r", driver, node, &dev)])
+                .await;
+            (i, uid)
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    uids.sort();
+    uids.into_iter().map(|(_, u)| u).collect()
+}
+
+/// `n` sequential GETs of `names` (cycled) as a ResourceClaim, each timed,
+/// the way the agent reads one (an `Api<DynamicObject>::get`).
+async fn time_gets(client: kube::Client, names: &[String], n: usize) -> Vec<Duration> {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client, NS, &devplug_agent::dra::server::claim_resource());
+    // Warm the connection, as the agent's is by then.
+    for name in names.iter().take(50) {
+        api.get(name).await.unwrap();
+    }
+    let mut v = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        let got = api.get(&names[i % names.len()]).await.unwrap();
+        v.push(t.elapsed());
+        assert!(got.metadata.uid.is_some());
+    }
+    v
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    let began = Instant::now();
     let node = Node::new();
     let root = node.tmp.path().join("kubelet");
-    let api = ApiServer::start(json!({
-        "apiVersion": "devplug.io/v1alpha1", "kind": "DevicePluginPolicy",
-        "metadata": {"name": "bench", "uid": "u", "generation": 1},
-        "spec": {"resourceName": "bench.example/r", "kubeletApi": "DRA",
-                 "source": {"simulated": {"count": DEVICES}}}}))
+    // The node's PodResources service (nothing allocated through it).
+    let (_pods, _pr) = FakePodResources::start(&node.pod_resources_socket());
+    let api = Cluster::start(
+        &node.name,
+        json!({
+            "apiVersion": "devplug.io/v1alpha1", "kind": "DevicePluginPolicy",
+            "metadata": {"name": "bench"},
+            "spec": {"resourceName": "bench.example/r", "kubeletApi": "DRA",
+                     "source": {"simulated": {"count": DEVICES}}}}),
+    )
     .await;
-    let kc = api.kubeconfig(node.tmp.path());
+    let driver = devplug_api::dra_driver_name(&api.policy);
+    let class = devplug_api::dra_device_class_name(&api.policy);
+    devplug_testenv::apply_value(
+        &api.admin(),
+        &json!({"apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass",
+                "metadata": {"name": class},
+                "spec": {"selectors": [{"cel": {"expression": format!("device.driver == {driver:?}")}}]}}),
+    )
+    .await
+    .unwrap();
+
+    // Every claim the figures use, created before any timing.
+    let mut specs: Vec<(String, usize)> = vec![("held".into(), 0)];
+    specs.extend((0..NEW).map(|i| (format!("c-{i}"), 1 + i % (DEVICES - 1))));
+    specs.extend((0..CONCURRENT).map(|i| (format!("p-{i}"), 1 + i % (DEVICES - 1))));
+    let created = Instant::now();
+    let uids = create_claims(&api, &class, &driver, &node.name, &specs).await;
+    let created = created.elapsed();
+    let held_uid = uids[0].clone();
+    let fresh_claims: Vec<(String, String)> = (0..NEW)
+        .map(|i| (format!("c-{i}"), uids[1 + i].clone()))
+        .collect();
+    let par_claims: Vec<(String, String)> = (0..CONCURRENT)
+        .map(|i| (format!("p-{i}"), uids[1 + NEW + i].clone()))
+        .collect();
+
+    let kc = api.kubeconfig_direct(node.tmp.path());
     let _agent = Agent::spawn_cluster_with(
         &node,
-        "bench",
+        &api.policy,
         &kc,
         &[
             "--admin-addr",
@@ -89,7 +219,7 @@ async fn main() {
             root.to_str().unwrap(),
         ],
     );
-    let reg_sock = root.join(format!("plugins_registry/{DRIVER}-reg.sock"));
+    let reg_sock = root.join(format!("plugins_registry/{driver}-reg.sock"));
     let deadline = Instant::now() + Duration::from_secs(30);
     while !reg_sock.exists() {
         assert!(Instant::now() < deadline, "the agent never registered");
@@ -103,11 +233,25 @@ async fn main() {
     })
     .await
     .unwrap();
-    let mut c = v1::dra_plugin_client::DraPluginClient::new(
-        dial(std::path::Path::new(&info.endpoint)).await.unwrap(),
+    let mut c =
+        v1::dra_plugin_client::DraPluginClient::new(dial(Path::new(&info.endpoint)).await.unwrap());
+    // The agent is serving its inventory once its pool is published.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while api.slices().await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never published its pool"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "devplug DRA benchmark: 1 cluster-mode agent, {DEVICES} simulated devices, real kube-apiserver \
+         (devplug-testenv; the agent's bound token, no relay), release build"
     );
     println!(
-        "devplug DRA benchmark: 1 agent, {DEVICES} devices, {CALLS} calls per figure ({NEW} new claims)"
+        "  setup: {} ResourceClaims created (and allocated) before any timing in {:.1} s",
+        specs.len(),
+        created.as_secs_f64()
     );
 
     // Warm up the connection and the agent.
@@ -124,59 +268,155 @@ async fn main() {
             .unwrap();
         empty.push(t.elapsed());
     }
-    let floor = (pct(&mut empty, 0.5), pct(&mut empty, 0.99));
+    let floor = p50_p99(&mut empty);
 
-    api.set_claim("ml", "held", Some(claim("uid-held", "held", 0)));
     let first = c
-        .node_prepare_resources(req("uid-held", "held"))
+        .node_prepare_resources(req(&held_uid, "held"))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(first.claims["uid-held"].error, "");
+    assert_eq!(first.claims[&held_uid].error, "");
     let mut again = Vec::with_capacity(CALLS);
     for _ in 0..CALLS {
         let t = Instant::now();
         let r = c
-            .node_prepare_resources(req("uid-held", "held"))
+            .node_prepare_resources(req(&held_uid, "held"))
             .await
             .unwrap();
         again.push(t.elapsed());
-        assert_eq!(r.into_inner().claims["uid-held"].error, "");
+        assert_eq!(r.into_inner().claims[&held_uid].error, "");
     }
+    let again = p50_p99(&mut again);
 
+    // New claims, one call each, unprepared after each (the checkpoint
+    // holds one other claim throughout).
+    let fresh_from = SystemTime::now();
     let mut fresh = Vec::with_capacity(NEW);
-    for i in 0..NEW {
-        let (uid, name) = (format!("uid-{i}"), format!("c-{i}"));
-        api.set_claim("ml", &name, Some(claim(&uid, &name, 1 + i % (DEVICES - 1))));
+    for (name, uid) in &fresh_claims {
         let t = Instant::now();
-        let r = c.node_prepare_resources(req(&uid, &name)).await.unwrap();
+        let r = c.node_prepare_resources(req(uid, name)).await.unwrap();
         fresh.push(t.elapsed());
-        assert_eq!(r.into_inner().claims[&uid].error, "");
+        let r = r.into_inner();
+        assert_eq!(r.claims[uid].error, "", "{name}");
+        assert_eq!(r.claims[uid].devices.len(), 1);
         c.node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
-            claims: vec![v1::Claim {
-                namespace: "ml".into(),
-                uid: uid.clone(),
-                name: name.clone(),
-            }],
+            claims: vec![claim(uid, name)],
         })
         .await
         .unwrap();
     }
+    let fresh = p50_p99(&mut fresh);
+    let fresh_to = SystemTime::now();
 
+    // The GET alone, as the agent: same claims, same count, same loop.
+    // (Same identity, so the audit log counts these as the agent's too.)
+    let reads_before = api.claim_reads();
+    let names: Vec<String> = fresh_claims.iter().map(|(n, _)| n.clone()).collect();
+    let get_from = SystemTime::now();
+    let get = p50_p99(&mut time_gets(api.agent_client(), &names, NEW).await);
+    let get_to = SystemTime::now();
+    let reads_between = api.claim_reads() - reads_before;
+
+    // 100 pods' claims at once: 100 concurrent calls on the one connection
+    // (as the kubelet multiplexes them), one new claim each.
+    let start = Arc::new(tokio::sync::Barrier::new(CONCURRENT + 1));
+    let mut tasks = Vec::new();
+    for (name, uid) in par_claims.clone() {
+        let mut c = c.clone();
+        let start = start.clone();
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let t = Instant::now();
+            let r = c.node_prepare_resources(req(&uid, &name)).await.unwrap();
+            let took = t.elapsed();
+            let r = r.into_inner();
+            assert_eq!(r.claims[&uid].error, "", "{name}");
+            assert_eq!(r.claims[&uid].devices.len(), 1);
+            took
+        }));
+    }
+    start.wait().await;
+    let wall = Instant::now();
+    let mut par = Vec::with_capacity(CONCURRENT);
+    for t in tasks {
+        par.push(t.await.unwrap());
+    }
+    let wall = wall.elapsed();
+    let par = p50_p99(&mut par);
+    c.node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
+        claims: par_claims.iter().map(|(n, u)| claim(u, n)).collect(),
+    })
+    .await
+    .unwrap();
+    let reads = api.claim_reads() - reads_between;
+    let (fresh_server, fresh_writes) = server_side(&api, fresh_from, fresh_to);
+    let (get_server, _) = server_side(&api, get_from, get_to);
+
+    println!("NodePrepareResources on the driver socket, one call at a time (wall time per call):");
+    line(
+        "no claims (the floor of one gRPC call)",
+        floor,
+        us,
+        &format!("{CALLS} calls"),
+    );
+    line(
+        "claim prepared before (from the checkpoint)",
+        again,
+        us,
+        &format!("{CALLS} calls; {} the floor", ratio(again, floor)),
+    );
+    line(
+        "new claim (ResourceClaim GET + checks + CDI + ckpt)",
+        fresh,
+        us,
+        &format!("{NEW} claims; {} the floor", ratio(fresh, floor)),
+    );
     println!(
-        "{:<44} p50 {:>9}  p99 {:>9}",
-        "NodePrepareResources, no claims (floor)",
-        us(floor.0),
-        us(floor.1)
+        "GET of the same ResourceClaims by the agent's identity, alone (this process, one at a time):"
     );
-    report(
-        "NodePrepareResources, claim prepared before",
-        &mut again,
-        floor,
+    line(
+        "GET (Api<DynamicObject>::get, as the agent reads)",
+        get,
+        us,
+        &format!("{NEW} GETs"),
     );
-    report(
-        "NodePrepareResources, new claim (API read, CDI)",
-        &mut fresh,
-        floor,
+    println!(
+        "  new-claim prepare / GET: {} (p50 / p99; issue target <= 1.5x)",
+        ratio(fresh, get)
     );
+    println!(
+        "  new-claim prepare - GET: p50 {}  p99 {} (what the agent adds to the read)",
+        us(fresh.0.saturating_sub(get.0)),
+        us(fresh.1.saturating_sub(get.1))
+    );
+    println!(
+        "  the API server's own handling of each GET (audit log, received -> answered): during the new-claim \
+         prepares p50 {} p99 {}; of this process's GETs p50 {} p99 {}",
+        us(fresh_server.0),
+        us(fresh_server.1),
+        us(get_server.0),
+        us(get_server.1)
+    );
+    println!(
+        "  the agent's writes to the API server during the {NEW} new-claim prepares/unprepares (audit log): {fresh_writes}"
+    );
+    println!(
+        "{CONCURRENT} concurrent NodePrepareResources calls, one new claim each, on one node (one connection):"
+    );
+    line(
+        "per call, from its send to its answer",
+        par,
+        ms,
+        &format!(
+            "all {CONCURRENT} answered in {}; issue target p99 <= 100 ms + one GET (= {})",
+            ms(wall),
+            ms(Duration::from_millis(100) + get.1)
+        ),
+    );
+    println!(
+        "  the agent's ResourceClaim GETs in the audit log (this process's GETs above left out): {reads} \
+         (expected {}: one per new claim)",
+        1 + NEW + CONCURRENT
+    );
+    println!("  bench wall time {:.1} s", began.elapsed().as_secs_f64());
 }

@@ -76,6 +76,18 @@ impl Cluster {
         env().kubeconfig(dir, &self.token, Some(&self.proxy.url))
     }
 
+    /// A kubeconfig for the agent straight to the API server, without the
+    /// relay (so [`Cluster::stop`] cannot cut it off): for measurements,
+    /// where the relay's own hop would count.
+    pub fn kubeconfig_direct(&self, dir: &Path) -> PathBuf {
+        env().kubeconfig(dir, &self.token, None)
+    }
+
+    /// A client acting as the agent (its token), straight to the API server.
+    pub fn agent_client(&self) -> Client {
+        env().client_with_token(&self.token)
+    }
+
     /// The policy as stored.
     pub async fn policy_json(&self) -> Value {
         get_json(&self.admin, &policy_path(&self.policy))
@@ -134,6 +146,19 @@ impl Cluster {
     /// Every request the agent made, from the API server's audit log.
     pub fn requests(&self) -> Vec<Audited> {
         env().audit(&self.user)
+    }
+
+    /// Every request the agent made, as the raw events of the API server's
+    /// audit log (stage ResponseComplete: with `requestReceivedTimestamp`
+    /// and `stageTimestamp`, for timings).
+    pub fn audit_events(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(env().dir().join("audit.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| {
+                e["user"]["username"] == self.user.as_str() && e["stage"] == "ResponseComplete"
+            })
+            .collect()
     }
 
     /// The agent's writes.

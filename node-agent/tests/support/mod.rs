@@ -18,7 +18,6 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status};
 
-pub mod apiserver;
 pub mod cluster;
 pub mod podresources;
 
