@@ -711,3 +711,137 @@ async fn the_plugin_watchers_request_with_the_socket_path_as_authority_is_answer
     }
     assert!(agent.terminate().success());
 }
+
+/// The prepare path in-process, with the agent's identity behind a
+/// recorder: one claim whose ResourceClaim read hangs (the API server does
+/// not answer it) stalls no other claim, and two calls for one claim make
+/// one read. Before, one lock was held across the read, so every prepare
+/// on the node waited for the slow one (up to its 10 s timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_claim_read_stalls_no_other_claim() {
+    use devplug_agent::deviceplugin::plugin::{PluginState, Streams};
+    use devplug_agent::dra::server::DraState;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+
+    let node = Node::new();
+    let api = Cluster::start(&node.name, policy_of(4)).await;
+    let class = device_class(&api).await;
+    let driver = driver(&api);
+    let ns = unique("slow");
+    let mut uids = Vec::new();
+    for (name, dev) in [("slow", "sim-0"), ("quick", "sim-1")] {
+        uids.push(
+            api.allocated_claim(
+                &ns,
+                name,
+                &[("gpu", &class)],
+                &[("gpu", &driver, &node.name, dev)],
+            )
+            .await,
+        );
+    }
+    let policy: devplug_api::DevicePluginPolicy =
+        serde_json::from_value(api.policy_json().await).unwrap();
+    let cfg = Arc::new(devplug_agent::config::PluginConfig::from_policy(&policy));
+    let mut snap = devplug_agent::devices::inventory::Snapshot {
+        replicas: 1,
+        version: 1,
+        ..Default::default()
+    };
+    for i in 0..4 {
+        let id = format!("sim-{i}");
+        snap.devices.insert(
+            id.clone(),
+            devplug_agent::devices::inventory::DeviceState {
+                device: devplug_agent::devices::device::Device {
+                    id,
+                    numa_node: None,
+                    nodes: vec![],
+                    health: devplug_agent::devices::health::Health::Healthy,
+                    links: vec![],
+                    attributes: Default::default(),
+                },
+                health: devplug_agent::devices::health::Health::Healthy,
+                last_transition: std::time::SystemTime::UNIX_EPOCH,
+            },
+        );
+    }
+    let (_cfg_tx, cfg_rx) = tokio::sync::watch::channel(cfg.clone());
+    let (_snap_tx, snap_rx) = tokio::sync::watch::channel(Arc::new(snap));
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (_alloc_tx, alloc_rx) = tokio::sync::watch::channel(Default::default());
+    let plugin = Arc::new(PluginState {
+        cfg: cfg_rx,
+        snapshots: snap_rx,
+        streams: Arc::new(Streams::default()),
+        registered: AtomicBool::new(true),
+        registrations: AtomicU64::new(1),
+        shutdown: stop_rx,
+        allocations: alloc_rx,
+        kick: Arc::new(tokio::sync::Notify::new()),
+        metrics: Arc::default(),
+        writes: Arc::default(),
+    });
+    let paths = devplug_agent::dra::names::Paths::new(&node.tmp.path().join("kubelet"), &driver);
+    std::fs::create_dir_all(&paths.dir).unwrap();
+    let (client, rec) = api.agent_client_recorded();
+    let state = Arc::new(DraState {
+        plugin,
+        node: node.name.clone(),
+        paths,
+        cdi_dir: node.cdi(),
+        client: Some(client),
+        checkpoint: Default::default(),
+        claim_locks: Default::default(),
+    });
+
+    // The read of "slow" gets no answer until released.
+    rec.hold(http::Method::GET, "/resourceclaims/slow");
+    let slow = {
+        let s = state.clone();
+        let c = c1(&ns, &uids[0], "slow");
+        tokio::spawn(async move { s.prepare_one(&c).await })
+    };
+    let again = {
+        let s = state.clone();
+        let c = c1(&ns, &uids[0], "slow");
+        tokio::spawn(async move { s.prepare_one(&c).await })
+    };
+    let deadline = Instant::now() + T;
+    while !rec
+        .log()
+        .iter()
+        .any(|c| c.path.ends_with("/resourceclaims/slow"))
+    {
+        assert!(Instant::now() < deadline, "the slow read was never sent");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let quick = tokio::time::timeout(
+        Duration::from_secs(3),
+        state.prepare_one(&c1(&ns, &uids[1], "quick")),
+    )
+    .await
+    .expect("a claim waited for another claim's slow read")
+    .unwrap();
+    assert_eq!(quick[0].device_name, "sim-1");
+    assert!(!slow.is_finished(), "the slow read was answered early");
+
+    rec.release();
+    let got = slow.await.unwrap().unwrap();
+    assert_eq!(got[0].device_name, "sim-0");
+    assert_eq!(
+        again.await.unwrap().unwrap(),
+        got,
+        "the second call answers the same"
+    );
+    let reads = rec
+        .log()
+        .iter()
+        .filter(|c| c.path.ends_with("/resourceclaims/slow"))
+        .count();
+    assert_eq!(reads, 1, "two calls for one claim, one read");
+    assert!(state.claim_locks.is_empty(), "no lock left behind");
+    let cp = devplug_agent::dra::server::prepared(&state).await;
+    assert_eq!(cp.len(), 2);
+}

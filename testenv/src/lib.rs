@@ -665,6 +665,16 @@ impl Env {
         (client, rec)
     }
 
+    /// A client presenting `token` with a [`Recorder`] in front.
+    pub fn recorded_client(&self, token: &str) -> (Client, Recorder) {
+        let rec = Recorder::default();
+        let client = kube::client::ClientBuilder::try_from(self.token_config(token))
+            .expect("client")
+            .with_layer(&rec.clone())
+            .build();
+        (client, rec)
+    }
+
     /// A token of the operator's ServiceAccount (one per test binary).
     pub async fn operator_token(&self) -> String {
         if let Some(t) = self.operator_token.lock().unwrap().clone() {

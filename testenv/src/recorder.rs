@@ -39,12 +39,26 @@ struct State {
     cleared: usize,
     /// (method, path substring, status code).
     faults: Vec<(Method, String, u16)>,
+    /// (method, path substring): held until [`Recorder::release`], as a
+    /// server that does not answer.
+    holds: Vec<(Method, String)>,
 }
 
 /// The record of a client's requests, and the faults it injects.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Recorder {
     state: Arc<Mutex<State>>,
+    /// Bumped by [`Recorder::release`]; held requests wait for it.
+    gate: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Recorder {
+            state: Arc::default(),
+            gate: Arc::new(tokio::sync::watch::channel(0).0),
+        }
+    }
 }
 
 impl Recorder {
@@ -78,6 +92,22 @@ impl Recorder {
             .unwrap()
             .faults
             .push((method, path.to_string(), code));
+    }
+
+    /// From now on, `method` requests whose path contains `path` get no
+    /// answer until [`Recorder::release`] (they are sent then).
+    pub fn hold(&self, method: Method, path: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .holds
+            .push((method, path.to_string()));
+    }
+
+    /// Lets every held request go on, and holds no more.
+    pub fn release(&self) {
+        self.state.lock().unwrap().holds.clear();
+        self.gate.send_modify(|g| *g += 1);
     }
 
     /// Removes every injected fault.
@@ -137,7 +167,7 @@ where
             query: req.uri().query().unwrap_or("").to_string(),
             code: 0,
         };
-        let (index, fault) = {
+        let (index, fault, held) = {
             let mut st = self.rec.state.lock().unwrap();
             st.log.push(call.clone());
             let index = st.cleared + st.log.len() - 1;
@@ -146,7 +176,11 @@ where
                 .iter()
                 .find(|(m, p, _)| *m == call.method && call.path.contains(p.as_str()))
                 .map(|(_, _, code)| *code);
-            (index, fault)
+            let held = st
+                .holds
+                .iter()
+                .any(|(m, p)| *m == call.method && call.path.contains(p.as_str()));
+            (index, fault, held)
         };
         let state = self.rec.state.clone();
         let answered = move |code: u16| {
@@ -173,8 +207,13 @@ where
                 Ok(resp)
             }),
             None => {
+                // Nothing is sent before the future is first polled.
                 let fut = self.inner.call(req);
+                let mut gate = self.rec.gate.subscribe();
                 Box::pin(async move {
+                    if held {
+                        let _ = gate.changed().await;
+                    }
                     let resp = fut.await?;
                     answered(resp.status().as_u16());
                     Ok(resp)

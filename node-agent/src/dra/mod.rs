@@ -92,6 +92,7 @@ pub fn serve(s: Setup, shutdown: watch::Receiver<bool>) -> std::io::Result<Start
         cdi_dir: s.cdi_dir,
         client: s.client,
         checkpoint: Mutex::new(checkpoint),
+        claim_locks: Default::default(),
     });
     let endpoint = bind(&paths.endpoint)?;
     let registration = bind(&paths.registration)?;

@@ -63,8 +63,52 @@ pub struct DraState {
     pub cdi_dir: PathBuf,
     /// API access (cluster mode): claims are read from the API server.
     pub client: Option<kube::Client>,
-    /// Prepared claims; held across a whole prepare or unprepare.
+    /// Prepared claims. Held only to read or record an entry, never across
+    /// the ResourceClaim read, so one slow read stalls no other claim.
     pub checkpoint: Mutex<Checkpoint>,
+    /// One lock per claim UID being prepared or unprepared: the kubelet's
+    /// calls for one claim are handled one at a time, different claims at
+    /// once.
+    pub claim_locks: ClaimLocks,
+}
+
+/// Per-claim locks, dropped again when nobody holds them.
+#[derive(Default)]
+pub struct ClaimLocks(std::sync::Mutex<BTreeMap<String, Arc<Mutex<()>>>>);
+
+impl ClaimLocks {
+    fn of(&self, uid: &str) -> Arc<Mutex<()>> {
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.entry(uid.to_string()).or_default().clone()
+    }
+
+    /// Forgets `uid`'s lock unless someone else still holds or waits on it.
+    fn release(&self, uid: &str, lock: Arc<Mutex<()>>) {
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The map's own reference and `lock`: nobody else.
+        if Arc::strong_count(&lock) == 2 {
+            m.remove(uid);
+        }
+    }
+
+    /// How many claims have a lock now (for tests).
+    pub fn len(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether no claim has a lock now.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 fn devices_of(p: &PreparedClaim) -> Vec<v1::Device> {
@@ -112,15 +156,26 @@ impl DraState {
         serde_json::to_value(&got).map_err(|e| e.to_string())
     }
 
-    /// Prepares one claim (idempotent).
+    /// Prepares one claim (idempotent), serialised with every other call
+    /// for the same claim.
     pub async fn prepare_one(&self, c: &v1::Claim) -> Result<Vec<v1::Device>, String> {
         if c.uid.is_empty() || c.name.is_empty() || c.namespace.is_empty() {
             return Err("a claim needs namespace, uid and name".into());
         }
-        let mut cp = self.checkpoint.lock().await;
+        let lock = self.claim_locks.of(&c.uid);
+        let r = {
+            let _one_at_a_time = lock.lock().await;
+            self.prepare_locked(c).await
+        };
+        self.claim_locks.release(&c.uid, lock);
+        r
+    }
+
+    async fn prepare_locked(&self, c: &v1::Claim) -> Result<Vec<v1::Device>, String> {
         let cfg = self.plugin.cfg();
         let snap = self.plugin.snapshots.borrow().clone();
-        if let Some(p) = cp.claims.get(&c.uid).cloned() {
+        let known = self.checkpoint.lock().await.claims.get(&c.uid).cloned();
+        if let Some(p) = known {
             if let Some(f) = &p.cdi_file
                 && !self.cdi_dir.join(f).exists()
             {
@@ -143,6 +198,7 @@ impl DraState {
             debug!(policy = %cfg.name, claim = %c.uid, "claim already prepared");
             return Ok(devices_of(&p));
         }
+        // Read without the checkpoint lock: other claims go on meanwhile.
         let claim = self.fetch(c).await?;
         let results = claims::results_of(&claim, &cfg.driver)?;
         let (prepared, spec) = claims::plan(
@@ -158,6 +214,7 @@ impl DraState {
             cdi::write_atomic(&self.cdi_dir, f, b)
                 .map_err(|e| format!("cannot write the CDI spec {f}: {e}"))?;
         }
+        let mut cp = self.checkpoint.lock().await;
         cp.claims.insert(c.uid.clone(), prepared.clone());
         if let Err(e) = claims::save(&self.paths.checkpoint, &cp) {
             cp.claims.remove(&c.uid);
@@ -174,8 +231,19 @@ impl DraState {
         Ok(devices_of(&prepared))
     }
 
-    /// Unprepares one claim: removes what prepare made (idempotent).
+    /// Unprepares one claim: removes what prepare made (idempotent),
+    /// serialised with every other call for the same claim.
     pub async fn unprepare_one(&self, c: &v1::Claim) -> Result<(), String> {
+        let lock = self.claim_locks.of(&c.uid);
+        let r = {
+            let _one_at_a_time = lock.lock().await;
+            self.unprepare_locked(c).await
+        };
+        self.claim_locks.release(&c.uid, lock);
+        r
+    }
+
+    async fn unprepare_locked(&self, c: &v1::Claim) -> Result<(), String> {
         let mut cp = self.checkpoint.lock().await;
         let Some(p) = cp.claims.remove(&c.uid) else {
             return Ok(());
@@ -199,11 +267,14 @@ impl DraState {
         Ok(())
     }
 
+    /// Prepares the claims of one call at once (each answered on its own:
+    /// one bad claim never fails the others).
     async fn prepare(&self, claims: Vec<v1::Claim>) -> v1::NodePrepareResourcesResponse {
         let start = std::time::Instant::now();
+        let results = futures::future::join_all(claims.iter().map(|c| self.prepare_one(c))).await;
         let mut out = v1::NodePrepareResourcesResponse::default();
-        for c in claims {
-            let r = match self.prepare_one(&c).await {
+        for (c, result) in claims.into_iter().zip(results) {
+            let r = match result {
                 Ok(devices) => v1::NodePrepareResourceResponse {
                     devices,
                     error: String::new(),

@@ -88,6 +88,12 @@ impl Cluster {
         env().client_with_token(&self.token)
     }
 
+    /// Same, behind a [`devplug_testenv::Recorder`] (its requests logged,
+    /// chosen ones failed or held).
+    pub fn agent_client_recorded(&self) -> (Client, devplug_testenv::Recorder) {
+        env().recorded_client(&self.token)
+    }
+
     /// The policy as stored.
     pub async fn policy_json(&self) -> Value {
         get_json(&self.admin, &policy_path(&self.policy))
