@@ -17,8 +17,12 @@ use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams
 use serde_json::{Value, json};
 
 fn dra_policy(name: &str) -> DevicePluginPolicy {
+    dra_policy_serving(name, &format!("example.com/{name}"))
+}
+
+fn dra_policy_serving(name: &str, resource: &str) -> DevicePluginPolicy {
     let yaml = format!(
-        "apiVersion: devplug.io/v1alpha1\nkind: DevicePluginPolicy\nmetadata:\n  name: {name}\nspec:\n  resourceName: example.com/{name}\n  kubeletApi: DRA\n  source:\n    simulated:\n      count: 300\n"
+        "apiVersion: devplug.io/v1alpha1\nkind: DevicePluginPolicy\nmetadata:\n  name: {name}\nspec:\n  resourceName: {resource}\n  kubeletApi: DRA\n  source:\n    simulated:\n      count: 300\n"
     );
     devplug_api::policies_from_yaml(&yaml).unwrap().remove(0)
 }
@@ -493,7 +497,12 @@ async fn an_agent_cannot_touch_another_policys_slices_on_its_node() {
         "a deleting b's slice",
     );
     // A long policy name (its driver cut and hashed) still publishes.
-    let long = dra_policy(&format!("{}-{}", unique("long"), "x".repeat(50)));
+    // (Its resource name stays short: a resource's name part is at most
+    // 63 characters, a policy's name up to 253.)
+    let long = dra_policy_serving(
+        &format!("{}-{}", unique("long"), "x".repeat(60)),
+        "example.com/long",
+    );
     let agent_long = env.client_with_token(&env.agent_token(&long, &node).await);
     let (l_name, l_slice) =
         slices::slices(&node, &PluginConfig::from_policy(&long), 1, &devs).remove(0);
