@@ -201,10 +201,18 @@ pub fn render_claim(
 /// the new one, never a half-written one (the temporary name does not end in
 /// `.json`, so runtimes watching the directory ignore it).
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, dir.join(name))
+    // On disk before it takes the name, and the name on disk before this
+    // returns: after a crash the file is the old one or the new one, whole,
+    // never empty (a checkpoint that vanished would forget prepared claims).
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Keeps the policy's spec file in step with discovery until shutdown, then

@@ -259,7 +259,9 @@ async fn a_dra_policy_registers_publishes_and_prepares_claims_across_restarts() 
         got.devices[0].cdi_device_ids,
         [format!("example.com/gpu=sim-1-gpu-{uid1}")]
     );
-    let spec_file = node.cdi().join(format!("devplug-claim-{uid1}.json"));
+    let spec_file = node
+        .cdi()
+        .join(format!("devplug-claim-{driver}-{uid1}.json"));
     let cdi: Value = serde_json::from_slice(&std::fs::read(&spec_file).unwrap()).unwrap();
     assert_eq!(cdi["kind"], "example.com/gpu");
     assert_eq!(cdi["devices"][0]["name"], format!("sim-1-gpu-{uid1}"));
@@ -360,7 +362,7 @@ async fn a_dra_policy_registers_publishes_and_prepares_claims_across_restarts() 
         assert!(
             !node
                 .cdi()
-                .join(format!("devplug-claim-{bad}.json"))
+                .join(format!("devplug-claim-{driver}-{bad}.json"))
                 .exists()
         );
     }
@@ -719,11 +721,6 @@ async fn the_plugin_watchers_request_with_the_socket_path_as_authority_is_answer
 /// on the node waited for the slow one (up to its 10 s timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_claim_read_stalls_no_other_claim() {
-    use devplug_agent::deviceplugin::plugin::{PluginState, Streams};
-    use devplug_agent::dra::server::DraState;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64};
-
     let node = Node::new();
     let api = Cluster::start(&node.name, policy_of(4)).await;
     let class = device_class(&api).await;
@@ -741,60 +738,7 @@ async fn a_slow_claim_read_stalls_no_other_claim() {
             .await,
         );
     }
-    let policy: devplug_api::DevicePluginPolicy =
-        serde_json::from_value(api.policy_json().await).unwrap();
-    let cfg = Arc::new(devplug_agent::config::PluginConfig::from_policy(&policy));
-    let mut snap = devplug_agent::devices::inventory::Snapshot {
-        replicas: 1,
-        version: 1,
-        ..Default::default()
-    };
-    for i in 0..4 {
-        let id = format!("sim-{i}");
-        snap.devices.insert(
-            id.clone(),
-            devplug_agent::devices::inventory::DeviceState {
-                device: devplug_agent::devices::device::Device {
-                    id,
-                    numa_node: None,
-                    nodes: vec![],
-                    health: devplug_agent::devices::health::Health::Healthy,
-                    links: vec![],
-                    attributes: Default::default(),
-                },
-                health: devplug_agent::devices::health::Health::Healthy,
-                last_transition: std::time::SystemTime::UNIX_EPOCH,
-            },
-        );
-    }
-    let (_cfg_tx, cfg_rx) = tokio::sync::watch::channel(cfg.clone());
-    let (_snap_tx, snap_rx) = tokio::sync::watch::channel(Arc::new(snap));
-    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let (_alloc_tx, alloc_rx) = tokio::sync::watch::channel(Default::default());
-    let plugin = Arc::new(PluginState {
-        cfg: cfg_rx,
-        snapshots: snap_rx,
-        streams: Arc::new(Streams::default()),
-        registered: AtomicBool::new(true),
-        registrations: AtomicU64::new(1),
-        shutdown: stop_rx,
-        allocations: alloc_rx,
-        kick: Arc::new(tokio::sync::Notify::new()),
-        metrics: Arc::default(),
-        writes: Arc::default(),
-    });
-    let paths = devplug_agent::dra::names::Paths::new(&node.tmp.path().join("kubelet"), &driver);
-    std::fs::create_dir_all(&paths.dir).unwrap();
-    let (client, rec) = api.agent_client_recorded();
-    let state = Arc::new(DraState {
-        plugin,
-        node: node.name.clone(),
-        paths,
-        cdi_dir: node.cdi(),
-        client: Some(client),
-        checkpoint: Default::default(),
-        claim_locks: Default::default(),
-    });
+    let (state, rec) = in_process(&api, &node, 4).await;
 
     // The read of "slow" gets no answer until released.
     rec.hold(http::Method::GET, "/resourceclaims/slow");
@@ -844,4 +788,167 @@ async fn a_slow_claim_read_stalls_no_other_claim() {
     assert!(state.claim_locks.is_empty(), "no lock left behind");
     let cp = devplug_agent::dra::server::prepared(&state).await;
     assert_eq!(cp.len(), 2);
+}
+
+/// The agent's DRA state in this process for `api`'s policy on `node`,
+/// with `devices` healthy simulated devices, reading claims as the agent
+/// (its token) behind a recorder.
+async fn in_process(
+    api: &Cluster,
+    node: &Node,
+    devices: usize,
+) -> (
+    std::sync::Arc<devplug_agent::dra::server::DraState>,
+    devplug_testenv::Recorder,
+) {
+    use devplug_agent::deviceplugin::plugin::{PluginState, Streams};
+    use devplug_agent::dra::server::DraState;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    let driver = driver(api);
+    let policy: devplug_api::DevicePluginPolicy =
+        serde_json::from_value(api.policy_json().await).unwrap();
+    let cfg = Arc::new(devplug_agent::config::PluginConfig::from_policy(&policy));
+    let mut snap = devplug_agent::devices::inventory::Snapshot {
+        replicas: 1,
+        version: 1,
+        ..Default::default()
+    };
+    for i in 0..devices {
+        let id = format!("sim-{i}");
+        snap.devices.insert(
+            id.clone(),
+            devplug_agent::devices::inventory::DeviceState {
+                device: devplug_agent::devices::device::Device {
+                    id,
+                    numa_node: None,
+                    nodes: vec![],
+                    health: devplug_agent::devices::health::Health::Healthy,
+                    links: vec![],
+                    attributes: Default::default(),
+                },
+                health: devplug_agent::devices::health::Health::Healthy,
+                last_transition: std::time::SystemTime::UNIX_EPOCH,
+            },
+        );
+    }
+    let (_cfg_tx, cfg_rx) = tokio::sync::watch::channel(cfg.clone());
+    let (_snap_tx, snap_rx) = tokio::sync::watch::channel(Arc::new(snap));
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (_alloc_tx, alloc_rx) = tokio::sync::watch::channel(Default::default());
+    let plugin = Arc::new(PluginState {
+        cfg: cfg_rx,
+        snapshots: snap_rx,
+        streams: Arc::new(Streams::default()),
+        registered: AtomicBool::new(true),
+        registrations: AtomicU64::new(1),
+        shutdown: stop_rx,
+        allocations: alloc_rx,
+        kick: Arc::new(tokio::sync::Notify::new()),
+        metrics: Arc::default(),
+        writes: Arc::default(),
+    });
+    let paths = devplug_agent::dra::names::Paths::new(&node.tmp.path().join("kubelet"), &driver);
+    std::fs::create_dir_all(&paths.dir).unwrap();
+    let (client, rec) = api.agent_client_recorded();
+    let state = Arc::new(DraState {
+        plugin,
+        node: node.name.clone(),
+        paths,
+        cdi_dir: node.cdi(),
+        client: Some(client),
+        checkpoint: Default::default(),
+        claim_locks: Default::default(),
+    });
+
+    (state, rec)
+}
+
+/// One claim, two requests served by two DRA policies on one node: each
+/// driver writes its own CDI spec for the claim, and unpreparing one leaves
+/// the other's. Before, both were named by the claim's UID alone: the
+/// second prepare overwrote the first's spec, and the first unprepare
+/// deleted the second's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_drivers_of_one_claim_keep_their_own_cdi_specs() {
+    let node = Node::new();
+    let mut pa = policy_of(2);
+    pa["spec"]["resourceName"] = json!("example.com/gpu-a");
+    let mut pb = policy_of(2);
+    pb["spec"]["resourceName"] = json!("example.com/gpu-b");
+    let a = Cluster::start(&node.name, pa).await;
+    let b = Cluster::start(&node.name, pb).await;
+    let (class_a, class_b) = (device_class(&a).await, device_class(&b).await);
+    let (driver_a, driver_b) = (driver(&a), driver(&b));
+    let ns = unique("two");
+    let uid = a
+        .allocated_claim(
+            &ns,
+            "both",
+            &[("a", &class_a), ("b", &class_b)],
+            &[
+                ("a", &driver_a, &node.name, "sim-0"),
+                ("b", &driver_b, &node.name, "sim-0"),
+            ],
+        )
+        .await;
+    let (sa, _) = in_process(&a, &node, 2).await;
+    let (sb, _) = in_process(&b, &node, 2).await;
+    let claim = c1(&ns, &uid, "both");
+    let got_a = sa.prepare_one(&claim).await.unwrap();
+    let got_b = sb.prepare_one(&claim).await.unwrap();
+    assert_eq!(got_a[0].request_names, ["a"]);
+    assert_eq!(got_b[0].request_names, ["b"]);
+    // The claims' CDI specs on the node, by kind.
+    let kinds = || -> Vec<String> {
+        let mut k: Vec<String> = std::fs::read_dir(node.cdi())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("devplug-claim-")
+            })
+            .map(|e| {
+                let v: Value = serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
+                v["kind"].as_str().unwrap().to_string()
+            })
+            .collect();
+        k.sort();
+        k
+    };
+    assert_eq!(
+        kinds(),
+        ["example.com/gpu-a", "example.com/gpu-b"],
+        "one spec per driver"
+    );
+    sa.unprepare_one(&claim).await.unwrap();
+    assert_eq!(
+        kinds(),
+        ["example.com/gpu-b"],
+        "a's unprepare left b's spec"
+    );
+    sb.unprepare_one(&claim).await.unwrap();
+    assert!(kinds().is_empty());
+
+    // Named by driver and claim.
+    sa.prepare_one(&claim).await.unwrap();
+    sb.prepare_one(&claim).await.unwrap();
+    let file_a = node
+        .cdi()
+        .join(format!("devplug-claim-{driver_a}-{uid}.json"));
+    let file_b = node
+        .cdi()
+        .join(format!("devplug-claim-{driver_b}-{uid}.json"));
+    let kind = |f: &Path| -> Value {
+        serde_json::from_slice::<Value>(&std::fs::read(f).unwrap()).unwrap()["kind"].clone()
+    };
+    assert_eq!(kind(&file_a), "example.com/gpu-a");
+    assert_eq!(kind(&file_b), "example.com/gpu-b");
+    sa.unprepare_one(&claim).await.unwrap();
+    assert!(!file_a.exists(), "a's spec removed with a's unprepare");
+    assert!(file_b.exists(), "b's spec left alone by a's unprepare");
+    assert_eq!(kind(&file_b), "example.com/gpu-b");
+    sb.unprepare_one(&claim).await.unwrap();
+    assert!(!file_b.exists());
 }

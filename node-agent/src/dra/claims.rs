@@ -3,7 +3,7 @@
 //!
 //! Prepare reads the claim's allocation (the devices the scheduler chose
 //! for this driver), checks each device is ours and usable, writes one CDI
-//! spec file for the claim (`devplug-claim-<uid>.json`: per request, the
+//! spec file for the claim (`devplug-claim-<driver>-<uid>.json`: per request, the
 //! device nodes, `<idsEnv>` and each device's variable; the policy's env and
 //! mounts), records the claim in the checkpoint and answers with the CDI
 //! names. A claim already in the checkpoint is answered from it (the kubelet
@@ -262,7 +262,7 @@ pub fn plan(
             }
         }
         let bytes = cdi::render_claim(cfg, &kind, &claim_devices).map_err(|e| e.to_string())?;
-        (Some(names::cdi_file(uid)), Some(bytes))
+        (Some(names::cdi_file(&cfg.driver, uid)), Some(bytes))
     };
     Ok((
         PreparedClaim {

@@ -74,13 +74,17 @@ pub fn cdi_device(claim_uid: &str, request: &str, physical: &str) -> String {
         .collect()
 }
 
-/// The CDI spec file of a prepared claim.
-pub fn cdi_file(claim_uid: &str) -> String {
-    let safe: String = claim_uid
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-        .collect();
-    format!("devplug-claim-{safe}.json")
+/// The CDI spec file of a claim prepared by `driver`: named by both,
+/// because one claim may hold devices of several drivers (two policies
+/// serving two requests of it), and each driver's prepare and unprepare
+/// must touch only its own file.
+pub fn cdi_file(driver: &str, claim_uid: &str) -> String {
+    let safe = |s: &str| -> String {
+        s.chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+            .collect()
+    };
+    format!("devplug-claim-{}-{}.json", safe(driver), safe(claim_uid))
 }
 
 /// Where the driver's sockets and checkpoint live under the kubelet root.
