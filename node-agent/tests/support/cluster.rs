@@ -106,15 +106,15 @@ impl Cluster {
     pub async fn try_update(&self, f: impl FnOnce(&mut Value)) -> Result<(), String> {
         let mut p = self.policy_json().await;
         f(&mut p);
-        let req = http::Request::put(policy_path(&self.policy))
-            .header("content-type", "application/json")
-            .body(serde_json::to_vec(&p).unwrap())
-            .unwrap();
-        self.admin
-            .request::<Value>(req)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        send(
+            &self.admin,
+            http::Method::PUT,
+            &policy_path(&self.policy),
+            &p,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
     }
 
     /// Same, and the API server must take it.
@@ -225,42 +225,18 @@ impl Cluster {
         requests: &[(&str, &str)],
         results: &[(&str, &str, &str, &str)],
     ) -> String {
-        ensure_namespace(&self.admin, namespace).await;
-        let reqs: Vec<Value> = requests
-            .iter()
-            .map(|(r, class)| json!({"name": r, "exactly": {"deviceClassName": class}}))
-            .collect();
-        let claim = json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {"devices": {"requests": reqs}}});
-        let path = format!("/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims");
-        let created: Value = self
-            .admin
-            .request(
-                http::Request::post(&path)
-                    .header("content-type", "application/json")
-                    .body(serde_json::to_vec(&claim).unwrap())
-                    .unwrap(),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("claim {namespace}/{name}: {e}"));
+        let mut claim = self.create_claim(namespace, name, requests).await;
         let results: Vec<Value> = results
             .iter()
             .map(|(r, driver, pool, dev)| json!({"request": r, "driver": driver, "pool": pool, "device": dev}))
             .collect();
-        let mut with = created.clone();
-        with["status"] = json!({"allocation": {"devices": {"results": results}}});
-        let _: Value = self
-            .admin
-            .request(
-                http::Request::put(format!("{path}/{name}/status"))
-                    .header("content-type", "application/json")
-                    .body(serde_json::to_vec(&with).unwrap())
-                    .unwrap(),
-            )
+        claim["status"] = json!({"allocation": {"devices": {"results": results}}});
+        let path =
+            format!("/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims/{name}/status");
+        send(&self.admin, http::Method::PUT, &path, &claim)
             .await
             .unwrap_or_else(|e| panic!("claim {namespace}/{name} status: {e}"));
-        created["metadata"]["uid"].as_str().unwrap().to_string()
+        claim["metadata"]["uid"].as_str().unwrap().to_string()
     }
 
     /// Creates the ResourceClaim `namespace/name` with `requests` (each
@@ -272,6 +248,12 @@ impl Cluster {
         name: &str,
         requests: &[(&str, &str)],
     ) -> String {
+        let claim = self.create_claim(namespace, name, requests).await;
+        claim["metadata"]["uid"].as_str().unwrap().to_string()
+    }
+
+    /// The claim as created (in `namespace`, made if missing).
+    async fn create_claim(&self, namespace: &str, name: &str, requests: &[(&str, &str)]) -> Value {
         ensure_namespace(&self.admin, namespace).await;
         let reqs: Vec<Value> = requests
             .iter()
@@ -280,19 +262,10 @@ impl Cluster {
         let claim = json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
             "metadata": {"name": name, "namespace": namespace},
             "spec": {"devices": {"requests": reqs}}});
-        let created: Value = self
-            .admin
-            .request(
-                http::Request::post(format!(
-                    "/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims"
-                ))
-                .header("content-type", "application/json")
-                .body(serde_json::to_vec(&claim).unwrap())
-                .unwrap(),
-            )
+        let path = format!("/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims");
+        send(&self.admin, http::Method::POST, &path, &claim)
             .await
-            .unwrap_or_else(|e| panic!("claim {namespace}/{name}: {e}"));
-        created["metadata"]["uid"].as_str().unwrap().to_string()
+            .unwrap_or_else(|e| panic!("claim {namespace}/{name}: {e}"))
     }
 
     /// Deletes a ResourceClaim.
@@ -381,18 +354,29 @@ impl Cluster {
     }
 }
 
+/// `method` of `body` as JSON to `path`, as `client`.
+async fn send(
+    client: &Client,
+    method: http::Method,
+    path: &str,
+    body: &Value,
+) -> Result<Value, kube::Error> {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(body).unwrap())
+        .unwrap();
+    client.request(req).await
+}
+
 async fn ensure_namespace(admin: &Client, ns: &str) {
-    let _ = admin
-        .request::<Value>(
-            http::Request::post("/api/v1/namespaces")
-                .header("content-type", "application/json")
-                .body(
-                    serde_json::to_vec(
-                        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
-                    )
-                    .unwrap(),
-                )
-                .unwrap(),
-        )
-        .await;
+    // Already there is fine.
+    let _ = send(
+        admin,
+        http::Method::POST,
+        "/api/v1/namespaces",
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+    )
+    .await;
 }
