@@ -1,6 +1,7 @@
 //! devplug's API: the `DevicePluginPolicy` custom resource, the constants
 //! both binaries share, and validation. No IO happens in this crate.
 
+pub mod allow;
 pub mod conditions;
 pub mod crd;
 pub mod node_status;
@@ -11,7 +12,7 @@ pub use node_status::*;
 pub use policy::*;
 pub use validation::{
     FieldError, MAX_ADVERTISED_IDS, MAX_DOMAIN, MAX_PRESTART_SECONDS, ValidationErrors,
-    validate_device_id, validate_resource_name,
+    validate_cdi_kind, validate_device_id, validate_resource_name,
 };
 
 /// API group of every devplug resource.

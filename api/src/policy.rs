@@ -41,6 +41,9 @@ use serde::{Deserialize, Serialize};
     {"rule": "!has(self.kubeletApi) || self.kubeletApi != 'DRA' || !has(self.preStart)",
      "fieldPath": ".preStart",
      "message": "DRA has no pre-start hook (PreStartContainer is a device plugin call); remove preStart or use kubeletApi DevicePlugin"},
+    {"rule": "(has(self.allocate) && has(self.allocate.cdi) && has(self.allocate.cdi.kind)) || !((has(self.kubeletApi) && self.kubeletApi == 'DRA') || (has(self.allocate) && has(self.allocate.cdi) && has(self.allocate.cdi.enabled) && self.allocate.cdi.enabled)) || self.resourceName.matches('^[A-Za-z]([A-Za-z0-9_.-]*[A-Za-z0-9])?/[A-Za-z]([A-Za-z0-9_-]*[A-Za-z0-9])?$')",
+     "fieldPath": ".resourceName",
+     "message": "the resource name is also the CDI kind here (DRA, or allocate.cdi.enabled without allocate.cdi.kind), and container runtimes refuse it: the CDI vendor (domain) must start with a letter, and the class (name) must start with a letter and hold only letters, digits, '-' and '_' (no '.'); set spec.allocate.cdi.kind"},
     {"rule": "!has(self.preStart) || (has(self.agent) && has(self.agent.image))",
      "message": "spec.preStart runs its program inside the agent container, and the stock agent image is distroless (no shell, no tools): set spec.agent.image to an image that contains the program"}
 ]))]
@@ -469,7 +472,11 @@ pub struct CdiSpec {
         length(max = 317),
         regex(
             pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
-        )
+        ),
+        extend("x-kubernetes-validations" = [
+            {"rule": "self.matches('^[A-Za-z]([A-Za-z0-9_.-]*[A-Za-z0-9])?/[A-Za-z]([A-Za-z0-9_-]*[A-Za-z0-9])?$')",
+             "message": "container runtimes refuse this CDI kind: the vendor must start with a letter, and the class must start with a letter and hold only letters, digits, '-' and '_' (no '.')"}
+        ])
     )]
     pub kind: Option<String>,
 }
@@ -562,6 +569,32 @@ pub struct DevicePluginPolicyStatus {
     /// Up to 20 devices that are not healthy, with the workloads they hit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unhealthy_devices: Vec<UnhealthyDevice>,
+    /// The spec the operator last approved (valid, within the allow-lists),
+    /// which is what agents serve: an edit the operator refuses leaves the
+    /// last approved spec serving, as a Deployment keeps its pods when a
+    /// new template fails. Written by the operator only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("type" = "object", "x-kubernetes-preserve-unknown-fields" = true))]
+    pub approved_spec: Option<serde_json::Value>,
+    /// `metadata.generation` of the approved spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved_generation: Option<i64>,
+}
+
+impl DevicePluginPolicy {
+    /// The policy as its agents serve it: with the spec the operator last
+    /// approved (`status.approvedSpec`). `Err` when none is approved yet,
+    /// or when it cannot be read as a spec.
+    pub fn approved(&self) -> Result<DevicePluginPolicy, String> {
+        let Some(spec) = self.status.as_ref().and_then(|s| s.approved_spec.clone()) else {
+            return Err("the operator has not approved a spec of this policy yet".into());
+        };
+        let spec: DevicePluginPolicySpec = serde_json::from_value(spec)
+            .map_err(|e| format!("status.approvedSpec is not a policy spec: {e}"))?;
+        let mut p = self.clone();
+        p.spec = spec;
+        Ok(p)
+    }
 }
 
 /// A device that is not healthy, and who is affected.

@@ -278,3 +278,38 @@ fn prestart_ends_before_the_kubelet_gives_up() {
     });
     assert!(spec.validate().is_ok());
 }
+
+#[test]
+fn cdi_kinds_follow_the_cdi_parser() {
+    for ok in ["example.com/gpu", "Vendor.io/Gpu_x-1", "a/b"] {
+        assert_eq!(validate_cdi_kind(ok), Ok(()), "{ok}");
+    }
+    for bad in [
+        "example.com/gpu.v2",
+        "1example.com/gpu",
+        "example.com/9gpu",
+        "example.com/gpu-",
+        "example.com-/gpu",
+        "nogpu",
+        "/gpu",
+        "example.com/",
+    ] {
+        assert!(validate_cdi_kind(bad).is_err(), "{bad}");
+    }
+    // DRA makes CDI names from the resource name unless a kind is set.
+    let dra = |name: &str, kind: Option<&str>| {
+        fields(&spec_with(|s| {
+            s.resource_name = name.into();
+            s.kubelet_api = KubeletApi::Dra;
+            s.allocate.cdi.kind = kind.map(str::to_string);
+        }))
+    };
+    assert_eq!(dra("example.com/gpu.v2", None), vec!["spec.resourceName"]);
+    assert!(dra("example.com/gpu.v2", Some("example.com/gpu")).is_empty());
+    assert_eq!(
+        dra("example.com/gpu", Some("example.com/a.b")),
+        vec!["spec.allocate.cdi.kind"]
+    );
+    // The device plugin path without CDI never makes a CDI name.
+    assert!(fields(&spec_with(|s| s.resource_name = "example.com/gpu.v2".into())).is_empty());
+}

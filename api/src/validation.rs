@@ -113,6 +113,36 @@ pub fn validate_device_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a CDI kind, `<vendor>/<class>`, by the rules of the CDI parser
+/// the container runtimes use: the vendor starts with a letter, ends with a
+/// letter or digit and holds letters, digits, `-`, `_` and `.`; the class
+/// the same without `.`. A kind they refuse fails every container given
+/// one of its devices.
+pub fn validate_cdi_kind(kind: &str) -> Result<(), String> {
+    let Some((vendor, class)) = kind.split_once('/') else {
+        return Err(format!(
+            "{kind:?} is not a CDI kind: use <vendor>/<class>, for example example.com/gpu"
+        ));
+    };
+    let part = |s: &str, extra: &[char]| {
+        s.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+            && s.chars().last().is_some_and(|c| c.is_ascii_alphanumeric())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || extra.contains(&c))
+    };
+    if !part(vendor, &['.']) {
+        return Err(format!(
+            "CDI vendor {vendor:?} of {kind:?} must start with a letter, end with a letter or digit and hold only letters, digits, '-', '_' and '.' (container runtimes refuse it otherwise)"
+        ));
+    }
+    if !part(class, &[]) {
+        return Err(format!(
+            "CDI class {class:?} of {kind:?} must start with a letter, end with a letter or digit and hold only letters, digits, '-' and '_' (no '.'; container runtimes refuse it otherwise)"
+        ));
+    }
+    Ok(())
+}
+
 fn is_dns_subdomain(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
@@ -397,15 +427,18 @@ impl DevicePluginPolicySpec {
             }
         }
         if let Some(kind) = &a.cdi.kind {
-            let ok = kind
-                .split_once('/')
-                .is_some_and(|(v, cl)| is_dns_subdomain(v) && is_qualified_name_part(cl));
-            if !ok {
-                c.err(
-                    "spec.allocate.cdi.kind",
-                    format!("{kind:?} must look like vendor.com/class"),
-                );
+            if let Err(e) = validate_cdi_kind(kind) {
+                c.err("spec.allocate.cdi.kind", e);
             }
+        } else if (a.cdi.enabled || self.kubelet_api == crate::KubeletApi::Dra)
+            && let Err(e) = validate_cdi_kind(&self.resource_name)
+        {
+            c.err(
+                "spec.resourceName",
+                format!(
+                    "is also the CDI kind (spec.allocate.cdi.kind is not set) and {e}; set spec.allocate.cdi.kind to a valid kind"
+                ),
+            );
         }
 
         if self.kubelet_api == crate::KubeletApi::Dra && self.pre_start.is_some() {

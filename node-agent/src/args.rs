@@ -69,6 +69,20 @@ pub struct ServeArgs {
     #[arg(long, env = "DEVPLUG_CDI_DIR", default_value = "/var/run/cdi")]
     pub cdi_dir: PathBuf,
 
+    /// Host paths a policy may mount into workloads (`allocate.mounts`),
+    /// comma-separated, `:ro` requiring read-only: the operator passes its
+    /// own list, and the agent refuses a spec outside it as the operator
+    /// does. Unset: no check (standalone mode).
+    #[arg(long, env = "DEVPLUG_ALLOWED_HOST_PATHS", value_delimiter = ',')]
+    pub allowed_host_paths: Option<Vec<String>>,
+
+    /// Device nodes handed out although they give a container the host
+    /// (`/dev/mem`, `/dev/kmem`, `/dev/port`, block devices),
+    /// comma-separated. Others of that kind show Unhealthy and are never
+    /// handed out.
+    #[arg(long, env = "DEVPLUG_ALLOWED_DEVICE_NODES", value_delimiter = ',')]
+    pub allowed_device_nodes: Vec<String>,
+
     /// Address of /healthz and /readyz ("off" disables).
     #[arg(long, env = "DEVPLUG_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
     pub admin_addr: String,

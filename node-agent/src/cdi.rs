@@ -160,8 +160,9 @@ pub struct ClaimDevice<'a> {
     pub name: String,
     /// Physical device ID.
     pub id: &'a str,
-    /// Its state (device nodes).
-    pub state: &'a DeviceState,
+    /// Its state (device nodes); `None` where a vendor toolkit's own CDI
+    /// device brings the nodes.
+    pub state: Option<&'a DeviceState>,
     /// The physical IDs of its request, comma-separated.
     pub request_ids: String,
 }
@@ -184,7 +185,7 @@ pub fn render_claim(
                     format!("{}={}", cfg.ids_env, c.request_ids),
                     format!("{}={}", device_env(c.id), c.id),
                 ],
-                device_nodes: nodes_of(c.state),
+                device_nodes: c.state.map(nodes_of).unwrap_or_default(),
                 mounts: Vec::new(),
             },
         })

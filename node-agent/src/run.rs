@@ -268,6 +268,9 @@ impl Node {
             stopped.clone(),
         )));
         let writes = Arc::new(WriteStats::default());
+        // Problems of the serving path the status should show (a refused
+        // ResourceSlice publish).
+        let (problems_tx, problems_rx) = tokio::sync::watch::channel::<Option<String>>(None);
         if let Some(client) = &self.client {
             tasks.push(tokio::spawn(reporter::run(
                 client.clone(),
@@ -275,6 +278,7 @@ impl Node {
                 cfg_rx.clone(),
                 snap_rx.clone(),
                 alloc_rx.clone(),
+                problems_rx,
                 writes.clone(),
                 stopped.clone(),
             )));
@@ -298,6 +302,7 @@ impl Node {
                     self.name.clone(),
                     state.cfg.clone(),
                     state.snapshots.clone(),
+                    problems_tx,
                     stopped.clone(),
                 )));
             }
@@ -541,6 +546,12 @@ pub async fn run(args: ServeArgs) -> Result<(), AgentError> {
                 sys: args.sys_root.clone(),
             },
             sim_control_dir: args.sim_control_dir.clone(),
+            allowed_device_nodes: args
+                .allowed_device_nodes
+                .iter()
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .collect(),
         },
         triggers: Arc::new(std::sync::Mutex::new(HashMap::new())),
         plugins: Arc::new(RwLock::new(Vec::new())),
@@ -595,7 +606,25 @@ pub async fn run(args: ServeArgs) -> Result<(), AgentError> {
         }
         None => {
             let name = args.policy.clone().unwrap_or_default();
-            cluster_mode(&node, &name, &mut running, &mut sigterm, &mut sigint).await
+            let mut allowed = None;
+            if let Some(list) = &args.allowed_host_paths {
+                let mut parsed = Vec::new();
+                for a in list.iter().filter(|s| !s.is_empty()) {
+                    parsed.push(a.parse().map_err(|e: String| {
+                        AgentError::Flag(format!("--allowed-host-paths: {e}"))
+                    })?);
+                }
+                allowed = Some(parsed);
+            }
+            cluster_mode(
+                &node,
+                &name,
+                allowed.as_deref(),
+                &mut running,
+                &mut sigterm,
+                &mut sigint,
+            )
+            .await
         }
     };
 
@@ -614,6 +643,7 @@ pub async fn run(args: ServeArgs) -> Result<(), AgentError> {
 async fn cluster_mode(
     node: &Node,
     name: &str,
+    allowed_host_paths: Option<&[devplug_api::allow::AllowedHostPath]>,
     running: &mut Vec<Plugin>,
     sigterm: &mut Signal,
     sigint: &mut Signal,
@@ -661,8 +691,27 @@ async fn cluster_mode(
             }
             None => return Ok(()),
         };
+        // Only what the operator approved is served (status.approvedSpec):
+        // an edit it has not judged, or refused, never reaches a workload.
+        let policy = match policy.approved() {
+            Ok(p) => p,
+            Err(e) => {
+                if running.is_empty() {
+                    info!(policy = %name, reason = %e, "waiting for the operator to approve the spec");
+                } else {
+                    warn!(policy = %name, reason = %e, "serving the last approved spec");
+                }
+                continue;
+            }
+        };
         if let Err(e) = policy.spec.validate() {
-            error!(policy = %name, error = %e, "invalid spec ignored; serving the last valid one");
+            error!(policy = %name, error = %e, "invalid approved spec ignored; serving the last valid one");
+            continue;
+        }
+        if let Some(why) = allowed_host_paths
+            .and_then(|a| devplug_api::allow::host_path_violation(&policy.spec, a))
+        {
+            error!(policy = %name, error = %why, "approved spec outside this agent's allow-list ignored; serving the last valid one");
             continue;
         }
         if let Some(current) = running.first()

@@ -232,3 +232,106 @@ async fn a_spec_that_cannot_start_keeps_the_last_good_one_and_is_retried() {
     assert_eq!(kubelet.registrations().len(), 1);
     assert_eq!(kubelet.disconnects(R), 0);
 }
+
+/// The MODE variable and the host paths mounted for a container given
+/// `sim-0`, as the kubelet would get them.
+async fn served(kubelet: &KubeletSim, policy: &str) -> Option<(String, Vec<String>)> {
+    let mut c = kubelet.client(&format!("devplug-{policy}.sock")).await;
+    let req = dp::AllocateRequest {
+        container_requests: vec![dp::ContainerAllocateRequest {
+            devices_ids: vec!["sim-0".into()],
+        }],
+    };
+    let resp = c.allocate(req).await.ok()?.into_inner();
+    let r = &resp.container_responses[0];
+    Some((
+        r.envs.get("MODE").cloned().unwrap_or_default(),
+        r.mounts.iter().map(|m| m.host_path.clone()).collect(),
+    ))
+}
+
+/// What was found on the real cluster: a policy edited to mount the host's
+/// /etc read-write was served by the agent from its own watch one second
+/// later, before the operator judged it. Now the agent serves only the spec
+/// the operator approved (`status.approvedSpec`), and checks it against
+/// the allow-list it was started with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_approved_spec_within_the_allow_list_is_served() {
+    let node = Node::new();
+    let mut kubelet = KubeletSim::start(&node.plugins);
+    let api = Cluster::start(
+        &node.name,
+        json!({
+            "apiVersion": "devplug.io/v1alpha1", "kind": "DevicePluginPolicy",
+            "metadata": {"name": "approved"},
+            "spec": {"resourceName": R, "source": {"simulated": {"count": 2}},
+                     "allocate": {"env": {"MODE": "one"},
+                                  "mounts": [{"hostPath": "/dev/null", "containerPath": "/x", "readOnly": true}]}},
+        }),
+    )
+    .await;
+    let kubeconfig = api.kubeconfig(node.tmp.path());
+    let _agent = Agent::spawn_cluster_with(
+        &node,
+        &api.policy,
+        &kubeconfig,
+        &[
+            "--admin-addr",
+            "off",
+            "--allowed-host-paths=/dev:ro,/sys:ro",
+        ],
+    );
+    kubelet.wait_registrations(1, T).await;
+    kubelet.wait_list(R, T, |l| l.len() == 2).await;
+    let first = (String::from("one"), vec![String::from("/dev/null")]);
+    assert_eq!(served(&kubelet, &api.policy).await, Some(first.clone()));
+    let evil = |p: &mut serde_json::Value| {
+        p["spec"]["allocate"]["env"]["MODE"] = json!("evil");
+        p["spec"]["allocate"]["mounts"] =
+            json!([{"hostPath": "/etc", "containerPath": "/host-etc"}]);
+    };
+    // Not approved (the operator has not judged it, or refused it).
+    api.try_update_unapproved(evil).await.unwrap();
+    // Nothing to wait for but time: it must not be served within 3 s
+    // (the approved path below takes well under one).
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert_eq!(served(&kubelet, &api.policy).await, Some(first.clone()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Approved but outside this agent's allow-list (a status written by
+    // hand, or an operator with other lists): not served either.
+    api.try_update(evil).await.unwrap();
+    let approved = api.policy_json().await;
+    assert_eq!(
+        approved["status"]["approvedSpec"]["allocate"]["env"]["MODE"],
+        "evil"
+    );
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert_eq!(served(&kubelet, &api.policy).await, Some(first.clone()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Approved and allowed: served.
+    let changed = Instant::now();
+    api.update(|p| {
+        p["spec"]["allocate"]["env"]["MODE"] = json!("two");
+        p["spec"]["allocate"]["mounts"] =
+            json!([{"hostPath": "/sys/class", "containerPath": "/c", "readOnly": true}]);
+    })
+    .await;
+    let deadline = Instant::now() + T;
+    loop {
+        let got = served(&kubelet, &api.policy).await;
+        if got == Some(("two".into(), vec!["/sys/class".into()])) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "approved spec never served: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = changed.elapsed();
+    assert!(took < Duration::from_secs(3), "approved spec took {took:?}");
+}

@@ -952,3 +952,154 @@ async fn two_drivers_of_one_claim_keep_their_own_cdi_specs() {
     sb.unprepare_one(&claim).await.unwrap();
     assert!(!file_b.exists());
 }
+
+/// What a container gets from `cdi_ids` (in the kubelet's order) out of
+/// the CDI specs in `dir`, the way the CDI library applies them: each
+/// spec's own edits once, then each device's; a variable set twice keeps
+/// the last value.
+fn container_env(dir: &Path, cdi_ids: &[String]) -> std::collections::BTreeMap<String, String> {
+    let specs: Vec<Value> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap())
+        .collect();
+    let mut env = std::collections::BTreeMap::new();
+    let mut set = |list: &Value| {
+        for e in list.as_array().into_iter().flatten() {
+            let (k, v) = e.as_str().unwrap().split_once('=').unwrap();
+            env.insert(k.to_string(), v.to_string());
+        }
+    };
+    let mut applied = Vec::new();
+    for id in cdi_ids {
+        let (kind, name) = id.split_once('=').unwrap();
+        let (i, dev) = specs
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s["kind"] == kind)
+            .find_map(|(i, s)| {
+                s["devices"]
+                    .as_array()?
+                    .iter()
+                    .find(|d| d["name"] == name)
+                    .map(|d| (i, d))
+            })
+            .unwrap_or_else(|| panic!("no CDI device {id} in {}", dir.display()));
+        if !applied.contains(&i) {
+            applied.push(i);
+            set(&specs[i]["containerEdits"]["env"]);
+        }
+        set(&dev["containerEdits"]["env"]);
+    }
+    env
+}
+
+/// The policy's variable lists every device a container was given: one
+/// claim with two requests, and one container naming two claims (the
+/// kubelet sends a pod's claims in one call; the agent reads the pod to
+/// learn which container names which claim). Before, each CDI device set
+/// the variable to its own request's devices and the last one won: the
+/// container saw one device of two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_container_sees_every_device_of_its_claims_in_the_variable() {
+    let node = Node::new();
+    let api = Cluster::start(&node.name, policy_of(4)).await;
+    let class = device_class(&api).await;
+    let driver = driver(&api);
+    let var = {
+        let p: devplug_api::DevicePluginPolicy =
+            serde_json::from_value(api.policy_json().await).unwrap();
+        devplug_agent::config::PluginConfig::from_policy(&p).ids_env
+    };
+    let ns = unique("every");
+    let (state, _) = in_process(&api, &node, 4).await;
+    let ids_of = |devices: &[devplug_proto::dra::v1::Device]| -> Vec<String> {
+        devices
+            .iter()
+            .flat_map(|d| d.cdi_device_ids.clone())
+            .collect()
+    };
+
+    // Case A: two requests of one claim.
+    let uid = api
+        .allocated_claim(
+            &ns,
+            "two-requests",
+            &[("first", &class), ("second", &class)],
+            &[
+                ("first", &driver, &node.name, "sim-0"),
+                ("second", &driver, &node.name, "sim-1"),
+            ],
+        )
+        .await;
+    let got = state
+        .prepare_one(&c1(&ns, &uid, "two-requests"))
+        .await
+        .unwrap();
+    assert_eq!(
+        container_env(&node.cdi(), &ids_of(&got))[&var],
+        "sim-0,sim-1",
+        "a container naming the claim"
+    );
+    let first: Vec<_> = got
+        .iter()
+        .filter(|d| d.request_names == ["first"])
+        .cloned()
+        .collect();
+    assert_eq!(
+        container_env(&node.cdi(), &ids_of(&first))[&var],
+        "sim-0",
+        "a container naming the first request only"
+    );
+
+    // Case B: a container naming two claims, another naming one.
+    let ua = api
+        .allocated_claim(
+            &ns,
+            "ca",
+            &[("r", &class)],
+            &[("r", &driver, &node.name, "sim-2")],
+        )
+        .await;
+    let ub = api
+        .allocated_claim(
+            &ns,
+            "cb",
+            &[("r", &class)],
+            &[("r", &driver, &node.name, "sim-3")],
+        )
+        .await;
+    api.pod_with_claims(
+        &ns,
+        "pod",
+        &node.name,
+        &[("a", "ca"), ("b", "cb")],
+        &[&["a", "b"], &["a"]],
+    )
+    .await;
+    let r = state
+        .prepare(vec![c1(&ns, &ua, "ca"), c1(&ns, &ub, "cb")])
+        .await;
+    let (ra, rb) = (&r.claims[&ua], &r.claims[&ub]);
+    assert!(ra.error.is_empty() && rb.error.is_empty(), "{r:?}");
+    // The kubelet hands container 0 the CDI names of a, then b.
+    let both: Vec<String> = ids_of(&ra.devices)
+        .into_iter()
+        .chain(ids_of(&rb.devices))
+        .collect();
+    assert_eq!(container_env(&node.cdi(), &both)[&var], "sim-2,sim-3");
+    assert_eq!(
+        container_env(&node.cdi(), &ids_of(&ra.devices))[&var],
+        "sim-2"
+    );
+    // Written again the same after the CDI directory is lost (a reboot).
+    let before =
+        std::fs::read(node.cdi().join(format!("devplug-claim-{driver}-{ub}.json"))).unwrap();
+    std::fs::remove_file(node.cdi().join(format!("devplug-claim-{driver}-{ub}.json"))).unwrap();
+    state.prepare_one(&c1(&ns, &ub, "cb")).await.unwrap();
+    assert_eq!(
+        std::fs::read(node.cdi().join(format!("devplug-claim-{driver}-{ub}.json"))).unwrap(),
+        before
+    );
+}

@@ -351,7 +351,15 @@ async fn a_publish_refused_part_way_leaves_the_pool_whole() {
     };
     let (snap_tx, snaps) = tokio::sync::watch::channel(snap(&[], 1));
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let publisher = tokio::spawn(slices::publish(agent, node.clone(), cfgs, snaps, stop));
+    let (problems_tx, mut problems) = tokio::sync::watch::channel(None);
+    let publisher = tokio::spawn(slices::publish(
+        agent,
+        node.clone(),
+        cfgs,
+        snaps,
+        problems_tx,
+        stop,
+    ));
 
     let wait_pool = async |what: &str, want: &dyn Fn((i64, i64, usize, usize, usize)) -> bool| {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -429,6 +437,21 @@ async fn a_publish_refused_part_way_leaves_the_pool_whole() {
     })
     .await;
     assert!(g > g1 + 1, "restored at a newer generation");
+    // The refusal is reported (NodeDeviceStatus, and from there the
+    // policy's Degraded condition), in the API server's words.
+    let refused = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        problems.wait_for(|p| p.is_some()),
+    )
+    .await
+    .expect("the refusal reported within 30 s")
+    .unwrap()
+    .clone()
+    .unwrap();
+    assert!(
+        refused.contains("refused by the test: a tainted device"),
+        "{refused}"
+    );
 
     // The server takes it again: the taint is published, whole.
     for kind in [
@@ -455,6 +478,13 @@ async fn a_publish_refused_part_way_leaves_the_pool_whole() {
         c == 2 && n == 2 && o == 0 && t == 1
     })
     .await;
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        problems.wait_for(|p| p.is_none()),
+    )
+    .await
+    .expect("the problem cleared once the publish went through")
+    .unwrap();
     stop_tx.send_replace(true);
     publisher.await.unwrap();
 }

@@ -34,6 +34,18 @@ pub struct Args {
     )]
     pub allowed_host_paths: Vec<String>,
 
+    /// Device nodes policies may hand out although they give a container
+    /// the host (`/dev/mem`, `/dev/kmem`, `/dev/port`, block devices),
+    /// comma-separated. Empty allows none of them.
+    #[arg(long, env = "DEVPLUG_ALLOWED_DEVICE_NODES", value_delimiter = ',')]
+    pub allowed_device_nodes: Vec<String>,
+
+    /// Agent images policies may name in `spec.agent.image` besides the
+    /// chart's own, comma-separated. Empty allows only the chart's; `*`
+    /// allows any.
+    #[arg(long, env = "DEVPLUG_ALLOWED_AGENT_IMAGES", value_delimiter = ',')]
+    pub allowed_agent_images: Vec<String>,
+
     /// Pod Security level the operator puts on its namespace at start
     /// (`pod-security.kubernetes.io/enforce`); agents need `privileged`.
     /// Empty leaves the namespace alone.

@@ -771,12 +771,37 @@ pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<
     }
     let mut seen = Observed::default();
     let result: Result<()> = async {
-        let invalid = desired::refusal(&p, &ctx.defaults);
-        if let Some(why) = invalid {
-            seen.invalid = Some(why);
-            remove_agents(&ctx, &name).await?;
-            return Ok(());
-        }
+        // What agents serve is the spec the operator approved
+        // (status.approvedSpec). An edit it refuses leaves the last
+        // approved spec serving everywhere, as a Deployment keeps its pods
+        // when a new template fails; only a policy never approved gets no
+        // agents.
+        let p = match desired::refusal(&p, &ctx.defaults) {
+            None => {
+                seen.approved = Some(
+                    serde_json::to_value(&p.spec).map_err(|e| Error::Serialize("the approved spec", e))?,
+                );
+                p.clone()
+            }
+            Some(why) => {
+                seen.invalid = Some(why);
+                let last = p
+                    .approved()
+                    .ok()
+                    .filter(|a| desired::refusal(a, &ctx.defaults).is_none());
+                match last {
+                    Some(a) => {
+                        seen.serving_approved =
+                            p.status.as_ref().and_then(|s| s.approved_generation);
+                        Arc::new(a)
+                    }
+                    None => {
+                        remove_agents(&ctx, &name).await?;
+                        return Ok(());
+                    }
+                }
+            }
+        };
         let all = ctx.index.policies.state();
         if let Some(winner) = conflict::older_claimant(&p, all.iter().map(|a| a.as_ref()), &ctx.defaults) {
             seen.conflict_with = Some(conflict::describe_winner(&p, winner));

@@ -43,37 +43,15 @@ pub struct AgentDefaults {
     /// Host paths a policy may mount into workload containers
     /// (`allocate.mounts`): (prefix, read-only required). `None` allows any.
     pub allowed_host_paths: Option<Vec<AllowedHostPath>>,
+    /// Device nodes policies may hand out although they give a container
+    /// the host (`/dev/mem`, `/dev/kmem`, `/dev/port`, block devices).
+    pub allowed_device_nodes: Vec<String>,
+    /// Agent images a policy may name besides `image` (`spec.agent.image`):
+    /// `None` allows any.
+    pub allowed_agent_images: Option<Vec<String>>,
 }
 
-/// A host path prefix policies may mount from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AllowedHostPath {
-    /// Absolute prefix, e.g. `/dev`.
-    pub prefix: String,
-    /// Mounts under it must be read-only.
-    pub read_only: bool,
-}
-
-impl std::str::FromStr for AllowedHostPath {
-    type Err = String;
-
-    /// `/dev:ro` (read-only) or `/opt/tools` (read-write allowed).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (prefix, ro) = match s.strip_suffix(":ro") {
-            Some(p) => (p, true),
-            None => (s.strip_suffix(":rw").unwrap_or(s), false),
-        };
-        if !prefix.starts_with('/') {
-            return Err(format!(
-                "{s:?}: an allowed host path is absolute, e.g. /dev:ro"
-            ));
-        }
-        Ok(Self {
-            prefix: prefix.trim_end_matches('/').to_string(),
-            read_only: ro,
-        })
-    }
-}
+pub use devplug_api::allow::AllowedHostPath;
 
 /// Why the operator refuses to serve `p`, if it does: an invalid spec (one
 /// that bypassed admission) or host mounts outside the allow-list. A refused
@@ -84,53 +62,21 @@ pub fn refusal(p: &DevicePluginPolicy, d: &AgentDefaults) -> Option<String> {
         .err()
         .map(|e| e.to_string())
         .or_else(|| host_path_violation(p, d))
+        .or_else(|| devplug_api::allow::device_node_violation(&p.spec, &d.allowed_device_nodes))
+        .or_else(|| {
+            devplug_api::allow::agent_image_violation(
+                &p.spec,
+                &d.image,
+                d.allowed_agent_images.as_deref(),
+            )
+        })
 }
 
 /// Why a policy's `allocate.mounts` breaks the operator's host-path
 /// allow-list, if it does: who may create a policy could otherwise mount
 /// any host path into every workload on every selected node.
 pub fn host_path_violation(p: &DevicePluginPolicy, d: &AgentDefaults) -> Option<String> {
-    let allowed = d.allowed_host_paths.as_ref()?;
-    let under = |path: &str, prefix: &str| {
-        let path = path.trim_end_matches('/');
-        prefix.is_empty() || path == prefix || path.starts_with(&format!("{prefix}/"))
-    };
-    let mut bad = Vec::new();
-    for (i, m) in p.spec.allocate.mounts.iter().enumerate() {
-        let ok = !m.host_path.split('/').any(|c| c == "..")
-            && allowed
-                .iter()
-                .any(|a| under(&m.host_path, &a.prefix) && (m.read_only || !a.read_only));
-        if !ok {
-            bad.push(format!(
-                "spec.allocate.mounts[{i}].hostPath {:?}{}",
-                m.host_path,
-                if m.read_only { "" } else { " (read-write)" }
-            ));
-        }
-    }
-    if bad.is_empty() {
-        return None;
-    }
-    let list: Vec<String> = allowed
-        .iter()
-        .map(|a| {
-            format!(
-                "{}{}",
-                a.prefix,
-                if a.read_only { " (read-only)" } else { "" }
-            )
-        })
-        .collect();
-    Some(format!(
-        "{} outside the host paths this operator allows: {} (chart value allowedHostPaths)",
-        bad.join(", "),
-        if list.is_empty() {
-            "none".into()
-        } else {
-            list.join(", ")
-        }
-    ))
+    devplug_api::allow::host_path_violation(&p.spec, d.allowed_host_paths.as_deref()?)
 }
 
 /// Port of the agent's /healthz and /readyz.
@@ -289,6 +235,15 @@ pub fn cluster_role(p: &DevicePluginPolicy) -> ClusterRole {
             ],
         ));
         rules.push(dra("resourceclaims", &["get"]));
+        // The pod a call's claims are reserved for, read when one call
+        // carries several claims: which container names which claim, so
+        // the policy's variable lists every device a container holds.
+        rules.push(PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["pods".into()]),
+            verbs: vec!["get".into()],
+            ..PolicyRule::default()
+        });
     }
     ClusterRole {
         metadata: meta(p, None),
@@ -419,6 +374,17 @@ fn pod_template(p: &DevicePluginPolicy, d: &AgentDefaults) -> PodTemplateSpec {
         "--admin-addr".into(),
         format!("0.0.0.0:{AGENT_ADMIN_PORT}"),
     ];
+    // The agent checks what it serves against the same allow-lists.
+    if let Some(allowed) = &d.allowed_host_paths {
+        let list: Vec<String> = allowed.iter().map(ToString::to_string).collect();
+        args.push(format!("--allowed-host-paths={}", list.join(",")));
+    }
+    if !d.allowed_device_nodes.is_empty() {
+        args.push(format!(
+            "--allowed-device-nodes={}",
+            d.allowed_device_nodes.join(",")
+        ));
+    }
     let mut volumes = vec![
         host_path_volume("device-plugins", &plugins, "DirectoryOrCreate"),
         host_path_volume("pod-resources", &pod_resources, "DirectoryOrCreate"),
@@ -454,10 +420,10 @@ fn pod_template(p: &DevicePluginPolicy, d: &AgentDefaults) -> PodTemplateSpec {
         mounts.push(mount("plugins-registry", &registry, false));
         mounts.push(mount("dra-plugin", &own, false));
     }
-    // The agent writes the CDI spec of a CDI policy (and of every DRA
-    // claim) into the runtime's directory (NVIDIA: the NVIDIA container
-    // toolkit's spec is used).
-    if (p.spec.allocate.cdi.enabled || dra) && p.spec.source.nvidia.is_none() {
+    // The agent writes the CDI spec of a CDI policy (NVIDIA: the NVIDIA
+    // container toolkit's spec is used) and of every DRA claim (NVIDIA too:
+    // the policy's env, mounts and idsEnv) into the runtime's directory.
+    if (p.spec.allocate.cdi.enabled && p.spec.source.nvidia.is_none()) || dra {
         args.extend(["--cdi-dir".into(), CDI_DIR.into()]);
         volumes.push(host_path_volume("cdi", CDI_DIR, "DirectoryOrCreate"));
         mounts.push(mount("cdi", CDI_DIR, false));

@@ -397,6 +397,21 @@ async fn controller(
                     })
                     .collect(),
             ),
+            allowed_device_nodes: args
+                .allowed_device_nodes
+                .iter()
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .collect(),
+            allowed_agent_images: (!args.allowed_agent_images.iter().any(|i| i == "*")).then(
+                || {
+                    args.allowed_agent_images
+                        .iter()
+                        .filter(|s| !s.is_empty())
+                        .cloned()
+                        .collect()
+                },
+            ),
             image_pull_secrets: args
                 .agent_image_pull_secrets
                 .iter()

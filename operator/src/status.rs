@@ -17,6 +17,12 @@ pub struct Observed {
     pub conflict_with: Option<String>,
     /// Why the spec cannot be served, if it cannot.
     pub invalid: Option<String>,
+    /// The spec approved now (valid and within the allow-lists): what
+    /// `status.approvedSpec` becomes.
+    pub approved: Option<serde_json::Value>,
+    /// An invalid spec's policy still serves its last approved spec (the
+    /// generation approved), and the rest of `Observed` describes it.
+    pub serving_approved: Option<i64>,
     /// The last API error while applying agents, if any.
     pub apply_error: Option<String>,
     /// Why the DaemonSet controller cannot create agent pods (its latest
@@ -93,6 +99,10 @@ pub fn compute(
     let mut st = p.status.clone().unwrap_or_default();
     let generation = p.metadata.generation;
     st.observed_generation = generation;
+    if let Some(spec) = &seen.approved {
+        st.approved_spec = Some(spec.clone());
+        st.approved_generation = generation;
+    }
     let mut set = |type_, status, reason, message: String| {
         conditions::set(
             &mut st.conditions,
@@ -107,6 +117,38 @@ pub fn compute(
         );
     };
 
+    if let (Some(why), Some(approved)) = (&seen.invalid, seen.serving_approved) {
+        // The last approved spec keeps serving: counts as usual, but the
+        // policy is not Ready (its spec is not what runs) until fixed.
+        let mut ok = seen.clone();
+        ok.invalid = None;
+        ok.serving_approved = None;
+        ok.approved = None;
+        let mut q = p.clone();
+        q.status = Some(st);
+        let mut st = compute(&q, &ok, now);
+        let msg = format!(
+            "{why}; the spec of generation {approved} (status.approvedSpec) keeps serving until this is fixed"
+        );
+        for (type_, status) in [
+            (types::READY, false),
+            (types::PROGRESSING, false),
+            (types::DEGRADED, true),
+        ] {
+            conditions::set(
+                &mut st.conditions,
+                Desired {
+                    type_,
+                    status,
+                    reason: "InvalidSpec",
+                    message: msg.clone(),
+                },
+                generation,
+                now,
+            );
+        }
+        return st;
+    }
     if let Some(why) = &seen.invalid {
         set(types::READY, false, "InvalidSpec", why.clone());
         set(

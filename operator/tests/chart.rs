@@ -116,6 +116,12 @@ fn lint_is_strict_clean_with_every_value_set() {
             "--set",
             "kubeletRoot=/var/lib/k0s/kubelet",
         ],
+        vec![
+            "--set",
+            "allowedDeviceNodes={/dev/sdb,/dev/mem}",
+            "--set",
+            "allowedAgentImages={example.com/tools:1}",
+        ],
     ] {
         let mut args = vec!["lint", "--strict", c];
         args.extend_from_slice(&set);
@@ -318,6 +324,10 @@ fn value_sets_change_what_they_should() {
         "imagePullSecrets[0].name=regcred",
         "--set",
         "imagePullSecrets[1].name=other",
+        "--set",
+        "allowedDeviceNodes={/dev/sdb}",
+        "--set",
+        "allowedAgentImages={example.com/tools:1,example.com/other:2}",
     ]);
     let dep = find(&docs, "Deployment", "devplug-operator");
     // The agents are pulled like the operator.
@@ -336,6 +346,15 @@ fn value_sets_change_what_they_should() {
     assert_eq!(
         env_of("DEVPLUG_AGENT_IMAGE_PULL_SECRETS"),
         Some("regcred,other".into())
+    );
+    // The allow-lists reach the operator (and through it the agents).
+    assert_eq!(
+        env_of("DEVPLUG_ALLOWED_DEVICE_NODES"),
+        Some("/dev/sdb".into())
+    );
+    assert_eq!(
+        env_of("DEVPLUG_ALLOWED_AGENT_IMAGES"),
+        Some("example.com/tools:1,example.com/other:2".into())
     );
     assert_eq!(dep["spec"]["replicas"], 2);
     let c = &dep["spec"]["template"]["spec"]["containers"][0];

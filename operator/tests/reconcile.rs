@@ -757,3 +757,75 @@ async fn a_deleted_policy_is_released_only_when_nothing_serves_it() {
     );
     assert!(api.denied().is_empty(), "{:?}", api.denied());
 }
+
+/// Found on the real cluster: a live policy edited into one the operator
+/// refuses lost its DaemonSet, so every pod on every node lost service.
+/// Now the refused edit leaves the last approved spec serving (the
+/// DaemonSet untouched, `status.approvedSpec` unchanged) and the policy says
+/// why, naming the field, until the spec is fixed.
+#[tokio::test]
+async fn a_refused_edit_keeps_the_last_approved_spec_serving() {
+    let foo_name = unique("foo");
+    let foo = foo_name.as_str();
+    let (client, api) = support::start().await;
+    let (store, _w) = seed(&api, &[policy_json(foo, "example.com/foo", json!({}))]).await;
+    let ctx = ctx(client, store);
+    reconcile(&api, &ctx, foo).await.unwrap();
+    let ds0 = api.get(&paths::daemonset(foo)).await.unwrap();
+    let first = current(&api, foo).await;
+    let st = first.status.clone().unwrap();
+    assert_eq!(
+        st.approved_spec,
+        Some(serde_json::to_value(&first.spec).unwrap())
+    );
+    assert_eq!(st.approved_generation, first.metadata.generation);
+
+    // Past admission, refused by the operator: /dev/mem for every workload.
+    let mut p = api.get(&paths::policy(foo)).await.unwrap();
+    p["spec"]["source"] = json!({"paths": {"globs": ["/dev/mem"]}});
+    api.put(&paths::policy(foo), p).await;
+    api.clear_log();
+    reconcile(&api, &ctx, foo).await.unwrap();
+    // Only the status and the transition's Event: no DaemonSet change or
+    // deletion.
+    let writes: Vec<String> = write_paths(&api)
+        .into_iter()
+        .filter(|w| !w.contains("/events"))
+        .collect();
+    assert_eq!(
+        writes,
+        vec![format!("PATCH {}/status", paths::policy(foo))],
+        "only the status is written"
+    );
+    let ds1 = api.get(&paths::daemonset(foo)).await.unwrap();
+    assert_eq!(ds1["metadata"]["uid"], ds0["metadata"]["uid"]);
+    assert_eq!(ds1["spec"]["template"], ds0["spec"]["template"]);
+    let now = current(&api, foo).await;
+    let st = now.status.clone().unwrap();
+    assert_eq!(
+        st.approved_spec,
+        Some(serde_json::to_value(&first.spec).unwrap())
+    );
+    assert_eq!(st.approved_generation, first.metadata.generation);
+    let (s, reason, msg) = condition(&api, foo, types::READY).await;
+    assert_eq!((s.as_str(), reason.as_str()), ("False", "InvalidSpec"));
+    assert!(
+        msg.contains("spec.source.paths.globs[0]") && msg.contains("/dev/mem"),
+        "{msg}"
+    );
+    assert!(msg.contains("keeps serving"), "{msg}");
+
+    // Fixed: approved and served again.
+    let mut p = api.get(&paths::policy(foo)).await.unwrap();
+    p["spec"]["source"] = json!({"simulated": {"count": 3}});
+    api.put(&paths::policy(foo), p).await;
+    reconcile(&api, &ctx, foo).await.unwrap();
+    let fixed = current(&api, foo).await;
+    let st = fixed.status.clone().unwrap();
+    assert_eq!(
+        st.approved_spec,
+        Some(serde_json::to_value(&fixed.spec).unwrap())
+    );
+    let (_, reason, _) = condition(&api, foo, types::READY).await;
+    assert_ne!(reason, "InvalidSpec");
+}

@@ -134,6 +134,7 @@ trap cleanup EXIT
 leftovers() {
   kubectl delete pod -l app=devplug-e2e --ignore-not-found --wait=true --timeout=60s >/dev/null 2>&1 || true
   kubectl delete resourceclaim -l app=devplug-e2e --ignore-not-found --wait=true --timeout=60s >/dev/null 2>&1 || true
+  kubectl delete resourceclaimtemplate -l app=devplug-e2e --ignore-not-found --wait=true --timeout=60s >/dev/null 2>&1 || true
   kubectl delete dpp --all --wait=true --timeout=60s >/dev/null 2>&1 || true
   # A policy whose operator is gone keeps its finalizer.
   for p in $(kubectl get dpp -o name 2>/dev/null); do
@@ -414,9 +415,47 @@ wait_for "no orphans once the IDs are advertised again" 30 "" entry '.orphaned[*
 [ "$(metric_regs)" = "$regs" ] || fail "the agent registered again ($regs before, $(metric_regs) after): the kubelet saw the resource disconnected"
 ok "registrations stayed $regs"
 
+begin "a live edit the operator refuses never reaches a pod: the last approved spec serves on, no DaemonSet is deleted"
+kubectl delete pod demo-pod --ignore-not-found --wait=true --timeout=60s >/dev/null
+approved_mode() { kubectl get dpp $POLICY -o jsonpath='{.status.approvedSpec.allocate.env.FOO_MODE}'; }
+ready_reason() { kubectl get dpp $POLICY -o jsonpath='{.status.conditions[?(@.type=="Ready")].status} {.status.conditions[?(@.type=="Ready")].reason}'; }
+kubectl patch dpp $POLICY --type=merge -p '{"spec":{"allocate":{"env":{"FOO_MODE":"approved"},"mounts":[{"hostPath":"/dev/null","containerPath":"/x","readOnly":true}]}}}' >/dev/null
+wait_for "the edit approved" 60 approved approved_mode
+ds_uid=$(kubectl -n $NS get ds -l devplug.io/policy=$POLICY -o jsonpath='{.items[0].metadata.uid}')
+# The finding: this edit (the host's /etc read-write) was served within a
+# second by the agent's own watch, then the DaemonSet was deleted.
+kubectl patch dpp $POLICY --type=merge -p '{"spec":{"allocate":{"env":{"FOO_MODE":"evil"},"mounts":[{"hostPath":"/etc","containerPath":"/host-etc"}]}}}' >/dev/null
+wait_for "Ready=False InvalidSpec" 60 "False InvalidSpec" ready_reason
+msg=$(kubectl get dpp $POLICY -o jsonpath='{.status.conditions[?(@.type=="Ready")].message}')
+case $msg in *spec.allocate.mounts*) ;; *) fail "the InvalidSpec message does not name the field: $msg" ;; esac
+[ "$(approved_mode)" = approved ] || fail "status.approvedSpec changed to '$(approved_mode)'"
+kubectl apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Pod
+metadata: {name: refused-edit, labels: {app: devplug-e2e}}
+spec:
+  restartPolicy: Never
+  containers:
+    - name: c
+      image: registry.k8s.io/e2e-test-images/busybox:1.36.1-1
+      command: ["sh", "-c", "echo mode=\$FOO_MODE; if [ -e /host-etc ]; then echo HOST-ETC; fi"]
+      resources: {limits: {$RES: 1}}
+YAML
+wait_for "refused-edit ran" 120 Succeeded kubectl get pod refused-edit -o jsonpath='{.status.phase}'
+out=$(kubectl logs refused-edit)
+case $out in *mode=approved*) ;; *) fail "the pod did not get the approved spec: $out" ;; esac
+case $out in *HOST-ETC*) fail "the refused mount reached the pod: $out" ;; esac
+[ "$(kubectl -n $NS get ds -l devplug.io/policy=$POLICY -o jsonpath='{.items[0].metadata.uid}')" = "$ds_uid" ] ||
+  fail "the agent DaemonSet was deleted or replaced"
+kubectl delete pod refused-edit --wait=true --timeout=60s >/dev/null
+kubectl patch dpp $POLICY --type=json -p '[{"op":"remove","path":"/spec/allocate/mounts"},{"op":"replace","path":"/spec/allocate/env","value":{"FOO_MODE":"demo"}}]' >/dev/null
+wait_for "Ready again once fixed" 90 "True AgentsReady" ready_reason
+wait_for "the fix approved" 60 demo approved_mode
+ok "${msg:0:160}"
+
 begin "kubelet restarted 5 times in a row, a new pod runs after each"
 if can_restart_kubelet; then
-  kubectl delete pod demo-pod --wait=true --timeout=60s >/dev/null
+  kubectl delete pod demo-pod --ignore-not-found --wait=true --timeout=60s >/dev/null
   # The kubelet keeps a deleted pod's devices in its checkpoint until its next
   # Allocate, and right after a restart it does not clean the checkpoint until
   # every pod source has synced: a pod admitted in that first second sees
@@ -683,6 +722,66 @@ kubectl apply -f examples/claim-pod.yaml >/dev/null
 pod_ready_or_fail claim-pod 180
 kubectl delete pod claim-pod --grace-period=1 --wait=true --timeout=60s >/dev/null
 ok "the claim prepared before the restarts was unprepared after them; a new one ran"
+
+begin "DRA: a pod with two requests of one claim, and a pod with two claims, each see both devices"
+sorted_ids() { kubectl exec "$1" -- printenv DEVPLUG_HARDWARE_VENDOR_EXAMPLE_FOO | tr , '\n' | sort | paste -sd, -; }
+kubectl apply -f - >/dev/null <<YAML
+apiVersion: resource.k8s.io/v1
+kind: ResourceClaim
+metadata: {name: two-requests, labels: {app: devplug-e2e}}
+spec:
+  devices:
+    requests:
+      - {name: first, exactly: {deviceClassName: $DRIVER}}
+      - {name: second, exactly: {deviceClassName: $DRIVER}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: two-requests, labels: {app: devplug-e2e}}
+spec:
+  containers:
+    - name: c
+      image: registry.k8s.io/e2e-test-images/busybox:1.36.1-1
+      command: ["sleep", "3600"]
+      resources: {claims: [{name: both}]}
+  resourceClaims: [{name: both, resourceClaimName: two-requests}]
+YAML
+pod_ready_or_fail two-requests 180
+got_a=$(sorted_ids two-requests)
+[ "$got_a" = foo-0,foo-1 ] || fail "a container given a claim with two requests sees '$got_a'"
+for d in FOO_0 FOO_1; do
+  [ -n "$(kubectl exec two-requests -- printenv DEVPLUG_DEVICE_$d)" ] || fail "two-requests lacks DEVPLUG_DEVICE_$d"
+done
+kubectl delete pod two-requests --grace-period=1 --wait=true --timeout=60s >/dev/null
+kubectl delete resourceclaim two-requests --wait=true --timeout=60s >/dev/null
+kubectl apply -f - >/dev/null <<YAML
+apiVersion: resource.k8s.io/v1
+kind: ResourceClaimTemplate
+metadata: {name: one-foo, labels: {app: devplug-e2e}}
+spec:
+  spec:
+    devices:
+      requests: [{name: foo, exactly: {deviceClassName: $DRIVER}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: two-claims, labels: {app: devplug-e2e}}
+spec:
+  containers:
+    - name: c
+      image: registry.k8s.io/e2e-test-images/busybox:1.36.1-1
+      command: ["sleep", "3600"]
+      resources: {claims: [{name: a}, {name: b}]}
+  resourceClaims:
+    - {name: a, resourceClaimTemplateName: one-foo}
+    - {name: b, resourceClaimTemplateName: one-foo}
+YAML
+pod_ready_or_fail two-claims 180
+got_b=$(sorted_ids two-claims)
+[ "$got_b" = foo-0,foo-1 ] || fail "a container naming two claims sees '$got_b'"
+kubectl delete pod two-claims --grace-period=1 --wait=true --timeout=60s >/dev/null
+kubectl delete resourceclaimtemplate one-foo --wait=true --timeout=60s >/dev/null
+ok "two requests: $got_a; two claims: $got_b"
 
 begin "DRA at real size: 300 devices, one Unhealthy: the taint is published and a new claim is allocated from the other 299"
 BIG=e2e-dra-300

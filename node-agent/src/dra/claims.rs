@@ -3,13 +3,20 @@
 //!
 //! Prepare reads the claim's allocation (the devices the scheduler chose
 //! for this driver), checks each device is ours and usable, writes one CDI
-//! spec file for the claim (`devplug-claim-<driver>-<uid>.json`: per request, the
-//! device nodes, `<idsEnv>` and each device's variable; the policy's env and
-//! mounts), records the claim in the checkpoint and answers with the CDI
-//! names. A claim already in the checkpoint is answered from it (the kubelet
-//! repeats calls after restarts), re-writing its CDI file if it is gone
-//! (`/var/run/cdi` is a tmpfs). Unprepare removes exactly the file and the
-//! entry prepare made; an unknown claim is already unprepared.
+//! spec file for the claim (`devplug-claim-<driver>-<uid>.json`: per device
+//! and request, its device nodes, its own variable and `<idsEnv>`; the
+//! policy's env and mounts), records the claim in the checkpoint and answers
+//! with the CDI names. For the NVIDIA source the spec carries no device
+//! nodes: each device is answered with the NVIDIA container toolkit's name
+//! (nodes and driver libraries) and this spec's (`devplug.io/claim`: env,
+//! mounts, `idsEnv`). A claim already in the checkpoint is answered from it
+//! (the kubelet repeats calls after restarts), re-writing its CDI file if it
+//! is gone (`/var/run/cdi` is a tmpfs). Unprepare removes exactly the file
+//! and the entry prepare made; an unknown claim is already unprepared.
+//!
+//! `<idsEnv>` lists every device a container was given by this policy: see
+//! [`plan`] for a claim with several requests and [`order_before`] for a
+//! container naming several claims.
 //!
 //! A checkpoint that cannot be read is moved aside (`claims.json.corrupt-<time>`)
 //! and the agent starts with none, saying so (log and Event), never a crash
@@ -68,6 +75,10 @@ pub struct PreparedClaim {
     /// The CDI spec file written for it, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cdi_file: Option<String>,
+    /// IDs of other claims its variable lists first (see [`plan`]), kept
+    /// to write the same CDI spec again after a reboot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub before: Vec<String>,
 }
 
 /// Prepared claims by UID.
@@ -174,15 +185,33 @@ pub fn results_of(claim: &Value, driver: &str) -> Result<Vec<AllocResult>, Strin
     Ok(out)
 }
 
+/// CDI kind of the specs the agent writes beside a vendor toolkit's (the
+/// NVIDIA source): the toolkit's names bring the device nodes and driver
+/// libraries, this one the policy's env, mounts and `idsEnv`.
+pub const TOOLKIT_CLAIM_KIND: &str = "devplug.io/claim";
+
 /// What preparing `results` means for this node now: the prepared claim
-/// and the CDI spec to write (none for sources whose CDI spec belongs to a
-/// vendor toolkit). Refuses devices of other pools, unknown devices and
-/// devices that are not healthy.
+/// and the CDI spec to write. Refuses devices of other pools, unknown
+/// devices and devices that are not healthy.
+///
+/// The policy's variable (`idsEnv`) must list every device a container was
+/// given, and CDI sets a variable once per device (the last one wins). The
+/// kubelet hands a container the CDI names of its claims in the order of
+/// the container's claims, and of one claim in the order of the answer's
+/// devices. So the devices are answered grouped by request, in allocation
+/// order; the devices of every request but the last set the variable to
+/// their request's IDs (right for a container that names that request
+/// alone), those of the last request to `before` plus every device of the
+/// claim (right for a container that names the whole claim, after the
+/// claims in `before`: the IDs of the claims that come before this one in
+/// the containers that name it last; see `server.rs`).
+#[allow(clippy::too_many_arguments)]
 pub fn plan(
     uid: &str,
     namespace: &str,
     name: &str,
     results: &[AllocResult],
+    before: &[String],
     pool: &str,
     cfg: &PluginConfig,
     snap: &Snapshot,
@@ -193,8 +222,14 @@ pub fn plan(
         .flat_map(|id| sharing::replica_ids(id, snap.replicas))
         .map(|adv| (names::device_name(&adv), adv))
         .collect();
+    let mut order: Vec<&str> = Vec::new();
+    for r in results {
+        if !order.contains(&r.request.as_str()) {
+            order.push(&r.request);
+        }
+    }
     let mut devices = Vec::with_capacity(results.len());
-    let mut per_request: BTreeMap<&str, Vec<(&str, &DeviceState)>> = BTreeMap::new();
+    let mut per_request: Vec<Vec<(&str, &DeviceState)>> = vec![Vec::new(); order.len()];
     for r in results {
         if r.pool != pool {
             return Err(format!(
@@ -210,7 +245,11 @@ pub fn plan(
             LookupError::Unhealthy(id, h) => format!("device {id} is {h}"),
         })?;
         let physical = sharing::physical_of(adv, snap.replicas).unwrap_or(adv);
-        let list = per_request.entry(r.request.as_str()).or_default();
+        let i = order
+            .iter()
+            .position(|q| *q == r.request)
+            .unwrap_or_default();
+        let list = &mut per_request[i];
         if !list.iter().any(|(p, _)| *p == physical) {
             list.push((physical, state));
         }
@@ -220,57 +259,463 @@ pub fn plan(
             cdi_ids: Vec::new(),
         });
     }
-    let (cdi_file, spec) = if cfg.toolkit_cdi {
-        // The vendor toolkit's spec names every GPU by its ID.
-        let kind = cfg.cdi_kind.as_deref().unwrap_or("nvidia.com/gpu");
-        for d in &mut devices {
-            let physical = sharing::physical_of(&d.id, snap.replicas).unwrap_or(&d.id);
-            d.cdi_ids = vec![format!("{kind}={physical}")];
+    // Grouped by request, each group in allocation order (a stable sort).
+    devices.sort_by_key(|d| order.iter().position(|q| *q == d.result.request));
+    let mut whole: Vec<&str> = Vec::new();
+    for p in before
+        .iter()
+        .map(String::as_str)
+        .chain(per_request.iter().flatten().map(|(p, _)| *p))
+    {
+        if !whole.contains(&p) {
+            whole.push(p);
         }
-        (None, None)
-    } else {
-        let kind = cfg
-            .cdi_kind
-            .clone()
-            .unwrap_or_else(|| cfg.resource_name.clone());
-        // One CDI device per physical device and request, named after the
-        // device (the kubelet shows CDI names in the pod's
-        // allocatedResourcesStatus): its nodes, its own variable, and the
-        // request's list of IDs.
-        let mut claim_devices: Vec<cdi::ClaimDevice<'_>> = Vec::new();
-        for (req, list) in &per_request {
-            let ids: Vec<&str> = list.iter().map(|(p, _)| *p).collect();
-            for (physical, state) in list {
-                claim_devices.push(cdi::ClaimDevice {
-                    name: names::cdi_device(uid, req, physical),
-                    id: physical,
-                    state,
-                    request_ids: ids.join(","),
-                });
-            }
+    }
+    let ids_of = |i: usize| -> String {
+        if i + 1 == per_request.len() {
+            whole.join(",")
+        } else {
+            let own: Vec<&str> = per_request[i].iter().map(|(p, _)| *p).collect();
+            own.join(",")
         }
-        let mut given = std::collections::BTreeSet::new();
-        for d in &mut devices {
-            let physical = sharing::physical_of(&d.id, snap.replicas)
-                .unwrap_or(&d.id)
-                .to_string();
-            if given.insert((d.result.request.clone(), physical.clone())) {
-                d.cdi_ids = vec![format!(
-                    "{kind}={}",
-                    names::cdi_device(uid, &d.result.request, &physical)
-                )];
-            }
-        }
-        let bytes = cdi::render_claim(cfg, &kind, &claim_devices).map_err(|e| e.to_string())?;
-        (Some(names::cdi_file(&cfg.driver, uid)), Some(bytes))
     };
+    // One CDI device per physical device and request, named after the
+    // device (the kubelet shows CDI names in the pod's
+    // allocatedResourcesStatus).
+    let (kind, toolkit_kind) = if cfg.toolkit_cdi {
+        (
+            TOOLKIT_CLAIM_KIND.to_string(),
+            Some(cfg.cdi_kind.as_deref().unwrap_or("nvidia.com/gpu")),
+        )
+    } else {
+        (
+            cfg.cdi_kind
+                .clone()
+                .unwrap_or_else(|| cfg.resource_name.clone()),
+            None,
+        )
+    };
+    let mut claim_devices: Vec<cdi::ClaimDevice<'_>> = Vec::new();
+    for (i, (req, list)) in order.iter().zip(&per_request).enumerate() {
+        let ids = ids_of(i);
+        for (physical, state) in list {
+            claim_devices.push(cdi::ClaimDevice {
+                name: names::cdi_device(uid, req, physical),
+                id: physical,
+                // The vendor toolkit's own names bring the nodes.
+                state: toolkit_kind.is_none().then_some(*state),
+                request_ids: ids.clone(),
+            });
+        }
+    }
+    let mut given = std::collections::BTreeSet::new();
+    for d in &mut devices {
+        let physical = sharing::physical_of(&d.id, snap.replicas)
+            .unwrap_or(&d.id)
+            .to_string();
+        if given.insert((d.result.request.clone(), physical.clone())) {
+            let ours = format!(
+                "{kind}={}",
+                names::cdi_device(uid, &d.result.request, &physical)
+            );
+            d.cdi_ids = match toolkit_kind {
+                Some(tk) => vec![format!("{tk}={physical}"), ours],
+                None => vec![ours],
+            };
+        }
+    }
+    let bytes = cdi::render_claim(cfg, &kind, &claim_devices).map_err(|e| e.to_string())?;
     Ok((
         PreparedClaim {
             namespace: namespace.to_string(),
             name: name.to_string(),
             devices,
-            cdi_file,
+            cdi_file: Some(names::cdi_file(&cfg.driver, uid)),
+            before: before.to_vec(),
         },
-        spec,
+        Some(bytes),
     ))
+}
+
+/// The physical IDs of `results` (those of `pool`), grouped by request in
+/// allocation order, each once: the order [`plan`] lists a claim's devices.
+pub fn physical_ids(results: &[AllocResult], pool: &str, snap: &Snapshot) -> Vec<String> {
+    let by_name: BTreeMap<String, String> = snap
+        .devices
+        .keys()
+        .flat_map(|id| sharing::replica_ids(id, snap.replicas))
+        .map(|adv| (names::device_name(&adv), adv))
+        .collect();
+    let mut order: Vec<&str> = Vec::new();
+    for r in results {
+        if !order.contains(&r.request.as_str()) {
+            order.push(&r.request);
+        }
+    }
+    let mut out: Vec<String> = Vec::new();
+    for req in order {
+        for r in results
+            .iter()
+            .filter(|r| r.request == req && r.pool == pool)
+        {
+            if let Some(adv) = by_name.get(&r.device) {
+                let p = sharing::physical_of(adv, snap.replicas).unwrap_or(adv);
+                if !out.iter().any(|o| o == p) {
+                    out.push(p.to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The pod (name, UID) every one of `claims` (ResourceClaims as JSON) is
+/// reserved for, if there is one.
+pub fn common_pod<'a>(mut claims: impl Iterator<Item = &'a Value>) -> Option<(String, String)> {
+    let pods = |c: &Value| -> Vec<(String, String)> {
+        c.pointer("/status/reservedFor")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter(|r| {
+                        r["resource"].as_str() == Some("pods")
+                            && r["apiGroup"].as_str().unwrap_or_default().is_empty()
+                    })
+                    .filter_map(|r| Some((r["name"].as_str()?.into(), r["uid"].as_str()?.into())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut common = pods(claims.next()?);
+    for c in claims {
+        let these = pods(c);
+        common.retain(|p| these.contains(p));
+    }
+    common.into_iter().next()
+}
+
+/// For each claim of `ids` (claim name → its UID and physical IDs) that
+/// every container of `pod` naming it last (among `ids`) names after the
+/// same other claims: those claims' IDs, in the container's order. A claim
+/// named with a request filter, or after different claims in different
+/// containers, gets none (its variable lists its own devices).
+pub fn order_before(
+    pod: &Value,
+    ids: &BTreeMap<&str, (&str, Vec<String>)>,
+) -> BTreeMap<String, Vec<String>> {
+    let claim_name = |pod_claim: &str| -> Option<String> {
+        let named = pod
+            .pointer("/spec/resourceClaims")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().find(|c| c["name"].as_str() == Some(pod_claim)))
+            .and_then(|c| c["resourceClaimName"].as_str());
+        if let Some(n) = named {
+            return Some(n.to_string());
+        }
+        pod.pointer("/status/resourceClaimStatuses")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().find(|c| c["name"].as_str() == Some(pod_claim)))
+            .and_then(|c| c["resourceClaimName"].as_str())
+            .map(str::to_string)
+    };
+    let containers = ["/spec/initContainers", "/spec/containers"]
+        .iter()
+        .filter_map(|p| pod.pointer(p).and_then(Value::as_array))
+        .flatten();
+    // Claim name → the claims before it (None: containers disagree).
+    let mut candidate: BTreeMap<String, Option<Vec<String>>> = BTreeMap::new();
+    for ctr in containers {
+        let mut entries: Vec<(String, bool)> = Vec::new();
+        for r in ctr
+            .pointer("/resources/claims")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let Some(name) = r["name"].as_str().and_then(claim_name) else {
+                continue;
+            };
+            if !ids.contains_key(name.as_str()) {
+                continue;
+            }
+            let filtered = r["request"].as_str().is_some_and(|q| !q.is_empty());
+            entries.retain(|(n, _)| *n != name);
+            entries.push((name, filtered));
+        }
+        let Some((last, _)) = entries.last().cloned() else {
+            continue;
+        };
+        let cand = if entries.iter().any(|(_, f)| *f) {
+            None
+        } else {
+            Some(
+                entries[..entries.len() - 1]
+                    .iter()
+                    .map(|(n, _)| n.clone())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        match candidate.get(&last) {
+            None => {
+                candidate.insert(last, cand);
+            }
+            Some(prev) if *prev != cand => {
+                candidate.insert(last, None);
+            }
+            Some(_) => {}
+        }
+    }
+    candidate
+        .into_iter()
+        .filter_map(|(name, cand)| {
+            let cand = cand.filter(|c| !c.is_empty())?;
+            let (uid, _) = ids.get(name.as_str())?;
+            let before: Vec<String> = cand
+                .iter()
+                .filter_map(|n| ids.get(n.as_str()))
+                .flat_map(|(_, v)| v.iter().cloned())
+                .collect();
+            Some((uid.to_string(), before))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ids() -> BTreeMap<&'static str, (&'static str, Vec<String>)> {
+        [
+            ("c1", ("u1", vec!["a".to_string()])),
+            ("c2", ("u2", vec!["b".to_string(), "c".to_string()])),
+            ("c3", ("u3", vec!["d".to_string()])),
+        ]
+        .into_iter()
+        .collect()
+    }
+
+    fn pod(containers: Value) -> Value {
+        json!({
+            "spec": {
+                "resourceClaims": [
+                    {"name": "one", "resourceClaimTemplateName": "t"},
+                    {"name": "two", "resourceClaimName": "c2"},
+                    {"name": "three", "resourceClaimTemplateName": "t"},
+                ],
+                "containers": containers,
+            },
+            "status": {"resourceClaimStatuses": [
+                {"name": "one", "resourceClaimName": "c1"},
+                {"name": "three", "resourceClaimName": "c3"},
+            ]},
+        })
+    }
+
+    #[test]
+    fn a_container_naming_two_claims_lists_the_first_in_the_second() {
+        let p = pod(
+            json!([{"name": "x", "resources": {"claims": [{"name": "one"}, {"name": "two"}]}}]),
+        );
+        let b = order_before(&p, &ids());
+        assert_eq!(
+            b,
+            BTreeMap::from([("u2".to_string(), vec!["a".to_string()])])
+        );
+        let p = pod(
+            json!([{"name": "x", "resources": {"claims": [{"name": "two"}, {"name": "three"}, {"name": "one"}]}}]),
+        );
+        let b = order_before(&p, &ids());
+        assert_eq!(
+            b,
+            BTreeMap::from([("u1".to_string(), vec!["b".into(), "c".into(), "d".into()])])
+        );
+    }
+
+    #[test]
+    fn containers_that_disagree_or_filter_requests_get_nothing() {
+        // c2 is last in x (after c1) and alone in y: no single answer.
+        let p = pod(json!([
+            {"name": "x", "resources": {"claims": [{"name": "one"}, {"name": "two"}]}},
+            {"name": "y", "resources": {"claims": [{"name": "two"}]}},
+        ]));
+        assert!(order_before(&p, &ids()).is_empty());
+        // One container per claim: nothing to add.
+        let p = pod(json!([
+            {"name": "x", "resources": {"claims": [{"name": "one"}]}},
+            {"name": "y", "resources": {"claims": [{"name": "two"}]}},
+        ]));
+        assert!(order_before(&p, &ids()).is_empty());
+        // A request filter hands out part of a claim only.
+        let p = pod(
+            json!([{"name": "x", "resources": {"claims": [{"name": "one"}, {"name": "two", "request": "r"}]}}]),
+        );
+        assert!(order_before(&p, &ids()).is_empty());
+        // The same order in an init container and a container agrees.
+        let p = json!({"spec": {
+            "resourceClaims": [{"name": "one", "resourceClaimName": "c1"}, {"name": "two", "resourceClaimName": "c2"}],
+            "initContainers": [{"name": "i", "resources": {"claims": [{"name": "one"}, {"name": "two"}]}}],
+            "containers": [{"name": "x", "resources": {"claims": [{"name": "one"}, {"name": "two"}]}}],
+        }});
+        assert_eq!(order_before(&p, &ids()).len(), 1);
+    }
+
+    fn cfg(source: &str, extra: &str) -> PluginConfig {
+        let p = devplug_api::policies_from_yaml(&format!(
+            "apiVersion: devplug.io/v1alpha1\nkind: DevicePluginPolicy\nmetadata: {{name: gpu}}\nspec:\n  resourceName: example.com/gpu\n  kubeletApi: DRA\n  source: {source}\n{extra}"
+        ))
+        .unwrap()
+        .remove(0);
+        PluginConfig::from_policy(&p)
+    }
+
+    fn snap(ids: &[&str]) -> Snapshot {
+        use crate::devices::device::{Device, DeviceNode};
+        use crate::devices::health::Health;
+        let mut s = Snapshot {
+            replicas: 1,
+            version: 1,
+            ..Default::default()
+        };
+        for id in ids {
+            s.devices.insert(
+                id.to_string(),
+                DeviceState {
+                    device: Device {
+                        id: id.to_string(),
+                        numa_node: None,
+                        nodes: vec![DeviceNode {
+                            host_path: format!("/dev/{id}"),
+                            container_path: format!("/dev/{id}"),
+                            permissions: "rw".into(),
+                        }],
+                        health: Health::Healthy,
+                        links: vec![],
+                        attributes: Default::default(),
+                    },
+                    health: Health::Healthy,
+                    last_transition: std::time::SystemTime::UNIX_EPOCH,
+                },
+            );
+        }
+        s
+    }
+
+    fn result(req: &str, dev: &str) -> AllocResult {
+        AllocResult {
+            request: req.into(),
+            pool: "n".into(),
+            device: dev.into(),
+        }
+    }
+
+    /// What a container gets from `cdi_ids` (in the kubelet's order) out
+    /// of `spec`, the way the CDI library applies edits: the spec's own
+    /// edits once, then each device's; a variable set twice keeps the
+    /// last value.
+    fn container_env(spec: &Value, cdi_ids: &[String]) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::new();
+        let mut set = |list: &Value| {
+            for e in list.as_array().into_iter().flatten() {
+                let (k, v) = e.as_str().unwrap().split_once('=').unwrap();
+                env.insert(k.to_string(), v.to_string());
+            }
+        };
+        set(&spec["containerEdits"]["env"]);
+        let kind = spec["kind"].as_str().unwrap();
+        for id in cdi_ids {
+            let Some(name) = id.strip_prefix(&format!("{kind}=")) else {
+                continue;
+            };
+            let dev = spec["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["name"] == name)
+                .unwrap_or_else(|| panic!("{id} not in the spec"));
+            set(&dev["containerEdits"]["env"]);
+        }
+        env
+    }
+
+    #[test]
+    fn a_container_given_a_claim_of_two_requests_sees_both_in_the_variable() {
+        let cfg = cfg("{simulated: {count: 3}}", "");
+        let snap = snap(&["a", "b", "c"]);
+        // Allocation results as the scheduler lists them, by request.
+        let results = [result("r1", "a"), result("r2", "b"), result("r2", "c")];
+        let (p, spec) = plan("u", "ns", "claim", &results, &[], "n", &cfg, &snap).unwrap();
+        let spec: Value = serde_json::from_slice(&spec.unwrap()).unwrap();
+        let ids = |filter: Option<&str>| -> Vec<String> {
+            p.devices
+                .iter()
+                .filter(|d| filter.is_none_or(|r| d.result.request == r))
+                .flat_map(|d| d.cdi_ids.clone())
+                .collect()
+        };
+        let var = "DEVPLUG_EXAMPLE_COM_GPU";
+        assert_eq!(container_env(&spec, &ids(None))[var], "a,b,c");
+        // A container naming one request: that request's devices.
+        assert_eq!(container_env(&spec, &ids(Some("r1")))[var], "a");
+        // Each device keeps its own variable.
+        assert_eq!(container_env(&spec, &ids(None))["DEVPLUG_DEVICE_B"], "b");
+        // Claims named before it in the container come first.
+        let (p, spec) = plan(
+            "u",
+            "ns",
+            "claim",
+            &results[..1],
+            &["x".to_string(), "a".to_string()],
+            "n",
+            &cfg,
+            &snap,
+        )
+        .unwrap();
+        let spec: Value = serde_json::from_slice(&spec.unwrap()).unwrap();
+        let all: Vec<String> = p.devices.iter().flat_map(|d| d.cdi_ids.clone()).collect();
+        assert_eq!(container_env(&spec, &all)[var], "x,a");
+        assert_eq!(p.before, ["x", "a"]);
+    }
+
+    #[test]
+    fn nvidia_claims_get_the_toolkit_names_plus_the_policy_env_and_mounts() {
+        let cfg = cfg(
+            "{nvidia: {}}",
+            "  allocate:\n    env: {MODE: fast}\n    mounts: [{hostPath: /opt/x, containerPath: /x}]\n",
+        );
+        let snap = snap(&["GPU-1", "GPU-2"]);
+        let results = [
+            result("r", &names::device_name("GPU-1")),
+            result("r", &names::device_name("GPU-2")),
+        ];
+        let (p, spec) = plan("u", "ns", "c", &results, &[], "n", &cfg, &snap).unwrap();
+        let spec: Value =
+            serde_json::from_slice(&spec.expect("a spec for the policy's edits")).unwrap();
+        assert_eq!(spec["kind"], TOOLKIT_CLAIM_KIND);
+        assert_eq!(p.devices[0].cdi_ids[0], "nvidia.com/gpu=GPU-1");
+        let all: Vec<String> = p.devices.iter().flat_map(|d| d.cdi_ids.clone()).collect();
+        let env = container_env(&spec, &all);
+        assert_eq!(env["NVIDIA_VISIBLE_DEVICES"], "GPU-1,GPU-2");
+        assert_eq!(env["MODE"], "fast");
+        assert_eq!(spec["containerEdits"]["mounts"][0]["containerPath"], "/x");
+        // The toolkit's names bring the nodes; ours carry none.
+        for d in spec["devices"].as_array().unwrap() {
+            assert!(d["containerEdits"]["deviceNodes"].is_null(), "{d}");
+        }
+    }
+
+    #[test]
+    fn the_common_pod_is_the_one_every_claim_is_reserved_for() {
+        let c = |pods: Value| json!({"status": {"reservedFor": pods}});
+        let a = c(
+            json!([{"resource": "pods", "name": "p", "uid": "1"}, {"resource": "pods", "name": "q", "uid": "2"}]),
+        );
+        let b = c(json!([{"resource": "pods", "name": "q", "uid": "2"}]));
+        assert_eq!(
+            common_pod([&a, &b].into_iter()),
+            Some(("q".into(), "2".into()))
+        );
+        let d = c(json!([{"resource": "jobs", "apiGroup": "batch", "name": "q", "uid": "2"}]));
+        assert_eq!(common_pod([&a, &d].into_iter()), None);
+    }
 }

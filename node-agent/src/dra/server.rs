@@ -43,6 +43,11 @@ pub fn claim_resource() -> ApiResource {
     )
 }
 
+/// Core v1 Pod (read only to order a container's claims).
+pub fn pod_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("", "v1", "Pod"), "pods")
+}
+
 /// The API server's own words for an error, without a debug dump.
 pub fn api_message(e: &kube::Error) -> String {
     match e {
@@ -159,78 +164,250 @@ impl DraState {
     /// Prepares one claim (idempotent), serialised with every other call
     /// for the same claim.
     pub async fn prepare_one(&self, c: &v1::Claim) -> Result<Vec<v1::Device>, String> {
-        if c.uid.is_empty() || c.name.is_empty() || c.namespace.is_empty() {
-            return Err("a claim needs namespace, uid and name".into());
-        }
-        let lock = self.claim_locks.of(&c.uid);
-        let r = {
-            let _one_at_a_time = lock.lock().await;
-            self.prepare_locked(c).await
-        };
-        self.claim_locks.release(&c.uid, lock);
-        r
+        self.prepare(vec![c.clone()])
+            .await
+            .claims
+            .remove(&c.uid)
+            .map(|r| {
+                if r.error.is_empty() {
+                    Ok(r.devices)
+                } else {
+                    Err(r.error)
+                }
+            })
+            .unwrap_or_else(|| Err("no answer for the claim".into()))
     }
 
-    async fn prepare_locked(&self, c: &v1::Claim) -> Result<Vec<v1::Device>, String> {
+    /// The answer for a claim prepared before (the kubelet repeats calls
+    /// after restarts), writing its CDI spec again if it is gone (a tmpfs
+    /// after a reboot).
+    fn answer_known(
+        &self,
+        c: &v1::Claim,
+        p: &PreparedClaim,
+        cfg: &crate::config::PluginConfig,
+        snap: &crate::devices::inventory::Snapshot,
+    ) -> Result<Vec<v1::Device>, String> {
+        if let Some(f) = &p.cdi_file
+            && !self.cdi_dir.join(f).exists()
+        {
+            let results: Vec<_> = p.devices.iter().map(|d| d.result.clone()).collect();
+            let (_, spec) = claims::plan(
+                &c.uid,
+                &p.namespace,
+                &p.name,
+                &results,
+                &p.before,
+                &self.node,
+                cfg,
+                snap,
+            )?;
+            if let Some(b) = spec {
+                cdi::write_atomic(&self.cdi_dir, f, &b)
+                    .map_err(|e| format!("cannot write the CDI spec {f}: {e}"))?;
+            }
+        }
+        debug!(policy = %cfg.name, claim = %c.uid, "claim already prepared");
+        Ok(devices_of(p))
+    }
+
+    /// Prepares the claims of one call (the kubelet sends the claims of one
+    /// pod together), each answered on its own: one bad claim never fails
+    /// the others. Every claim of the call is locked (in UID order, so two
+    /// calls sharing claims cannot deadlock) and read at once; the reads
+    /// happen outside the checkpoint lock, so a slow read stalls no other
+    /// call.
+    pub async fn prepare(&self, claims: Vec<v1::Claim>) -> v1::NodePrepareResourcesResponse {
+        let start = std::time::Instant::now();
         let cfg = self.plugin.cfg();
         let snap = self.plugin.snapshots.borrow().clone();
-        let known = self.checkpoint.lock().await.claims.get(&c.uid).cloned();
-        if let Some(p) = known {
-            if let Some(f) = &p.cdi_file
-                && !self.cdi_dir.join(f).exists()
-            {
-                // Lost with a reboot (a tmpfs): written again from the record.
-                let results: Vec<_> = p.devices.iter().map(|d| d.result.clone()).collect();
-                let (_, spec) = claims::plan(
-                    &c.uid,
-                    &p.namespace,
-                    &p.name,
-                    &results,
-                    &self.node,
-                    &cfg,
-                    &snap,
-                )?;
-                if let Some(b) = spec {
-                    cdi::write_atomic(&self.cdi_dir, f, &b)
-                        .map_err(|e| format!("cannot write the CDI spec {f}: {e}"))?;
+        let mut answers: BTreeMap<String, Result<Vec<v1::Device>, String>> = BTreeMap::new();
+        let mut uids: Vec<&str> = Vec::new();
+        for c in &claims {
+            if c.uid.is_empty() || c.name.is_empty() || c.namespace.is_empty() {
+                answers.insert(
+                    c.uid.clone(),
+                    Err("a claim needs namespace, uid and name".into()),
+                );
+            } else if !uids.contains(&c.uid.as_str()) {
+                uids.push(&c.uid);
+            }
+        }
+        uids.sort_unstable();
+        let locks: Vec<_> = uids.iter().map(|u| self.claim_locks.of(u)).collect();
+        let mut guards = Vec::with_capacity(locks.len());
+        for l in &locks {
+            guards.push(l.lock().await);
+        }
+        let todo: Vec<&v1::Claim> = claims
+            .iter()
+            .filter(|c| uids.contains(&c.uid.as_str()))
+            .collect();
+        // Prepared before: answered from the record.
+        let known: BTreeMap<String, PreparedClaim> = {
+            let cp = self.checkpoint.lock().await;
+            todo.iter()
+                .filter_map(|c| cp.claims.get(&c.uid).map(|p| (c.uid.clone(), p.clone())))
+                .collect()
+        };
+        let mut fresh: Vec<&v1::Claim> = Vec::new();
+        for c in &todo {
+            match known.get(&c.uid) {
+                Some(p) => {
+                    answers.insert(c.uid.clone(), self.answer_known(c, p, &cfg, &snap));
+                }
+                None if !fresh.iter().any(|f| f.uid == c.uid) => fresh.push(c),
+                None => {}
+            }
+        }
+        let read = futures::future::join_all(fresh.iter().map(|c| self.fetch(c))).await;
+        let mut got: Vec<(&v1::Claim, serde_json::Value, Vec<claims::AllocResult>)> = Vec::new();
+        for (c, r) in fresh.iter().zip(read) {
+            match r.and_then(|v| claims::results_of(&v, &cfg.driver).map(|res| (v, res))) {
+                Ok((v, res)) => got.push((c, v, res)),
+                Err(e) => {
+                    answers.insert(c.uid.clone(), Err(e));
                 }
             }
-            debug!(policy = %cfg.name, claim = %c.uid, "claim already prepared");
-            return Ok(devices_of(&p));
         }
-        // Read without the checkpoint lock: other claims go on meanwhile.
-        let claim = self.fetch(c).await?;
-        let results = claims::results_of(&claim, &cfg.driver)?;
-        let (prepared, spec) = claims::plan(
-            &c.uid,
-            &c.namespace,
-            &c.name,
-            &results,
-            &self.node,
-            &cfg,
-            &snap,
-        )?;
-        if let (Some(f), Some(b)) = (&prepared.cdi_file, &spec) {
-            cdi::write_atomic(&self.cdi_dir, f, b)
-                .map_err(|e| format!("cannot write the CDI spec {f}: {e}"))?;
-        }
-        let mut cp = self.checkpoint.lock().await;
-        cp.claims.insert(c.uid.clone(), prepared.clone());
-        if let Err(e) = claims::save(&self.paths.checkpoint, &cp) {
-            cp.claims.remove(&c.uid);
-            if let Some(f) = &prepared.cdi_file {
-                let _ = std::fs::remove_file(self.cdi_dir.join(f));
+        let before = if got.len() >= 2 {
+            self.claims_before(&got, &snap).await
+        } else {
+            BTreeMap::new()
+        };
+        let mut planned = Vec::new();
+        for (c, _, results) in &got {
+            let no_before = Vec::new();
+            let b = before.get(&c.uid).unwrap_or(&no_before);
+            let r = claims::plan(
+                &c.uid,
+                &c.namespace,
+                &c.name,
+                results,
+                b,
+                &self.node,
+                &cfg,
+                &snap,
+            )
+            .and_then(|(prepared, spec)| {
+                if let (Some(f), Some(bytes)) = (&prepared.cdi_file, &spec) {
+                    cdi::write_atomic(&self.cdi_dir, f, bytes)
+                        .map_err(|e| format!("cannot write the CDI spec {f}: {e}"))?;
+                }
+                Ok(prepared)
+            });
+            match r {
+                Ok(p) => planned.push((*c, p)),
+                Err(e) => {
+                    answers.insert(c.uid.clone(), Err(e));
+                }
             }
-            return Err(format!(
-                "cannot record the prepared claim in {}: {e}",
-                self.paths.checkpoint.display()
-            ));
         }
-        info!(policy = %cfg.name, claim = %format!("{}/{}", c.namespace, c.name), devices = prepared.devices.len(), "claim prepared");
-        self.plugin.kick.notify_one();
-        Ok(devices_of(&prepared))
+        if !planned.is_empty() {
+            // One checkpoint write for the whole call.
+            let mut cp = self.checkpoint.lock().await;
+            for (c, p) in &planned {
+                cp.claims.insert(c.uid.clone(), p.clone());
+            }
+            match claims::save(&self.paths.checkpoint, &cp) {
+                Ok(()) => {
+                    for (c, p) in &planned {
+                        info!(policy = %cfg.name, claim = %format!("{}/{}", c.namespace, c.name), devices = p.devices.len(), "claim prepared");
+                        answers.insert(c.uid.clone(), Ok(devices_of(p)));
+                    }
+                    self.plugin.kick.notify_one();
+                }
+                Err(e) => {
+                    for (c, p) in &planned {
+                        cp.claims.remove(&c.uid);
+                        if let Some(f) = &p.cdi_file {
+                            let _ = std::fs::remove_file(self.cdi_dir.join(f));
+                        }
+                        answers.insert(
+                            c.uid.clone(),
+                            Err(format!(
+                                "cannot record the prepared claim in {}: {e}",
+                                self.paths.checkpoint.display()
+                            )),
+                        );
+                    }
+                }
+            }
+        }
+        drop(guards);
+        for (u, l) in uids.iter().zip(locks) {
+            self.claim_locks.release(u, l);
+        }
+        let mut out = v1::NodePrepareResourcesResponse::default();
+        for c in claims {
+            let result = answers
+                .get(&c.uid)
+                .cloned()
+                .unwrap_or_else(|| Err("no answer for the claim".into()));
+            let r = match result {
+                Ok(devices) => v1::NodePrepareResourceResponse {
+                    devices,
+                    error: String::new(),
+                },
+                Err(error) => {
+                    warn!(claim = %format!("{}/{}", c.namespace, c.name), %error, "cannot prepare a claim");
+                    v1::NodePrepareResourceResponse {
+                        devices: Vec::new(),
+                        error,
+                    }
+                }
+            };
+            self.plugin
+                .metrics
+                .allocated(&cfg.resource_name, r.error.is_empty(), start.elapsed());
+            out.claims.insert(c.uid, r);
+        }
+        out
     }
 
+    /// For claims of one call that a container names after other claims of
+    /// this driver: the IDs of those other claims, which the claim's
+    /// variable lists first (see [`claims::plan`]). Needs the pod (which
+    /// container names which claims); without it, or where containers
+    /// disagree, a claim lists only its own devices.
+    async fn claims_before(
+        &self,
+        got: &[(&v1::Claim, serde_json::Value, Vec<claims::AllocResult>)],
+        snap: &crate::devices::inventory::Snapshot,
+    ) -> BTreeMap<String, Vec<String>> {
+        let Some(client) = &self.client else {
+            return BTreeMap::new();
+        };
+        let Some(pod) = claims::common_pod(got.iter().map(|(_, v, _)| v)) else {
+            return BTreeMap::new();
+        };
+        let ns = &got[0].0.namespace;
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &pod_resource());
+        let pod_json = match tokio::time::timeout(CLAIM_READ_TIMEOUT, api.get(&pod.0)).await {
+            Ok(Ok(p)) if p.metadata.uid.as_deref() == Some(pod.1.as_str()) => {
+                serde_json::to_value(&p).unwrap_or_default()
+            }
+            Ok(Ok(_)) => return BTreeMap::new(),
+            Ok(Err(e)) => {
+                warn!(pod = %format!("{ns}/{}", pod.0), error = %api_message(&e), "cannot read the pod of a call's claims; each claim's variable lists its own devices only");
+                return BTreeMap::new();
+            }
+            Err(_) => {
+                warn!(pod = %format!("{ns}/{}", pod.0), "reading the pod of a call's claims timed out; each claim's variable lists its own devices only");
+                return BTreeMap::new();
+            }
+        };
+        let ids: BTreeMap<&str, (&str, Vec<String>)> = got
+            .iter()
+            .map(|(c, _, res)| {
+                (
+                    c.name.as_str(),
+                    (c.uid.as_str(), claims::physical_ids(res, &self.node, snap)),
+                )
+            })
+            .collect();
+        claims::order_before(&pod_json, &ids)
+    }
     /// Unprepares one claim: removes what prepare made (idempotent),
     /// serialised with every other call for the same claim.
     pub async fn unprepare_one(&self, c: &v1::Claim) -> Result<(), String> {
@@ -265,36 +442,6 @@ impl DraState {
         info!(policy = %self.plugin.cfg().name, claim = %format!("{}/{}", p.namespace, p.name), "claim unprepared");
         self.plugin.kick.notify_one();
         Ok(())
-    }
-
-    /// Prepares the claims of one call at once (each answered on its own:
-    /// one bad claim never fails the others).
-    async fn prepare(&self, claims: Vec<v1::Claim>) -> v1::NodePrepareResourcesResponse {
-        let start = std::time::Instant::now();
-        let results = futures::future::join_all(claims.iter().map(|c| self.prepare_one(c))).await;
-        let mut out = v1::NodePrepareResourcesResponse::default();
-        for (c, result) in claims.into_iter().zip(results) {
-            let r = match result {
-                Ok(devices) => v1::NodePrepareResourceResponse {
-                    devices,
-                    error: String::new(),
-                },
-                Err(error) => {
-                    warn!(claim = %format!("{}/{}", c.namespace, c.name), %error, "cannot prepare a claim");
-                    v1::NodePrepareResourceResponse {
-                        devices: Vec::new(),
-                        error,
-                    }
-                }
-            };
-            self.plugin.metrics.allocated(
-                &self.plugin.cfg().resource_name,
-                r.error.is_empty(),
-                start.elapsed(),
-            );
-            out.claims.insert(c.uid, r);
-        }
-        out
     }
 
     async fn unprepare(&self, claims: Vec<v1::Claim>) -> v1::NodeUnprepareResourcesResponse {

@@ -183,6 +183,7 @@ pub async fn publish(
     node: String,
     cfgs: watch::Receiver<Arc<PluginConfig>>,
     mut snaps: watch::Receiver<Arc<Snapshot>>,
+    problems: watch::Sender<Option<String>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let cfg = cfgs.borrow().clone();
@@ -230,9 +231,21 @@ pub async fn publish(
                     }
                     published = Some(want);
                     backoff = Duration::from_millis(500);
+                    problems.send_if_modified(|p| p.take().is_some());
                 }
                 Err(e) => {
                     warn!(policy = %cfg.name, error = %e, retry_in = ?backoff, "cannot publish ResourceSlices");
+                    // On NodeDeviceStatus and so the policy's Degraded
+                    // condition, in the API server's words.
+                    let why = format!(
+                        "the API server refused this node's ResourceSlices (generation {generation}), retrying; the scheduler sees the last pool published: {}",
+                        crate::dra::server::api_message(&e)
+                    );
+                    problems.send_if_modified(|p| {
+                        let changed = p.as_deref() != Some(why.as_str());
+                        *p = Some(why);
+                        changed
+                    });
                     // Part of the new generation may be on the server and
                     // part not: the scheduler then sees an incomplete pool
                     // and allocates nothing from it. Put the last pool that

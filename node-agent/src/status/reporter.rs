@@ -126,12 +126,14 @@ async fn write(
 }
 
 /// Keeps the entry of `cfg` on `node` up to date until shutdown.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     client: kube::Client,
     node: String,
     cfgs: watch::Receiver<Arc<PluginConfig>>,
     mut snaps: watch::Receiver<Arc<Snapshot>>,
     mut allocs: watch::Receiver<AllocView>,
+    mut problems: watch::Receiver<Option<String>>,
     stats: Arc<WriteStats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -156,17 +158,26 @@ pub async fn run(
     // "someone else changed my entry".
     let mut answered: Option<ResourceStatus> = None;
     let mut retry: Option<Duration> = None;
+    // Device plugin agents have nobody sending problems.
+    let mut problems_open = true;
     loop {
         // Coalesce: whatever else changes in this window joins the write.
         tokio::select! {
             _ = crate::stopped(&mut shutdown) => return,
             _ = tokio::time::sleep(COALESCE) => {}
         }
-        let entry = resource_status(
+        let mut entry = resource_status(
             &cfg,
             &snaps.borrow_and_update(),
             &allocs.borrow_and_update(),
         );
+        // A problem of the serving path (a refused ResourceSlice publish).
+        if let Some(p) = problems.borrow_and_update().clone() {
+            entry.reason = Some(match entry.reason.take() {
+                Some(r) => format!("{p}; {r}"),
+                None => p,
+            });
+        }
         let mut foreign = match &*server.borrow_and_update() {
             Some(obj) if written.is_some() => {
                 let held = obj.as_ref().and_then(|o| own_entry(o, &entry));
@@ -218,6 +229,7 @@ pub async fn run(
             r = snaps.changed() => if r.is_err() { return },
             r = allocs.changed() => if r.is_err() { return },
             r = server.changed() => if r.is_err() { return },
+            r = problems.changed(), if problems_open => if r.is_err() { problems_open = false },
             _ = async {
                 match retry {
                     Some(w) => tokio::time::sleep(w).await,

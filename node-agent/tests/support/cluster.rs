@@ -52,6 +52,7 @@ impl Cluster {
         api.create(&PostParams::default(), &obj)
             .await
             .unwrap_or_else(|e| panic!("policy {name}: {e}"));
+        approve(&admin, &name).await;
         let typed: devplug_api::DevicePluginPolicy =
             serde_json::from_value(get_json(&admin, &policy_path(&name)).await.unwrap()).unwrap();
         let token = env.agent_token(&typed, node).await;
@@ -101,9 +102,19 @@ impl Cluster {
             .unwrap()
     }
 
-    /// Changes the policy as `kubectl edit` would; the API server's refusal
-    /// (schema, CEL) is the error.
+    /// Changes the policy as `kubectl edit` would, and approves the new
+    /// spec as the operator does when it is valid (agents serve only
+    /// `status.approvedSpec`); the API server's refusal (schema, CEL) is
+    /// the error.
     pub async fn try_update(&self, f: impl FnOnce(&mut Value)) -> Result<(), String> {
+        self.try_update_unapproved(f).await?;
+        approve(&self.admin, &self.policy).await;
+        Ok(())
+    }
+
+    /// Changes the policy without the operator's approval: what an agent
+    /// sees between an edit and the operator's verdict, or after a refusal.
+    pub async fn try_update_unapproved(&self, f: impl FnOnce(&mut Value)) -> Result<(), String> {
         let mut p = self.policy_json().await;
         f(&mut p);
         send(
@@ -268,6 +279,59 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("claim {namespace}/{name}: {e}"))
     }
 
+    /// Creates pod `namespace/name` on `node` with `claims` (pod claim
+    /// name → ResourceClaim name) and `containers` (each the pod claim names
+    /// it lists, in order), and reserves each claim for it, as the
+    /// scheduler does. Returns the pod's UID.
+    pub async fn pod_with_claims(
+        &self,
+        namespace: &str,
+        name: &str,
+        node: &str,
+        claims: &[(&str, &str)],
+        containers: &[&[&str]],
+    ) -> String {
+        ensure_namespace(&self.admin, namespace).await;
+        let resource_claims: Vec<Value> = claims
+            .iter()
+            .map(|(n, c)| json!({"name": n, "resourceClaimName": c}))
+            .collect();
+        let ctrs: Vec<Value> = containers
+            .iter()
+            .enumerate()
+            .map(|(i, names)| {
+                let cl: Vec<Value> = names.iter().map(|n| json!({"name": n})).collect();
+                json!({"name": format!("c{i}"), "image": "registry.k8s.io/pause:3.10",
+                       "resources": {"claims": cl}})
+            })
+            .collect();
+        let pod = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"nodeName": node, "resourceClaims": resource_claims, "containers": ctrs}});
+        let path = format!("/api/v1/namespaces/{namespace}/pods");
+        let pod = send(&self.admin, http::Method::POST, &path, &pod)
+            .await
+            .unwrap_or_else(|e| panic!("pod {namespace}/{name}: {e}"));
+        let uid = pod["metadata"]["uid"].as_str().unwrap().to_string();
+        for (_, claim) in claims {
+            let path =
+                format!("/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims/{claim}");
+            let mut c = send(&self.admin, http::Method::GET, &path, &Value::Null)
+                .await
+                .unwrap_or_else(|e| panic!("claim {namespace}/{claim}: {e}"));
+            c["status"]["reservedFor"] = json!([{"resource": "pods", "name": name, "uid": uid}]);
+            send(
+                &self.admin,
+                http::Method::PUT,
+                &format!("{path}/status"),
+                &c,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("reserving claim {namespace}/{claim}: {e}"));
+        }
+        uid
+    }
+
     /// Deletes a ResourceClaim.
     pub async fn delete_claim(&self, namespace: &str, name: &str) {
         let path = format!("/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims/{name}");
@@ -355,6 +419,29 @@ impl Cluster {
 }
 
 /// `method` of `body` as JSON to `path`, as `client`.
+/// Approves the policy's spec as the operator does when it is valid:
+/// `status.approvedSpec` (what agents serve) and `approvedGeneration`.
+async fn approve(admin: &Client, name: &str) {
+    let mut p = get_json(admin, &policy_path(name)).await.unwrap();
+    let typed: devplug_api::DevicePluginPolicy = serde_json::from_value(p.clone()).unwrap();
+    if typed.spec.validate().is_err() {
+        return;
+    }
+    if !p["status"].is_object() {
+        p["status"] = json!({});
+    }
+    p["status"]["approvedSpec"] = p["spec"].clone();
+    p["status"]["approvedGeneration"] = p["metadata"]["generation"].clone();
+    send(
+        admin,
+        http::Method::PUT,
+        &format!("{}/status", policy_path(name)),
+        &p,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("approving policy {name}: {e}"));
+}
+
 async fn send(
     client: &Client,
     method: http::Method,
@@ -365,7 +452,11 @@ async fn send(
         .method(method)
         .uri(path)
         .header("content-type", "application/json")
-        .body(serde_json::to_vec(body).unwrap())
+        .body(if body.is_null() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(body).unwrap()
+        })
         .unwrap();
     client.request(req).await
 }

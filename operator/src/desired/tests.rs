@@ -358,3 +358,56 @@ fn allocate_mounts_must_stay_inside_the_allowed_host_paths() {
     );
     assert!("relative:ro".parse::<AllowedHostPath>().is_err());
 }
+
+#[test]
+fn agent_images_and_device_nodes_outside_the_allow_lists_are_refused() {
+    let d = AgentDefaults {
+        allowed_agent_images: Some(vec!["example.com/tools:1".into()]),
+        allowed_device_nodes: vec!["/dev/sdb".into()],
+        allowed_host_paths: Some(vec!["/dev:ro".parse().unwrap()]),
+        ..d()
+    };
+    let img = |i: &str| {
+        policy(&format!(
+            "  source: {{simulated: {{count: 1}}}}\n  agent: {{image: {i}}}\n"
+        ))
+    };
+    assert!(refusal(&img("example.com/tools:1"), &d).is_none());
+    assert!(
+        refusal(&img(&d.image), &d).is_none(),
+        "the chart's own image"
+    );
+    let e = refusal(&img("evil.example/root:1"), &d).unwrap();
+    assert!(
+        e.contains("spec.agent.image") && e.contains("allowedAgentImages"),
+        "{e}"
+    );
+    // No list (the library default): any image.
+    assert!(refusal(&img("evil.example/root:1"), &self::d()).is_none());
+
+    let glob = |g: &str| policy(&format!("  source: {{paths: {{globs: [\"{g}\"]}}}}\n"));
+    let e = refusal(&glob("/dev/mem"), &d).unwrap();
+    assert!(
+        e.contains("spec.source.paths.globs[0]") && e.contains("/dev/mem"),
+        "{e}"
+    );
+    assert!(refusal(&glob("/dev/port"), &d).is_some());
+    assert!(refusal(&glob("/dev/sdb"), &d).is_none(), "listed");
+    // A glob is judged on what it finds, by the agent.
+    assert!(refusal(&glob("/dev/*"), &d).is_none());
+
+    // The agents get the lists they check again.
+    let ds = daemonset(&glob("/dev/fuse"), &d).unwrap();
+    let args = ds.spec.unwrap().template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert!(
+        args.contains(&"--allowed-host-paths=/dev:ro".to_string()),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&"--allowed-device-nodes=/dev/sdb".to_string()),
+        "{args:?}"
+    );
+}

@@ -78,10 +78,91 @@ pub struct SourceContext {
     pub roots: Roots,
     /// Control directory of simulated devices (one subdirectory per policy).
     pub sim_control_dir: PathBuf,
+    /// Device nodes handed out although they give a container the host
+    /// (the chart's `allowedDeviceNodes`): see [`Guarded`].
+    pub allowed_device_nodes: Vec<String>,
 }
 
-/// Builds the source a policy names.
+/// Any source, with the device-node allow-list applied to what it finds: a
+/// device with `/dev/mem`, `/dev/kmem`, `/dev/port` or a block device among
+/// its nodes, not listed by the admin, is reported Unhealthy with the
+/// reason and without those nodes, so it is never handed out (a glob such
+/// as `/dev/*` cannot reach them) and the status says why.
+pub struct Guarded {
+    inner: Box<dyn Source>,
+    roots: Roots,
+    allowed: Vec<String>,
+}
+
+impl Guarded {
+    /// `inner` under the allow-list `allowed`.
+    pub fn new(inner: Box<dyn Source>, roots: Roots, allowed: Vec<String>) -> Self {
+        Self {
+            inner,
+            roots,
+            allowed,
+        }
+    }
+}
+
+impl Source for Guarded {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn discover(&self) -> Result<Vec<Device>, SourceError> {
+        use std::os::unix::fs::FileTypeExt;
+        let mut found = self.inner.discover()?;
+        for d in &mut found {
+            let mut refused = Vec::new();
+            d.nodes.retain(|n| {
+                let block = std::fs::metadata(self.roots.dev_local(&n.host_path))
+                    .is_ok_and(|m| m.file_type().is_block_device());
+                match devplug_api::allow::device_node_refusal(&n.host_path, block, &self.allowed) {
+                    Some(why) => {
+                        refused.push(why);
+                        false
+                    }
+                    None => true,
+                }
+            });
+            if !refused.is_empty() {
+                d.health = crate::devices::health::Health::Unhealthy(format!(
+                    "refused: {}",
+                    refused.join("; ")
+                ));
+            }
+        }
+        Ok(found)
+    }
+
+    fn watch_dirs(&self) -> Vec<PathBuf> {
+        self.inner.watch_dirs()
+    }
+
+    fn watch_contents(&self) -> bool {
+        self.inner.watch_contents()
+    }
+
+    fn wake(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        self.inner.wake()
+    }
+}
+
+/// Builds the source a policy names, under the device-node allow-list.
 pub fn build(
+    policy: &DevicePluginPolicy,
+    ctx: &SourceContext,
+) -> Result<Box<dyn Source>, SourceError> {
+    let inner = build_inner(policy, ctx)?;
+    Ok(Box::new(Guarded::new(
+        inner,
+        ctx.roots.clone(),
+        ctx.allowed_device_nodes.clone(),
+    )))
+}
+
+fn build_inner(
     policy: &DevicePluginPolicy,
     ctx: &SourceContext,
 ) -> Result<Box<dyn Source>, SourceError> {
@@ -147,4 +228,54 @@ pub(crate) fn read_attr(path: &std::path::Path) -> Result<String, SourceError> {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())
         .map_err(|e| SourceError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_glob_reaching_dev_mem_finds_it_refused_unless_listed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let roots = Roots {
+            dev: tmp.path().join("dev"),
+            sys: tmp.path().join("sys"),
+        };
+        std::fs::create_dir_all(&roots.dev).unwrap();
+        for n in ["fuse", "mem"] {
+            std::fs::write(roots.dev.join(n), b"").unwrap();
+        }
+        let spec = devplug_api::PathsSource {
+            globs: vec!["/dev/*".into()],
+            ..Default::default()
+        };
+        let guarded = |allowed: Vec<String>| {
+            Guarded::new(
+                Box::new(paths::Paths::new(&spec, roots.clone())),
+                roots.clone(),
+                allowed,
+            )
+            .discover()
+            .unwrap()
+        };
+        let found = guarded(Vec::new());
+        let by_id = |id: &str| found.iter().find(|d| d.id == id).unwrap().clone();
+        assert!(by_id("fuse").health.is_healthy());
+        assert_eq!(by_id("fuse").nodes.len(), 1);
+        let mem = by_id("mem");
+        assert!(mem.nodes.is_empty(), "{mem:?}");
+        match &mem.health {
+            crate::devices::health::Health::Unhealthy(r) => {
+                assert!(
+                    r.contains("/dev/mem") && r.contains("allowedDeviceNodes"),
+                    "{r}"
+                )
+            }
+            h => panic!("/dev/mem is {h:?}"),
+        }
+        // Listed by the admin: handed out.
+        let found = guarded(vec!["/dev/mem".into()]);
+        let mem = found.iter().find(|d| d.id == "mem").unwrap();
+        assert!(mem.health.is_healthy() && mem.nodes.len() == 1);
+    }
 }
