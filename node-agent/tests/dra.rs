@@ -858,6 +858,7 @@ async fn in_process(
         cdi_dir: node.cdi(),
         client: Some(client),
         checkpoint: Default::default(),
+        saved: Default::default(),
         claim_locks: Default::default(),
     });
 

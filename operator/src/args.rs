@@ -8,6 +8,10 @@ use clap::Parser;
 #[derive(Debug, Parser, Clone)]
 #[command(name = "devplug-operator", version)]
 pub struct Args {
+    /// A one-off task instead of running the operator.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Namespace of the agents (and of the leader-election Lease).
     #[arg(long, env = "POD_NAMESPACE", default_value = "devplug-system")]
     pub namespace: String,
@@ -80,4 +84,20 @@ pub struct Args {
     /// Name of the leader-election Lease.
     #[arg(long, default_value = "devplug-operator")]
     pub lease_name: String,
+}
+
+/// One-off tasks.
+#[derive(Debug, clap::Subcommand, Clone)]
+pub enum Command {
+    /// Delete every DevicePluginPolicy and wait until the operator has
+    /// cleaned each up (the chart's pre-delete hook, so `helm uninstall`
+    /// leaves nothing behind).
+    Cleanup {
+        /// Give up after this many seconds, naming what is left.
+        #[arg(long, default_value_t = 150)]
+        timeout_seconds: u64,
+    },
+    /// Apply the CRDs this version was built with (the chart's pre-upgrade
+    /// hook: helm never upgrades the CRDs it installed).
+    Crds,
 }

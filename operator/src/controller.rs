@@ -79,6 +79,9 @@ pub struct Context {
     trust_own_write: Duration,
     /// Each node's part of every policy's device counts, per object version.
     pub shares: devices::Shares,
+    /// The release namespace is being deleted: every reconcile releases
+    /// and cleans up instead of serving (see [`uninstall`]).
+    pub uninstalling: std::sync::atomic::AtomicBool,
 }
 
 /// Unhealthy devices of a policy by (node, device).
@@ -111,6 +114,7 @@ impl Context {
             written: Mutex::new(HashMap::new()),
             trust_own_write: TRUST_OWN_WRITE,
             shares: devices::Shares::default(),
+            uninstalling: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -749,6 +753,9 @@ pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<
     if !ctx.index.ready() {
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
+    if ctx.uninstalling.load(std::sync::atomic::Ordering::SeqCst) {
+        return uninstall(&p, &ctx).await;
+    }
     let ours = p.finalizers().iter().any(|f| f == FINALIZER);
     if p.metadata.deletion_timestamp.is_some() {
         ctx.forget(&name);
@@ -860,6 +867,91 @@ pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<
     let settled = conditions::is_true(&new.conditions, types::READY)
         && !conditions::is_true(&new.conditions, types::DEGRADED);
     Ok(Action::requeue(if settled { RESYNC } else { RECHECK }))
+}
+
+/// The release namespace is being deleted (an uninstall that takes the
+/// operator away before the policies): the namespace's deletion removes the
+/// agents, but not what lives outside it, and no operator will be left to
+/// serve the finalizer. So, most urgent first, while this process still
+/// has its identity: release the policy (deleting it never hangs), then
+/// remove its node labels, ResourceSlices, DeviceClass and agent
+/// ClusterRole and binding. The policy itself stays, as configuration a
+/// new install serves again. Repeated while the process lives: an agent
+/// not yet stopped may publish its slices again (the kubelet also wipes a
+/// driver's slices once it is gone).
+pub async fn uninstall(p: &DevicePluginPolicy, ctx: &Context) -> Result<Action> {
+    let name = p.name_any();
+    ctx.forget(&name);
+    if p.finalizers().iter().any(|f| f == FINALIZER) {
+        set_finalizer(p, false, ctx).await?;
+        info!(policy = %name, "release namespace deleted: released the policy");
+    }
+    let c = ctx.client.clone();
+    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(c.clone());
+    let labelled = nodes
+        .list_metadata(&ListParams::default().labels(&devices::node_label_key(&name, "count")))
+        .await
+        .map_err(kube_err("list", "Node", &name))?;
+    let keys: serde_json::Map<String, serde_json::Value> = ["count", "sharing", "replicas"]
+        .iter()
+        .map(|w| (devices::node_label_key(&name, w), serde_json::Value::Null))
+        .collect();
+    let patch = serde_json::json!({"metadata": {"labels": keys}});
+    for n in &labelled.items {
+        let node = n.name_any();
+        match nodes
+            .patch(&node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(kube_err("patch", "Node", &node)(e)),
+        }
+    }
+    let driver = devplug_api::dra_driver_name(&name);
+    let slices: Api<kube::api::DynamicObject> =
+        Api::all_with(c.clone(), &desired::resource_slice_resource());
+    match slices
+        .list_metadata(&ListParams::default().fields(&format!("spec.driver={driver}")))
+        .await
+    {
+        Ok(found) => {
+            for s in &found.items {
+                delete_if_present(&slices, &s.name_any(), "ResourceSliceDelete", ctx).await?;
+            }
+        }
+        // A cluster without DRA.
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(kube_err("list", "ResourceSlice", &driver)(e)),
+    }
+    let class = devplug_api::dra_device_class_name(&name);
+    remember(ctx, format!("DeviceClass/{class}"), None);
+    delete_if_present(
+        &Api::<kube::api::DynamicObject>::all_with(c.clone(), &desired::device_class_resource()),
+        &class,
+        "DeviceClassDelete",
+        ctx,
+    )
+    .await?;
+    let agent = desired::agent_name(&name);
+    for kind in ["ClusterRoleBinding", "ClusterRole"] {
+        remember(ctx, format!("{kind}/{agent}"), None);
+    }
+    delete_if_present(
+        &Api::<ClusterRoleBinding>::all(c.clone()),
+        &agent,
+        "ClusterRoleBindingDelete",
+        ctx,
+    )
+    .await?;
+    delete_if_present(
+        &Api::<ClusterRole>::all(c),
+        &agent,
+        "ClusterRoleDelete",
+        ctx,
+    )
+    .await?;
+    Ok(Action::requeue(Duration::from_secs(5)))
 }
 
 /// Requeues a failed policy with per-policy exponential backoff.

@@ -9,8 +9,10 @@ pub mod admin;
 pub mod admission;
 pub mod agent_pod;
 pub mod args;
+pub mod cleanup;
 pub mod conflict;
 pub mod controller;
+pub mod crds;
 pub mod desired;
 pub mod devices;
 pub mod error;
@@ -317,6 +319,140 @@ pub(crate) fn drop_managed_fields<K: kube::Resource>(o: &mut K) {
 /// NodeDeviceStatus objects per list page.
 pub const NDS_PAGE: u32 = 100;
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Watches the release namespace: once it is being deleted (an uninstall
+/// that takes the operator away first), every policy is released and
+/// cleaned up at once ([`controller::uninstall`]), before the namespace's
+/// deletion reaches this process and its identity.
+async fn watch_release_namespace(
+    client: Client,
+    namespace: String,
+    ctx: Arc<controller::Context>,
+    all: futures::channel::mpsc::UnboundedSender<()>,
+) {
+    use kube::runtime::{WatchStreamExt, watcher};
+    let api: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client);
+    let mut events = watcher(
+        api,
+        watcher::Config::default().fields(&format!("metadata.name={namespace}")),
+    )
+    .default_backoff()
+    .applied_objects()
+    .boxed();
+    while let Some(ev) = events.next().await {
+        match ev {
+            Ok(ns) if ns.metadata.deletion_timestamp.is_some() => {
+                if !ctx
+                    .uninstalling
+                    .swap(true, std::sync::atomic::Ordering::SeqCst)
+                {
+                    tracing::warn!(%namespace, "the release namespace is being deleted: releasing every policy and removing what lives outside the namespace (node labels, ResourceSlices, DeviceClasses, agent ClusterRoles)");
+                    let _ = all.unbounded_send(());
+                    remove_chart_cluster_objects(&ctx).await;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "release namespace watch"),
+        }
+    }
+}
+
+/// The chart's cluster-scoped objects (fixed names). Helm keeps its
+/// release record in the release namespace, so when that namespace is
+/// deleted first nothing would ever remove these, and a new install would
+/// be refused for objects it does not own.
+pub const CHART_CLUSTER_OBJECTS: &[(&str, &str, &str, &str)] = &[
+    (
+        "admissionregistration.k8s.io/v1",
+        "ValidatingAdmissionPolicyBinding",
+        "validatingadmissionpolicybindings",
+        "devplug-agent-own-node",
+    ),
+    (
+        "admissionregistration.k8s.io/v1",
+        "ValidatingAdmissionPolicy",
+        "validatingadmissionpolicies",
+        "devplug-agent-own-node",
+    ),
+    (
+        "flowcontrol.apiserver.k8s.io/v1",
+        "FlowSchema",
+        "flowschemas",
+        "devplug-operator-leader-election",
+    ),
+    (
+        "rbac.authorization.k8s.io/v1",
+        "ClusterRole",
+        "clusterroles",
+        "devplug-viewer",
+    ),
+    (
+        "rbac.authorization.k8s.io/v1",
+        "ClusterRole",
+        "clusterroles",
+        "devplug-editor",
+    ),
+    // The operator's own identity last.
+    (
+        "rbac.authorization.k8s.io/v1",
+        "ClusterRoleBinding",
+        "clusterrolebindings",
+        "devplug-operator",
+    ),
+    (
+        "rbac.authorization.k8s.io/v1",
+        "ClusterRole",
+        "clusterroles",
+        "devplug-operator",
+    ),
+];
+
+/// Once every policy is released (or after a bounded wait), deletes the
+/// chart's cluster-scoped objects ([`CHART_CLUSTER_OBJECTS`]).
+async fn remove_chart_cluster_objects(ctx: &controller::Context) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let held = ctx
+            .index
+            .policies
+            .state()
+            .iter()
+            .filter(|p| {
+                kube::ResourceExt::finalizers(p.as_ref())
+                    .iter()
+                    .any(|f| f == controller::FINALIZER)
+            })
+            .count();
+        if held == 0 || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (api_version, kind, plural, name) in CHART_CLUSTER_OBJECTS {
+        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+        let ar = kube::core::ApiResource::from_gvk_with_plural(
+            &kube::core::GroupVersionKind::gvk(group, version, kind),
+            plural,
+        );
+        let api: Api<kube::api::DynamicObject> = Api::all_with(ctx.client.clone(), &ar);
+        match api.delete(name, &Default::default()).await {
+            Ok(_) => info!(%kind, %name, "deleted the chart's cluster-scoped object"),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => {
+                warn!(%kind, %name, error = %e, "cannot delete the chart's cluster-scoped object")
+            }
+        }
+    }
+}
+
 /// The Pod Security admission label that sets the enforced level.
 pub const POD_SECURITY_ENFORCE: &str = "pod-security.kubernetes.io/enforce";
 
@@ -360,10 +496,13 @@ async fn controller(
         .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE));
 
     let policy_store = watches.policies.store.clone();
+    // Every policy again once the release namespace goes (uninstall).
+    let (uninstall_tx, uninstall_rx) = futures::channel::mpsc::unbounded::<()>();
     let policy_controller =
         Controller::for_stream(watches.policies.replay_and_follow(), policy_store.clone())
             .owns_stream(watches.daemonsets.follow())
             .reconcile_on(policy_triggers)
+            .reconcile_all_on(uninstall_rx)
             .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE));
     let index = index::Index {
         policies: policy_store.clone(),
@@ -428,6 +567,13 @@ async fn controller(
         metrics.clone(),
         ctx.defaults.clone(),
     ));
+    let release_ns = tokio::spawn(watch_release_namespace(
+        client.clone(),
+        args.namespace.clone(),
+        ctx.clone(),
+        uninstall_tx,
+    ));
+    let _stop_release_ns = AbortOnDrop(release_ns);
     let admission = admission::run(client, policy_store, ctx.recorder.clone(), metrics);
     info!(namespace = %args.namespace, "controllers started");
     let policies_done = policy_controller

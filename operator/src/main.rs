@@ -15,6 +15,28 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Some(devplug_operator::args::Command::Cleanup { timeout_seconds }) = &args.command {
+        return match devplug_operator::cleanup::run(std::time::Duration::from_secs(
+            *timeout_seconds,
+        ))
+        .await
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(devplug_operator::args::Command::Crds) = &args.command {
+        return match devplug_operator::crds::run().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match devplug_operator::run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

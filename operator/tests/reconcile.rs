@@ -829,3 +829,90 @@ async fn a_refused_edit_keeps_the_last_approved_spec_serving() {
     let (_, reason, _) = condition(&api, foo, types::READY).await;
     assert_ne!(reason, "InvalidSpec");
 }
+
+/// The release namespace deleted before the policies (an uninstall in that
+/// order): the operator releases each policy first, so deleting it never
+/// hangs on a finalizer nobody serves, and removes what the namespace's
+/// deletion does not take: node labels, ResourceSlices, the DeviceClass,
+/// the agent's ClusterRole and binding. The policy stays, as configuration.
+#[tokio::test]
+async fn uninstalling_releases_each_policy_and_removes_what_lives_outside_the_namespace() {
+    let foo_name = unique("gone");
+    let foo = foo_name.as_str();
+    let (client, api) = support::start().await;
+    let (store, _w) = seed(
+        &api,
+        &[policy_json(
+            foo,
+            "example.com/gone",
+            json!({"kubeletApi": "DRA"}),
+        )],
+    )
+    .await;
+    let ctx = ctx(client, store);
+    reconcile(&api, &ctx, foo).await.unwrap();
+    // A second pass: the finalizer is on, the children applied.
+    reconcile(&api, &ctx, foo).await.unwrap();
+    let class = devplug_api::dra_device_class_name(foo);
+    let driver = devplug_api::dra_driver_name(foo);
+    assert!(api.get(&paths::device_class(&class)).await.is_some());
+    assert!(api.get(&paths::cluster_role(foo)).await.is_some());
+    assert!(
+        current(&api, foo)
+            .await
+            .metadata
+            .finalizers
+            .unwrap_or_default()
+            .contains(&controller::FINALIZER.to_string())
+    );
+    // What agents and the node controller made meanwhile.
+    let node = unique("gone-node");
+    devplug_testenv::env().ensure_node(&node).await.unwrap();
+    let label = devplug_operator::devices::node_label_key(foo, "count");
+    api.admin
+        .request::<serde_json::Value>(
+            http::Request::patch(paths::node(&node))
+                .header("content-type", "application/merge-patch+json")
+                .body(serde_json::to_vec(&json!({"metadata": {"labels": {&label: "2"}}})).unwrap())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let slice = format!("{node}-{driver}");
+    api.put(
+        &format!("/apis/resource.k8s.io/v1/resourceslices/{slice}"),
+        json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+               "metadata": {"name": slice},
+               "spec": {"driver": driver, "nodeName": node,
+                        "pool": {"name": node, "generation": 1, "resourceSliceCount": 1},
+                        "devices": [{"name": "d0"}]}}),
+    )
+    .await;
+
+    ctx.uninstalling
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    reconcile(&api, &ctx, foo).await.unwrap();
+    let p = current(&api, foo).await;
+    assert!(
+        !p.metadata
+            .finalizers
+            .unwrap_or_default()
+            .contains(&controller::FINALIZER.to_string()),
+        "released"
+    );
+    assert!(p.metadata.deletion_timestamp.is_none(), "the policy stays");
+    assert!(api.get(&paths::device_class(&class)).await.is_none());
+    assert!(api.get(&paths::cluster_role(foo)).await.is_none());
+    assert!(api.get(&paths::cluster_role_binding(foo)).await.is_none());
+    assert!(
+        api.get(&format!("/apis/resource.k8s.io/v1/resourceslices/{slice}"))
+            .await
+            .is_none()
+    );
+    let n = api.get(&paths::node(&node)).await.unwrap();
+    assert!(
+        n["metadata"]["labels"][&label].is_null(),
+        "{}",
+        n["metadata"]["labels"]
+    );
+}

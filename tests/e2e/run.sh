@@ -234,13 +234,29 @@ out=$(helm install devplug charts/devplug --namespace $NS --create-namespace "${
   fail "$out"
 ok
 
-begin "helm upgrade changes a value"
-helm upgrade devplug charts/devplug --namespace $NS "${HELM_SET[@]}" --set operator.logLevel=debug --wait --timeout 5m >/dev/null ||
-  fail "helm upgrade failed"
+begin "helm upgrade changes a value and carries the CRDs (its pre-upgrade hook)"
+# An older CRD, as after installing a previous version: a printer column
+# fewer. Helm itself never upgrades the CRDs it installed.
+columns() { kubectl get crd devicepluginpolicies.devplug.io -o jsonpath='{.spec.versions[0].additionalPrinterColumns[*].name}'; }
+want_columns=$(columns)
+kubectl patch crd devicepluginpolicies.devplug.io --type=json \
+  -p '[{"op":"remove","path":"/spec/versions/0/additionalPrinterColumns/0"}]' >/dev/null || fail "cannot age the CRD"
+[ "$(columns)" != "$want_columns" ] || fail "the CRD did not change"
+out=$(helm upgrade devplug charts/devplug --namespace $NS "${HELM_SET[@]}" --set operator.logLevel=debug --wait --timeout 5m 2>&1) ||
+  fail "helm upgrade failed: $out"
+[ "$(columns)" = "$want_columns" ] || fail "helm upgrade left the old CRD: columns '$(columns)', want '$want_columns'"
 wait_for "operator rolled out with the new value" 120 "debug" sh -c \
   "kubectl -n $NS get deploy devplug-operator -o jsonpath='{.spec.template.spec.containers[0]}' | grep -o 'debug' | head -n1"
 kubectl -n $NS rollout status deploy/devplug-operator --timeout=120s >/dev/null || fail "operator did not roll out"
 ok
+
+begin "helm rollback returns to the previous release and keeps the newer CRDs"
+out=$(helm rollback devplug 1 -n $NS --wait --timeout 5m 2>&1) || fail "helm rollback failed: $out"
+wait_for "operator rolled back (no debug)" 120 "" sh -c \
+  "kubectl -n $NS get deploy devplug-operator -o jsonpath='{.spec.template.spec.containers[0]}' | grep -o 'debug' | head -n1"
+kubectl -n $NS rollout status deploy/devplug-operator --timeout=120s >/dev/null || fail "operator did not roll out after the rollback"
+[ "$(columns)" = "$want_columns" ] || fail "the rollback changed the CRD: columns '$(columns)'"
+ok "revision $(helm history devplug -n $NS -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["revision"])')"
 
 # ----------------------------------------------------------------- a policy, from nothing
 alloc() { kubectl get node "$NODE" -o jsonpath="{.status.allocatable.$RES_JSON}"; }
@@ -852,23 +868,80 @@ kubectl delete dpp $DRA_POLICY --wait=true --timeout=120s >/dev/null || fail "de
 [ -z "$(kubectl get deviceclass $DRIVER -o name --ignore-not-found)" ] || fail "DeviceClass left"
 ok
 
-begin "uninstall in the README's order (policies, chart, CRDs) leaves nothing behind"
-kubectl apply -f examples/simulated-foo.yaml >/dev/null
-wait_for "agent pod Ready again" 120 True agent_ready
-kubectl delete dpp --all --wait=true --timeout=120s >/dev/null || fail "kubectl delete dpp --all --wait did not return"
-helm uninstall devplug -n $NS --wait --timeout 2m >/dev/null || fail "helm uninstall failed"
-kubectl delete -f crds/ --wait=true --timeout=120s >/dev/null || fail "deleting the CRDs failed"
+# ----------------------------------------------------------------- every uninstall order
+# What no order may leave: agents, ResourceSlices, DeviceClasses, node
+# labels, the chart's cluster-scoped objects, or a policy that hangs.
 leftover() {
   kubectl -n $NS get ds,pods,sa -o name 2>/dev/null | grep -v 'serviceaccount/default' || true
   kubectl get clusterroles,clusterrolebindings -o name 2>/dev/null | grep devplug || true
+  kubectl get validatingadmissionpolicies,validatingadmissionpolicybindings,flowschemas -o name 2>/dev/null | grep devplug || true
+  kubectl get resourceslices -o jsonpath='{range .items[*]}{.spec.driver}{"\n"}{end}' 2>/dev/null | grep 'devplug\.io$' || true
+  kubectl get deviceclasses -o name 2>/dev/null | grep 'devplug\.io' || true
   kubectl get node "$NODE" -o jsonpath='{.metadata.labels}' | grep -o '"devplug.io/[^"]*"' || true
+  kubectl get dpp -o name 2>/dev/null | while read -r p; do
+    [ -n "$(kubectl get "$p" -o jsonpath='{.metadata.finalizers}' 2>/dev/null)" ] && echo "$p with finalizers"
+  done
 }
-# Terminating pods (the operator's) go within their grace period.
-deadline=$((SECONDS + 60))
-until [ -z "$(leftover)" ]; do
-  [ $SECONDS -lt $deadline ] || fail "left behind 60 s after uninstalling: $(echo $(leftover))"
-  sleep 1
-done
+nothing_left() { # what was done, seconds
+  local deadline=$((SECONDS + $2))
+  until [ -z "$(leftover)" ]; do
+    [ $SECONDS -lt $deadline ] || fail "left behind $2 s after $1: $(echo $(leftover))"
+    sleep 1
+  done
+}
+serve_both() { # a device plugin and a DRA policy (another resource), both serving
+  kubectl apply -f examples/simulated-foo.yaml >/dev/null
+  kubectl apply -f - >/dev/null <<YAML
+apiVersion: devplug.io/v1alpha1
+kind: DevicePluginPolicy
+metadata: {name: e2e-bye, labels: {app: devplug-e2e}}
+spec:
+  resourceName: hardware-vendor.example/bye
+  kubeletApi: DRA
+  source: {simulated: {count: 2, idPrefix: bye}}
+YAML
+  wait_for "agent pod Ready" 120 True agent_ready
+  wait_for "the DRA policy's ResourceSlice" 120 "bye-0 bye-1" kubectl get resourceslices \
+    --field-selector spec.driver=e2e-bye.devplug.io,spec.nodeName="$NODE" -o jsonpath='{.items[*].spec.devices[*].name}'
+}
+reinstall() {
+  kubectl apply --server-side --force-conflicts -f crds/ >/dev/null || fail "applying the CRDs failed"
+  out=$(helm install devplug charts/devplug --namespace $NS --create-namespace "${HELM_SET[@]}" --wait --timeout 5m 2>&1) ||
+    fail "helm install again: $out"
+}
+
+begin "uninstall in the README's order (policies, chart, CRDs) leaves nothing behind"
+serve_both
+kubectl delete dpp --all --wait=true --timeout=120s >/dev/null || fail "kubectl delete dpp --all --wait did not return"
+helm uninstall devplug -n $NS --wait --timeout 2m >/dev/null || fail "helm uninstall failed"
+nothing_left "the README's order" 60
+kubectl delete -f crds/ --wait=true --timeout=120s >/dev/null || fail "deleting the CRDs failed"
+ok
+
+begin "helm uninstall with policies still serving: the pre-delete hook cleans them up, nothing is left or hangs"
+reinstall
+serve_both
+t0=$SECONDS
+out=$(helm uninstall devplug -n $NS --wait --timeout 4m 2>&1) || fail "helm uninstall failed: $out"
+took=$((SECONDS - t0))
+nothing_left "helm uninstall" 60
+[ -z "$(kubectl get dpp -o name)" ] || fail "policies left: $(kubectl get dpp -o name)"
+ok "helm uninstall took ${took} s"
+
+begin "the release namespace deleted first: nothing is left and nothing hangs"
+reinstall
+serve_both
+kubectl delete namespace $NS --wait=true --timeout=180s >/dev/null || fail "deleting namespace $NS did not finish"
+nothing_left "deleting the namespace" 60
+kubectl delete dpp --all --wait=true --timeout=30s >/dev/null || fail "deleting the policies hung after the namespace went"
+ok
+
+begin "CRDs deleted first: the operator cleans up each policy, then helm uninstall leaves nothing"
+reinstall
+serve_both
+kubectl delete -f crds/ --wait=true --timeout=180s >/dev/null || fail "deleting the CRDs did not finish"
+out=$(helm uninstall devplug -n $NS --wait --timeout 4m 2>&1) || fail "helm uninstall after the CRDs: $out"
+nothing_left "deleting the CRDs, then helm uninstall" 60
 ok
 
 say "$passed passed, 0 failed, $skipped skipped, in $((SECONDS - SUITE_START)) s"

@@ -88,6 +88,10 @@ pub struct Checkpoint {
     pub version: u32,
     /// Claim UID → what was prepared.
     pub claims: BTreeMap<String, PreparedClaim>,
+    /// Changes made in memory since start (not stored): what a save
+    /// covers, so that one save serves every change made before it.
+    #[serde(skip)]
+    pub changes: u64,
 }
 
 impl Default for Checkpoint {
@@ -95,6 +99,7 @@ impl Default for Checkpoint {
         Self {
             version: CHECKPOINT_VERSION,
             claims: BTreeMap::new(),
+            changes: 0,
         }
     }
 }

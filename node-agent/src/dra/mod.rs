@@ -92,6 +92,7 @@ pub fn serve(s: Setup, shutdown: watch::Receiver<bool>) -> std::io::Result<Start
         cdi_dir: s.cdi_dir,
         client: s.client,
         checkpoint: Mutex::new(checkpoint),
+        saved: Mutex::new(0),
         claim_locks: Default::default(),
     });
     let endpoint = bind(&paths.endpoint)?;

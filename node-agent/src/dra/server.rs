@@ -71,6 +71,11 @@ pub struct DraState {
     /// Prepared claims. Held only to read or record an entry, never across
     /// the ResourceClaim read, so one slow read stalls no other claim.
     pub checkpoint: Mutex<Checkpoint>,
+    /// The checkpoint's `changes` on disk; held while saving, so saves
+    /// are one at a time and each covers every change made before it
+    /// (a group commit: a hundred prepares at once need a few writes, not
+    /// a hundred fsyncs one after the other).
+    pub saved: Mutex<u64>,
     /// One lock per claim UID being prepared or unprepared: the kubelet's
     /// calls for one claim are handled one at a time, different claims at
     /// once.
@@ -304,12 +309,17 @@ impl DraState {
             }
         }
         if !planned.is_empty() {
-            // One checkpoint write for the whole call.
-            let mut cp = self.checkpoint.lock().await;
-            for (c, p) in &planned {
-                cp.claims.insert(c.uid.clone(), p.clone());
-            }
-            match claims::save(&self.paths.checkpoint, &cp) {
+            // Recorded in memory, then on disk by a save that may cover
+            // other calls' changes too.
+            let mine = {
+                let mut cp = self.checkpoint.lock().await;
+                for (c, p) in &planned {
+                    cp.claims.insert(c.uid.clone(), p.clone());
+                }
+                cp.changes += 1;
+                cp.changes
+            };
+            match self.persist(mine).await {
                 Ok(()) => {
                     for (c, p) in &planned {
                         info!(policy = %cfg.name, claim = %format!("{}/{}", c.namespace, c.name), devices = p.devices.len(), "claim prepared");
@@ -318,6 +328,8 @@ impl DraState {
                     self.plugin.kick.notify_one();
                 }
                 Err(e) => {
+                    let mut cp = self.checkpoint.lock().await;
+                    cp.changes += 1;
                     for (c, p) in &planned {
                         cp.claims.remove(&c.uid);
                         if let Some(f) = &p.cdi_file {
@@ -408,6 +420,27 @@ impl DraState {
             .collect();
         claims::order_before(&pod_json, &ids)
     }
+    /// Puts change `mine` of the checkpoint on disk: done already if a
+    /// save since covered it, else one save of everything recorded so far
+    /// (written off the async workers; the checkpoint's lock is held only
+    /// to copy it, so calls go on recording meanwhile).
+    async fn persist(&self, mine: u64) -> std::io::Result<()> {
+        let mut saved = self.saved.lock().await;
+        if *saved >= mine {
+            return Ok(());
+        }
+        let (snapshot, upto) = {
+            let cp = self.checkpoint.lock().await;
+            (cp.clone(), cp.changes)
+        };
+        let path = self.paths.checkpoint.clone();
+        tokio::task::spawn_blocking(move || claims::save(&path, &snapshot))
+            .await
+            .map_err(std::io::Error::other)??;
+        *saved = upto;
+        Ok(())
+    }
+
     /// Unprepares one claim: removes what prepare made (idempotent),
     /// serialised with every other call for the same claim.
     pub async fn unprepare_one(&self, c: &v1::Claim) -> Result<(), String> {
@@ -421,12 +454,18 @@ impl DraState {
     }
 
     async fn unprepare_locked(&self, c: &v1::Claim) -> Result<(), String> {
-        let mut cp = self.checkpoint.lock().await;
-        let Some(p) = cp.claims.remove(&c.uid) else {
-            return Ok(());
+        let (p, mine) = {
+            let mut cp = self.checkpoint.lock().await;
+            let Some(p) = cp.claims.remove(&c.uid) else {
+                return Ok(());
+            };
+            cp.changes += 1;
+            (p, cp.changes)
         };
-        if let Err(e) = claims::save(&self.paths.checkpoint, &cp) {
+        if let Err(e) = self.persist(mine).await {
+            let mut cp = self.checkpoint.lock().await;
             cp.claims.insert(c.uid.clone(), p);
+            cp.changes += 1;
             return Err(format!(
                 "cannot update {}: {e}",
                 self.paths.checkpoint.display()
