@@ -555,7 +555,15 @@ async fn readiness_means_the_kubelet_has_it() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(health.0, 200);
-    let (code, body) = http_get(&addr, "/readyz").await.unwrap();
+    // The admin server may answer before the policy is served at all ("no
+    // policy served yet"): wait for the policy's own line.
+    let (code, body) = loop {
+        let (code, body) = http_get(&addr, "/readyz").await.unwrap();
+        if !body.contains("no policy served yet") || Instant::now() >= deadline {
+            break (code, body);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("ready not-ready"), "{body}");
 

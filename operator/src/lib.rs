@@ -374,6 +374,18 @@ pub const CHART_CLUSTER_OBJECTS: &[(&str, &str, &str, &str)] = &[
         "admissionregistration.k8s.io/v1",
         "ValidatingAdmissionPolicyBinding",
         "validatingadmissionpolicybindings",
+        "devplug-policy-allow-lists",
+    ),
+    (
+        "admissionregistration.k8s.io/v1",
+        "ValidatingAdmissionPolicy",
+        "validatingadmissionpolicies",
+        "devplug-policy-allow-lists",
+    ),
+    (
+        "admissionregistration.k8s.io/v1",
+        "ValidatingAdmissionPolicyBinding",
+        "validatingadmissionpolicybindings",
         "devplug-agent-own-node",
     ),
     (
@@ -437,6 +449,15 @@ async fn remove_chart_cluster_objects(ctx: &controller::Context) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for (api_version, kind, plural, name) in CHART_CLUSTER_OBJECTS {
+        if *kind == "ClusterRoleBinding" && *name == "devplug-operator" {
+            // Deleting the binding would take the right to delete the role
+            // with it (found on the real cluster: the role was left), and
+            // the role first would take the right to delete the binding:
+            // the binding is handed to the role, whose deletion the garbage
+            // collector carries to it.
+            hand_binding_to_role(&ctx.client).await;
+            continue;
+        }
         let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
         let ar = kube::core::ApiResource::from_gvk_with_plural(
             &kube::core::GroupVersionKind::gvk(group, version, kind),
@@ -449,6 +470,40 @@ async fn remove_chart_cluster_objects(ctx: &controller::Context) {
             Err(e) => {
                 warn!(%kind, %name, error = %e, "cannot delete the chart's cluster-scoped object")
             }
+        }
+    }
+}
+
+/// Makes the ClusterRole `devplug-operator` the owner of the binding of the
+/// same name, so deleting the role removes the binding too.
+async fn hand_binding_to_role(client: &Client) {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let role = match Api::<ClusterRole>::all(client.clone())
+        .get("devplug-operator")
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "cannot read the operator's ClusterRole");
+            return;
+        }
+    };
+    let Some(uid) = role.metadata.uid else { return };
+    let patch = serde_json::json!({"metadata": {"ownerReferences": [{
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "name": "devplug-operator", "uid": uid,
+    }]}});
+    match Api::<ClusterRoleBinding>::all(client.clone())
+        .patch(
+            "devplug-operator",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => info!("the operator's ClusterRoleBinding goes with its ClusterRole"),
+        Err(e) => {
+            warn!(error = %e, "cannot hand the operator's ClusterRoleBinding to its ClusterRole")
         }
     }
 }

@@ -117,3 +117,57 @@ async fn cdi_kinds_the_container_runtime_refuses_are_refused_at_admission() {
         );
     }
 }
+
+/// The chart's allow-lists whose rule is static are checked at admission
+/// (the chart's ValidatingAdmissionPolicy, default values: no extra agent
+/// image, no extra device node): `kubectl apply` says at once what the
+/// operator would refuse.
+#[tokio::test]
+async fn the_chart_refuses_agent_images_and_device_nodes_outside_its_allow_lists() {
+    let sim = json!({"simulated": {"count": 1}});
+    let image = policy(
+        &devplug_testenv::unique("img"),
+        json!({"resourceName": "example.com/img", "source": sim,
+               "agent": {"image": "evil.example/root:1"}}),
+    );
+    // The admission policy takes effect within moments of being applied.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let msg = loop {
+        match create(&image).await {
+            Err(m) => break m,
+            Ok(()) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "an agent image outside allowedAgentImages was taken"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(msg.contains("allowedAgentImages"), "{msg}");
+    for (glob, ok) in [
+        ("/dev/mem", false),
+        ("/dev/port", false),
+        ("/dev/fuse", true),
+        ("/dev/*", true),
+    ] {
+        let p = policy(
+            &devplug_testenv::unique("dev"),
+            json!({"resourceName": "example.com/dev", "source": {"paths": {"globs": [glob]}}}),
+        );
+        match create(&p).await {
+            Ok(()) => assert!(ok, "{glob} was taken"),
+            Err(m) => {
+                assert!(!ok, "{glob} was refused: {m}");
+                assert!(m.contains("allowedDeviceNodes"), "{m}");
+            }
+        }
+    }
+    // No image named: the chart's own.
+    create(&policy(
+        &devplug_testenv::unique("img"),
+        json!({"resourceName": "example.com/img", "source": sim}),
+    ))
+    .await
+    .unwrap();
+}

@@ -133,11 +133,35 @@ fn lint_is_strict_clean_with_every_value_set() {
 #[test]
 fn rendered_objects_rbac_and_security() {
     let docs = template(&[]);
+    // The release's objects (hooks apart: see below).
     let mut kinds: Vec<String> = docs
         .iter()
+        .filter(|d| d["metadata"]["annotations"]["helm.sh/hook"].is_null())
         .map(|d| d["kind"].as_str().unwrap().to_string())
         .collect();
     kinds.sort();
+    kinds.dedup();
+    // The hooks: uninstall cleanup and CRD upgrade, as restricted Jobs.
+    for (job, hook) in [
+        ("devplug-cleanup", "pre-delete"),
+        ("devplug-crds", "pre-upgrade"),
+    ] {
+        let j = find(&docs, "Job", job);
+        assert_eq!(j["metadata"]["annotations"]["helm.sh/hook"], hook);
+        let pod = &j["spec"]["template"]["spec"];
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(
+            pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"],
+            true
+        );
+        for kind in ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"] {
+            assert_eq!(
+                find(&docs, kind, job)["metadata"]["annotations"]["helm.sh/hook"],
+                hook,
+                "{kind} {job}"
+            );
+        }
+    }
     assert_eq!(
         kinds,
         vec![
@@ -379,10 +403,22 @@ fn value_sets_change_what_they_should() {
         sample["spec"]["resourceName"],
         "hardware-vendor.example/foo"
     );
+    // agentNodeRestriction.enabled=false: no agent restriction (the
+    // policy allow-lists keep theirs).
     assert!(
-        !docs
-            .iter()
-            .any(|d| d["kind"] == "ValidatingAdmissionPolicy")
+        !docs.iter().any(|d| d["kind"] == "ValidatingAdmissionPolicy"
+            && d["metadata"]["name"] == "devplug-agent-own-node")
+    );
+    // The allow-lists reach admission.
+    let vap = find(
+        &docs,
+        "ValidatingAdmissionPolicy",
+        "devplug-policy-allow-lists",
+    );
+    let rules = serde_json::to_string(&vap["spec"]["validations"]).unwrap();
+    assert!(
+        rules.contains("example.com/other:2") && rules.contains("/dev/sdb"),
+        "{rules}"
     );
 }
 
@@ -415,4 +451,41 @@ fn bad_values_fail_at_install_with_a_clear_message() {
     ]);
     assert!(!ok);
     assert!(out.contains("needs operator.leaderElection: true"), "{out}");
+}
+
+/// When the release namespace is deleted first, helm's record of the
+/// release goes with it and the operator removes the chart's
+/// cluster-scoped objects itself: its list must hold every one the chart
+/// renders (hooks aside, which helm deletes), and its role must allow it.
+#[test]
+fn the_operator_can_remove_every_cluster_scoped_object_of_the_chart() {
+    let docs = template(&[]);
+    let op = find(&docs, "ClusterRole", "devplug-operator");
+    let mut seen = 0;
+    for d in &docs {
+        let kind = d["kind"].as_str().unwrap();
+        let name = d["metadata"]["name"].as_str().unwrap();
+        let cluster_scoped = matches!(
+            kind,
+            "ClusterRole"
+                | "ClusterRoleBinding"
+                | "ValidatingAdmissionPolicy"
+                | "ValidatingAdmissionPolicyBinding"
+                | "FlowSchema"
+        );
+        if !cluster_scoped || !d["metadata"]["annotations"]["helm.sh/hook"].is_null() {
+            continue;
+        }
+        seen += 1;
+        let entry = devplug_operator::CHART_CLUSTER_OBJECTS
+            .iter()
+            .find(|(_, k, _, n)| *k == kind && *n == name)
+            .unwrap_or_else(|| panic!("{kind} {name} is not in CHART_CLUSTER_OBJECTS"));
+        let group = entry.0.split_once('/').map_or("", |(g, _)| g);
+        assert!(
+            allows(&op["rules"], group, entry.2, "delete"),
+            "the operator may not delete {kind} {name}"
+        );
+    }
+    assert!(seen >= 6, "{seen} cluster-scoped objects");
 }

@@ -27,6 +27,8 @@ fn defaults() -> AgentDefaults {
         image: "devplug-agent:test".into(),
         kubelet_root: "/var/lib/kubelet".into(),
         device_plugin_dir: "/var/lib/kubelet/device-plugins".into(),
+        // The chart's default allow-list.
+        allowed_host_paths: Some(vec!["/dev:ro".parse().unwrap(), "/sys:ro".parse().unwrap()]),
         ..Default::default()
     }
 }
@@ -553,7 +555,9 @@ async fn only_pod_relevant_changes_roll_the_daemonset() {
     );
 
     // A new image needs new pods.
-    p["spec"]["agent"] = json!({"image": "devplug-agent:v2"});
+    // (The chart's own agent image: the only one its admission policy
+    // allows by default.)
+    p["spec"]["agent"] = json!({"image": "ghcr.io/devplug/devplug-agent:0.1.0"});
     p["metadata"]["generation"] = json!(3);
     api.put(&paths::policy(foo), p).await;
     api.clear_log();
@@ -780,9 +784,10 @@ async fn a_refused_edit_keeps_the_last_approved_spec_serving() {
     );
     assert_eq!(st.approved_generation, first.metadata.generation);
 
-    // Past admission, refused by the operator: /dev/mem for every workload.
+    // Past admission, refused by the operator: the host's /etc read-write
+    // in every workload (found on the real cluster).
     let mut p = api.get(&paths::policy(foo)).await.unwrap();
-    p["spec"]["source"] = json!({"paths": {"globs": ["/dev/mem"]}});
+    p["spec"]["allocate"] = json!({"mounts": [{"hostPath": "/etc", "containerPath": "/host-etc"}]});
     api.put(&paths::policy(foo), p).await;
     api.clear_log();
     reconcile(&api, &ctx, foo).await.unwrap();
@@ -810,14 +815,15 @@ async fn a_refused_edit_keeps_the_last_approved_spec_serving() {
     let (s, reason, msg) = condition(&api, foo, types::READY).await;
     assert_eq!((s.as_str(), reason.as_str()), ("False", "InvalidSpec"));
     assert!(
-        msg.contains("spec.source.paths.globs[0]") && msg.contains("/dev/mem"),
+        msg.contains("spec.allocate.mounts[0].hostPath") && msg.contains("/etc"),
         "{msg}"
     );
     assert!(msg.contains("keeps serving"), "{msg}");
 
     // Fixed: approved and served again.
     let mut p = api.get(&paths::policy(foo)).await.unwrap();
-    p["spec"]["source"] = json!({"simulated": {"count": 3}});
+    p["spec"]["allocate"] =
+        json!({"mounts": [{"hostPath": "/dev/null", "containerPath": "/x", "readOnly": true}]});
     api.put(&paths::policy(foo), p).await;
     reconcile(&api, &ctx, foo).await.unwrap();
     let fixed = current(&api, foo).await;
