@@ -1104,3 +1104,143 @@ async fn every_container_sees_every_device_of_its_claims_in_the_variable() {
         before
     );
 }
+
+/// The agent killed between the steps of prepare (CDI spec written, claim
+/// recorded) and of unprepare (claim forgotten, spec removed): nothing is
+/// left behind once it starts again, and the kubelet's retry succeeds.
+/// Before, a kill after writing the spec and before recording the claim
+/// (or after forgetting it and before removing the spec) left the spec in
+/// the runtime's CDI directory for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the_retry_works() {
+    let node = Node::new();
+    let root = node.tmp.path().join("kubelet");
+    let api = Cluster::start(&node.name, policy_json()).await;
+    let driver = driver(&api);
+    let class = device_class(&api).await;
+    let ns = unique("kill");
+    let kc = api.kubeconfig(node.tmp.path());
+    let flags = [
+        "--admin-addr",
+        "off",
+        "--kubelet-root",
+        root.to_str().unwrap(),
+    ];
+    let recorded = |uid: &str| -> bool {
+        std::fs::read(root.join(format!("plugins/{driver}/claims.json")))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|v| !v["claims"][uid].is_null())
+    };
+    let client = || async {
+        v1::dra_plugin_client::DraPluginClient::new(dial(&endpoint(&root, &driver)).await.unwrap())
+    };
+    for (i, point) in [
+        "prepare-after-cdi-spec",
+        "prepare-after-record",
+        "unprepare-after-record",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("k{i}");
+        let uid = api
+            .allocated_claim(
+                &ns,
+                &name,
+                &[("gpu", &class)],
+                &[("gpu", &driver, &node.name, "sim-0")],
+            )
+            .await;
+        let claim = c1(&ns, &uid, &name);
+        let spec = node
+            .cdi()
+            .join(format!("devplug-claim-{driver}-{uid}.json"));
+        let unprepare = point.starts_with("unprepare");
+        if unprepare {
+            let mut a = Agent::spawn_cluster_with(&node, &api.policy, &kc, &flags);
+            register(&root, &driver).await;
+            let r = client()
+                .await
+                .node_prepare_resources(v1::NodePrepareResourcesRequest {
+                    claims: vec![claim.clone()],
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.claims[&uid].error, "");
+            a.terminate();
+        }
+        // The run that dies at `point`.
+        let mut dying = Agent::spawn_cluster_env(
+            &node,
+            &api.policy,
+            &kc,
+            &flags,
+            &[("DEVPLUG_FAILPOINT", point)],
+        );
+        register(&root, &driver).await;
+        let mut c = client().await;
+        let call = if unprepare {
+            c.node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
+                claims: vec![claim.clone()],
+            })
+            .await
+            .map(|_| ())
+        } else {
+            c.node_prepare_resources(v1::NodePrepareResourcesRequest {
+                claims: vec![claim.clone()],
+            })
+            .await
+            .map(|_| ())
+        };
+        assert!(call.is_err(), "{point}: the call was answered");
+        assert!(!dying.wait_exit().success(), "{point}");
+        drop(dying);
+        // What the kill left.
+        match point {
+            "prepare-after-cdi-spec" => assert!(spec.exists() && !recorded(&uid)),
+            "prepare-after-record" => assert!(spec.exists() && recorded(&uid)),
+            _ => assert!(spec.exists() && !recorded(&uid)),
+        }
+        // Started again: nothing orphaned is left, and the retry works.
+        let mut again = Agent::spawn_cluster_with(&node, &api.policy, &kc, &flags);
+        register(&root, &driver).await;
+        if point != "prepare-after-record" {
+            assert!(!spec.exists(), "{point}: an orphaned spec was left");
+        }
+        let mut c = client().await;
+        if unprepare {
+            let r = c
+                .node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
+                    claims: vec![claim.clone()],
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.claims[&uid].error, "", "{point}");
+            assert!(!spec.exists() && !recorded(&uid), "{point}");
+        } else {
+            let r = c
+                .node_prepare_resources(v1::NodePrepareResourcesRequest {
+                    claims: vec![claim.clone()],
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.claims[&uid].error, "", "{point}");
+            assert!(spec.exists() && recorded(&uid), "{point}");
+            // And it unprepares cleanly.
+            let r = c
+                .node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
+                    claims: vec![claim.clone()],
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.claims[&uid].error, "");
+            assert!(!spec.exists() && !recorded(&uid), "{point}");
+        }
+        again.terminate();
+    }
+}

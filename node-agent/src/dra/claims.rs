@@ -163,6 +163,39 @@ pub fn save(path: &Path, c: &Checkpoint) -> std::io::Result<()> {
     cdi::write_atomic(dir, name, &bytes)
 }
 
+/// Removes the claim CDI specs of `driver` in `cdi_dir` that `cp` does not
+/// record, and returns their names. A prepare killed after writing the spec
+/// and before recording the claim, or an unprepare killed after forgetting
+/// the claim and before removing the spec, leaves such a file; the kubelet
+/// may never call again for that claim, so the agent sweeps at start.
+/// Only file names `devplug-claim-<driver>-<36-character UID>.json` are
+/// touched: never another driver's (a driver name may extend this one's).
+pub fn sweep(cdi_dir: &Path, driver: &str, cp: &Checkpoint) -> Vec<String> {
+    let prefix = format!("devplug-claim-{driver}-");
+    let Ok(entries) = std::fs::read_dir(cdi_dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(uid) = name
+            .strip_prefix(&prefix)
+            .and_then(|r| r.strip_suffix(".json"))
+        else {
+            continue;
+        };
+        let is_uid = uid.len() == 36 && uid.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
+        if !is_uid || cp.claims.contains_key(uid) {
+            continue;
+        }
+        if std::fs::remove_file(e.path()).is_ok() {
+            removed.push(name);
+        }
+    }
+    removed.sort();
+    removed
+}
+
 /// The devices a ResourceClaim (as JSON) was allocated from `driver`.
 pub fn results_of(claim: &Value, driver: &str) -> Result<Vec<AllocResult>, String> {
     let Some(results) = claim

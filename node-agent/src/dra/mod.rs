@@ -84,6 +84,15 @@ pub fn serve(s: Setup, shutdown: watch::Receiver<bool>) -> std::io::Result<Start
     let (checkpoint, problem) = claims::load(&paths.checkpoint);
     if let Some(p) = &problem {
         warn!(policy = %cfg.name, "{p}");
+    } else {
+        // What a kill between writing a claim's CDI spec and recording it
+        // (or between forgetting it and removing the spec) left behind.
+        // Not after a lost checkpoint: those specs may still serve running
+        // pods' restarts.
+        let removed = claims::sweep(&s.cdi_dir, &cfg.driver, &checkpoint);
+        if !removed.is_empty() {
+            info!(policy = %cfg.name, files = ?removed, "removed claim CDI specs no prepared claim owns (left by an interrupted prepare or unprepare)");
+        }
     }
     let state = Arc::new(DraState {
         plugin: s.plugin,

@@ -43,6 +43,14 @@ pub fn claim_resource() -> ApiResource {
     )
 }
 
+/// Crash-consistency tests: `DEVPLUG_FAILPOINT=<name>` kills the process
+/// at that point, as a crash or `kill -9` would. Unset in production.
+fn failpoint(name: &str) {
+    if std::env::var_os("DEVPLUG_FAILPOINT").is_some_and(|v| v == name) {
+        std::process::abort();
+    }
+}
+
 /// Core v1 Pod (read only to order a container's claims).
 pub fn pod_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("", "v1", "Pod"), "pods")
@@ -298,6 +306,7 @@ impl DraState {
                 if let (Some(f), Some(bytes)) = (&prepared.cdi_file, &spec) {
                     cdi::write_atomic(&self.cdi_dir, f, bytes)
                         .map_err(|e| format!("cannot write the CDI spec {f}: {e}"))?;
+                    failpoint("prepare-after-cdi-spec");
                 }
                 Ok(prepared)
             });
@@ -321,6 +330,7 @@ impl DraState {
             };
             match self.persist(mine).await {
                 Ok(()) => {
+                    failpoint("prepare-after-record");
                     for (c, p) in &planned {
                         info!(policy = %cfg.name, claim = %format!("{}/{}", c.namespace, c.name), devices = p.devices.len(), "claim prepared");
                         answers.insert(c.uid.clone(), Ok(devices_of(p)));
@@ -471,6 +481,7 @@ impl DraState {
                 self.paths.checkpoint.display()
             ));
         }
+        failpoint("unprepare-after-record");
         if let Some(f) = &p.cdi_file {
             match std::fs::remove_file(self.cdi_dir.join(f)) {
                 Ok(()) => {}

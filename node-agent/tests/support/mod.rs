@@ -539,7 +539,19 @@ impl Agent {
         kubeconfig: &Path,
         extra: &[&str],
     ) -> Self {
+        Self::spawn_cluster_env(node, policy, kubeconfig, extra, &[])
+    }
+
+    /// Same, with extra environment variables.
+    pub fn spawn_cluster_env(
+        node: &Node,
+        policy: &str,
+        kubeconfig: &Path,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_devplug-agent"))
+            .envs(envs.iter().copied())
             .args(["--policy", policy, "--node-name", &node.name])
             .args(extra)
             .arg("--pod-resources-socket")
@@ -578,6 +590,18 @@ impl Agent {
                 Instant::now() < deadline,
                 "agent did not exit after SIGTERM"
             );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (at most 10 s) for the process to end by itself.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "agent did not exit");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
