@@ -395,59 +395,76 @@ async fn still_serving(p: &DevicePluginPolicy, ctx: &Context) -> Result<Vec<Stri
     // publish again); the kubelet would also drop the slices of a driver
     // that went away, but only after its grace period.
     if left.is_empty() && p.spec.kubelet_api == devplug_api::KubeletApi::Dra {
-        let driver = devplug_api::dra_driver_name(&name);
-        let slices: Api<kube::api::DynamicObject> =
-            Api::all_with(c.clone(), &desired::resource_slice_resource());
-        let found = slices
-            .list_metadata(&ListParams::default().fields(&format!("spec.driver={driver}")))
-            .await
-            .map_err(kube_err("list", "ResourceSlice", &driver))?;
-        for s in &found.items {
-            delete_if_present(&slices, &s.name_any(), "ResourceSliceDelete", ctx).await?;
+        let slices = delete_dra_objects(&name, ctx).await?;
+        if slices > 0 {
+            left.push(format!("{slices} ResourceSlice(s)"));
         }
-        if !found.items.is_empty() {
-            left.push(format!("{} ResourceSlice(s)", found.items.len()));
-        }
-        let class = devplug_api::dra_device_class_name(&name);
-        remember(ctx, format!("DeviceClass/{class}"), None);
-        delete_if_present(
-            &Api::<kube::api::DynamicObject>::all_with(
-                c.clone(),
-                &desired::device_class_resource(),
-            ),
-            &class,
-            "DeviceClassDelete",
-            ctx,
-        )
-        .await?;
     }
     if left.is_empty() {
-        for kind in ["ServiceAccount", "ClusterRoleBinding", "ClusterRole"] {
-            remember(ctx, format!("{kind}/{agent}"), None);
-        }
+        remember(ctx, format!("ServiceAccount/{agent}"), None);
         delete_if_present(
-            &Api::<ServiceAccount>::namespaced(c.clone(), &d.namespace),
+            &Api::<ServiceAccount>::namespaced(c, &d.namespace),
             &agent,
             "ServiceAccountDelete",
             ctx,
         )
         .await?;
-        delete_if_present(
-            &Api::<ClusterRoleBinding>::all(c.clone()),
-            &agent,
-            "ClusterRoleBindingDelete",
-            ctx,
-        )
-        .await?;
-        delete_if_present(
-            &Api::<ClusterRole>::all(c),
-            &agent,
-            "ClusterRoleDelete",
-            ctx,
-        )
-        .await?;
+        delete_agent_cluster_rbac(&agent, ctx).await?;
     }
     Ok(left)
+}
+
+/// Deletes a DRA policy's ResourceSlices (all of its driver's) and its
+/// DeviceClass; returns how many slices there were. A cluster without the
+/// DRA API has none.
+async fn delete_dra_objects(policy: &str, ctx: &Context) -> Result<usize> {
+    let c = ctx.client.clone();
+    let driver = devplug_api::dra_driver_name(policy);
+    let slices: Api<kube::api::DynamicObject> =
+        Api::all_with(c.clone(), &desired::resource_slice_resource());
+    let found = match slices
+        .list_metadata(&ListParams::default().fields(&format!("spec.driver={driver}")))
+        .await
+    {
+        Ok(found) => found.items,
+        Err(kube::Error::Api(s)) if s.code == 404 => Vec::new(),
+        Err(e) => return Err(kube_err("list", "ResourceSlice", &driver)(e)),
+    };
+    for s in &found {
+        delete_if_present(&slices, &s.name_any(), "ResourceSliceDelete", ctx).await?;
+    }
+    let class = devplug_api::dra_device_class_name(policy);
+    remember(ctx, format!("DeviceClass/{class}"), None);
+    delete_if_present(
+        &Api::<kube::api::DynamicObject>::all_with(c, &desired::device_class_resource()),
+        &class,
+        "DeviceClassDelete",
+        ctx,
+    )
+    .await?;
+    Ok(found.len())
+}
+
+/// Deletes an agent's ClusterRoleBinding and ClusterRole.
+async fn delete_agent_cluster_rbac(agent: &str, ctx: &Context) -> Result<()> {
+    for kind in ["ClusterRoleBinding", "ClusterRole"] {
+        remember(ctx, format!("{kind}/{agent}"), None);
+    }
+    delete_if_present(
+        &Api::<ClusterRoleBinding>::all(ctx.client.clone()),
+        agent,
+        "ClusterRoleBindingDelete",
+        ctx,
+    )
+    .await?;
+    delete_if_present(
+        &Api::<ClusterRole>::all(ctx.client.clone()),
+        agent,
+        "ClusterRoleDelete",
+        ctx,
+    )
+    .await?;
+    Ok(())
 }
 
 /// Sets or clears this operator's finalizer (server-side apply of the
@@ -908,49 +925,8 @@ pub async fn uninstall(p: &DevicePluginPolicy, ctx: &Context) -> Result<Action> 
             Err(e) => return Err(kube_err("patch", "Node", &node)(e)),
         }
     }
-    let driver = devplug_api::dra_driver_name(&name);
-    let slices: Api<kube::api::DynamicObject> =
-        Api::all_with(c.clone(), &desired::resource_slice_resource());
-    match slices
-        .list_metadata(&ListParams::default().fields(&format!("spec.driver={driver}")))
-        .await
-    {
-        Ok(found) => {
-            for s in &found.items {
-                delete_if_present(&slices, &s.name_any(), "ResourceSliceDelete", ctx).await?;
-            }
-        }
-        // A cluster without DRA.
-        Err(kube::Error::Api(s)) if s.code == 404 => {}
-        Err(e) => return Err(kube_err("list", "ResourceSlice", &driver)(e)),
-    }
-    let class = devplug_api::dra_device_class_name(&name);
-    remember(ctx, format!("DeviceClass/{class}"), None);
-    delete_if_present(
-        &Api::<kube::api::DynamicObject>::all_with(c.clone(), &desired::device_class_resource()),
-        &class,
-        "DeviceClassDelete",
-        ctx,
-    )
-    .await?;
-    let agent = desired::agent_name(&name);
-    for kind in ["ClusterRoleBinding", "ClusterRole"] {
-        remember(ctx, format!("{kind}/{agent}"), None);
-    }
-    delete_if_present(
-        &Api::<ClusterRoleBinding>::all(c.clone()),
-        &agent,
-        "ClusterRoleBindingDelete",
-        ctx,
-    )
-    .await?;
-    delete_if_present(
-        &Api::<ClusterRole>::all(c),
-        &agent,
-        "ClusterRoleDelete",
-        ctx,
-    )
-    .await?;
+    delete_dra_objects(&name, ctx).await?;
+    delete_agent_cluster_rbac(&desired::agent_name(&name), ctx).await?;
     Ok(Action::requeue(Duration::from_secs(5)))
 }
 

@@ -223,6 +223,26 @@ pub fn results_of(claim: &Value, driver: &str) -> Result<Vec<AllocResult>, Strin
     Ok(out)
 }
 
+/// Every advertised ID on this node by its DRA device name.
+fn advertised_by_name(snap: &Snapshot) -> BTreeMap<String, String> {
+    snap.devices
+        .keys()
+        .flat_map(|id| sharing::replica_ids(id, snap.replicas))
+        .map(|adv| (names::device_name(&adv), adv))
+        .collect()
+}
+
+/// The requests of `results`, in the order they first appear.
+fn request_order(results: &[AllocResult]) -> Vec<&str> {
+    let mut order: Vec<&str> = Vec::new();
+    for r in results {
+        if !order.contains(&r.request.as_str()) {
+            order.push(&r.request);
+        }
+    }
+    order
+}
+
 /// CDI kind of the specs the agent writes beside a vendor toolkit's (the
 /// NVIDIA source): the toolkit's names bring the device nodes and driver
 /// libraries, this one the policy's env, mounts and `idsEnv`.
@@ -254,18 +274,8 @@ pub fn plan(
     cfg: &PluginConfig,
     snap: &Snapshot,
 ) -> Result<(PreparedClaim, Option<Vec<u8>>), String> {
-    let by_name: BTreeMap<String, String> = snap
-        .devices
-        .keys()
-        .flat_map(|id| sharing::replica_ids(id, snap.replicas))
-        .map(|adv| (names::device_name(&adv), adv))
-        .collect();
-    let mut order: Vec<&str> = Vec::new();
-    for r in results {
-        if !order.contains(&r.request.as_str()) {
-            order.push(&r.request);
-        }
-    }
+    let by_name = advertised_by_name(snap);
+    let order = request_order(results);
     let mut devices = Vec::with_capacity(results.len());
     let mut per_request: Vec<Vec<(&str, &DeviceState)>> = vec![Vec::new(); order.len()];
     for r in results {
@@ -378,18 +388,8 @@ pub fn plan(
 /// The physical IDs of `results` (those of `pool`), grouped by request in
 /// allocation order, each once: the order [`plan`] lists a claim's devices.
 pub fn physical_ids(results: &[AllocResult], pool: &str, snap: &Snapshot) -> Vec<String> {
-    let by_name: BTreeMap<String, String> = snap
-        .devices
-        .keys()
-        .flat_map(|id| sharing::replica_ids(id, snap.replicas))
-        .map(|adv| (names::device_name(&adv), adv))
-        .collect();
-    let mut order: Vec<&str> = Vec::new();
-    for r in results {
-        if !order.contains(&r.request.as_str()) {
-            order.push(&r.request);
-        }
-    }
+    let by_name = advertised_by_name(snap);
+    let order = request_order(results);
     let mut out: Vec<String> = Vec::new();
     for req in order {
         for r in results
