@@ -428,7 +428,10 @@ impl DraState {
                 )
             })
             .collect();
-        claims::order_before(&pod_json, &ids)
+        let before = claims::order_before(&pod_json, &ids);
+        // Said at info: what each container's variable will list rests on it.
+        info!(pod = %format!("{ns}/{}", pod.0), claims = ?ids.keys().collect::<Vec<_>>(), listed_first = ?before, "ordered a pod's claims for the policy's variable");
+        before
     }
     /// Puts change `mine` of the checkpoint on disk: done already if a
     /// save since covered it, else one save of everything recorded so far
