@@ -401,6 +401,7 @@ impl DraState {
             return BTreeMap::new();
         };
         let Some(pod) = claims::common_pod(got.iter().map(|(_, v, _)| v)) else {
+            info!(claims = ?got.iter().map(|(c, _, _)| format!("{}/{}", c.namespace, c.name)).collect::<Vec<_>>(), "a call's claims are not all reserved for one pod; each claim's variable lists its own devices only");
             return BTreeMap::new();
         };
         let ns = &got[0].0.namespace;
@@ -409,7 +410,10 @@ impl DraState {
             Ok(Ok(p)) if p.metadata.uid.as_deref() == Some(pod.1.as_str()) => {
                 serde_json::to_value(&p).unwrap_or_default()
             }
-            Ok(Ok(_)) => return BTreeMap::new(),
+            Ok(Ok(p)) => {
+                info!(pod = %format!("{ns}/{}", pod.0), reserved_for = %pod.1, found = %p.metadata.uid.unwrap_or_default(), "the pod of a call's claims was replaced; each claim's variable lists its own devices only");
+                return BTreeMap::new();
+            }
             Ok(Err(e)) => {
                 warn!(pod = %format!("{ns}/{}", pod.0), error = %api_message(&e), "cannot read the pod of a call's claims; each claim's variable lists its own devices only");
                 return BTreeMap::new();
