@@ -18,6 +18,7 @@
 
 pub mod authority;
 pub mod claims;
+pub mod hpack;
 pub mod names;
 pub mod server;
 pub mod slices;
@@ -107,9 +108,10 @@ pub fn serve(s: Setup, shutdown: watch::Receiver<bool>) -> std::io::Result<Start
     let endpoint = bind(&paths.endpoint)?;
     let registration = bind(&paths.registration)?;
     let mut tasks = Vec::new();
-    // The kubelet sends the socket path as :authority; see `authority`.
-    let endpoint_len = paths.endpoint.as_os_str().len();
-    let registration_len = paths.registration.as_os_str().len();
+    // The plugin watcher sends the (escaped) registration socket path as
+    // :authority, which h2 refuses, so that socket goes through the relay
+    // (see `authority`). The kubelet's DRA client sends `localhost` on the
+    // driver socket (seen with kubelet 1.36.2), so it is served directly.
     let svc = DraService(state.clone());
     let mut down = shutdown.clone();
     let endpoint_path = paths.endpoint.clone();
@@ -120,9 +122,12 @@ pub fn serve(s: Setup, shutdown: watch::Receiver<bool>) -> std::io::Result<Start
                 svc.clone(),
             ))
             .add_service(health::dra_resource_health_server::DraResourceHealthServer::new(svc))
-            .serve_with_incoming_shutdown(authority::incoming(endpoint, endpoint_len), async move {
-                crate::stopped(&mut down).await;
-            })
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(endpoint),
+                async move {
+                    crate::stopped(&mut down).await;
+                },
+            )
             .await;
         if let Err(e) = r {
             error!(error = %e, "DRA driver server failed");
@@ -135,12 +140,9 @@ pub fn serve(s: Setup, shutdown: watch::Receiver<bool>) -> std::io::Result<Start
     tasks.push(tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
             .add_service(RegistrationServer::new(registrar))
-            .serve_with_incoming_shutdown(
-                authority::incoming(registration, registration_len),
-                async move {
-                    crate::stopped(&mut down).await;
-                },
-            )
+            .serve_with_incoming_shutdown(authority::incoming(registration), async move {
+                crate::stopped(&mut down).await;
+            })
             .await;
         if let Err(e) = r {
             error!(error = %e, "DRA registration server failed");
