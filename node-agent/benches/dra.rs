@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 use devplug_proto::dra::v1;
 use devplug_proto::pluginregistration as reg;
 use futures::StreamExt;
-use kube::api::{Api, DynamicObject};
+use kube::api::Api;
 use serde_json::json;
 use support::cluster::Cluster;
 use support::podresources::FakePodResources;
@@ -147,10 +147,9 @@ async fn create_claims(
 }
 
 /// `n` sequential GETs of `names` (cycled) as a ResourceClaim, each timed,
-/// the way the agent reads one (an `Api<DynamicObject>::get`).
+/// the way the agent reads one (a typed `Api<ResourceClaim>::get`).
 async fn time_gets(client: kube::Client, names: &[String], n: usize) -> Vec<Duration> {
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(client, NS, &devplug_agent::dra::server::claim_resource());
+    let api: Api<k8s_openapi::api::resource::v1::ResourceClaim> = Api::namespaced(client, NS);
     // Warm the connection, as the agent's is by then.
     for name in names.iter().take(50) {
         api.get(name).await.unwrap();
@@ -389,7 +388,7 @@ async fn main() {
         "GET of the same ResourceClaims by the agent's identity, alone (this process, one at a time):"
     );
     line(
-        "GET (Api<DynamicObject>::get, as the agent reads)",
+        "GET (Api<ResourceClaim>::get, as the agent reads)",
         get,
         us,
         &format!("{NEW} GETs"),

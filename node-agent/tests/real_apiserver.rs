@@ -67,7 +67,23 @@ fn snapshot(n: usize, unhealthy: &[usize]) -> Snapshot {
 }
 
 fn slice_api(client: kube::Client) -> Api<DynamicObject> {
-    Api::all_with(client, &slices::resource())
+    Api::all_with(
+        client,
+        &kube::core::ApiResource::erase::<k8s_openapi::api::resource::v1::ResourceSlice>(&()),
+    )
+}
+
+/// The agent's slice layout, as the JSON it sends.
+fn layout(
+    node: &str,
+    cfg: &PluginConfig,
+    generation: i64,
+    devs: &[k8s_openapi::api::resource::v1::Device],
+) -> Vec<(String, Value)> {
+    slices::slices(node, cfg, generation, devs)
+        .into_iter()
+        .map(|(n, b)| (n, serde_json::to_value(b).unwrap()))
+        .collect()
 }
 
 fn forbidden(r: Result<impl std::fmt::Debug, kube::Error>, what: &str) -> String {
@@ -92,7 +108,7 @@ async fn the_real_api_server_takes_a_300_device_pool_with_a_tainted_device() {
     let pp = PatchParams::apply(&devplug_api::agent_manager(&cfg.name)).force();
     for unhealthy in [&[][..], &[0], &[5, 150, 299]] {
         let devs = slices::devices(&snapshot(300, unhealthy));
-        let layout = slices::slices(&node, &cfg, 1 + unhealthy.len() as i64, &devs);
+        let layout = layout(&node, &cfg, 1 + unhealthy.len() as i64, &devs);
         let total: usize = layout
             .iter()
             .map(|(_, b)| b["spec"]["devices"].as_array().unwrap().len())
@@ -109,8 +125,8 @@ async fn the_real_api_server_takes_a_300_device_pool_with_a_tainted_device() {
         }
     }
     // A health change moves no device to another slice.
-    let before = slices::slices(&node, &cfg, 1, &slices::devices(&snapshot(300, &[])));
-    let after = slices::slices(&node, &cfg, 2, &slices::devices(&snapshot(300, &[7])));
+    let before = layout(&node, &cfg, 1, &slices::devices(&snapshot(300, &[])));
+    let after = layout(&node, &cfg, 2, &slices::devices(&snapshot(300, &[7])));
     let where_is = |layout: &[(String, Value)]| -> BTreeMap<String, String> {
         layout
             .iter()
@@ -184,12 +200,12 @@ async fn an_agent_cannot_touch_another_nodes_status_or_slices() {
     let slices_agent = slice_api(agent);
     let slices_admin = slice_api(admin);
     let devs = slices::devices(&snapshot(2, &[]));
-    let (own_name, own) = slices::slices(&mine, &cfg, 1, &devs).remove(0);
+    let (own_name, own) = layout(&mine, &cfg, 1, &devs).remove(0);
     slices_agent
         .patch(&own_name, &pp, &Patch::Apply(&own))
         .await
         .expect("an agent publishes its own node's slice");
-    let (other_name, other_slice) = slices::slices(&other, &cfg, 1, &devs).remove(0);
+    let (other_name, other_slice) = layout(&other, &cfg, 1, &devs).remove(0);
     forbidden(
         slices_agent
             .patch(&other_name, &pp, &Patch::Apply(&other_slice))
@@ -235,8 +251,7 @@ async fn a_device_plugin_agent_may_not_publish_slices() {
     let policy = device_plugin_policy(&unique("dp"));
     let agent = env.client_with_token(&env.agent_token(&policy, &node).await);
     let cfg = PluginConfig::from_policy(&policy);
-    let (name, body) =
-        slices::slices(&node, &cfg, 1, &slices::devices(&snapshot(1, &[]))).remove(0);
+    let (name, body) = layout(&node, &cfg, 1, &slices::devices(&snapshot(1, &[]))).remove(0);
     let msg = forbidden(
         slice_api(agent)
             .patch(
@@ -276,8 +291,7 @@ async fn a_token_without_the_node_claim_writes_nothing() {
     );
     assert!(msg.contains("projected token"), "{msg}");
     let cfg = PluginConfig::from_policy(&policy);
-    let (name, body) =
-        slices::slices(&node, &cfg, 1, &slices::devices(&snapshot(1, &[]))).remove(0);
+    let (name, body) = layout(&node, &cfg, 1, &slices::devices(&snapshot(1, &[]))).remove(0);
     forbidden(
         slice_api(agent)
             .patch(
@@ -405,7 +419,7 @@ async fn a_publish_refused_part_way_leaves_the_pool_whole() {
     // In force once a dry run of such a slice is refused.
     let probe_devs = slices::devices(&snapshot(1, &[0]));
     let (probe_name, probe) =
-        slices::slices(&node, &PluginConfig::from_policy(&policy), 99, &probe_devs).remove(0);
+        layout(&node, &PluginConfig::from_policy(&policy), 99, &probe_devs).remove(0);
     let pp = PatchParams {
         dry_run: true,
         ..PatchParams::apply("probe").force()
@@ -500,10 +514,8 @@ async fn an_agent_cannot_touch_another_policys_slices_on_its_node() {
     let agent_a = env.client_with_token(&env.agent_token(&a, &node).await);
     let agent_b = env.client_with_token(&env.agent_token(&b, &node).await);
     let devs = slices::devices(&snapshot(2, &[]));
-    let (a_name, a_slice) =
-        slices::slices(&node, &PluginConfig::from_policy(&a), 1, &devs).remove(0);
-    let (b_name, b_slice) =
-        slices::slices(&node, &PluginConfig::from_policy(&b), 1, &devs).remove(0);
+    let (a_name, a_slice) = layout(&node, &PluginConfig::from_policy(&a), 1, &devs).remove(0);
+    let (b_name, b_slice) = layout(&node, &PluginConfig::from_policy(&b), 1, &devs).remove(0);
     let pp = PatchParams::apply("test").force();
     slice_api(agent_a.clone())
         .patch(&a_name, &pp, &Patch::Apply(&a_slice))
@@ -534,8 +546,7 @@ async fn an_agent_cannot_touch_another_policys_slices_on_its_node() {
         "example.com/long",
     );
     let agent_long = env.client_with_token(&env.agent_token(&long, &node).await);
-    let (l_name, l_slice) =
-        slices::slices(&node, &PluginConfig::from_policy(&long), 1, &devs).remove(0);
+    let (l_name, l_slice) = layout(&node, &PluginConfig::from_policy(&long), 1, &devs).remove(0);
     slice_api(agent_long)
         .patch(&l_name, &pp, &Patch::Apply(&l_slice))
         .await

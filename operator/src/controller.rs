@@ -18,6 +18,7 @@ use devplug_api::{DevicePluginPolicy, OPERATOR_MANAGER, Resource, ResourceExt, U
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::resource::v1::{DeviceClass, ResourceSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
@@ -420,8 +421,7 @@ async fn still_serving(p: &DevicePluginPolicy, ctx: &Context) -> Result<Vec<Stri
 async fn delete_dra_objects(policy: &str, ctx: &Context) -> Result<usize> {
     let c = ctx.client.clone();
     let driver = devplug_api::dra_driver_name(policy);
-    let slices: Api<kube::api::DynamicObject> =
-        Api::all_with(c.clone(), &desired::resource_slice_resource());
+    let slices: Api<ResourceSlice> = Api::all(c.clone());
     let found = match slices
         .list_metadata(&ListParams::default().fields(&format!("spec.driver={driver}")))
         .await
@@ -436,7 +436,7 @@ async fn delete_dra_objects(policy: &str, ctx: &Context) -> Result<usize> {
     let class = devplug_api::dra_device_class_name(policy);
     remember(ctx, format!("DeviceClass/{class}"), None);
     delete_if_present(
-        &Api::<kube::api::DynamicObject>::all_with(c, &desired::device_class_resource()),
+        &Api::<DeviceClass>::all(c),
         &class,
         "DeviceClassDelete",
         ctx,
@@ -548,8 +548,7 @@ async fn apply_agents(
         Live::Unwatched,
     )
     .await?;
-    let class_api: Api<kube::api::DynamicObject> =
-        Api::all_with(c.clone(), &desired::device_class_resource());
+    let class_api: Api<DeviceClass> = Api::all(c.clone());
     let class = devplug_api::dra_device_class_name(&p.name_any());
     if p.spec.kubelet_api == devplug_api::KubeletApi::Dra {
         ensure(

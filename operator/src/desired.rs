@@ -18,6 +18,7 @@ use k8s_openapi::api::core::v1::{
     VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
+use k8s_openapi::api::resource::v1::DeviceClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -261,42 +262,31 @@ pub fn serves_dra(ds: &DaemonSet) -> bool {
         .is_some_and(|v| v.iter().any(|v| v.name == "plugins-registry"))
 }
 
-/// `resource.k8s.io/v1` ResourceSlice.
-pub fn resource_slice_resource() -> kube::core::ApiResource {
-    kube::core::ApiResource::from_gvk_with_plural(
-        &kube::core::GroupVersionKind::gvk("resource.k8s.io", "v1", "ResourceSlice"),
-        "resourceslices",
-    )
-}
-
-/// `resource.k8s.io/v1` DeviceClass.
-pub fn device_class_resource() -> kube::core::ApiResource {
-    kube::core::ApiResource::from_gvk_with_plural(
-        &kube::core::GroupVersionKind::gvk("resource.k8s.io", "v1", "DeviceClass"),
-        "deviceclasses",
-    )
-}
-
 /// The DeviceClass of a DRA policy: every device of its driver, and the
 /// policy's resource name as the class's extended resource, so a pod that
 /// asks for `<resourceName>: N` the device-plugin way is served through DRA
 /// unchanged.
-pub fn device_class(p: &DevicePluginPolicy) -> kube::api::DynamicObject {
+pub fn device_class(p: &DevicePluginPolicy) -> DeviceClass {
+    use k8s_openapi::api::resource::v1::{CELDeviceSelector, DeviceClassSpec, DeviceSelector};
     let name = p.name_any();
     let driver = devplug_api::dra_driver_name(&name);
-    let mut o = kube::api::DynamicObject::new(
-        &devplug_api::dra_device_class_name(&name),
-        &device_class_resource(),
-    );
-    o.metadata.labels = Some(labels(&name));
-    o.metadata.owner_references = owner(p).map(|o| vec![o]);
-    o.data = serde_json::json!({
-        "spec": {
-            "selectors": [{"cel": {"expression": format!("device.driver == {driver:?}")}}],
-            "extendedResourceName": p.spec.resource_name,
-        }
-    });
-    o
+    DeviceClass {
+        metadata: ObjectMeta {
+            name: Some(devplug_api::dra_device_class_name(&name)),
+            labels: Some(labels(&name)),
+            owner_references: owner(p).map(|o| vec![o]),
+            ..Default::default()
+        },
+        spec: DeviceClassSpec {
+            selectors: Some(vec![DeviceSelector {
+                cel: Some(CELDeviceSelector {
+                    expression: format!("device.driver == {driver:?}"),
+                }),
+            }]),
+            extended_resource_name: Some(p.spec.resource_name.clone()),
+            ..Default::default()
+        },
+    }
 }
 
 /// Binds the agent's ServiceAccount to its ClusterRole.
@@ -305,7 +295,7 @@ pub fn cluster_role_binding(p: &DevicePluginPolicy, d: &AgentDefaults) -> Cluste
     ClusterRoleBinding {
         metadata: meta(p, None),
         role_ref: RoleRef {
-            api_group: "rbac.authorization.k8s.io".into(),
+            api_group: Some("rbac.authorization.k8s.io".into()),
             kind: "ClusterRole".into(),
             name: name.clone(),
         },

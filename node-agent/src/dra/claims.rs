@@ -25,8 +25,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::resource::v1::ResourceClaim;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::names;
 use crate::cdi;
@@ -196,31 +197,26 @@ pub fn sweep(cdi_dir: &Path, driver: &str, cp: &Checkpoint) -> Vec<String> {
     removed
 }
 
-/// The devices a ResourceClaim (as JSON) was allocated from `driver`.
-pub fn results_of(claim: &Value, driver: &str) -> Result<Vec<AllocResult>, String> {
+/// The devices a ResourceClaim was allocated from `driver`.
+pub fn results_of(claim: &ResourceClaim, driver: &str) -> Result<Vec<AllocResult>, String> {
     let Some(results) = claim
-        .pointer("/status/allocation/devices/results")
-        .and_then(Value::as_array)
+        .status
+        .as_ref()
+        .and_then(|s| s.allocation.as_ref())
+        .and_then(|a| a.devices.as_ref())
+        .and_then(|d| d.results.as_ref())
     else {
         return Err("the claim is not allocated".into());
     };
-    let mut out = Vec::new();
-    for r in results {
-        if r["driver"].as_str() != Some(driver) {
-            continue;
-        }
-        let field = |k: &str| -> Result<String, String> {
-            r[k].as_str()
-                .map(str::to_string)
-                .ok_or_else(|| format!("an allocation result has no {k}"))
-        };
-        out.push(AllocResult {
-            request: field("request")?,
-            pool: field("pool")?,
-            device: field("device")?,
-        });
-    }
-    Ok(out)
+    Ok(results
+        .iter()
+        .filter(|r| r.driver == driver)
+        .map(|r| AllocResult {
+            request: r.request.clone(),
+            pool: r.pool.clone(),
+            device: r.device.clone(),
+        })
+        .collect())
 }
 
 /// Every advertised ID on this node by its DRA device name.
@@ -407,22 +403,22 @@ pub fn physical_ids(results: &[AllocResult], pool: &str, snap: &Snapshot) -> Vec
     out
 }
 
-/// The pod (name, UID) every one of `claims` (ResourceClaims as JSON) is
-/// reserved for, if there is one.
-pub fn common_pod<'a>(mut claims: impl Iterator<Item = &'a Value>) -> Option<(String, String)> {
-    let pods = |c: &Value| -> Vec<(String, String)> {
-        c.pointer("/status/reservedFor")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter(|r| {
-                        r["resource"].as_str() == Some("pods")
-                            && r["apiGroup"].as_str().unwrap_or_default().is_empty()
-                    })
-                    .filter_map(|r| Some((r["name"].as_str()?.into(), r["uid"].as_str()?.into())))
-                    .collect()
+/// The pod (name, UID) every one of `claims` is reserved for, if there is
+/// one.
+pub fn common_pod<'a>(
+    mut claims: impl Iterator<Item = &'a ResourceClaim>,
+) -> Option<(String, String)> {
+    let pods = |c: &ResourceClaim| -> Vec<(String, String)> {
+        c.status
+            .as_ref()
+            .and_then(|s| s.reserved_for.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|r| {
+                r.resource == "pods" && r.api_group.as_deref().unwrap_or_default().is_empty()
             })
-            .unwrap_or_default()
+            .map(|r| (r.name.clone(), r.uid.clone()))
+            .collect()
     };
     let mut common = pods(claims.next()?);
     for c in claims {
@@ -433,52 +429,64 @@ pub fn common_pod<'a>(mut claims: impl Iterator<Item = &'a Value>) -> Option<(St
 }
 
 /// For each claim of `ids` (claim name → its UID and physical IDs) that
-/// every container of `pod` naming it last (among `ids`) names after the
-/// same other claims: those claims' IDs, in the container's order. A claim
-/// named with a request filter, or after different claims in different
-/// containers, gets none (its variable lists its own devices).
+/// comes last among `ids` in every container of `pod` naming it, after the
+/// same other claims: those claims' IDs, in order. The order is the one in
+/// which the kubelet hands a container's CDI devices to the runtime, where
+/// the last device's variable wins: the pod's `spec.resourceClaims` order
+/// (not the container's). A claim named with a request filter, or after
+/// different claims in different containers, gets none (its variable lists
+/// its own devices).
 pub fn order_before(
-    pod: &Value,
+    pod: &Pod,
     ids: &BTreeMap<&str, (&str, Vec<String>)>,
 ) -> BTreeMap<String, Vec<String>> {
-    let claim_name = |pod_claim: &str| -> Option<String> {
-        let named = pod
-            .pointer("/spec/resourceClaims")
-            .and_then(Value::as_array)
-            .and_then(|a| a.iter().find(|c| c["name"].as_str() == Some(pod_claim)))
-            .and_then(|c| c["resourceClaimName"].as_str());
-        if let Some(n) = named {
-            return Some(n.to_string());
-        }
-        pod.pointer("/status/resourceClaimStatuses")
-            .and_then(Value::as_array)
-            .and_then(|a| a.iter().find(|c| c["name"].as_str() == Some(pod_claim)))
-            .and_then(|c| c["resourceClaimName"].as_str())
-            .map(str::to_string)
+    let Some(spec) = &pod.spec else {
+        return BTreeMap::new();
     };
-    let containers = ["/spec/initContainers", "/spec/containers"]
+    let statuses = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.resource_claim_statuses.as_ref());
+    let pod_claims: Vec<(&str, Option<&str>)> = spec
+        .resource_claims
         .iter()
-        .filter_map(|p| pod.pointer(p).and_then(Value::as_array))
-        .flatten();
+        .flatten()
+        .map(|c| {
+            let name = c.resource_claim_name.as_deref().or_else(|| {
+                statuses
+                    .into_iter()
+                    .flatten()
+                    .find(|s| s.name == c.name)
+                    .and_then(|s| s.resource_claim_name.as_deref())
+            });
+            (c.name.as_str(), name)
+        })
+        .collect();
+    let containers = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers);
     // Claim name → the claims before it (None: containers disagree).
     let mut candidate: BTreeMap<String, Option<Vec<String>>> = BTreeMap::new();
     for ctr in containers {
-        let mut entries: Vec<(String, bool)> = Vec::new();
-        for r in ctr
-            .pointer("/resources/claims")
-            .and_then(Value::as_array)
+        let named: Vec<&k8s_openapi::api::core::v1::ResourceClaim> = ctr
+            .resources
+            .as_ref()
+            .and_then(|r| r.claims.as_ref())
             .into_iter()
             .flatten()
-        {
-            let Some(name) = r["name"].as_str().and_then(claim_name) else {
-                continue;
-            };
-            if !ids.contains_key(name.as_str()) {
-                continue;
+            .collect();
+        let mut entries: Vec<(String, bool)> = Vec::new();
+        for (pod_claim, claim) in &pod_claims {
+            for r in named.iter().filter(|r| r.name == *pod_claim) {
+                let Some(claim) = claim.filter(|c| ids.contains_key(c)) else {
+                    continue;
+                };
+                let filtered = r.request.as_deref().is_some_and(|q| !q.is_empty());
+                entries.retain(|(n, _)| n != claim);
+                entries.push((claim.to_string(), filtered));
             }
-            let filtered = r["request"].as_str().is_some_and(|q| !q.is_empty());
-            entries.retain(|(n, _)| *n != name);
-            entries.push((name, filtered));
         }
         let Some((last, _)) = entries.last().cloned() else {
             continue;
@@ -521,7 +529,7 @@ pub fn order_before(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn ids() -> BTreeMap<&'static str, (&'static str, Vec<String>)> {
         [
@@ -533,8 +541,12 @@ mod tests {
         .collect()
     }
 
-    fn pod(containers: Value) -> Value {
-        json!({
+    fn typed<T: serde::de::DeserializeOwned>(v: Value) -> T {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn pod(containers: Value) -> Pod {
+        typed(json!({
             "spec": {
                 "resourceClaims": [
                     {"name": "one", "resourceClaimTemplateName": "t"},
@@ -547,7 +559,7 @@ mod tests {
                 {"name": "one", "resourceClaimName": "c1"},
                 {"name": "three", "resourceClaimName": "c3"},
             ]},
-        })
+        }))
     }
 
     #[test]
@@ -560,13 +572,15 @@ mod tests {
             b,
             BTreeMap::from([("u2".to_string(), vec!["a".to_string()])])
         );
+        // The kubelet hands CDI devices over in the pod's order (one, two,
+        // three), whatever the container's order: three's variable wins.
         let p = pod(
             json!([{"name": "x", "resources": {"claims": [{"name": "two"}, {"name": "three"}, {"name": "one"}]}}]),
         );
         let b = order_before(&p, &ids());
         assert_eq!(
             b,
-            BTreeMap::from([("u1".to_string(), vec!["b".into(), "c".into(), "d".into()])])
+            BTreeMap::from([("u3".to_string(), vec!["a".into(), "b".into(), "c".into()])])
         );
     }
 
@@ -590,11 +604,11 @@ mod tests {
         );
         assert!(order_before(&p, &ids()).is_empty());
         // The same order in an init container and a container agrees.
-        let p = json!({"spec": {
+        let p: Pod = typed(json!({"spec": {
             "resourceClaims": [{"name": "one", "resourceClaimName": "c1"}, {"name": "two", "resourceClaimName": "c2"}],
             "initContainers": [{"name": "i", "resources": {"claims": [{"name": "one"}, {"name": "two"}]}}],
-            "containers": [{"name": "x", "resources": {"claims": [{"name": "one"}, {"name": "two"}]}}],
-        }});
+            "containers": [{"name": "x", "resources": {"claims": [{"name": "two"}, {"name": "one"}]}}],
+        }}));
         assert_eq!(order_before(&p, &ids()).len(), 1);
     }
 
@@ -744,7 +758,9 @@ mod tests {
 
     #[test]
     fn the_common_pod_is_the_one_every_claim_is_reserved_for() {
-        let c = |pods: Value| json!({"status": {"reservedFor": pods}});
+        let c = |pods: Value| -> ResourceClaim {
+            typed(json!({"metadata": {"name": "c"}, "spec": {}, "status": {"reservedFor": pods}}))
+        };
         let a = c(
             json!([{"resource": "pods", "name": "p", "uid": "1"}, {"resource": "pods", "name": "q", "uid": "2"}]),
         );

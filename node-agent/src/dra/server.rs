@@ -11,8 +11,9 @@ use std::time::{Duration, SystemTime};
 use devplug_proto::dra::{v1, v1beta1};
 use devplug_proto::drahealth::v1alpha1 as health;
 use devplug_proto::pluginregistration as reg;
-use kube::api::{Api, DynamicObject};
-use kube::core::{ApiResource, GroupVersionKind};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::resource::v1::ResourceClaim;
+use kube::api::Api;
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -35,25 +36,12 @@ pub const HEALTH_TIMEOUT_SECONDS: i64 = 60;
 /// Longest wait for the API server when reading a claim.
 const CLAIM_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `resource.k8s.io/v1` ResourceClaim.
-pub fn claim_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("resource.k8s.io", "v1", "ResourceClaim"),
-        "resourceclaims",
-    )
-}
-
 /// Crash-consistency tests: `DEVPLUG_FAILPOINT=<name>` kills the process
 /// at that point, as a crash or `kill -9` would. Unset in production.
 fn failpoint(name: &str) {
     if std::env::var_os("DEVPLUG_FAILPOINT").is_some_and(|v| v == name) {
         std::process::abort();
     }
-}
-
-/// Core v1 Pod (read only to order a container's claims).
-pub fn pod_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("", "v1", "Pod"), "pods")
 }
 
 /// The API server's own words for an error, without a debug dump.
@@ -142,15 +130,14 @@ fn devices_of(p: &PreparedClaim) -> Vec<v1::Device> {
 }
 
 impl DraState {
-    async fn fetch(&self, c: &v1::Claim) -> Result<serde_json::Value, String> {
+    async fn fetch(&self, c: &v1::Claim) -> Result<ResourceClaim, String> {
         let Some(client) = &self.client else {
             return Err(
                 "this agent has no API access (standalone mode) and cannot read ResourceClaims"
                     .into(),
             );
         };
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(client.clone(), &c.namespace, &claim_resource());
+        let api: Api<ResourceClaim> = Api::namespaced(client.clone(), &c.namespace);
         let got = tokio::time::timeout(CLAIM_READ_TIMEOUT, api.get(&c.name))
             .await
             .map_err(|_| format!("reading ResourceClaim {}/{} timed out", c.namespace, c.name))?
@@ -171,7 +158,7 @@ impl DraState {
                 c.uid
             ));
         }
-        serde_json::to_value(&got).map_err(|e| e.to_string())
+        Ok(got)
     }
 
     /// Prepares one claim (idempotent), serialised with every other call
@@ -274,7 +261,7 @@ impl DraState {
             }
         }
         let read = futures::future::join_all(fresh.iter().map(|c| self.fetch(c))).await;
-        let mut got: Vec<(&v1::Claim, serde_json::Value, Vec<claims::AllocResult>)> = Vec::new();
+        let mut got: Vec<(&v1::Claim, ResourceClaim, Vec<claims::AllocResult>)> = Vec::new();
         for (c, r) in fresh.iter().zip(read) {
             match r.and_then(|v| claims::results_of(&v, &cfg.driver).map(|res| (v, res))) {
                 Ok((v, res)) => got.push((c, v, res)),
@@ -394,7 +381,7 @@ impl DraState {
     /// disagree, a claim lists only its own devices.
     async fn claims_before(
         &self,
-        got: &[(&v1::Claim, serde_json::Value, Vec<claims::AllocResult>)],
+        got: &[(&v1::Claim, ResourceClaim, Vec<claims::AllocResult>)],
         snap: &crate::devices::inventory::Snapshot,
     ) -> BTreeMap<String, Vec<String>> {
         let Some(client) = &self.client else {
@@ -405,11 +392,9 @@ impl DraState {
             return BTreeMap::new();
         };
         let ns = &got[0].0.namespace;
-        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &pod_resource());
-        let pod_json = match tokio::time::timeout(CLAIM_READ_TIMEOUT, api.get(&pod.0)).await {
-            Ok(Ok(p)) if p.metadata.uid.as_deref() == Some(pod.1.as_str()) => {
-                serde_json::to_value(&p).unwrap_or_default()
-            }
+        let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+        let pod_obj = match tokio::time::timeout(CLAIM_READ_TIMEOUT, api.get(&pod.0)).await {
+            Ok(Ok(p)) if p.metadata.uid.as_deref() == Some(pod.1.as_str()) => p,
             Ok(Ok(p)) => {
                 info!(pod = %format!("{ns}/{}", pod.0), reserved_for = %pod.1, found = %p.metadata.uid.unwrap_or_default(), "the pod of a call's claims was replaced; each claim's variable lists its own devices only");
                 return BTreeMap::new();
@@ -432,7 +417,7 @@ impl DraState {
                 )
             })
             .collect();
-        let before = claims::order_before(&pod_json, &ids);
+        let before = claims::order_before(&pod_obj, &ids);
         // Said at info: what each container's variable will list rests on it.
         info!(pod = %format!("{ns}/{}", pod.0), claims = ?ids.keys().collect::<Vec<_>>(), listed_first = ?before, "ordered a pod's claims for the policy's variable");
         before

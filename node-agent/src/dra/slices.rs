@@ -28,10 +28,11 @@ use std::time::Duration;
 
 use devplug_api::agent_manager;
 use futures::StreamExt;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
-use kube::core::{ApiResource, GroupVersionKind};
+use k8s_openapi::api::resource::v1::{
+    Device, DeviceAttribute, DeviceTaint, ResourcePool, ResourceSlice, ResourceSliceSpec,
+};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -49,39 +50,47 @@ pub const MAX_ATTRIBUTE_STRING: usize = 64;
 /// The taint an unhealthy device carries.
 pub const UNHEALTHY_TAINT: &str = "devplug.io/unhealthy";
 
-/// `resource.k8s.io/v1` ResourceSlice.
-pub fn resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("resource.k8s.io", "v1", "ResourceSlice"),
-        "resourceslices",
-    )
-}
-
-fn string_attr(v: &str) -> Value {
-    json!({"string": v.chars().take(MAX_ATTRIBUTE_STRING).collect::<String>()})
+fn string_attr(v: &str) -> DeviceAttribute {
+    DeviceAttribute {
+        string: Some(v.chars().take(MAX_ATTRIBUTE_STRING).collect()),
+        ..Default::default()
+    }
 }
 
 /// The pool's devices, in a stable order: one per advertised ID.
-pub fn devices(snap: &Snapshot) -> Vec<Value> {
+pub fn devices(snap: &Snapshot) -> Vec<Device> {
     let mut out = Vec::new();
     for (id, state) in &snap.devices {
         for adv in sharing::replica_ids(id, snap.replicas) {
-            let mut attrs = serde_json::Map::new();
-            attrs.insert("id".into(), string_attr(&adv));
+            let mut attrs = std::collections::BTreeMap::new();
+            attrs.insert("id".to_string(), string_attr(&adv));
             if snap.replicas > 1 {
                 attrs.insert("physicalID".into(), string_attr(id));
             }
             if let Some(n) = state.device.numa_node {
-                attrs.insert("numaNode".into(), json!({"int": n}));
+                let int = DeviceAttribute {
+                    int: Some(n),
+                    ..Default::default()
+                };
+                attrs.insert("numaNode".into(), int);
             }
             for (k, v) in &state.device.attributes {
                 attrs.insert(k.clone(), string_attr(v));
             }
-            let mut d = json!({"name": names::device_name(&adv), "attributes": attrs});
-            if let Health::Unhealthy(_) | Health::Unknown(_) = state.health {
-                d["taints"] = json!([{"key": UNHEALTHY_TAINT, "effect": "NoSchedule"}]);
-            }
-            out.push(d);
+            let taints = match state.health {
+                Health::Unhealthy(_) | Health::Unknown(_) => Some(vec![DeviceTaint {
+                    key: UNHEALTHY_TAINT.into(),
+                    effect: "NoSchedule".into(),
+                    ..Default::default()
+                }]),
+                Health::Healthy => None,
+            };
+            out.push(Device {
+                name: names::device_name(&adv),
+                attributes: Some(attrs),
+                taints,
+                ..Default::default()
+            });
         }
     }
     out
@@ -92,9 +101,9 @@ pub fn slices(
     node: &str,
     cfg: &PluginConfig,
     generation: i64,
-    devices: &[Value],
-) -> Vec<(String, Value)> {
-    let chunks: Vec<&[Value]> = if devices.is_empty() {
+    devices: &[Device],
+) -> Vec<(String, ResourceSlice)> {
+    let chunks: Vec<&[Device]> = if devices.is_empty() {
         vec![&[]]
     } else {
         devices.chunks(MAX_DEVICES_PER_SLICE).collect()
@@ -105,17 +114,23 @@ pub fn slices(
         .enumerate()
         .map(|(i, chunk)| {
             let name = names::slice_name(node, &cfg.driver, i);
-            let body = json!({
-                "apiVersion": "resource.k8s.io/v1",
-                "kind": "ResourceSlice",
-                "metadata": {"name": name},
-                "spec": {
-                    "driver": cfg.driver,
-                    "nodeName": node,
-                    "pool": {"name": node, "generation": generation, "resourceSliceCount": count},
-                    "devices": chunk,
+            let body = ResourceSlice {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    ..Default::default()
                 },
-            });
+                spec: ResourceSliceSpec {
+                    driver: cfg.driver.clone(),
+                    node_name: Some(node.to_string()),
+                    pool: ResourcePool {
+                        name: node.to_string(),
+                        generation,
+                        resource_slice_count: count as i64,
+                    },
+                    devices: Some(chunk.to_vec()),
+                    ..Default::default()
+                },
+            };
             (name, body)
         })
         .collect()
@@ -123,7 +138,7 @@ pub fn slices(
 
 /// Our slices as the server has them: names and the highest generation.
 async fn existing(
-    api: &Api<DynamicObject>,
+    api: &Api<ResourceSlice>,
     node: &str,
     driver: &str,
 ) -> Result<(BTreeSet<String>, i64), kube::Error> {
@@ -136,9 +151,7 @@ async fn existing(
         if let Some(n) = o.metadata.name.clone() {
             names.insert(n);
         }
-        if let Some(g) = o.data["spec"]["pool"]["generation"].as_i64() {
-            generation = generation.max(g);
-        }
+        generation = generation.max(o.spec.pool.generation);
     }
     Ok((names, generation))
 }
@@ -148,9 +161,9 @@ async fn existing(
 /// deleted), so after a failure part-way it still says what the server
 /// holds.
 async fn write(
-    api: &Api<DynamicObject>,
+    api: &Api<ResourceSlice>,
     manager: &str,
-    slices: &[(String, Value)],
+    slices: &[(String, ResourceSlice)],
     names: &mut BTreeSet<String>,
 ) -> Result<(), kube::Error> {
     let pp = PatchParams::apply(manager).force();
@@ -187,7 +200,7 @@ pub async fn publish(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let cfg = cfgs.borrow().clone();
-    let api: Api<DynamicObject> = Api::all_with(client, &resource());
+    let api: Api<ResourceSlice> = Api::all(client);
     let manager = agent_manager(&cfg.name);
     let mut backoff = Duration::from_millis(500);
     let (mut names, mut generation) = loop {
@@ -203,7 +216,7 @@ pub async fn publish(
             }
         }
     };
-    let mut published: Option<Vec<Value>> = None;
+    let mut published: Option<Vec<Device>> = None;
     let mut ours = watcher(
         api.clone(),
         watcher::Config::default()
@@ -313,6 +326,7 @@ mod tests {
     use super::*;
     use crate::devices::device::Device;
     use crate::devices::inventory::DeviceState;
+    use serde_json::json;
 
     fn snap(n: usize, replicas: u32) -> Snapshot {
         let mut s = Snapshot {
@@ -350,21 +364,26 @@ mod tests {
     fn replicas_are_devices_and_large_pools_split_at_64() {
         let devs = devices(&snap(200, 2));
         assert_eq!(devs.len(), 400);
-        let names: BTreeSet<&str> = devs.iter().map(|d| d["name"].as_str().unwrap()).collect();
+        let names: BTreeSet<&str> = devs.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names.len(), 400, "distinct names");
         assert!(names.iter().all(|n| names::is_dns_label(n)));
-        assert_eq!(devs[0]["attributes"]["id"], json!({"string": "Dev_000::0"}));
+        // As the API server takes them (the wire form).
+        let wire = serde_json::to_value(&devs).unwrap();
+        assert_eq!(wire[0]["attributes"]["id"], json!({"string": "Dev_000::0"}));
         assert_eq!(
-            devs[0]["attributes"]["physicalID"],
+            wire[0]["attributes"]["physicalID"],
             json!({"string": "Dev_000"})
         );
-        assert_eq!(devs[3]["attributes"]["numaNode"], json!({"int": 1}));
+        assert_eq!(wire[3]["attributes"]["numaNode"], json!({"int": 1}));
         assert_eq!(
-            devs[0]["attributes"]["pciAddress"],
+            wire[0]["attributes"]["pciAddress"],
             json!({"string": "0000:00:00.0"})
         );
-        assert_eq!(devs[0]["taints"][0]["effect"], "NoSchedule");
-        assert!(devs[2].get("taints").is_none());
+        assert_eq!(
+            wire[0]["taints"],
+            json!([{"key": UNHEALTHY_TAINT, "effect": "NoSchedule"}])
+        );
+        assert!(wire[2].get("taints").is_none());
 
         let mut cfg = crate::config::PluginConfig::from_policy(
             &devplug_api::policies_from_yaml(
@@ -377,19 +396,22 @@ mod tests {
         assert_eq!(s.len(), 7);
         let sizes: Vec<usize> = s
             .iter()
-            .map(|(_, b)| b["spec"]["devices"].as_array().unwrap().len())
+            .map(|(_, b)| b.spec.devices.as_ref().unwrap().len())
             .collect();
         assert_eq!(sizes, [64, 64, 64, 64, 64, 64, 16]);
         for (i, (name, b)) in s.iter().enumerate() {
             assert_eq!(*name, names::slice_name("n1", "gpu.devplug.io", i));
+            let wire = serde_json::to_value(b).unwrap();
+            assert_eq!(wire["apiVersion"], "resource.k8s.io/v1");
+            assert_eq!(wire["kind"], "ResourceSlice");
             assert_eq!(
-                b["spec"]["pool"],
+                wire["spec"]["pool"],
                 json!({"name": "n1", "generation": 7, "resourceSliceCount": 7})
             );
         }
         // An empty pool is one empty slice (after discovery ran).
         let s = slices("n1", &cfg, 1, &[]);
         assert_eq!(s.len(), 1);
-        assert_eq!(s[0].1["spec"]["devices"], json!([]));
+        assert_eq!(s[0].1.spec.devices, Some(vec![]));
     }
 }

@@ -221,8 +221,7 @@ impl Cluster {
 
     /// Deletes a ResourceSlice, as the kubelet does when it restarts.
     pub async fn delete_slice(&self, name: &str) {
-        let api: Api<DynamicObject> =
-            Api::all_with(self.admin.clone(), &devplug_agent::dra::slices::resource());
+        let api: Api<k8s_openapi::api::resource::v1::ResourceSlice> = Api::all(self.admin.clone());
         api.delete(name, &DeleteParams::default()).await.unwrap();
     }
 
