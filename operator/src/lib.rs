@@ -451,7 +451,7 @@ async fn remove_chart_cluster_objects(ctx: &controller::Context) {
     for (api_version, kind, plural, name) in CHART_CLUSTER_OBJECTS {
         if *kind == "ClusterRoleBinding" && *name == "devplug-operator" {
             // Deleting the binding would take the right to delete the role
-            // with it (found on the real cluster: the role was left), and
+            // with it (the role would be left), and
             // the role first would take the right to delete the binding:
             // the binding is handed to the role, whose deletion the garbage
             // collector carries to it.
