@@ -6,6 +6,13 @@
 #   (REGISTRY, TAG; default ghcr.io/devplug and the chart's appVersion).
 #   Kubelet restarts need E2E_RESTART_KUBELET, a command that restarts the
 #   kubelet of the node (the check is skipped, and says so, without it).
+#   The suite touches only what it creates: devplug's CRDs, the release
+#   `devplug` in devplug-system with its cluster-wide objects, policies
+#   named simulated-foo and e2e-*, pods and claims labelled app=devplug-e2e,
+#   and a marker namespace devplug-e2e-run while it runs; it removes all of
+#   them when it ends, pass or fail. It refuses a cluster where devplug is
+#   already installed (those objects are cluster-wide and would be shared),
+#   unless the marker says an earlier run of the suite left them.
 # - ../shared/cluster/up.sh exists (the single-node kit): brings the kit up
 #   unless it already runs, builds the images without Docker
 #   (hack/images.sh), loads them, runs, and takes the kit down again if it
@@ -115,6 +122,8 @@ wait_for() { # description, timeout seconds, wanted, command...
 }
 
 kit_started=""
+owns_devplug=""
+MARKER=devplug-e2e-run
 cleanup() {
   local rc=$?
   set +e
@@ -125,6 +134,12 @@ cleanup() {
   fi
   if [ "$mode" = kind ] && [ -z "${KEEP:-}" ]; then
     kind delete cluster --name "$CLUSTER" >/dev/null 2>&1
+  fi
+  if [ "$mode" = existing ] && [ -n "$owns_devplug" ] && [ -z "${KEEP:-}" ]; then
+    say "removing what the suite installed on this cluster"
+    leftovers
+    kubectl delete -f crds/ --ignore-not-found --wait=true --timeout=120s >/dev/null 2>&1
+    kubectl delete namespace $NS $MARKER --ignore-not-found --wait=false >/dev/null 2>&1
   fi
   exit $rc
 }
@@ -174,7 +189,22 @@ case $mode in
     CLUSTER=$CLUSTER TAG=$TAG SAMPLE=false INSTALL=false ./hack/kind-quickstart.sh
     kubectl config use-context "kind-$CLUSTER" >/dev/null
     ;;
-  existing) say "using the cluster of KUBECONFIG ($(kubectl config current-context))" ;;
+  existing)
+    say "using the cluster of KUBECONFIG ($(kubectl config current-context)); the suite installs devplug there and removes exactly what it installed when it ends"
+    found=()
+    kubectl get crd devicepluginpolicies.devplug.io >/dev/null 2>&1 && found+=("CRD devicepluginpolicies.devplug.io")
+    kubectl get crd nodedevicestatuses.devplug.io >/dev/null 2>&1 && found+=("CRD nodedevicestatuses.devplug.io")
+    kubectl get namespace $NS >/dev/null 2>&1 && found+=("namespace $NS")
+    releases=$(helm list -A -o json 2>/dev/null | python3 -c 'import json,sys; print(" ".join(r["namespace"]+"/"+r["name"] for r in json.load(sys.stdin) if r["chart"].startswith("devplug-")))' || true)
+    [ -n "$releases" ] && found+=("helm release $releases")
+    if [ ${#found[@]} -gt 0 ] && ! kubectl get namespace $MARKER >/dev/null 2>&1; then
+      say "FAIL: refusing to run: devplug is already installed on this cluster (${found[*]}). The suite installs devplug's CRDs, the release devplug in $NS and cluster-wide roles and admission policies, deletes them again, and would take an installation it did not make with them. Run it on a cluster without devplug, or uninstall devplug first (README: Uninstall)."
+      exit 1
+    fi
+    [ ${#found[@]} -gt 0 ] && say "an earlier run of the suite left ${found[*]} (marker namespace $MARKER): removing them first"
+    kubectl create namespace $MARKER >/dev/null 2>&1 || kubectl get namespace $MARKER >/dev/null || fail "cannot create the marker namespace $MARKER"
+    owns_devplug=1
+    ;;
 esac
 NODE=$(kubectl get nodes -o jsonpath='{.items[0].metadata.name}')
 [ -n "$NODE" ] || fail "the cluster has no node"
