@@ -19,10 +19,13 @@ use serde::{Deserialize, Serialize};
     plural = "nodedevicestatuses",
     shortname = "nds",
     status = "NodeDeviceStatusStatus",
+    doc = "NodeDeviceStatus holds the devices devplug serves on one node (named after the Node): per extended resource, each device's health with its reason and the containers holding it, written by that resource's agent; the summary and notReporting are the operator's.",
     printcolumn = r#"{"name":"Resources","type":"integer","jsonPath":".status.summary.resources"}"#,
     printcolumn = r#"{"name":"Healthy/Total","type":"string","jsonPath":".status.summary.healthy"}"#,
     printcolumn = r#"{"name":"Allocated","type":"integer","jsonPath":".status.summary.allocated"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Unhealthy","type":"integer","priority":1,"description":"devices Unhealthy or Unknown, as their agents report them","jsonPath":".status.summary.unhealthy"}"#,
+    printcolumn = r#"{"name":"Not Reporting","type":"integer","priority":1,"description":"resources whose agent is not ready or gone","jsonPath":".status.summary.notReporting"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct NodeDeviceStatusSpec {
@@ -114,6 +117,12 @@ pub struct NodeSummary {
     pub healthy: String,
     /// Physical devices held by at least one container.
     pub allocated: i64,
+    /// Devices that are not Healthy, among resources whose agent reports.
+    #[serde(default)]
+    pub unhealthy: i64,
+    /// Resources whose agent is not reporting (listed in `notReporting`).
+    #[serde(default)]
+    pub not_reporting: i64,
 }
 
 /// The devices of one resource on one node.

@@ -27,12 +27,17 @@ use serde::{Deserialize, Serialize};
     plural = "devicepluginpolicies",
     shortname = "dpp",
     status = "DevicePluginPolicyStatus",
+    doc = "DevicePluginPolicy advertises a class of node devices as one extended resource: the operator runs a node agent on every node it selects, which discovers the devices (source), shares them (sharing), hands them to containers (allocate) through the kubelet's device plugin API or Dynamic Resource Allocation (kubeletApi), and reports each device's health and holders into the status and NodeDeviceStatus.",
     printcolumn = r#"{"name":"Resource","type":"string","jsonPath":".spec.resourceName"}"#,
     printcolumn = r#"{"name":"Nodes","type":"string","description":"ready/desired agent nodes","jsonPath":".status.nodesReady"}"#,
     printcolumn = r#"{"name":"Healthy","type":"string","description":"healthy/total devices","jsonPath":".status.devicesHealthy"}"#,
     printcolumn = r#"{"name":"Allocated","type":"integer","jsonPath":".status.devices.allocated"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Kubelet API","type":"string","priority":1,"description":"DevicePlugin or DRA","jsonPath":".spec.kubeletApi"}"#,
+    printcolumn = r#"{"name":"Sharing","type":"string","priority":1,"jsonPath":".spec.sharing.strategy"}"#,
+    printcolumn = r#"{"name":"Replicas","type":"integer","priority":1,"jsonPath":".spec.sharing.replicas"}"#,
+    printcolumn = r#"{"name":"Degraded","type":"string","priority":1,"description":"the Degraded condition's reason while it is True","jsonPath":".status.conditions[?(@.type==\"Degraded\")].reason"}"#
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [

@@ -408,13 +408,38 @@ fn node_device_status_entries_are_list_maps() {
         r["items"]["properties"]["devices"]["items"]["properties"]["health"]["enum"],
         json!(["Healthy", "Unhealthy", "Unknown"])
     );
+    // Default columns, then the wide ones (`-o wide`: priority 1).
     let cols: Vec<_> = crd.spec.versions[0]
         .additional_printer_columns
         .iter()
         .flatten()
-        .map(|c| c.name.clone())
+        .map(|c| (c.name.clone(), c.priority.unwrap_or(0)))
         .collect();
-    assert_eq!(cols, vec!["Resources", "Healthy/Total", "Allocated", "Age"]);
+    assert_eq!(
+        cols,
+        vec![
+            ("Resources".to_string(), 0),
+            ("Healthy/Total".into(), 0),
+            ("Allocated".into(), 0),
+            ("Age".into(), 0),
+            ("Unhealthy".into(), 1),
+            ("Not Reporting".into(), 1),
+        ]
+    );
+    assert!(
+        crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .unwrap()
+            .open_api_v3_schema
+            .as_ref()
+            .unwrap()
+            .description
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("NodeDeviceStatus holds"),
+        "kubectl explain nds says what the kind is"
+    );
 }
 
 #[test]
@@ -445,4 +470,42 @@ fn checked_in_crds_match_the_types() {
             "crds/{name} is out of date: run `cargo run -p devplug-api --bin crdgen` and commit the result"
         );
     }
+}
+
+#[test]
+fn kubectl_explain_and_get_o_wide_say_what_a_policy_is() {
+    let crd = crd::device_plugin_policy().unwrap();
+    let v = &crd.spec.versions[0];
+    let schema = v
+        .schema
+        .as_ref()
+        .unwrap()
+        .open_api_v3_schema
+        .as_ref()
+        .unwrap();
+    let about = schema.description.as_deref().unwrap_or_default();
+    assert!(
+        about.starts_with("DevicePluginPolicy advertises"),
+        "{about}"
+    );
+    assert!(!about.contains("Auto-generated"), "{about}");
+    let wide: Vec<(&str, &str)> = v
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .filter(|c| c.priority == Some(1))
+        .map(|c| (c.name.as_str(), c.json_path.as_str()))
+        .collect();
+    assert_eq!(
+        wide,
+        vec![
+            ("Kubelet API", ".spec.kubeletApi"),
+            ("Sharing", ".spec.sharing.strategy"),
+            ("Replicas", ".spec.sharing.replicas"),
+            (
+                "Degraded",
+                ".status.conditions[?(@.type==\"Degraded\")].reason"
+            ),
+        ]
+    );
 }

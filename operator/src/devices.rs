@@ -262,9 +262,13 @@ fn not_reporting_reason<'a>(
 /// place (an entry not reporting counts no healthy device).
 pub fn summary_of(resources: &[ResourceStatus], not_reporting: &[NotReporting]) -> NodeSummary {
     let (mut healthy, mut total, mut allocated) = (0, 0, 0);
+    let (mut unhealthy, mut silent) = (0, 0);
     for e in resources {
         if not_reporting_reason(e, not_reporting).is_none() {
             healthy += e.healthy;
+            unhealthy += e.total - e.healthy;
+        } else {
+            silent += 1;
         }
         total += e.total;
         allocated += e.allocated;
@@ -273,6 +277,8 @@ pub fn summary_of(resources: &[ResourceStatus], not_reporting: &[NotReporting]) 
         resources: resources.len() as i64,
         healthy: format!("{healthy}/{total}"),
         allocated,
+        unhealthy,
+        not_reporting: silent,
     }
 }
 
@@ -663,7 +669,42 @@ mod tests {
             NodeSummary {
                 resources: 3,
                 healthy: "2/2".into(),
-                allocated: 0
+                allocated: 0,
+                unhealthy: 0,
+                not_reporting: 0,
+            }
+        );
+    }
+
+    #[test]
+    fn the_summary_counts_unhealthy_devices_and_silent_agents_apart() {
+        let gpu = entry(
+            "gpu",
+            "x.io/gpu",
+            vec![
+                dev("a", DeviceHealth::Healthy, &["p"]),
+                dev("b", DeviceHealth::Unhealthy, &[]),
+                dev("c", DeviceHealth::Unknown, &[]),
+            ],
+        );
+        let nic = entry(
+            "nic",
+            "x.io/nic",
+            vec![dev("n", DeviceHealth::Healthy, &[])],
+        );
+        let silent = [NotReporting {
+            resource_name: "x.io/nic".into(),
+            policy: "nic".into(),
+            reason: "AgentGone".into(),
+        }];
+        assert_eq!(
+            summary_of(&[gpu, nic], &silent),
+            NodeSummary {
+                resources: 2,
+                healthy: "1/4".into(),
+                allocated: 1,
+                unhealthy: 2,
+                not_reporting: 1,
             }
         );
     }

@@ -358,6 +358,8 @@ mod tests {
                 resources: 1,
                 healthy: "1/2".into(),
                 allocated: 1,
+                unhealthy: 0,
+                not_reporting: 1,
             }),
             not_reporting: vec![NotReporting {
                 resource_name: "x.io/gpu".into(),
