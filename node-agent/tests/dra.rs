@@ -1094,6 +1094,50 @@ async fn every_container_sees_every_device_of_its_claims_in_the_variable() {
         container_env(&node.cdi(), &ids_of(&ra.devices))[&var],
         "sim-2"
     );
+    // Case C: one container naming two claims. The order in which the
+    // runtime applies the two claims' CDI devices varied on the real
+    // cluster; the variable must be whole either way.
+    let uc = api
+        .allocated_claim(
+            &ns,
+            "cc",
+            &[("r", &class)],
+            &[("r", &driver, &node.name, "sim-0")],
+        )
+        .await;
+    let ud = api
+        .allocated_claim(
+            &ns,
+            "cd",
+            &[("r", &class)],
+            &[("r", &driver, &node.name, "sim-1")],
+        )
+        .await;
+    api.pod_with_claims(
+        &ns,
+        "pod2",
+        &node.name,
+        &[("c", "cc"), ("d", "cd")],
+        &[&["c", "d"]],
+    )
+    .await;
+    let r = state
+        .prepare(vec![c1(&ns, &uc, "cc"), c1(&ns, &ud, "cd")])
+        .await;
+    let (rc, rd) = (&r.claims[&uc], &r.claims[&ud]);
+    assert!(rc.error.is_empty() && rd.error.is_empty(), "{r:?}");
+    for (what, order) in [
+        ("c, then d", [&rc.devices, &rd.devices]),
+        ("d, then c", [&rd.devices, &rc.devices]),
+    ] {
+        let ids: Vec<String> = order.iter().flat_map(|d| ids_of(d)).collect();
+        assert_eq!(
+            container_env(&node.cdi(), &ids)[&var],
+            "sim-0,sim-1",
+            "CDI devices applied {what}"
+        );
+    }
+
     // Written again the same after the CDI directory is lost (a reboot).
     let before =
         std::fs::read(node.cdi().join(format!("devplug-claim-{driver}-{ub}.json"))).unwrap();

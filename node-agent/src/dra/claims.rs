@@ -15,7 +15,7 @@
 //! and the entry prepare made; an unknown claim is already unprepared.
 //!
 //! `<idsEnv>` lists every device a container was given by this policy: see
-//! [`plan`] for a claim with several requests and [`order_before`] for a
+//! [`plan`] for a claim with several requests and [`neighbours`] for a
 //! container naming several claims.
 //!
 //! A checkpoint that cannot be read is moved aside (`claims.json.corrupt-<time>`)
@@ -80,6 +80,17 @@ pub struct PreparedClaim {
     /// to write the same CDI spec again after a reboot.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub before: Vec<String>,
+    /// IDs of other claims its variable lists after its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+}
+
+/// The devices of the other claims a container names with this one, in the
+/// order of the pod's claims: those before this claim and those after it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Others {
+    pub before: Vec<String>,
+    pub after: Vec<String>,
 }
 
 /// Prepared claims by UID.
@@ -250,22 +261,24 @@ pub const TOOLKIT_CLAIM_KIND: &str = "devplug.io/claim";
 ///
 /// The policy's variable (`idsEnv`) must list every device a container was
 /// given, and CDI sets a variable once per device (the last one wins). The
-/// kubelet hands a container the CDI names of its claims in the order of
-/// the container's claims, and of one claim in the order of the answer's
-/// devices. So the devices are answered grouped by request, in allocation
-/// order; the devices of every request but the last set the variable to
-/// their request's IDs (right for a container that names that request
-/// alone), those of the last request to `before` plus every device of the
-/// claim (right for a container that names the whole claim, after the
-/// claims in `before`: the IDs of the claims that come before this one in
-/// the containers that name it last; see `server.rs`).
+/// kubelet hands a container the CDI names of one claim in the order of the
+/// answer's devices, but the order across claims is not one a driver can
+/// rely on (on the real cluster it varied from run to run). So the devices
+/// are answered grouped by request, in allocation order; the devices of
+/// every request but the last set the variable to their request's IDs
+/// (right for a container that names that request alone), those of the
+/// last request to the whole container's list: `others.before`, every
+/// device of the claim, `others.after` (the devices of the other claims the
+/// containers naming this one name with it; see [`neighbours`]). Every
+/// claim of such a container carries that same list, so whichever claim's
+/// device comes last, the variable is right.
 #[allow(clippy::too_many_arguments)]
 pub fn plan(
     uid: &str,
     namespace: &str,
     name: &str,
     results: &[AllocResult],
-    before: &[String],
+    others: &Others,
     pool: &str,
     cfg: &PluginConfig,
     snap: &Snapshot,
@@ -306,10 +319,12 @@ pub fn plan(
     // Grouped by request, each group in allocation order (a stable sort).
     devices.sort_by_key(|d| order.iter().position(|q| *q == d.result.request));
     let mut whole: Vec<&str> = Vec::new();
-    for p in before
+    for p in others
+        .before
         .iter()
         .map(String::as_str)
         .chain(per_request.iter().flatten().map(|(p, _)| *p))
+        .chain(others.after.iter().map(String::as_str))
     {
         if !whole.contains(&p) {
             whole.push(p);
@@ -375,7 +390,8 @@ pub fn plan(
             name: name.to_string(),
             devices,
             cdi_file: Some(names::cdi_file(&cfg.driver, uid)),
-            before: before.to_vec(),
+            before: others.before.clone(),
+            after: others.after.clone(),
         },
         Some(bytes),
     ))
@@ -429,17 +445,16 @@ pub fn common_pod<'a>(
 }
 
 /// For each claim of `ids` (claim name → its UID and physical IDs) that
-/// comes last among `ids` in every container of `pod` naming it, after the
-/// same other claims: those claims' IDs, in order. The order is the one in
-/// which the kubelet hands a container's CDI devices to the runtime, where
-/// the last device's variable wins: the pod's `spec.resourceClaims` order
-/// (not the container's). A claim named with a request filter, or after
-/// different claims in different containers, gets none (its variable lists
-/// its own devices).
-pub fn order_before(
+/// a container of `pod` names with other claims of `ids`: those claims'
+/// IDs, before and after its own, in the order of the pod's
+/// `spec.resourceClaims` (the order the kubelet lists them in). A claim
+/// that containers name with different other claims, or that a container
+/// names with a request filter (next to any claim), gets none: its
+/// variable lists its own devices.
+pub fn neighbours(
     pod: &Pod,
     ids: &BTreeMap<&str, (&str, Vec<String>)>,
-) -> BTreeMap<String, Vec<String>> {
+) -> BTreeMap<String, Others> {
     let Some(spec) = &pod.spec else {
         return BTreeMap::new();
     };
@@ -467,8 +482,10 @@ pub fn order_before(
         .iter()
         .flatten()
         .chain(&spec.containers);
-    // Claim name → the claims before it (None: containers disagree).
-    let mut candidate: BTreeMap<String, Option<Vec<String>>> = BTreeMap::new();
+    // Claim name → (claims before, claims after) it; None: containers
+    // disagree, or a request filter.
+    type Around = Option<(Vec<String>, Vec<String>)>;
+    let mut candidate: BTreeMap<String, Around> = BTreeMap::new();
     for ctr in containers {
         let named: Vec<&k8s_openapi::api::core::v1::ResourceClaim> = ctr
             .resources
@@ -477,51 +494,54 @@ pub fn order_before(
             .into_iter()
             .flatten()
             .collect();
-        let mut entries: Vec<(String, bool)> = Vec::new();
+        let mut entries: Vec<String> = Vec::new();
+        let mut filtered = false;
         for (pod_claim, claim) in &pod_claims {
             for r in named.iter().filter(|r| r.name == *pod_claim) {
                 let Some(claim) = claim.filter(|c| ids.contains_key(c)) else {
                     continue;
                 };
-                let filtered = r.request.as_deref().is_some_and(|q| !q.is_empty());
-                entries.retain(|(n, _)| n != claim);
-                entries.push((claim.to_string(), filtered));
+                filtered |= r.request.as_deref().is_some_and(|q| !q.is_empty());
+                if !entries.iter().any(|e| e == claim) {
+                    entries.push(claim.to_string());
+                }
             }
         }
-        let Some((last, _)) = entries.last().cloned() else {
-            continue;
-        };
-        let cand = if entries.iter().any(|(_, f)| *f) {
-            None
-        } else {
-            Some(
-                entries[..entries.len() - 1]
-                    .iter()
-                    .map(|(n, _)| n.clone())
-                    .collect::<Vec<_>>(),
-            )
-        };
-        match candidate.get(&last) {
-            None => {
-                candidate.insert(last, cand);
+        for (i, claim) in entries.iter().enumerate() {
+            let cand = (!filtered).then(|| (entries[..i].to_vec(), entries[i + 1..].to_vec()));
+            match candidate.get(claim) {
+                None => {
+                    candidate.insert(claim.clone(), cand);
+                }
+                Some(prev) if *prev != cand => {
+                    candidate.insert(claim.clone(), None);
+                }
+                Some(_) => {}
             }
-            Some(prev) if *prev != cand => {
-                candidate.insert(last, None);
-            }
-            Some(_) => {}
         }
     }
+    let ids_of = |names: &[String]| -> Vec<String> {
+        names
+            .iter()
+            .filter_map(|n| ids.get(n.as_str()))
+            .flat_map(|(_, v)| v.iter().cloned())
+            .collect()
+    };
     candidate
         .into_iter()
         .filter_map(|(name, cand)| {
-            let cand = cand.filter(|c| !c.is_empty())?;
+            let (before, after) = cand?;
+            if before.is_empty() && after.is_empty() {
+                return None;
+            }
             let (uid, _) = ids.get(name.as_str())?;
-            let before: Vec<String> = cand
-                .iter()
-                .filter_map(|n| ids.get(n.as_str()))
-                .flat_map(|(_, v)| v.iter().cloned())
-                .collect();
-            Some((uid.to_string(), before))
+            Some((
+                uid.to_string(),
+                Others {
+                    before: ids_of(&before),
+                    after: ids_of(&after),
+                },
+            ))
         })
         .collect()
 }
@@ -562,54 +582,68 @@ mod tests {
         }))
     }
 
+    fn others(before: &[&str], after: &[&str]) -> Others {
+        Others {
+            before: before.iter().map(|s| s.to_string()).collect(),
+            after: after.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
     #[test]
-    fn a_container_naming_two_claims_lists_the_first_in_the_second() {
+    fn every_claim_a_container_names_lists_all_of_them_in_the_pods_order() {
         let p = pod(
             json!([{"name": "x", "resources": {"claims": [{"name": "one"}, {"name": "two"}]}}]),
         );
-        let b = order_before(&p, &ids());
         assert_eq!(
-            b,
-            BTreeMap::from([("u2".to_string(), vec!["a".to_string()])])
+            neighbours(&p, &ids()),
+            BTreeMap::from([
+                ("u1".to_string(), others(&[], &["b", "c"])),
+                ("u2".to_string(), others(&["a"], &[])),
+            ])
         );
-        // The kubelet hands CDI devices over in the pod's order (one, two,
-        // three), whatever the container's order: three's variable wins.
+        // The pod's order (one, two, three), whatever the container's.
         let p = pod(
             json!([{"name": "x", "resources": {"claims": [{"name": "two"}, {"name": "three"}, {"name": "one"}]}}]),
         );
-        let b = order_before(&p, &ids());
         assert_eq!(
-            b,
-            BTreeMap::from([("u3".to_string(), vec!["a".into(), "b".into(), "c".into()])])
+            neighbours(&p, &ids()),
+            BTreeMap::from([
+                ("u1".to_string(), others(&[], &["b", "c", "d"])),
+                ("u2".to_string(), others(&["a"], &["d"])),
+                ("u3".to_string(), others(&["a", "b", "c"], &[])),
+            ])
         );
     }
 
     #[test]
     fn containers_that_disagree_or_filter_requests_get_nothing() {
-        // c2 is last in x (after c1) and alone in y: no single answer.
+        // c2 is named with c1 in x and alone in y: no single answer for
+        // c2; c1 is named with c2 wherever it is named.
         let p = pod(json!([
             {"name": "x", "resources": {"claims": [{"name": "one"}, {"name": "two"}]}},
             {"name": "y", "resources": {"claims": [{"name": "two"}]}},
         ]));
-        assert!(order_before(&p, &ids()).is_empty());
+        let n = neighbours(&p, &ids());
+        assert_eq!(n.get("u2"), None);
+        assert_eq!(n.get("u1"), Some(&others(&[], &["b", "c"])));
         // One container per claim: nothing to add.
         let p = pod(json!([
             {"name": "x", "resources": {"claims": [{"name": "one"}]}},
             {"name": "y", "resources": {"claims": [{"name": "two"}]}},
         ]));
-        assert!(order_before(&p, &ids()).is_empty());
+        assert!(neighbours(&p, &ids()).is_empty());
         // A request filter hands out part of a claim only.
         let p = pod(
             json!([{"name": "x", "resources": {"claims": [{"name": "one"}, {"name": "two", "request": "r"}]}}]),
         );
-        assert!(order_before(&p, &ids()).is_empty());
-        // The same order in an init container and a container agrees.
+        assert!(neighbours(&p, &ids()).is_empty());
+        // The same claims in an init container and a container agree.
         let p: Pod = typed(json!({"spec": {
             "resourceClaims": [{"name": "one", "resourceClaimName": "c1"}, {"name": "two", "resourceClaimName": "c2"}],
             "initContainers": [{"name": "i", "resources": {"claims": [{"name": "one"}, {"name": "two"}]}}],
             "containers": [{"name": "x", "resources": {"claims": [{"name": "two"}, {"name": "one"}]}}],
         }}));
-        assert_eq!(order_before(&p, &ids()).len(), 1);
+        assert_eq!(neighbours(&p, &ids()).len(), 2);
     }
 
     fn cfg(source: &str, extra: &str) -> PluginConfig {
@@ -696,7 +730,17 @@ mod tests {
         let snap = snap(&["a", "b", "c"]);
         // Allocation results as the scheduler lists them, by request.
         let results = [result("r1", "a"), result("r2", "b"), result("r2", "c")];
-        let (p, spec) = plan("u", "ns", "claim", &results, &[], "n", &cfg, &snap).unwrap();
+        let (p, spec) = plan(
+            "u",
+            "ns",
+            "claim",
+            &results,
+            &Others::default(),
+            "n",
+            &cfg,
+            &snap,
+        )
+        .unwrap();
         let spec: Value = serde_json::from_slice(&spec.unwrap()).unwrap();
         let ids = |filter: Option<&str>| -> Vec<String> {
             p.devices
@@ -711,13 +755,13 @@ mod tests {
         assert_eq!(container_env(&spec, &ids(Some("r1")))[var], "a");
         // Each device keeps its own variable.
         assert_eq!(container_env(&spec, &ids(None))["DEVPLUG_DEVICE_B"], "b");
-        // Claims named before it in the container come first.
+        // The other claims of the container: before and after its own.
         let (p, spec) = plan(
             "u",
             "ns",
             "claim",
             &results[..1],
-            &["x".to_string(), "a".to_string()],
+            &others(&["x", "a"], &["y"]),
             "n",
             &cfg,
             &snap,
@@ -725,8 +769,11 @@ mod tests {
         .unwrap();
         let spec: Value = serde_json::from_slice(&spec.unwrap()).unwrap();
         let all: Vec<String> = p.devices.iter().flat_map(|d| d.cdi_ids.clone()).collect();
-        assert_eq!(container_env(&spec, &all)[var], "x,a");
-        assert_eq!(p.before, ["x", "a"]);
+        assert_eq!(container_env(&spec, &all)[var], "x,a,y");
+        assert_eq!(
+            (p.before, p.after),
+            (vec!["x".to_string(), "a".into()], vec!["y".to_string()])
+        );
     }
 
     #[test]
@@ -740,7 +787,17 @@ mod tests {
             result("r", &names::device_name("GPU-1")),
             result("r", &names::device_name("GPU-2")),
         ];
-        let (p, spec) = plan("u", "ns", "c", &results, &[], "n", &cfg, &snap).unwrap();
+        let (p, spec) = plan(
+            "u",
+            "ns",
+            "c",
+            &results,
+            &Others::default(),
+            "n",
+            &cfg,
+            &snap,
+        )
+        .unwrap();
         let spec: Value =
             serde_json::from_slice(&spec.expect("a spec for the policy's edits")).unwrap();
         assert_eq!(spec["kind"], TOOLKIT_CLAIM_KIND);

@@ -197,7 +197,10 @@ impl DraState {
                 &p.namespace,
                 &p.name,
                 &results,
-                &p.before,
+                &claims::Others {
+                    before: p.before.clone(),
+                    after: p.after.clone(),
+                },
                 &self.node,
                 cfg,
                 snap,
@@ -270,21 +273,21 @@ impl DraState {
                 }
             }
         }
-        let before = if got.len() >= 2 {
-            self.claims_before(&got, &snap).await
+        let around = if got.len() >= 2 {
+            self.claims_around(&got, &snap).await
         } else {
             BTreeMap::new()
         };
         let mut planned = Vec::new();
         for (c, _, results) in &got {
-            let no_before = Vec::new();
-            let b = before.get(&c.uid).unwrap_or(&no_before);
+            let alone = claims::Others::default();
+            let others = around.get(&c.uid).unwrap_or(&alone);
             let r = claims::plan(
                 &c.uid,
                 &c.namespace,
                 &c.name,
                 results,
-                b,
+                others,
                 &self.node,
                 &cfg,
                 &snap,
@@ -374,16 +377,16 @@ impl DraState {
         out
     }
 
-    /// For claims of one call that a container names after other claims of
+    /// For claims of one call that a container names with other claims of
     /// this driver: the IDs of those other claims, which the claim's
-    /// variable lists first (see [`claims::plan`]). Needs the pod (which
-    /// container names which claims); without it, or where containers
-    /// disagree, a claim lists only its own devices.
-    async fn claims_before(
+    /// variable lists around its own (see [`claims::plan`]). Needs the pod
+    /// (which container names which claims); without it, or where
+    /// containers disagree, a claim lists only its own devices.
+    async fn claims_around(
         &self,
         got: &[(&v1::Claim, ResourceClaim, Vec<claims::AllocResult>)],
         snap: &crate::devices::inventory::Snapshot,
-    ) -> BTreeMap<String, Vec<String>> {
+    ) -> BTreeMap<String, claims::Others> {
         let Some(client) = &self.client else {
             return BTreeMap::new();
         };
@@ -417,10 +420,10 @@ impl DraState {
                 )
             })
             .collect();
-        let before = claims::order_before(&pod_obj, &ids);
+        let around = claims::neighbours(&pod_obj, &ids);
         // Said at info: what each container's variable will list rests on it.
-        info!(pod = %format!("{ns}/{}", pod.0), claims = ?ids.keys().collect::<Vec<_>>(), listed_first = ?before, "ordered a pod's claims for the policy's variable");
-        before
+        info!(pod = %format!("{ns}/{}", pod.0), claims = ?ids.keys().collect::<Vec<_>>(), others = ?around, "listed a pod's claims for the policy's variable");
+        around
     }
     /// Puts change `mine` of the checkpoint on disk: done already if a
     /// save since covered it, else one save of everything recorded so far
