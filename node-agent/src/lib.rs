@@ -21,6 +21,7 @@ pub mod deviceplugin;
 pub mod devices;
 pub mod dra;
 pub mod metrics;
+pub mod retry;
 pub mod run;
 pub mod simctl;
 pub mod status;

@@ -663,15 +663,15 @@ async fn cluster_mode(
     // failed start keeps the last good spec serving and is retried.
     let mut wanted: Option<DevicePluginPolicy> = None;
     let mut retry_at = tokio::time::Instant::now();
-    let mut backoff = RETRY_MIN;
+    let mut backoff = crate::retry::Retry::new(RETRY_MIN, RETRY_MAX);
     loop {
         if let Some(policy) = wanted.take_if(|_| tokio::time::Instant::now() >= retry_at) {
             match node.update(running, &policy).await {
-                Ok(()) => backoff = RETRY_MIN,
+                Ok(()) => backoff.reset(),
                 Err(e) => {
-                    error!(policy = %name, error = %e, retry_in = ?backoff, serving_last_good = !running.is_empty(), "cannot serve the new spec");
-                    retry_at = tokio::time::Instant::now() + backoff;
-                    backoff = (backoff * 2).min(RETRY_MAX);
+                    let wait = backoff.next_delay();
+                    error!(policy = %name, error = %e, retry_in = ?wait, serving_last_good = !running.is_empty(), "cannot serve the new spec");
+                    retry_at = tokio::time::Instant::now() + wait;
                     wanted = Some(policy);
                 }
             }
@@ -722,7 +722,7 @@ async fn cluster_mode(
             continue;
         }
         // A new spec is tried at once, whatever the backoff of the last.
-        backoff = RETRY_MIN;
+        backoff.reset();
         retry_at = tokio::time::Instant::now();
         wanted = Some(policy);
     }

@@ -1,6 +1,8 @@
 //! The README's "Agent flags" table lists every flag of
 //! `devplug-agent --help`, and nothing the binary does not have.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::Path;
 
 #[test]

@@ -193,10 +193,20 @@ impl Context {
     }
 }
 
-/// Backoff after `n` consecutive failures: 2 s doubling, capped at 5 min.
+/// Backoff after `n` consecutive failures: 2 s doubling, capped at 5 min,
+/// plus up to as much again at random (backon's jitter), so that policies
+/// failing together (an API server outage) do not retry in lockstep.
 pub fn backoff(n: u32) -> Duration {
-    let secs = 2u64.saturating_mul(1u64 << n.saturating_sub(1).min(8));
-    Duration::from_secs(secs.min(300))
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(2))
+        .with_max_delay(Duration::from_secs(300))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .nth(n.saturating_sub(1).min(16) as usize)
+        .unwrap_or(Duration::from_secs(300))
 }
 
 /// Where `ensure` learns the live object from.
@@ -936,4 +946,21 @@ pub fn error_policy(p: Arc<DevicePluginPolicy>, err: &Error, ctx: Arc<Context>) 
     ctx.metrics.failed(err.metric_label());
     warn!(policy = %p.name_any(), error = %err, attempt = n, retry_in = ?wait, "reconcile failed");
     Action::requeue(wait)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_doubles_to_five_minutes_with_jitter() {
+        for (n, step) in [(1u32, 2u64), (2, 4), (3, 8), (8, 256), (9, 300), (40, 300)] {
+            let d = backoff(n);
+            let step = Duration::from_secs(step);
+            assert!(d >= step && d < step * 2, "failure {n}: {d:?}");
+        }
+        let a: Vec<Duration> = (0..8).map(|_| backoff(3)).collect();
+        assert!(a.iter().any(|d| *d != a[0]), "jitter: {a:?}");
+    }
 }

@@ -2,6 +2,8 @@
 //! `devplug-operator --help` is in its "Operator flags" table, and every
 //! value of the chart's values.yaml in its "Chart values" table.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::Path;
 
 fn readme_section(title: &str) -> String {

@@ -121,7 +121,7 @@ pub async fn run(
     };
     loop {
         // Register: fast first, then with backoff.
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = crate::retry::Retry::new(BACKOFF_MIN, BACKOFF_MAX);
         let mut attempt = 0u32;
         let mut fast_until = Instant::now() + FAST_WINDOW;
         loop {
@@ -139,24 +139,25 @@ pub async fn run(
             match register_once(&kubelet_sock, req.clone()).await {
                 Ok(()) => break,
                 Err(e) => {
+                    let fast = Instant::now() < fast_until;
+                    let wait = if fast {
+                        FAST_RETRY
+                    } else {
+                        backoff.next_delay()
+                    };
                     // A kubelet restart costs a few quick failures; say so
                     // loudly only when it outlasts the fast window.
-                    if attempt >= 4 && Instant::now() >= fast_until {
-                        warn!(policy = %cfg.name, error = %e, attempt, retry_in = ?backoff, "registration failed");
+                    if attempt >= 4 && !fast {
+                        warn!(policy = %cfg.name, error = %e, attempt, retry_in = ?wait, "registration failed");
                     } else {
-                        debug!(policy = %cfg.name, error = %e, attempt, retry_in = ?backoff, "registration failed");
+                        debug!(policy = %cfg.name, error = %e, attempt, retry_in = ?wait, "registration failed");
                     }
-                    let fast = Instant::now() < fast_until;
                     tokio::select! {
-                        _ = tokio::time::sleep(if fast { FAST_RETRY } else { backoff }) => {
-                            if !fast {
-                                backoff = (backoff * 2).min(BACKOFF_MAX);
-                            }
-                        }
+                        _ = tokio::time::sleep(wait) => {}
                         _ = trigger.changed() => {
                             // A new kubelet.sock: its kubelet listens soon.
                             fast_until = Instant::now() + FAST_WINDOW;
-                            backoff = BACKOFF_MIN;
+                            backoff.reset();
                         }
                         _ = crate::stopped(&mut shutdown) => return,
                     }

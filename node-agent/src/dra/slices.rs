@@ -202,17 +202,17 @@ pub async fn publish(
     let cfg = cfgs.borrow().clone();
     let api: Api<ResourceSlice> = Api::all(client);
     let manager = agent_manager(&cfg.name);
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = crate::retry::Retry::new(Duration::from_millis(500), Duration::from_secs(30));
     let (mut names, mut generation) = loop {
         match existing(&api, &node, &cfg.driver).await {
             Ok(x) => break x,
             Err(e) => {
-                warn!(policy = %cfg.name, error = %e, "cannot list this node's ResourceSlices; retrying");
+                let wait = backoff.next_delay();
+                warn!(policy = %cfg.name, error = %e, retry_in = ?wait, "cannot list this node's ResourceSlices; retrying");
                 tokio::select! {
                     _ = crate::stopped(&mut shutdown) => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
     };
@@ -243,11 +243,12 @@ pub async fn publish(
                         debug!(policy = %cfg.name, devices = want.len(), generation, "ResourceSlices updated");
                     }
                     published = Some(want);
-                    backoff = Duration::from_millis(500);
+                    backoff.reset();
                     problems.send_if_modified(|p| p.take().is_some());
                 }
                 Err(e) => {
-                    warn!(policy = %cfg.name, error = %e, retry_in = ?backoff, "cannot publish ResourceSlices");
+                    let wait = backoff.next_delay();
+                    warn!(policy = %cfg.name, error = %e, retry_in = ?wait, "cannot publish ResourceSlices");
                     // On NodeDeviceStatus and so the policy's Degraded
                     // condition, in the API server's words.
                     let why = format!(
@@ -278,9 +279,8 @@ pub async fn publish(
                     }
                     tokio::select! {
                         _ = crate::stopped(&mut shutdown) => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(wait) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
                     continue;
                 }
             }

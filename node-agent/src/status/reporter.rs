@@ -67,7 +67,11 @@ async fn watch_own(api: Api<NodeDeviceStatus>, node: String, tx: watch::Sender<S
     let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
     let mut stream = watcher(api, cfg).boxed();
     let mut listing: Option<NodeDeviceStatus> = None;
+    let mut backoff = crate::retry::Retry::new(RETRY_MIN, RETRY_MAX);
     while let Some(ev) = stream.next().await {
+        if ev.is_ok() {
+            backoff.reset();
+        }
         match ev {
             Ok(watcher::Event::Apply(o)) => {
                 let _ = tx.send(Some(Some(o)));
@@ -81,8 +85,9 @@ async fn watch_own(api: Api<NodeDeviceStatus>, node: String, tx: watch::Sender<S
                 let _ = tx.send(Some(listing.take()));
             }
             Err(e) => {
-                debug!(error = %e, "watch of the own NodeDeviceStatus; retrying");
-                tokio::time::sleep(RETRY_MIN).await;
+                let wait = backoff.next_delay();
+                debug!(error = %e, retry_in = ?wait, "watch of the own NodeDeviceStatus; retrying");
+                tokio::time::sleep(wait).await;
             }
         }
         if tx.is_closed() {
@@ -158,6 +163,7 @@ pub async fn run(
     // "someone else changed my entry".
     let mut answered: Option<ResourceStatus> = None;
     let mut retry: Option<Duration> = None;
+    let mut backoff = crate::retry::Retry::new(RETRY_MIN, RETRY_MAX);
     // Device plugin agents have nobody sending problems.
     let mut problems_open = true;
     loop {
@@ -214,10 +220,11 @@ pub async fn run(
                     written = Some(entry);
                     answered = held;
                     retry = None;
+                    backoff.reset();
                 }
                 Err(e) => {
                     stats.failures.fetch_add(1, Ordering::Relaxed);
-                    let wait = retry.map_or(RETRY_MIN, |w| (w * 2).min(RETRY_MAX));
+                    let wait = backoff.next_delay();
                     warn!(policy = %cfg.name, error = %e, retry_in = ?wait, "cannot write device status; serving goes on");
                     retry = Some(wait);
                 }
