@@ -6,6 +6,7 @@ pub mod conditions;
 pub mod crd;
 pub mod node_status;
 pub mod policy;
+pub mod process;
 pub mod validation;
 
 pub use node_status::*;

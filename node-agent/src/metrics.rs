@@ -2,13 +2,18 @@
 //! Kubernetes instrumentation guidelines (snake_case, base units, `_total`
 //! counters).
 //!
-//! - `devplug_device_health{node,resource,device,namespace,pod,container}`:
-//!   1 healthy, 0 unhealthy, -1 unknown; one series per container holding the
-//!   device (empty pod labels when it is free);
+//! - `devplug_device_health{node,resource,device,state,namespace,pod,container}`:
+//!   1 for the device's state (`Healthy`, `Unhealthy`, `Unknown`) and 0 for
+//!   the two others, as kube-state-metrics gives a pod's phase; one set per
+//!   container holding the device (empty pod labels when it is free);
 //! - `devplug_allocate_requests_total{resource,result}` and
-//!   `devplug_allocate_duration_seconds{resource}`;
+//!   `devplug_allocate_duration_seconds{resource}` (device plugin path);
+//! - `devplug_dra_requests_total{call,resource,result}` and
+//!   `devplug_dra_request_duration_seconds{call,resource}`, per claim,
+//!   `call` = `prepare` or `unprepare` (DRA path);
 //! - `devplug_registrations_total{resource}`;
-//! - `devplug_status_writes_total{resource,result}`.
+//! - `devplug_status_writes_total{resource,result}`;
+//! - `devplug_build_info{version}` and the standard `process_*` metrics.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -35,6 +40,8 @@ pub struct AgentMetrics {
     registry: Registry,
     allocations: Family<Labels, Counter>,
     allocate_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    dra_calls: Family<Labels, Counter>,
+    dra_seconds: Family<Labels, Histogram, fn() -> Histogram>,
 }
 
 impl Default for AgentMetrics {
@@ -54,10 +61,35 @@ impl Default for AgentMetrics {
             "Time to answer Allocate",
             allocate_seconds.clone(),
         );
+        let dra_calls = Family::<Labels, Counter>::default();
+        let dra_seconds = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "dra_requests",
+            "DRA NodePrepareResources and NodeUnprepareResources, per claim, by call and result",
+            dra_calls.clone(),
+        );
+        registry.register(
+            "dra_request_duration_seconds",
+            "Time to prepare or unprepare one claim",
+            dra_seconds.clone(),
+        );
+        let build = Family::<Labels, prometheus_client::metrics::gauge::Gauge>::default();
+        build
+            .get_or_create(&vec![("version".into(), env!("CARGO_PKG_VERSION").into())])
+            .set(1);
+        registry.register(
+            "build_info",
+            "Always 1; the version of this agent as a label",
+            build,
+        );
         Self {
             registry,
             allocations,
             allocate_seconds,
+            dra_calls,
+            dra_seconds,
         }
     }
 }
@@ -83,6 +115,24 @@ impl AgentMetrics {
             .observe(took.as_secs_f64());
     }
 
+    /// Records one DRA call for one claim (`prepare` or `unprepare`).
+    pub fn dra_call(&self, call: &str, resource: &str, ok: bool, took: Duration) {
+        let result = if ok { "success" } else { "error" };
+        self.dra_calls
+            .get_or_create(&vec![
+                ("call".into(), call.into()),
+                ("resource".into(), resource.into()),
+                ("result".into(), result.into()),
+            ])
+            .inc();
+        self.dra_seconds
+            .get_or_create(&vec![
+                ("call".into(), call.into()),
+                ("resource".into(), resource.into()),
+            ])
+            .observe(took.as_secs_f64());
+    }
+
     /// The whole exposition.
     pub fn render(&self, node: &str, plugins: &[Arc<PluginState>]) -> String {
         let mut out = String::new();
@@ -95,7 +145,7 @@ impl AgentMetrics {
         }
         let _ = writeln!(
             out,
-            "# HELP devplug_device_health Device health: 1 healthy, 0 unhealthy, -1 unknown."
+            "# HELP devplug_device_health 1 for the state a device is in (Healthy, Unhealthy, Unknown), 0 for the others; one set per container holding it."
         );
         let _ = writeln!(out, "# TYPE devplug_device_health gauge");
         for p in plugins {
@@ -105,31 +155,30 @@ impl AgentMetrics {
             let res = &cfg.resource_name;
             let report = crate::status::report::resource_status(&cfg, &snap, &allocs);
             for d in &report.devices {
-                let v = match snap.devices.get(&d.id).map(|s| &s.health) {
-                    Some(Health::Healthy) => 1,
-                    Some(Health::Unhealthy(_)) => 0,
-                    _ => -1,
+                let state = match snap.devices.get(&d.id).map(|s| &s.health) {
+                    Some(Health::Healthy) => "Healthy",
+                    Some(Health::Unhealthy(_)) => "Unhealthy",
+                    _ => "Unknown",
                 };
-                let base = format!(
-                    "node=\"{}\",resource=\"{}\",device=\"{}\"",
-                    escape(node),
-                    escape(res),
-                    escape(&d.id)
-                );
-                if d.allocations.is_empty() {
-                    let _ = writeln!(
-                        out,
-                        "devplug_device_health{{{base},namespace=\"\",pod=\"\",container=\"\"}} {v}"
-                    );
-                }
-                for a in &d.allocations {
-                    let _ = writeln!(
-                        out,
-                        "devplug_device_health{{{base},namespace=\"{}\",pod=\"{}\",container=\"{}\"}} {v}",
-                        escape(&a.namespace),
-                        escape(&a.pod),
-                        escape(&a.container)
-                    );
+                let holders: Vec<(String, String, String)> = if d.allocations.is_empty() {
+                    vec![Default::default()]
+                } else {
+                    d.allocations
+                        .iter()
+                        .map(|a| (escape(&a.namespace), escape(&a.pod), escape(&a.container)))
+                        .collect()
+                };
+                for (ns, pod, container) in &holders {
+                    for s in ["Healthy", "Unhealthy", "Unknown"] {
+                        let _ = writeln!(
+                            out,
+                            "devplug_device_health{{node=\"{}\",resource=\"{}\",device=\"{}\",state=\"{s}\",namespace=\"{ns}\",pod=\"{pod}\",container=\"{container}\"}} {}",
+                            escape(node),
+                            escape(res),
+                            escape(&d.id),
+                            u8::from(s == state)
+                        );
+                    }
                 }
             }
         }
@@ -164,7 +213,45 @@ impl AgentMetrics {
                 p.writes.failures.load(Ordering::Relaxed)
             );
         }
+        out.push_str(&devplug_api::process::render(
+            &|p| std::fs::read_to_string(p).ok(),
+            std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count()),
+        ));
         out.push_str("# EOF\n");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dra_calls_are_counted_apart_from_allocate() {
+        let m = AgentMetrics::default();
+        m.dra_call("prepare", "example.com/gpu", true, Duration::from_millis(2));
+        m.dra_call(
+            "prepare",
+            "example.com/gpu",
+            false,
+            Duration::from_millis(1),
+        );
+        m.dra_call(
+            "unprepare",
+            "example.com/gpu",
+            true,
+            Duration::from_millis(1),
+        );
+        let text = m.render("n1", &[]);
+        for line in [
+            r#"devplug_dra_requests_total{call="prepare",resource="example.com/gpu",result="success"} 1"#,
+            r#"devplug_dra_requests_total{call="prepare",resource="example.com/gpu",result="error"} 1"#,
+            r#"devplug_dra_requests_total{call="unprepare",resource="example.com/gpu",result="success"} 1"#,
+            r#"devplug_dra_request_duration_seconds_count{call="prepare",resource="example.com/gpu"} 2"#,
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        assert!(!text.contains("devplug_allocate_requests_total{"), "{text}");
+        assert!(text.ends_with("# EOF\n"));
     }
 }

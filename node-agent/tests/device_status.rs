@@ -215,13 +215,23 @@ async fn metrics_show_health_per_device_and_pod() {
     node.sim_set("m", "sim-0", "Unhealthy");
     let want = [
         &format!(
-            "devplug_device_health{{node=\"{}\",resource=\"example.com/m\",device=\"sim-1\",namespace=\"ml\",pod=\"trainer\",container=\"main\"}} 1",
+            "devplug_device_health{{node=\"{}\",resource=\"example.com/m\",device=\"sim-1\",state=\"Healthy\",namespace=\"ml\",pod=\"trainer\",container=\"main\"}} 1",
             node.name
         ),
         &format!(
-            "devplug_device_health{{node=\"{}\",resource=\"example.com/m\",device=\"sim-0\",namespace=\"\",pod=\"\",container=\"\"}} 0",
+            "devplug_device_health{{node=\"{}\",resource=\"example.com/m\",device=\"sim-1\",state=\"Unhealthy\",namespace=\"ml\",pod=\"trainer\",container=\"main\"}} 0",
             node.name
         ),
+        &format!(
+            "devplug_device_health{{node=\"{}\",resource=\"example.com/m\",device=\"sim-0\",state=\"Unhealthy\",namespace=\"\",pod=\"\",container=\"\"}} 1",
+            node.name
+        ),
+        &format!(
+            "devplug_device_health{{node=\"{}\",resource=\"example.com/m\",device=\"sim-0\",state=\"Healthy\",namespace=\"\",pod=\"\",container=\"\"}} 0",
+            node.name
+        ),
+        "devplug_build_info{version=\"",
+        "process_resident_memory_bytes ",
         "devplug_allocate_requests_total{resource=\"example.com/m\",result=\"success\"} 1",
         "devplug_registrations_total{resource=\"example.com/m\"} 1",
         "devplug_allocate_duration_seconds_count{resource=\"example.com/m\"} 1",

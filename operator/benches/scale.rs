@@ -402,8 +402,9 @@ async fn scrape_at(addr: &str) -> Counters {
             continue;
         };
         if let Some(rest) = name.strip_prefix("devplug_operator_api_requests_total{verb=\"") {
-            c.requests
-                .insert(rest.trim_end_matches("\"}").to_string(), v);
+            // One series per verb and status code: summed per verb.
+            let verb = rest.split('"').next().unwrap_or_default().to_string();
+            *c.requests.entry(verb).or_default() += v;
         } else if let Some(rest) = name.strip_prefix("devplug_operator_api_writes_total{kind=\"") {
             c.writes.insert(rest.trim_end_matches("\"}").to_string(), v);
         }

@@ -79,19 +79,13 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(RunError::Signal)?;
     let metrics = Arc::new(Metrics::default());
-    // Every request the operator makes is counted by verb on /metrics.
+    // Every request the operator makes is counted by verb and status code.
     let config = kube::Config::infer()
         .await
         .map_err(|e| RunError::Client(kube::Error::InferConfig(e)))?;
-    let counting = metrics.clone();
     let client = kube::client::ClientBuilder::try_from(config)
         .map_err(RunError::Client)?
-        .with_layer(&tower::util::MapRequestLayer::new(
-            move |req: http::Request<kube::client::Body>| {
-                counting.requested(req.method(), req.uri().query());
-                req
-            },
-        ))
+        .with_layer(&crate::metrics::CountRequests(metrics.clone()))
         .build();
     run_with(client, args, metrics, async move {
         term.recv().await;

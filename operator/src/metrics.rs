@@ -50,8 +50,17 @@ impl Default for Metrics {
         let requests = Family::<Labels, Counter>::default();
         registry.register(
             "api_requests",
-            "Requests sent to the API server, by verb (read = get or list)",
+            "Requests sent to the API server, by verb (read = get or list) and the response's status code (error: no response)",
             requests.clone(),
+        );
+        let build = Family::<Labels, Gauge>::default();
+        build
+            .get_or_create(&vec![("version".into(), env!("CARGO_PKG_VERSION").into())])
+            .set(1);
+        registry.register(
+            "build_info",
+            "Always 1; the version of this operator as a label",
+            build,
         );
         let leading = Gauge::default();
         registry.register(
@@ -116,21 +125,14 @@ impl Metrics {
         self.total_writes.inc();
     }
 
-    /// Counts one request to the API server.
-    pub fn requested(&self, method: &http::Method, query: Option<&str>) {
-        let watch =
-            query.is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
-        let verb = match *method {
-            http::Method::GET if watch => "watch",
-            http::Method::GET => "read",
-            http::Method::POST => "create",
-            http::Method::PATCH => "patch",
-            http::Method::PUT => "update",
-            http::Method::DELETE => "delete",
-            _ => "other",
-        };
+    /// Counts one request to the API server and its outcome: the status
+    /// code, or `error` when no response came back.
+    pub fn requested(&self, verb: &str, code: &str) {
         self.requests
-            .get_or_create(&vec![("verb".into(), verb.into())])
+            .get_or_create(&vec![
+                ("verb".into(), verb.into()),
+                ("code".into(), code.into()),
+            ])
             .inc();
     }
 
@@ -139,13 +141,92 @@ impl Metrics {
         self.total_writes.get()
     }
 
-    /// The text exposition.
+    /// The text exposition, with the process's own metrics.
     pub fn render(&self) -> String {
         let mut s = String::new();
         if encode(&mut s, &self.registry).is_err() {
             s.clear();
         }
+        if let Some(i) = s.rfind("# EOF") {
+            s.truncate(i);
+        }
+        s.push_str(&devplug_api::process::render(
+            &|p| std::fs::read_to_string(p).ok(),
+            std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count()),
+        ));
+        s.push_str("# EOF\n");
         s
+    }
+}
+
+/// The verb of a request to the API server (`read` = get or list).
+pub fn verb_of(method: &http::Method, query: Option<&str>) -> &'static str {
+    let watch = query.is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+    match *method {
+        http::Method::GET if watch => "watch",
+        http::Method::GET => "read",
+        http::Method::POST => "create",
+        http::Method::PATCH => "patch",
+        http::Method::PUT => "update",
+        http::Method::DELETE => "delete",
+        _ => "other",
+    }
+}
+
+/// A client layer counting every request by verb and status code, so that
+/// conflicts (409) and throttling (429) show on `/metrics`.
+#[derive(Clone)]
+pub struct CountRequests(pub std::sync::Arc<Metrics>);
+
+impl<S> tower::Layer<S> for CountRequests {
+    type Service = Counted<S>;
+    fn layer(&self, inner: S) -> Counted<S> {
+        Counted {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+/// The service [`CountRequests`] wraps.
+#[derive(Clone)]
+pub struct Counted<S> {
+    inner: S,
+    metrics: std::sync::Arc<Metrics>,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for Counted<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let verb = verb_of(req.method(), req.uri().query());
+        let metrics = self.metrics.clone();
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            let r = answer.await;
+            let code = match &r {
+                Ok(resp) => resp.status().as_u16().to_string(),
+                Err(_) => "error".to_string(),
+            };
+            metrics.requested(verb, &code);
+            r
+        })
     }
 }
 
@@ -154,23 +235,68 @@ mod tests {
     use super::*;
 
     #[test]
-    fn requests_are_counted_by_verb() {
+    fn requests_are_counted_by_verb_and_code() {
+        assert_eq!(
+            verb_of(&http::Method::GET, Some("&watch=true&timeoutSeconds=290")),
+            "watch"
+        );
+        assert_eq!(verb_of(&http::Method::GET, Some("&limit=500")), "read");
+        assert_eq!(verb_of(&http::Method::GET, None), "read");
+        assert_eq!(
+            verb_of(&http::Method::PATCH, Some("fieldManager=x")),
+            "patch"
+        );
         let m = Metrics::default();
-        m.requested(&http::Method::GET, Some("&watch=true&timeoutSeconds=290"));
-        m.requested(&http::Method::GET, Some("&limit=500"));
-        m.requested(&http::Method::GET, None);
-        m.requested(&http::Method::PATCH, Some("fieldManager=x"));
+        m.requested("read", "200");
+        m.requested("read", "200");
+        m.requested("patch", "409");
+        m.requested("watch", "error");
+        let text = m.render();
+        for line in [
+            r#"devplug_operator_api_requests_total{verb="read",code="200"} 2"#,
+            r#"devplug_operator_api_requests_total{verb="patch",code="409"} 1"#,
+            r#"devplug_operator_api_requests_total{verb="watch",code="error"} 1"#,
+            r#"devplug_operator_build_info{version=""#,
+            "process_resident_memory_bytes ",
+            "process_cpu_seconds_total ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    /// The layer sees the real status of each answer.
+    #[tokio::test]
+    async fn the_layer_counts_each_answer_with_its_status() {
+        use tower::{Layer, ServiceExt};
+        let m = std::sync::Arc::new(Metrics::default());
+        let svc = tower::service_fn(|req: http::Request<()>| async move {
+            let code = if req.method() == http::Method::PATCH {
+                409
+            } else {
+                200
+            };
+            Ok::<_, std::convert::Infallible>(
+                http::Response::builder().status(code).body(()).unwrap(),
+            )
+        });
+        let svc = CountRequests(m.clone()).layer(svc);
+        for method in [http::Method::GET, http::Method::PATCH, http::Method::PATCH] {
+            let req = http::Request::builder()
+                .method(method)
+                .uri("/api/v1/nodes")
+                .body(())
+                .unwrap();
+            svc.clone().oneshot(req).await.unwrap();
+        }
         let text = m.render();
         assert!(
-            text.contains(r#"devplug_operator_api_requests_total{verb="watch"} 1"#),
+            text.contains(r#"devplug_operator_api_requests_total{verb="read",code="200"} 1"#),
             "{text}"
         );
         assert!(
-            text.contains(r#"devplug_operator_api_requests_total{verb="read"} 2"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"devplug_operator_api_requests_total{verb="patch"} 1"#),
+            text.contains(r#"devplug_operator_api_requests_total{verb="patch",code="409"} 2"#),
             "{text}"
         );
     }

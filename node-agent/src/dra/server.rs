@@ -369,9 +369,12 @@ impl DraState {
                     }
                 }
             };
-            self.plugin
-                .metrics
-                .allocated(&cfg.resource_name, r.error.is_empty(), start.elapsed());
+            self.plugin.metrics.dra_call(
+                "prepare",
+                &cfg.resource_name,
+                r.error.is_empty(),
+                start.elapsed(),
+            );
             out.claims.insert(c.uid, r);
         }
         out
@@ -491,8 +494,13 @@ impl DraState {
 
     async fn unprepare(&self, claims: Vec<v1::Claim>) -> v1::NodeUnprepareResourcesResponse {
         let mut out = v1::NodeUnprepareResourcesResponse::default();
+        let resource = self.plugin.cfg().resource_name.clone();
         for c in claims {
+            let start = std::time::Instant::now();
             let error = self.unprepare_one(&c).await.err().unwrap_or_default();
+            self.plugin
+                .metrics
+                .dra_call("unprepare", &resource, error.is_empty(), start.elapsed());
             out.claims
                 .insert(c.uid, v1::NodeUnprepareResourceResponse { error });
         }
