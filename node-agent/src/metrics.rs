@@ -184,6 +184,22 @@ impl AgentMetrics {
         }
         let _ = writeln!(
             out,
+            "# HELP devplug_kubelet_ready 1 while the kubelet has the policy: registered, and its ListAndWatch (or DRA health) stream open."
+        );
+        let _ = writeln!(out, "# TYPE devplug_kubelet_ready gauge");
+        for p in plugins {
+            let cfg = p.cfg();
+            let _ = writeln!(
+                out,
+                "devplug_kubelet_ready{{node=\"{}\",resource=\"{}\",policy=\"{}\"}} {}",
+                escape(node),
+                escape(&cfg.resource_name),
+                escape(&cfg.name),
+                u8::from(p.ready())
+            );
+        }
+        let _ = writeln!(
+            out,
             "# HELP devplug_registrations Successful registrations with the kubelet."
         );
         let _ = writeln!(out, "# TYPE devplug_registrations counter");

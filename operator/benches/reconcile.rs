@@ -98,6 +98,7 @@ async fn fresh(
         client,
         AgentDefaults {
             namespace: paths::NS.into(),
+            release: "devplug".into(),
             image: "devplug-agent:bench".into(),
             kubelet_root: "/var/lib/kubelet".into(),
             device_plugin_dir: "/var/lib/kubelet/device-plugins".into(),

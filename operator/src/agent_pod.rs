@@ -87,6 +87,7 @@ mod tests {
         .remove(0);
         let d = desired::AgentDefaults {
             namespace: "devplug-system".into(),
+            release: "devplug".into(),
             image: "devplug-agent:test".into(),
             kubelet_root: "/var/lib/kubelet".into(),
             device_plugin_dir: "/var/lib/kubelet/device-plugins".into(),

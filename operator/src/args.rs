@@ -84,6 +84,11 @@ pub struct Args {
     /// Name of the leader-election Lease.
     #[arg(long, default_value = "devplug-operator")]
     pub lease_name: String,
+
+    /// The Helm release the operator belongs to, put on agent objects as
+    /// `app.kubernetes.io/instance`.
+    #[arg(long, env = "DEVPLUG_RELEASE_NAME", default_value = "devplug")]
+    pub release_name: String,
 }
 
 /// One-off tasks.

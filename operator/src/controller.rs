@@ -785,6 +785,7 @@ pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<
     let ours = p.finalizers().iter().any(|f| f == FINALIZER);
     if p.metadata.deletion_timestamp.is_some() {
         ctx.forget(&name);
+        ctx.metrics.forget_policy(&name);
         if !ours {
             return Ok(Action::await_change());
         }
@@ -869,6 +870,7 @@ pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<
     };
     let p = p_known;
     let new = status::compute(&p, &seen, Timestamp::now());
+    ctx.metrics.policy_status(&name, &new);
     let old_conditions = p
         .status
         .as_ref()

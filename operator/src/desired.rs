@@ -29,6 +29,8 @@ use serde::Serialize;
 pub struct AgentDefaults {
     /// Namespace of the agent DaemonSets and ServiceAccounts.
     pub namespace: String,
+    /// The Helm release (`app.kubernetes.io/instance` of agent objects).
+    pub release: String,
     /// Agent image when the policy names none.
     pub image: String,
     /// The kubelet's root directory on the nodes.
@@ -126,7 +128,26 @@ pub fn labels(policy: &str) -> BTreeMap<String, String> {
         (APP_LABEL.to_string(), APP.to_string()),
         (POLICY_LABEL.to_string(), label_value(policy)),
         (MANAGED_BY.to_string(), OPERATOR_MANAGER.to_string()),
+        (
+            "app.kubernetes.io/part-of".to_string(),
+            "devplug".to_string(),
+        ),
+        (
+            "app.kubernetes.io/version".to_string(),
+            label_value(env!("CARGO_PKG_VERSION")),
+        ),
     ])
+}
+
+/// [`labels`] plus the release and the component, for the agent's own
+/// objects (DaemonSet, pods).
+fn agent_labels(policy: &str, d: &AgentDefaults) -> BTreeMap<String, String> {
+    let mut l = labels(policy);
+    l.insert("app.kubernetes.io/component".into(), "agent".into());
+    if !d.release.is_empty() {
+        l.insert("app.kubernetes.io/instance".into(), label_value(&d.release));
+    }
+    l
 }
 
 /// Whether labels mark an agent pod of `policy` (what [`selector`] selects).
@@ -499,7 +520,7 @@ fn pod_template(p: &DevicePluginPolicy, d: &AgentDefaults) -> PodTemplateSpec {
 
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
-            labels: Some(labels(&name)),
+            labels: Some(agent_labels(&name, d)),
             ..ObjectMeta::default()
         }),
         spec: Some(PodSpec {
@@ -587,7 +608,10 @@ pub fn daemonset(
         },
     };
     Ok(DaemonSet {
-        metadata: meta(p, Some(&d.namespace)),
+        metadata: ObjectMeta {
+            labels: Some(agent_labels(&p.name_any(), d)),
+            ..meta(p, Some(&d.namespace))
+        },
         spec: Some(DaemonSetSpec {
             selector: LabelSelector {
                 match_labels: Some(BTreeMap::from([

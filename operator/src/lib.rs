@@ -565,6 +565,7 @@ async fn controller(
         client.clone(),
         AgentDefaults {
             namespace: args.namespace.clone(),
+            release: args.release_name.clone(),
             image: args.agent_image.clone(),
             kubelet_root: args.kubelet_root.clone(),
             device_plugin_dir: args.device_plugin_dir.clone(),

@@ -22,6 +22,9 @@ pub struct Metrics {
     requests: Family<Labels, Counter>,
     leading: Gauge,
     stepped_down: Counter,
+    policy_degraded: Family<Labels, Gauge>,
+    policy_nodes: Family<Labels, Gauge>,
+    policy_devices: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -74,7 +77,28 @@ impl Default for Metrics {
             "Times this replica stopped leading because it could not renew the lease",
             stepped_down.clone(),
         );
+        let policy_degraded = Family::<Labels, Gauge>::default();
+        registry.register(
+            "policy_degraded",
+            "1 while a policy's Degraded condition is True (kubectl describe dpp says why)",
+            policy_degraded.clone(),
+        );
+        let policy_nodes = Family::<Labels, Gauge>::default();
+        registry.register(
+            "policy_nodes",
+            "A policy's agent nodes: desired, ready (registered with the kubelet) and updated",
+            policy_nodes.clone(),
+        );
+        let policy_devices = Family::<Labels, Gauge>::default();
+        registry.register(
+            "policy_devices",
+            "A policy's physical devices over all nodes, by state (healthy, unhealthy: Unhealthy or Unknown) and allocated",
+            policy_devices.clone(),
+        );
         Self {
+            policy_degraded,
+            policy_nodes,
+            policy_devices,
             leading,
             stepped_down,
             requests,
@@ -134,6 +158,59 @@ impl Metrics {
                 ("code".into(), code.into()),
             ])
             .inc();
+    }
+
+    /// A policy's status as gauges (what the chart's alerts watch).
+    pub fn policy_status(&self, policy: &str, st: &devplug_api::DevicePluginPolicyStatus) {
+        let degraded = devplug_api::conditions::is_true(
+            &st.conditions,
+            devplug_api::conditions::types::DEGRADED,
+        );
+        self.policy_degraded
+            .get_or_create(&vec![("policy".into(), policy.into())])
+            .set(i64::from(degraded));
+        for (state, n) in [
+            ("desired", st.nodes.desired),
+            ("ready", st.nodes.ready),
+            ("updated", st.nodes.updated),
+        ] {
+            self.policy_nodes
+                .get_or_create(&vec![
+                    ("policy".into(), policy.into()),
+                    ("state".into(), state.into()),
+                ])
+                .set(i64::from(n));
+        }
+        for (state, n) in [
+            ("healthy", st.devices.healthy),
+            ("unhealthy", st.devices.unhealthy),
+            ("allocated", st.devices.allocated),
+        ] {
+            self.policy_devices
+                .get_or_create(&vec![
+                    ("policy".into(), policy.into()),
+                    ("state".into(), state.into()),
+                ])
+                .set(n);
+        }
+    }
+
+    /// Drops a deleted policy's gauges.
+    pub fn forget_policy(&self, policy: &str) {
+        self.policy_degraded
+            .remove(&vec![("policy".into(), policy.into())]);
+        for state in ["desired", "ready", "updated"] {
+            self.policy_nodes.remove(&vec![
+                ("policy".into(), policy.into()),
+                ("state".into(), state.into()),
+            ]);
+        }
+        for state in ["healthy", "unhealthy", "allocated"] {
+            self.policy_devices.remove(&vec![
+                ("policy".into(), policy.into()),
+                ("state".into(), state.into()),
+            ]);
+        }
     }
 
     /// Total writes so far (all kinds).
@@ -299,5 +376,40 @@ mod tests {
             text.contains(r#"devplug_operator_api_requests_total{verb="patch",code="409"} 2"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_policys_status_is_a_set_of_gauges_removed_with_the_policy() {
+        let m = Metrics::default();
+        let mut st = devplug_api::DevicePluginPolicyStatus::default();
+        st.nodes.desired = 3;
+        st.nodes.ready = 2;
+        st.devices.healthy = 5;
+        st.devices.unhealthy = 1;
+        st.conditions.push(
+            devplug_api::k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: "Degraded".into(),
+                status: "True".into(),
+                reason: "DevicesUnhealthy".into(),
+                message: String::new(),
+                last_transition_time:
+                    devplug_api::k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                        devplug_api::k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                    ),
+                observed_generation: None,
+            },
+        );
+        m.policy_status("gpus", &st);
+        let text = m.render();
+        for line in [
+            r#"devplug_operator_policy_degraded{policy="gpus"} 1"#,
+            r#"devplug_operator_policy_nodes{policy="gpus",state="desired"} 3"#,
+            r#"devplug_operator_policy_nodes{policy="gpus",state="ready"} 2"#,
+            r#"devplug_operator_policy_devices{policy="gpus",state="unhealthy"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        m.forget_policy("gpus");
+        assert!(!m.render().contains(r#"policy="gpus""#));
     }
 }

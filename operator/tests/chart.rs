@@ -489,3 +489,96 @@ fn the_operator_can_remove_every_cluster_scoped_object_of_the_chart() {
     }
     assert!(seen >= 6, "{seen} cluster-scoped objects");
 }
+
+/// The chart's alert rules pass `promtool check rules`, and
+/// `promtool test rules` fires and resolves each alert as
+/// tests/prometheus/alerts_test.yaml expects (promtool: Debian's
+/// prometheus package, installed by `make testenv-deps`).
+#[test]
+fn the_alert_rules_pass_promtool_check_and_test() {
+    let docs = template(&[
+        "--set",
+        "metrics.prometheusRule.enabled=true",
+        "--set",
+        "metrics.prometheusRule.agentFor=10m",
+        "--set",
+        "metrics.prometheusRule.unhealthyFor=5m",
+    ]);
+    let rule = find(&docs, "PrometheusRule", "devplug");
+    let groups = json!({"groups": rule["spec"]["groups"]});
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        serde_yaml::to_string(&groups).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(
+        root().join("tests/prometheus/alerts_test.yaml"),
+        dir.path().join("alerts_test.yaml"),
+    )
+    .unwrap();
+    let promtool = |args: &[&str]| -> (bool, String) {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("promtool not found ({e}): run `make testenv-deps` (Debian's prometheus package)")
+            });
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    };
+    let (ok, out) = promtool(&["check", "rules", "rules.yaml"]);
+    assert!(ok, "promtool check rules:\n{out}");
+    assert!(out.contains("5 rules found"), "{out}");
+    let (ok, out) = promtool(&["test", "rules", "alerts_test.yaml"]);
+    assert!(ok, "promtool test rules:\n{out}");
+}
+
+/// The Grafana dashboard is valid JSON in a ConfigMap the sidecar finds,
+/// and every metric it queries is one devplug exposes.
+#[test]
+fn the_dashboard_is_a_configmap_of_queries_on_our_metrics() {
+    let docs = template(&["--set", "metrics.grafanaDashboard.enabled=true"]);
+    let cm = find(&docs, "ConfigMap", "devplug-dashboard");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let dash: Value = serde_json::from_str(cm["data"]["devplug.json"].as_str().unwrap()).unwrap();
+    assert_eq!(dash["uid"], "devplug");
+    let known = [
+        "devplug_device_health",
+        "devplug_kubelet_ready",
+        "devplug_registrations_total",
+        "devplug_allocate_duration_seconds_bucket",
+        "devplug_allocate_requests_total",
+        "devplug_dra_request_duration_seconds_bucket",
+        "devplug_dra_requests_total",
+        "devplug_status_writes_total",
+        "devplug_operator_leader",
+        "devplug_operator_policy_degraded",
+        "devplug_operator_policy_nodes",
+        "devplug_operator_reconciles_total",
+        "devplug_operator_reconcile_errors_total",
+        "devplug_operator_api_requests_total",
+        "process_resident_memory_bytes",
+    ];
+    let mut queries = 0;
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap();
+            queries += 1;
+            let named: Vec<&str> = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("devplug_") || w.starts_with("process_"))
+                .collect();
+            assert!(!named.is_empty(), "{expr}");
+            for m in named {
+                assert!(
+                    known.contains(&m),
+                    "the dashboard queries {m}, which nothing exposes: {expr}"
+                );
+            }
+        }
+    }
+    assert!(queries >= 15, "{queries} queries");
+}

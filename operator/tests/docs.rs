@@ -61,11 +61,14 @@ fn every_operator_flag_is_in_the_readme() {
     }
 }
 
-/// Leaves of a values tree as dotted paths; `operator.resources` is one
-/// value (Kubernetes resource requirements), not a tree of its own.
+/// Leaves of a values tree as dotted paths; `operator.resources` (Kubernetes
+/// resource requirements) and any `labels` map are one value each, not
+/// trees of their own.
 fn leaves(prefix: &str, v: &serde_yaml::Value, out: &mut Vec<String>) {
     match v {
-        serde_yaml::Value::Mapping(m) if !m.is_empty() && prefix != "operator.resources" => {
+        serde_yaml::Value::Mapping(m)
+            if !m.is_empty() && prefix != "operator.resources" && !prefix.ends_with(".labels") =>
+        {
             for (k, v) in m {
                 let k = k.as_str().expect("string keys");
                 let path = if prefix.is_empty() {

@@ -159,7 +159,7 @@ async fn node_status_lifecycle() {
     assert_eq!(got["metadata"]["ownerReferences"][0]["name"], n1);
     assert_eq!(
         got["status"]["summary"],
-        json!({"resources": 1, "healthy": "2/2", "allocated": 1})
+        json!({"resources": 1, "healthy": "2/2", "allocated": 1, "unhealthy": 0, "notReporting": 0})
     );
     let labels = api.get(node).await.unwrap()["metadata"]["labels"].clone();
     assert_eq!(labels[format!("devplug.io/{foo}.count")], "2");
@@ -550,7 +550,7 @@ async fn summary_and_label_changes_wait_notreporting_does_not() {
     assert_eq!(status_writes(&api), 1, "{:?}", writes(&api));
     assert_eq!(
         summary(&api, nds).await,
-        json!({"resources": 1, "healthy": "1/2", "allocated": 1})
+        json!({"resources": 1, "healthy": "1/2", "allocated": 1, "unhealthy": 1, "notReporting": 0})
     );
     assert_eq!(
         label_writes(&api),

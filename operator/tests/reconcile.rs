@@ -479,14 +479,10 @@ async fn api_errors_back_off_and_show_in_a_condition() {
         .unwrap_err();
     let a1 = controller::error_policy(p.clone(), &e, ctx.clone());
     let a2 = controller::error_policy(p.clone(), &e, ctx.clone());
-    assert_eq!(
-        a1,
-        kube::runtime::controller::Action::requeue(Duration::from_secs(2))
-    );
-    assert_eq!(
-        a2,
-        kube::runtime::controller::Action::requeue(Duration::from_secs(4))
-    );
+    // 2 s doubling, each plus up to as much again at random (jitter).
+    let (d1, d2) = (requeue_secs(&a1), requeue_secs(&a2));
+    assert!((2.0..4.0).contains(&d1), "{a1:?}");
+    assert!((4.0..8.0).contains(&d2), "{a2:?}");
     assert!(
         ctx.metrics
             .render()
@@ -497,11 +493,26 @@ async fn api_errors_back_off_and_show_in_a_condition() {
     reconcile(&api, &ctx, foo).await.unwrap();
     assert_eq!(condition(&api, foo, types::DEGRADED).await.0, "False");
     let a3 = controller::error_policy(p, &e, ctx.clone());
-    assert_eq!(
-        a3,
-        kube::runtime::controller::Action::requeue(Duration::from_secs(2)),
-        "success resets the backoff"
+    assert!(
+        (2.0..4.0).contains(&requeue_secs(&a3)),
+        "success resets the backoff: {a3:?}"
     );
+}
+
+/// The requeue delay of an Action, in seconds (kube keeps the field private;
+/// its Debug form shows it, e.g. `Some(2.53s)`).
+fn requeue_secs(a: &kube::runtime::controller::Action) -> f64 {
+    let text = format!("{a:?}");
+    let inner = text
+        .split("Some(")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or_else(|| panic!("no requeue in {text}"));
+    if let Some(ms) = inner.strip_suffix("ms") {
+        ms.parse::<f64>().unwrap() / 1000.0
+    } else {
+        inner.trim_end_matches('s').parse::<f64>().unwrap()
+    }
 }
 
 #[tokio::test]

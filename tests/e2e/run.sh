@@ -128,6 +128,7 @@ cleanup() {
   local rc=$?
   set +e
   kubectl delete pod -l app=devplug-e2e --ignore-not-found --wait=false >/dev/null 2>&1
+  [ -n "${prom_pid:-}" ] && kill "$prom_pid" >/dev/null 2>&1
   if [ "$mode" = kit ] && [ -n "$kit_started" ] && [ -z "${KEEP:-}" ]; then
     say "taking the cluster kit down"
     "$KIT/down.sh" >/dev/null 2>&1
@@ -381,6 +382,57 @@ begin "the agent repairs its entry when someone else deletes it"
 kubectl delete nds "$NODE" --wait=true >/dev/null
 wait_for "entry written again by the agent" 30 "Healthy Healthy" entry '.devices[*].health'
 ok
+
+begin "a real Prometheus scrapes the operator and an agent with the chart's rules: an alert fires on a flip and resolves on recovery"
+if ! command -v prometheus >/dev/null; then
+  skip "no prometheus binary (Debian's prometheus package; make testenv-deps installs it)"
+elif [ "$mode" != kit ]; then
+  skip "needs pod IPs reachable from this machine (the cluster kit)"
+else
+  pdir=$(mktemp -d)
+  # The chart's own rules, with a short hold so the check takes seconds.
+  helm template devplug charts/devplug --set metrics.prometheusRule.enabled=true \
+    --set metrics.prometheusRule.unhealthyFor=5s --show-only templates/prometheusrule.yaml |
+    sed -n '/^spec:/,$p' | sed '1d; s/^  //' >"$pdir/rules.yaml"
+  op_ip=$(kubectl -n $NS get pods -l app.kubernetes.io/name=devplug-operator -o jsonpath='{.items[0].status.podIP}')
+  agent_ip=$(kubectl -n $NS get pod "$AGENT" -o jsonpath='{.status.podIP}')
+  cat >"$pdir/prometheus.yml" <<PROM
+global: {scrape_interval: 1s, evaluation_interval: 1s}
+rule_files: [rules.yaml]
+scrape_configs:
+  - job_name: devplug-operator
+    honor_labels: true
+    static_configs: [{targets: ["$op_ip:8080"]}]
+  - job_name: devplug-agents
+    honor_labels: true
+    static_configs: [{targets: ["$agent_ip:8080"], labels: {policy: $POLICY}}]
+PROM
+  promtool check config "$pdir/prometheus.yml" >/dev/null 2>&1 || fail "promtool check config: $(promtool check config "$pdir/prometheus.yml" 2>&1)"
+  prometheus --config.file="$pdir/prometheus.yml" --storage.tsdb.path="$pdir/data" \
+    --web.listen-address=127.0.0.1:19090 >"$pdir/log" 2>&1 &
+  prom_pid=$!
+  alert_state() { # the state of DevplugDeviceUnhealthy for foo-1, or none
+    curl -sf http://127.0.0.1:19090/api/v1/alerts | python3 -c '
+import json, sys
+alerts = json.load(sys.stdin)["data"]["alerts"]
+print(next((a["state"] for a in alerts if a["labels"].get("alertname") == "DevplugDeviceUnhealthy" and a["labels"].get("device") == "foo-1"), "none"))' 2>/dev/null || echo down
+  }
+  up_targets() { curl -sf 'http://127.0.0.1:19090/api/v1/query?query=sum(up)' | python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(int(float(r[0]["value"][1])) if r else 0)' 2>/dev/null || echo 0; }
+  wait_for "Prometheus scraping the operator and the agent" 60 2 up_targets
+  wait_for "no alert while every device is healthy" 10 none alert_state
+  t_flip=$SECONDS
+  kubectl -n $NS exec "$AGENT" -- devplug-agent sim --control-dir /run/devplug/sim $POLICY foo-1 Unhealthy "e2e alert" >/dev/null
+  wait_for "DevplugDeviceUnhealthy firing for foo-1" 60 firing alert_state
+  fired=$((SECONDS - t_flip))
+  kubectl -n $NS exec "$AGENT" -- devplug-agent sim --control-dir /run/devplug/sim $POLICY foo-1 Healthy >/dev/null
+  t_back=$SECONDS
+  wait_for "DevplugDeviceUnhealthy resolved after recovery" 60 none alert_state
+  resolved=$((SECONDS - t_back))
+  kill "$prom_pid" 2>/dev/null; wait "$prom_pid" 2>/dev/null || true
+  prom_pid=""
+  rm -rf "$pdir"
+  ok "fired ${fired} s after the flip (5 s hold), resolved ${resolved} s after recovery"
+fi
 
 begin "two policies for one resource: the newer gets Conflict and no agents, the older serves on"
 sed -e 's/name: simulated-foo/name: e2e-conflict/' examples/simulated-foo.yaml | kubectl apply -f - >/dev/null

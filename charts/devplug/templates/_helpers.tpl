@@ -2,6 +2,7 @@
 app.kubernetes.io/part-of: devplug
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ include "devplug.tag" . | replace "+" "_" | trunc 63 | quote }}
 helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version | replace "+" "_" }}
 {{- end -}}
 

@@ -11,6 +11,7 @@ fn policy(spec: &str) -> DevicePluginPolicy {
 fn d() -> AgentDefaults {
     AgentDefaults {
         namespace: "devplug-system".into(),
+        release: "devplug".into(),
         image: "agent:1".into(),
         kubelet_root: "/var/lib/k0s/kubelet".into(),
         device_plugin_dir: "/var/lib/kubelet/device-plugins".into(),
