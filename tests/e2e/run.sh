@@ -428,6 +428,9 @@ print(next((a["state"] for a in alerts if a["labels"].get("alertname") == "Devpl
   t_back=$SECONDS
   wait_for "DevplugDeviceUnhealthy resolved after recovery" 60 none alert_state
   resolved=$((SECONDS - t_back))
+  # The checks after this one start from both devices allocatable again.
+  wait_for "NodeDeviceStatus health after recovery" 60 Healthy entry '.devices[?(@.id=="foo-1")].health'
+  wait_for "allocatable after recovery" 60 2 alloc
   kill "$prom_pid" 2>/dev/null; wait "$prom_pid" 2>/dev/null || true
   prom_pid=""
   rm -rf "$pdir"
