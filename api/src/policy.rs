@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Kubelet API","type":"string","priority":1,"description":"DevicePlugin or DRA","jsonPath":".spec.kubeletApi"}"#,
     printcolumn = r#"{"name":"Sharing","type":"string","priority":1,"jsonPath":".spec.sharing.strategy"}"#,
     printcolumn = r#"{"name":"Replicas","type":"integer","priority":1,"jsonPath":".spec.sharing.replicas"}"#,
-    printcolumn = r#"{"name":"Degraded","type":"string","priority":1,"description":"the Degraded condition's reason while it is True","jsonPath":".status.conditions[?(@.type==\"Degraded\")].reason"}"#
+    printcolumn = r#"{"name":"Degraded","type":"string","priority":1,"description":"the Degraded condition's reason (AgentsHealthy when all is well)","jsonPath":".status.conditions[?(@.type==\"Degraded\")].reason"}"#
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
