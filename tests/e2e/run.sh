@@ -149,6 +149,11 @@ trap cleanup EXIT
 # Removes what an earlier, failed run left on a reused cluster.
 leftovers() {
   kubectl delete pod -l app=devplug-e2e --ignore-not-found --wait=true --timeout=60s >/dev/null 2>&1 || true
+  # On the kit or kind the cluster is the suite's: a demo-pod left by the
+  # quickstart (not labelled) would keep the suite's own from starting.
+  if [ "$mode" != existing ]; then
+    kubectl delete pod demo-pod --ignore-not-found --wait=true --timeout=60s >/dev/null 2>&1 || true
+  fi
   kubectl delete resourceclaim -l app=devplug-e2e --ignore-not-found --wait=true --timeout=60s >/dev/null 2>&1 || true
   kubectl delete resourceclaimtemplate -l app=devplug-e2e --ignore-not-found --wait=true --timeout=60s >/dev/null 2>&1 || true
   kubectl delete dpp --all --wait=true --timeout=60s >/dev/null 2>&1 || true
@@ -198,6 +203,9 @@ case $mode in
     kubectl get namespace $NS >/dev/null 2>&1 && found+=("namespace $NS")
     releases=$(helm list -A -o json 2>/dev/null | python3 -c 'import json,sys; print(" ".join(r["namespace"]+"/"+r["name"] for r in json.load(sys.stdin) if r["chart"].startswith("devplug-")))' || true)
     [ -n "$releases" ] && found+=("helm release $releases")
+    if kubectl get pod demo-pod >/dev/null 2>&1 && [ "$(kubectl get pod demo-pod -o jsonpath='{.metadata.labels.app}')" != devplug-e2e ]; then
+      found+=("pod default/demo-pod, which the suite creates")
+    fi
     if [ ${#found[@]} -gt 0 ] && ! kubectl get namespace $MARKER >/dev/null 2>&1; then
       say "FAIL: refusing to run: devplug is already installed on this cluster (${found[*]}). The suite installs devplug's CRDs, the release devplug in $NS and cluster-wide roles and admission policies, deletes them again, and would take an installation it did not make with them. Run it on a cluster without devplug, or uninstall devplug first (README: Uninstall)."
       exit 1
