@@ -859,6 +859,8 @@ async fn in_process(
         client: Some(client),
         checkpoint: Default::default(),
         saved: Default::default(),
+        flush: Default::default(),
+        reads: tokio::sync::Semaphore::new(devplug_agent::dra::server::READS_AT_ONCE),
         claim_locks: Default::default(),
     });
 
@@ -1149,9 +1151,10 @@ async fn every_container_sees_every_device_of_its_claims_in_the_variable() {
     );
 }
 
-/// The agent killed between the steps of prepare (CDI spec written, claim
-/// recorded) and of unprepare (claim forgotten, spec removed): nothing is
-/// left behind once it starts again, and the kubelet's retry succeeds.
+/// The agent killed between the steps of prepare (claim recorded as begun,
+/// CDI spec written) and of unprepare (claim forgotten, spec removed):
+/// nothing is left behind that no record owns, the kubelet's retry
+/// succeeds, and the whole record reaches the disk after the answer.
 /// Before, a kill after writing the spec and before recording the claim
 /// (or after forgetting it and before removing the spec) left the spec in
 /// the runtime's CDI directory for good.
@@ -1170,18 +1173,35 @@ async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the
         "--kubelet-root",
         root.to_str().unwrap(),
     ];
-    let recorded = |uid: &str| -> bool {
-        std::fs::read(root.join(format!("plugins/{driver}/claims.json")))
+    // The claim's record on disk: none, begun, or whole.
+    let record = |uid: &str| -> &'static str {
+        let v = std::fs::read(root.join(format!("plugins/{driver}/claims.json")))
             .ok()
             .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .is_some_and(|v| !v["claims"][uid].is_null())
+            .unwrap_or_default();
+        match &v["claims"][uid] {
+            Value::Null => "none",
+            r if r["pending"] == true => "begun",
+            _ => "whole",
+        }
+    };
+    let whole_within = |uid: &str, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while record(uid) != "whole" {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the whole record never reached the disk ({})",
+                record(uid)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     };
     let client = || async {
         v1::dra_plugin_client::DraPluginClient::new(dial(&endpoint(&root, &driver)).await.unwrap())
     };
     for (i, point) in [
+        "prepare-after-begun",
         "prepare-after-cdi-spec",
-        "prepare-after-record",
         "unprepare-after-record",
     ]
     .into_iter()
@@ -1213,6 +1233,7 @@ async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the
                 .unwrap()
                 .into_inner();
             assert_eq!(r.claims[&uid].error, "");
+            whole_within(&uid, point);
             a.terminate();
         }
         // The run that dies at `point`.
@@ -1242,16 +1263,22 @@ async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the
         assert!(!dying.wait_exit().success(), "{point}");
         drop(dying);
         // What the kill left.
+        let left = (spec.exists(), record(&uid));
         match point {
-            "prepare-after-cdi-spec" => assert!(spec.exists() && !recorded(&uid)),
-            "prepare-after-record" => assert!(spec.exists() && recorded(&uid)),
-            _ => assert!(spec.exists() && !recorded(&uid)),
+            "prepare-after-begun" => assert_eq!(left, (false, "begun"), "{point}"),
+            "prepare-after-cdi-spec" => assert_eq!(left, (true, "begun"), "{point}"),
+            _ => assert_eq!(left, (true, "none"), "{point}"),
         }
         // Started again: nothing orphaned is left, and the retry works.
+        // A begun record without its spec was never answered and goes; one
+        // with its spec may have been (the kill can follow the answer) and
+        // stays, owning the spec, until the kubelet retries or unprepares.
         let mut again = Agent::spawn_cluster_with(&node, &api.policy, &kc, &flags);
         register(&root, &driver).await;
-        if point != "prepare-after-record" {
-            assert!(!spec.exists(), "{point}: an orphaned spec was left");
+        let kept = (spec.exists(), record(&uid));
+        match point {
+            "prepare-after-cdi-spec" => assert_eq!(kept, (true, "begun"), "{point}"),
+            _ => assert_eq!(kept, (false, "none"), "{point}: an orphan was left"),
         }
         let mut c = client().await;
         if unprepare {
@@ -1263,7 +1290,7 @@ async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the
                 .unwrap()
                 .into_inner();
             assert_eq!(r.claims[&uid].error, "", "{point}");
-            assert!(!spec.exists() && !recorded(&uid), "{point}");
+            assert_eq!((spec.exists(), record(&uid)), (false, "none"), "{point}");
         } else {
             let r = c
                 .node_prepare_resources(v1::NodePrepareResourcesRequest {
@@ -1273,7 +1300,8 @@ async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the
                 .unwrap()
                 .into_inner();
             assert_eq!(r.claims[&uid].error, "", "{point}");
-            assert!(spec.exists() && recorded(&uid), "{point}");
+            assert!(spec.exists(), "{point}");
+            whole_within(&uid, point);
             // And it unprepares cleanly.
             let r = c
                 .node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
@@ -1283,7 +1311,7 @@ async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the
                 .unwrap()
                 .into_inner();
             assert_eq!(r.claims[&uid].error, "");
-            assert!(!spec.exists() && !recorded(&uid), "{point}");
+            assert_eq!((spec.exists(), record(&uid)), (false, "none"), "{point}");
         }
         again.terminate();
     }

@@ -83,6 +83,28 @@ pub struct PreparedClaim {
     /// IDs of other claims its variable lists after its own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<String>,
+    /// A prepare began and has not been recorded whole: `devices` is empty
+    /// and `cdi_file` may or may not exist yet. Recorded (and on disk)
+    /// before the claim is read, so a spec written later always has an
+    /// owner; a later save replaces it with the whole record. Never
+    /// answered from: a repeated prepare reads the claim again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
+}
+
+impl PreparedClaim {
+    /// The record of a prepare that has begun (see [`PreparedClaim::pending`]).
+    pub fn begun(namespace: &str, name: &str, driver: &str, uid: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            devices: Vec::new(),
+            cdi_file: Some(names::cdi_file(driver, uid)),
+            before: Vec::new(),
+            after: Vec::new(),
+            pending: true,
+        }
+    }
 }
 
 /// The devices of the other claims a container names with this one, in the
@@ -173,6 +195,32 @@ pub fn save(path: &Path, c: &Checkpoint) -> std::io::Result<()> {
         .and_then(|n| n.to_str())
         .unwrap_or("claims.json");
     cdi::write_atomic(dir, name, &bytes)
+}
+
+/// Forgets the begun prepares (see [`PreparedClaim::pending`]) whose spec
+/// was never written: a kill came before the spec, so the kubelet was never
+/// answered, and its retry reads the claim again. Returns their UIDs. A
+/// begun prepare whose spec exists is kept: it may have been answered just
+/// before the kill, and the kubelet unprepares every claim it tried.
+pub fn settle(cdi_dir: &Path, cp: &mut Checkpoint) -> Vec<String> {
+    let unwritten: Vec<String> = cp
+        .claims
+        .iter()
+        .filter(|(_, p)| {
+            p.pending
+                && p.cdi_file
+                    .as_ref()
+                    .is_none_or(|f| !cdi_dir.join(f).exists())
+        })
+        .map(|(uid, _)| uid.clone())
+        .collect();
+    for uid in &unwritten {
+        cp.claims.remove(uid);
+    }
+    if !unwritten.is_empty() {
+        cp.changes += 1;
+    }
+    unwritten
 }
 
 /// Removes the claim CDI specs of `driver` in `cdi_dir` that `cp` does not
@@ -392,6 +440,7 @@ pub fn plan(
             cdi_file: Some(names::cdi_file(&cfg.driver, uid)),
             before: others.before.clone(),
             after: others.after.clone(),
+            pending: false,
         },
         Some(bytes),
     ))
@@ -828,5 +877,46 @@ mod tests {
         );
         let d = c(json!([{"resource": "jobs", "apiGroup": "batch", "name": "q", "uid": "2"}]));
         assert_eq!(common_pod([&a, &d].into_iter()), None);
+    }
+
+    #[test]
+    fn begun_records_without_their_spec_are_forgotten_and_those_with_it_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let uid = |i: u8| format!("0000000{i}-0000-0000-0000-000000000000");
+        let mut cp = Checkpoint::default();
+        // Begun, spec never written: the kubelet was never answered.
+        cp.claims
+            .insert(uid(1), PreparedClaim::begun("ns", "a", "d.io", &uid(1)));
+        // Begun, spec written: maybe answered just before a kill.
+        let b = PreparedClaim::begun("ns", "b", "d.io", &uid(2));
+        std::fs::write(dir.path().join(b.cdi_file.as_ref().unwrap()), b"{}").unwrap();
+        cp.claims.insert(uid(2), b);
+        // Whole, its spec lost with a tmpfs: answered from the record.
+        let mut whole = PreparedClaim::begun("ns", "c", "d.io", &uid(3));
+        whole.pending = false;
+        cp.claims.insert(uid(3), whole);
+        let gone = settle(dir.path(), &mut cp);
+        assert_eq!(gone, vec![uid(1)]);
+        assert_eq!(
+            cp.claims.keys().cloned().collect::<Vec<_>>(),
+            vec![uid(2), uid(3)]
+        );
+        assert_eq!(cp.changes, 1, "the change is saved");
+        assert!(settle(dir.path(), &mut cp).is_empty());
+        assert_eq!(cp.changes, 1);
+    }
+
+    #[test]
+    fn a_whole_record_is_stored_without_the_begun_flag_and_old_records_read_as_whole() {
+        let mut p = PreparedClaim::begun("ns", "a", "d.io", "u");
+        let begun = serde_json::to_value(&p).unwrap();
+        assert_eq!(begun["pending"], true);
+        p.pending = false;
+        let whole = serde_json::to_value(&p).unwrap();
+        assert!(whole.get("pending").is_none(), "{whole}");
+        // A checkpoint written before the flag existed.
+        let old: PreparedClaim =
+            serde_json::from_value(json!({"namespace": "ns", "name": "a", "devices": []})).unwrap();
+        assert!(!old.pending);
     }
 }

@@ -82,7 +82,14 @@ pub struct Started {
 pub fn serve(s: Setup, shutdown: watch::Receiver<bool>) -> std::io::Result<Started> {
     let cfg = s.plugin.cfg();
     let paths = names::Paths::new(&s.kubelet_root, &cfg.driver);
-    let (checkpoint, problem) = claims::load(&paths.checkpoint);
+    let (mut checkpoint, problem) = claims::load(&paths.checkpoint);
+    let unwritten = claims::settle(&s.cdi_dir, &mut checkpoint);
+    if !unwritten.is_empty() {
+        info!(policy = %cfg.name, claims = ?unwritten, "forgot prepares cut short before their CDI spec was written (the kubelet was never answered; its retry reads the claim again)");
+        if let Err(e) = claims::save(&paths.checkpoint, &checkpoint) {
+            warn!(policy = %cfg.name, checkpoint = %paths.checkpoint.display(), error = %e, "cannot save the prepared claims; tried again with the next change");
+        }
+    }
     if let Some(p) = &problem {
         warn!(policy = %cfg.name, "{p}");
     } else {
@@ -103,6 +110,8 @@ pub fn serve(s: Setup, shutdown: watch::Receiver<bool>) -> std::io::Result<Start
         client: s.client,
         checkpoint: Mutex::new(checkpoint),
         saved: Mutex::new(0),
+        flush: Default::default(),
+        reads: tokio::sync::Semaphore::new(server::READS_AT_ONCE),
         claim_locks: Default::default(),
     });
     let endpoint = bind(&paths.endpoint)?;
@@ -134,6 +143,9 @@ pub fn serve(s: Setup, shutdown: watch::Receiver<bool>) -> std::io::Result<Start
         }
         let _ = std::fs::remove_file(&endpoint_path);
     }));
+    let flusher = state.clone();
+    let down = shutdown.clone();
+    tasks.push(tokio::spawn(async move { flusher.flush_until(down).await }));
     let registrar = Registrar(state.clone());
     let mut down = shutdown;
     let registration_path = paths.registration.clone();

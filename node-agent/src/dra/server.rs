@@ -35,6 +35,8 @@ pub const HEALTH_HEARTBEAT: Duration = Duration::from_secs(10);
 pub const HEALTH_TIMEOUT_SECONDS: i64 = 60;
 /// Longest wait for the API server when reading a claim.
 const CLAIM_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most claim and pod reads in flight at once (see [`DraState::reads`]).
+pub const READS_AT_ONCE: usize = 8;
 
 /// Crash-consistency tests: `DEVPLUG_FAILPOINT=<name>` kills the process
 /// at that point, as a crash or `kill -9` would. Unset in production.
@@ -72,6 +74,12 @@ pub struct DraState {
     /// (a group commit: a hundred prepares at once need a few writes, not
     /// a hundred fsyncs one after the other).
     pub saved: Mutex<u64>,
+    /// Asks [`DraState::flush_until`] to save the checkpoint.
+    pub flush: tokio::sync::Notify,
+    /// Claim and pod reads at once: a hundred pods starting together are
+    /// read over a few connections to the API server, not a hundred new
+    /// TLS connections (the client speaks HTTP/1.1, one request each).
+    pub reads: tokio::sync::Semaphore,
     /// One lock per claim UID being prepared or unprepared: the kubelet's
     /// calls for one claim are handled one at a time, different claims at
     /// once.
@@ -138,6 +146,11 @@ impl DraState {
             );
         };
         let api: Api<ResourceClaim> = Api::namespaced(client.clone(), &c.namespace);
+        let _turn = self
+            .reads
+            .acquire()
+            .await
+            .map_err(|_| "the agent is shutting down".to_string())?;
         let got = tokio::time::timeout(CLAIM_READ_TIMEOUT, api.get(&c.name))
             .await
             .map_err(|_| format!("reading ResourceClaim {}/{} timed out", c.namespace, c.name))?
@@ -220,6 +233,12 @@ impl DraState {
     /// calls sharing claims cannot deadlock) and read at once; the reads
     /// happen outside the checkpoint lock, so a slow read stalls no other
     /// call.
+    ///
+    /// What is on disk when the kubelet is answered: the claim's begun
+    /// record (saved while the claim is read, so it costs no time of its
+    /// own) and its CDI spec. The whole record (devices) is saved right
+    /// after, by [`DraState::flush_until`]; a kill before that leaves the
+    /// begun record, and a repeated prepare reads the claim again.
     pub async fn prepare(&self, claims: Vec<v1::Claim>) -> v1::NodePrepareResourcesResponse {
         let start = std::time::Instant::now();
         let cfg = self.plugin.cfg();
@@ -246,12 +265,21 @@ impl DraState {
             .iter()
             .filter(|c| uids.contains(&c.uid.as_str()))
             .collect();
-        // Prepared before: answered from the record.
-        let known: BTreeMap<String, PreparedClaim> = {
+        // Prepared before: answered from the record. Begun before and never
+        // recorded whole: read again, like a new claim.
+        let (known, begun_before): (BTreeMap<String, PreparedClaim>, Vec<String>) = {
             let cp = self.checkpoint.lock().await;
-            todo.iter()
+            let known = todo
+                .iter()
                 .filter_map(|c| cp.claims.get(&c.uid).map(|p| (c.uid.clone(), p.clone())))
-                .collect()
+                .filter(|(_, p)| !p.pending)
+                .collect();
+            let begun = todo
+                .iter()
+                .filter(|c| cp.claims.get(&c.uid).is_some_and(|p| p.pending))
+                .map(|c| c.uid.clone())
+                .collect();
+            (known, begun)
         };
         let mut fresh: Vec<&v1::Claim> = Vec::new();
         for c in &todo {
@@ -263,88 +291,9 @@ impl DraState {
                 None => {}
             }
         }
-        let read = futures::future::join_all(fresh.iter().map(|c| self.fetch(c))).await;
-        let mut got: Vec<(&v1::Claim, ResourceClaim, Vec<claims::AllocResult>)> = Vec::new();
-        for (c, r) in fresh.iter().zip(read) {
-            match r.and_then(|v| claims::results_of(&v, &cfg.driver).map(|res| (v, res))) {
-                Ok((v, res)) => got.push((c, v, res)),
-                Err(e) => {
-                    answers.insert(c.uid.clone(), Err(e));
-                }
-            }
-        }
-        let around = if got.len() >= 2 {
-            self.claims_around(&got, &snap).await
-        } else {
-            BTreeMap::new()
-        };
-        let mut planned = Vec::new();
-        for (c, _, results) in &got {
-            let alone = claims::Others::default();
-            let others = around.get(&c.uid).unwrap_or(&alone);
-            let r = claims::plan(
-                &c.uid,
-                &c.namespace,
-                &c.name,
-                results,
-                others,
-                &self.node,
-                &cfg,
-                &snap,
-            )
-            .and_then(|(prepared, spec)| {
-                if let (Some(f), Some(bytes)) = (&prepared.cdi_file, &spec) {
-                    cdi::write_atomic(&self.cdi_dir, f, bytes)
-                        .map_err(|e| format!("cannot write the CDI spec {f}: {e}"))?;
-                    failpoint("prepare-after-cdi-spec");
-                }
-                Ok(prepared)
-            });
-            match r {
-                Ok(p) => planned.push((*c, p)),
-                Err(e) => {
-                    answers.insert(c.uid.clone(), Err(e));
-                }
-            }
-        }
-        if !planned.is_empty() {
-            // Recorded in memory, then on disk by a save that may cover
-            // other calls' changes too.
-            let mine = {
-                let mut cp = self.checkpoint.lock().await;
-                for (c, p) in &planned {
-                    cp.claims.insert(c.uid.clone(), p.clone());
-                }
-                cp.changes += 1;
-                cp.changes
-            };
-            match self.persist(mine).await {
-                Ok(()) => {
-                    failpoint("prepare-after-record");
-                    for (c, p) in &planned {
-                        info!(policy = %cfg.name, claim = %format!("{}/{}", c.namespace, c.name), devices = p.devices.len(), "claim prepared");
-                        answers.insert(c.uid.clone(), Ok(devices_of(p)));
-                    }
-                    self.plugin.kick.notify_one();
-                }
-                Err(e) => {
-                    let mut cp = self.checkpoint.lock().await;
-                    cp.changes += 1;
-                    for (c, p) in &planned {
-                        cp.claims.remove(&c.uid);
-                        if let Some(f) = &p.cdi_file {
-                            let _ = std::fs::remove_file(self.cdi_dir.join(f));
-                        }
-                        answers.insert(
-                            c.uid.clone(),
-                            Err(format!(
-                                "cannot record the prepared claim in {}: {e}",
-                                self.paths.checkpoint.display()
-                            )),
-                        );
-                    }
-                }
-            }
+        if !fresh.is_empty() {
+            self.prepare_fresh(&fresh, &begun_before, &cfg, &snap, &mut answers)
+                .await;
         }
         drop(guards);
         for (u, l) in uids.iter().zip(locks) {
@@ -380,6 +329,188 @@ impl DraState {
         out
     }
 
+    /// Prepares claims with no whole record (their locks held): records
+    /// them as begun while reading them, writes their CDI specs, records
+    /// them whole in memory and asks for a save.
+    async fn prepare_fresh(
+        &self,
+        fresh: &[&v1::Claim],
+        begun_before: &[String],
+        cfg: &crate::config::PluginConfig,
+        snap: &crate::devices::inventory::Snapshot,
+        answers: &mut BTreeMap<String, Result<Vec<v1::Device>, String>>,
+    ) {
+        // Begun records for the claims that have none, saved on disk while
+        // the claims are read (the read is the longer of the two).
+        let added: Vec<&str> = fresh
+            .iter()
+            .filter(|c| !begun_before.contains(&c.uid))
+            .map(|c| c.uid.as_str())
+            .collect();
+        let mine = if added.is_empty() {
+            None
+        } else {
+            let mut cp = self.checkpoint.lock().await;
+            for c in fresh.iter().filter(|c| added.contains(&c.uid.as_str())) {
+                cp.claims.insert(
+                    c.uid.clone(),
+                    PreparedClaim::begun(&c.namespace, &c.name, &cfg.driver, &c.uid),
+                );
+            }
+            cp.changes += 1;
+            Some(cp.changes)
+        };
+        let began = std::time::Instant::now();
+        let record = async {
+            let r = match mine {
+                Some(m) => self.persist(m).await,
+                None => Ok(()),
+            };
+            (r, began.elapsed())
+        };
+        let reads = async {
+            let r = futures::future::join_all(fresh.iter().map(|c| self.fetch(c))).await;
+            (r, began.elapsed())
+        };
+        let ((recorded, record_took), (read, read_took)) = tokio::join!(record, reads);
+        // Claims this call began and did not prepare: their begun records
+        // go again (nothing was written for them, or what was is removed).
+        let mut undo: Vec<&str> = Vec::new();
+        if let Err(e) = recorded {
+            for c in fresh {
+                answers.insert(
+                    c.uid.clone(),
+                    Err(format!(
+                        "cannot record the claim in {}: {e}",
+                        self.paths.checkpoint.display()
+                    )),
+                );
+            }
+            self.forget_begun(&added).await;
+            return;
+        }
+        failpoint("prepare-after-begun");
+        let mut got: Vec<(&v1::Claim, ResourceClaim, Vec<claims::AllocResult>)> = Vec::new();
+        for (c, r) in fresh.iter().zip(read) {
+            match r.and_then(|v| claims::results_of(&v, &cfg.driver).map(|res| (v, res))) {
+                Ok((v, res)) => got.push((c, v, res)),
+                Err(e) => {
+                    answers.insert(c.uid.clone(), Err(e));
+                    undo.push(&c.uid);
+                }
+            }
+        }
+        let around = if got.len() >= 2 {
+            self.claims_around(&got, snap).await
+        } else {
+            BTreeMap::new()
+        };
+        let write_began = std::time::Instant::now();
+        let mut planned = Vec::new();
+        for (c, _, results) in &got {
+            let alone = claims::Others::default();
+            let others = around.get(&c.uid).unwrap_or(&alone);
+            let r = claims::plan(
+                &c.uid,
+                &c.namespace,
+                &c.name,
+                results,
+                others,
+                &self.node,
+                cfg,
+                snap,
+            )
+            .and_then(|(prepared, spec)| {
+                if let (Some(f), Some(bytes)) = (&prepared.cdi_file, &spec) {
+                    cdi::write_atomic(&self.cdi_dir, f, bytes)
+                        .map_err(|e| format!("cannot write the CDI spec {f}: {e}"))?;
+                    failpoint("prepare-after-cdi-spec");
+                }
+                Ok(prepared)
+            });
+            match r {
+                Ok(p) => planned.push((*c, p)),
+                Err(e) => {
+                    answers.insert(c.uid.clone(), Err(e));
+                    undo.push(&c.uid);
+                }
+            }
+        }
+        let spec_took = write_began.elapsed();
+        // Only what this call began is undone: a begun record from before
+        // may own a spec a running container was started with.
+        undo.retain(|u| added.contains(u));
+        if planned.is_empty() && undo.is_empty() {
+            return;
+        }
+        {
+            let mut cp = self.checkpoint.lock().await;
+            for (c, p) in &planned {
+                cp.claims.insert(c.uid.clone(), p.clone());
+            }
+            for u in &undo {
+                cp.claims.remove(*u);
+            }
+            cp.changes += 1;
+        }
+        for u in &undo {
+            let _ = std::fs::remove_file(self.cdi_dir.join(names::cdi_file(&cfg.driver, u)));
+        }
+        self.flush.notify_one();
+        for (c, p) in &planned {
+            info!(
+                policy = %cfg.name,
+                claim = %format!("{}/{}", c.namespace, c.name),
+                devices = p.devices.len(),
+                read_us = read_took.as_micros() as u64,
+                begun_record_us = record_took.as_micros() as u64,
+                spec_us = spec_took.as_micros() as u64,
+                "claim prepared"
+            );
+            answers.insert(c.uid.clone(), Ok(devices_of(p)));
+        }
+        if !planned.is_empty() {
+            self.plugin.kick.notify_one();
+        }
+    }
+
+    /// Drops the begun records `uids` from memory (a save follows).
+    async fn forget_begun(&self, uids: &[&str]) {
+        if uids.is_empty() {
+            return;
+        }
+        let mut cp = self.checkpoint.lock().await;
+        for u in uids {
+            if cp.claims.get(*u).is_some_and(|p| p.pending) {
+                cp.claims.remove(*u);
+            }
+        }
+        cp.changes += 1;
+        drop(cp);
+        self.flush.notify_one();
+    }
+
+    /// Saves the checkpoint whenever a prepare recorded claims in memory
+    /// only (see [`DraState::prepare`]), until `shutdown`, and once more
+    /// then. A failed save is logged and tried again with the next change;
+    /// until then a restart reads the claims whose records were not saved
+    /// whole again.
+    pub async fn flush_until(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            let stop = tokio::select! {
+                _ = crate::stopped(&mut shutdown) => true,
+                _ = self.flush.notified() => false,
+            };
+            let upto = self.checkpoint.lock().await.changes;
+            if let Err(e) = self.persist(upto).await {
+                warn!(policy = %self.plugin.cfg().name, checkpoint = %self.paths.checkpoint.display(), error = %e, "cannot save the prepared claims; tried again with the next change");
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+
     /// For claims of one call that a container names with other claims of
     /// this driver: the IDs of those other claims, which the claim's
     /// variable lists around its own (see [`claims::plan`]). Needs the pod
@@ -399,6 +530,9 @@ impl DraState {
         };
         let ns = &got[0].0.namespace;
         let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+        let Ok(_turn) = self.reads.acquire().await else {
+            return BTreeMap::new();
+        };
         let pod_obj = match tokio::time::timeout(CLAIM_READ_TIMEOUT, api.get(&pod.0)).await {
             Ok(Ok(p)) if p.metadata.uid.as_deref() == Some(pod.1.as_str()) => p,
             Ok(Ok(p)) => {
