@@ -7,6 +7,7 @@ pub mod crd;
 pub mod node_status;
 pub mod policy;
 pub mod process;
+pub mod topology;
 pub mod validation;
 
 pub use node_status::*;

@@ -238,6 +238,15 @@ pub struct SimulatedSource {
     #[serde(default)]
     #[schemars(range(max = 64))]
     pub numa_nodes: u32,
+    /// Spread generated devices over this many PCIe roots, in contiguous
+    /// blocks (0 or absent: no PCI information). Root `r` is
+    /// `pci0000:<r in hex>`; device `i` gets PCI bus ID
+    /// `0000:<i/32 in hex>:<i%32 in hex>.0`. Published through DRA as the
+    /// standard `resource.kubernetes.io/pcieRoot` and `pciBusID`
+    /// attributes, so claims can be tried with `matchAttribute`.
+    #[serde(default)]
+    #[schemars(range(max = 256))]
+    pub pcie_roots: u32,
     /// Explicit devices; overrides `count`. IDs are unique (a list-map keyed
     /// by `id`, enforced by the API server).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -259,6 +268,18 @@ pub struct SimulatedDevice {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub numa_node: Option<i64>,
+    /// PCIe root complex of the device, as Linux names it under
+    /// `/sys/devices` (for example `pci0000:00`); published through DRA
+    /// as `resource.kubernetes.io/pcieRoot`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^pci[0-9a-f]{4}:[0-9a-f]{2}$"))]
+    pub pcie_root: Option<String>,
+    /// PCI address of the device (`domain:bus:device.function`, for
+    /// example `0000:3b:00.0`); published through DRA as
+    /// `resource.kubernetes.io/pciBusID`.
+    #[serde(default, rename = "pciBusID", skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$"))]
+    pub pci_bus_id: Option<String>,
 }
 
 /// Host device nodes. Each path matching one of `globs` is one device; its

@@ -179,14 +179,20 @@ fn source_field_rules() {
                 SimulatedDevice {
                     id: "a".into(),
                     numa_node: None,
+                    pcie_root: Some("pci0000:00".into()),
+                    pci_bus_id: Some("0000:01:00.0".into()),
                 },
                 SimulatedDevice {
                     id: "a".into(),
                     numa_node: Some(-1),
+                    pcie_root: Some("pci0:00".into()),
+                    pci_bus_id: Some("0000:01:00.9".into()),
                 },
                 SimulatedDevice {
                     id: "bad id".into(),
                     numa_node: None,
+                    pcie_root: None,
+                    pci_bus_id: None,
                 },
             ],
             ..Default::default()
@@ -197,6 +203,8 @@ fn source_field_rules() {
         vec![
             "spec.source.simulated.devices[1].id",
             "spec.source.simulated.devices[1].numaNode",
+            "spec.source.simulated.devices[1].pcieRoot",
+            "spec.source.simulated.devices[1].pciBusID",
             "spec.source.simulated.devices[2].id"
         ]
     );

@@ -271,6 +271,24 @@ impl DevicePluginPolicySpec {
                 if d.numa_node.is_some_and(|n| n < 0) {
                     c.err(format!("{f}.devices[{i}].numaNode"), "must be >= 0");
                 }
+                if let Some(r) = &d.pcie_root
+                    && !crate::topology::is_pcie_root(r)
+                {
+                    c.err(
+                        format!("{f}.devices[{i}].pcieRoot"),
+                        format!(
+                            "{r:?} is not a PCIe root name such as pci0000:00 (lower-case hex)"
+                        ),
+                    );
+                }
+                if let Some(b) = &d.pci_bus_id
+                    && !crate::topology::is_pci_bus_id(b)
+                {
+                    c.err(
+                        format!("{f}.devices[{i}].pciBusID"),
+                        format!("{b:?} is not a PCI address such as 0000:3b:00.0 (lower-case hex)"),
+                    );
+                }
             }
         }
 

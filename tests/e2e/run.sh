@@ -954,6 +954,66 @@ kubectl delete dpp $BIG --wait=true --timeout=120s >/dev/null || fail "deleting 
 [ -z "$(kubectl get resourceslices --field-selector spec.driver=$BIG_DRIVER -o name)" ] || fail "$BIG's ResourceSlices left"
 ok "big-claim got $got while big-7 was tainted"
 
+begin "DRA topology: the standard pcieRoot attribute, and a claim for two devices on one PCIe root"
+TOPO=e2e-dra-topo
+TOPO_DRIVER=$TOPO.devplug.io
+kubectl apply -f - >/dev/null <<YAML
+apiVersion: devplug.io/v1alpha1
+kind: DevicePluginPolicy
+metadata: {name: $TOPO, labels: {app: devplug-e2e}}
+spec:
+  resourceName: hardware-vendor.example/topo
+  kubeletApi: DRA
+  source:
+    simulated:
+      devices:
+        - {id: t-a, pcieRoot: "pci0000:00", pciBusID: "0000:01:00.0"}
+        - {id: t-b, pcieRoot: "pci0000:40", pciBusID: "0000:41:00.0"}
+        - {id: t-c, pcieRoot: "pci0000:40", pciBusID: "0000:42:00.0"}
+YAML
+topo_attrs() {
+  kubectl get resourceslices --field-selector spec.driver=$TOPO_DRIVER,spec.nodeName="$NODE" -o json | python3 -c '
+import json,sys
+items=json.load(sys.stdin)["items"]
+a=lambda d,k: d.get("attributes",{}).get(k,{}).get("string","-")
+print(" ".join(d["name"]+"="+a(d,"resource.kubernetes.io/pcieRoot")+"/"+a(d,"resource.kubernetes.io/pciBusID") for i in items for d in i["spec"]["devices"]))'
+}
+wait_for "the standard attributes published" 120 "t-a=pci0000:00/0000:01:00.0 t-b=pci0000:40/0000:41:00.0 t-c=pci0000:40/0000:42:00.0" topo_attrs
+kubectl apply -f - >/dev/null <<YAML
+apiVersion: resource.k8s.io/v1
+kind: ResourceClaim
+metadata: {name: topo-claim, labels: {app: devplug-e2e}}
+spec:
+  devices:
+    requests:
+      - name: two
+        exactly: {deviceClassName: $TOPO_DRIVER, count: 2}
+    constraints:
+      - requests: [two]
+        matchAttribute: resource.kubernetes.io/pcieRoot
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: topo-pod, labels: {app: devplug-e2e}}
+spec:
+  restartPolicy: Never
+  containers:
+    - name: c
+      image: registry.k8s.io/e2e-test-images/busybox:1.36.1-1
+      command: ["sleep", "3600"]
+      resources: {claims: [{name: two}]}
+  resourceClaims: [{name: two, resourceClaimName: topo-claim}]
+YAML
+pod_ready_or_fail topo-pod 180
+got=$(kubectl get resourceclaim topo-claim -o jsonpath='{.status.allocation.devices.results[*].device}' | tr ' ' '\n' | sort | paste -sd, -)
+[ "$got" = "t-b,t-c" ] || fail "topo-claim got '$got'; only t-b and t-c share a PCIe root (pci0000:40)"
+seen=$(kubectl exec topo-pod -- printenv DEVPLUG_HARDWARE_VENDOR_EXAMPLE_TOPO | tr , '\n' | sort | paste -sd, -)
+[ "$seen" = "t-b,t-c" ] || fail "topo-pod sees '$seen', not t-b,t-c"
+kubectl delete pod topo-pod --grace-period=1 --wait=true --timeout=60s >/dev/null
+kubectl delete resourceclaim topo-claim --wait=true --timeout=60s >/dev/null
+kubectl delete dpp $TOPO --wait=true --timeout=120s >/dev/null || fail "deleting $TOPO did not finish"
+ok "topo-claim got $got (pci0000:40); the pod sees $seen"
+
 begin "DRA: deleting the policy removes its agents, slices and DeviceClass"
 kubectl delete resourceclaimtemplate foo-claim --ignore-not-found >/dev/null
 kubectl delete dpp $DRA_POLICY --wait=true --timeout=120s >/dev/null || fail "deleting the DRA policy did not finish"

@@ -9,8 +9,10 @@
 //! through the extended-resource bridge means one share, exactly as with
 //! the device plugin, and no alpha API (multiple allocations per device) is
 //! needed. Each device carries its original ID, its physical device, its
-//! NUMA node as the standard `numaNode` attribute and what its source knows
-//! (PCI address, USB vendor/product, GPU UUID). An unhealthy device carries
+//! NUMA node as the `numaNode` attribute and what its source knows (PCI
+//! address, USB vendor/product, GPU UUID, and for PCI devices the standard
+//! `resource.kubernetes.io/pciBusID` and `pcieRoot`, see
+//! `devplug_api::topology`). An unhealthy device carries
 //! a `NoSchedule` taint, removed when it recovers.
 //!
 //! The pool's generation goes up on every change; slices of an older

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devplug_api::NvidiaSource;
+use devplug_api::topology;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
@@ -191,6 +192,16 @@ impl Nvidia {
             .filter(|n| *n >= 0)
     }
 
+    /// The PCIe root complex of the GPU at `bus_id`, from its sysfs link.
+    fn pcie_root(&self, bus_id: &str) -> Option<String> {
+        let entry = self
+            .roots
+            .sys
+            .join("bus/pci/devices")
+            .join(sysfs_bus_id(bus_id)?);
+        topology::pcie_root_of(&std::fs::read_link(entry).ok()?)
+    }
+
     fn node(&self, host: &str) -> Option<DeviceNode> {
         self.roots.dev_local(host).exists().then(|| DeviceNode {
             host_path: host.into(),
@@ -256,14 +267,21 @@ impl Source for Nvidia {
                 .collect();
             links.sort();
             links.dedup();
+            let mut attributes: std::collections::BTreeMap<String, String> = [
+                ("uuid".to_string(), g.uuid.clone()),
+                ("pciBusID".to_string(), g.bus_id.to_ascii_lowercase()),
+                ("minor".to_string(), g.minor.to_string()),
+            ]
+            .into();
+            if let Some(b) = topology::normalize_pci_bus_id(&g.bus_id) {
+                attributes.insert(topology::PCI_BUS_ID_ATTRIBUTE.into(), b);
+            }
+            if let Some(r) = self.pcie_root(&g.bus_id) {
+                attributes.insert(topology::PCIE_ROOT_ATTRIBUTE.into(), r);
+            }
             out.push(Device {
                 numa_node: self.numa(&g.bus_id),
-                attributes: [
-                    ("uuid".to_string(), g.uuid.clone()),
-                    ("pciBusID".to_string(), g.bus_id.to_ascii_lowercase()),
-                    ("minor".to_string(), g.minor.to_string()),
-                ]
-                .into(),
+                attributes,
                 id: g.uuid,
                 nodes,
                 health: h,

@@ -9,6 +9,7 @@
 use std::path::PathBuf;
 
 use devplug_api::PciSource;
+use devplug_api::topology;
 
 use super::{Source, SourceError, bus_entries, read_attr};
 use crate::devices::device::{Device, DeviceNode, Roots};
@@ -99,6 +100,17 @@ impl Pci {
         ]);
         if let Some(d) = driver {
             attributes.insert("driver".into(), d);
+        }
+        // The standard topology attributes: the address, and the root
+        // complex named in the bus entry's link into /sys/devices.
+        if topology::is_pci_bus_id(&address) {
+            attributes.insert(topology::PCI_BUS_ID_ATTRIBUTE.into(), address.clone());
+        }
+        if let Some(root) = std::fs::read_link(dir)
+            .ok()
+            .and_then(|t| topology::pcie_root_of(&t))
+        {
+            attributes.insert(topology::PCIE_ROOT_ATTRIBUTE.into(), root);
         }
         Ok(Some(Device {
             id: address,
@@ -225,5 +237,52 @@ mod tests {
         .discover()
         .unwrap();
         assert_eq!(vfio_only.len(), 1);
+    }
+
+    #[test]
+    fn the_standard_topology_attributes_come_from_the_sysfs_link() {
+        // As on a real host: the bus entry links into /sys/devices, under
+        // the root complex the device hangs off.
+        let tmp = tempfile::tempdir().unwrap();
+        let roots = Roots {
+            dev: tmp.path().join("dev"),
+            sys: tmp.path().join("sys"),
+        };
+        let real = roots
+            .sys
+            .join("devices/pci0000:3a/0000:3a:00.0/0000:3b:00.0");
+        std::fs::create_dir_all(&real).unwrap();
+        for (f, v) in [
+            ("vendor", "0x15b3"),
+            ("device", "0x101b"),
+            ("class", "0x020000"),
+            ("numa_node", "0"),
+        ] {
+            std::fs::write(real.join(f), format!("{v}\n")).unwrap();
+        }
+        std::fs::create_dir_all(roots.sys.join("bus/pci/devices")).unwrap();
+        symlink(
+            "../../../devices/pci0000:3a/0000:3a:00.0/0000:3b:00.0",
+            roots.sys.join("bus/pci/devices/0000:3b:00.0"),
+        )
+        .unwrap();
+        // A plain directory (no link): no root is made up.
+        pci_dev(&roots.sys, "0000:5e:00.0", "15b3", "101b", "020000", 0);
+        let all = Pci::new(
+            &PciSource {
+                vendor: Some("15b3".into()),
+                ..Default::default()
+            },
+            roots,
+        )
+        .discover()
+        .unwrap();
+        assert_eq!(all.len(), 2);
+        let a = &all[0].attributes;
+        assert_eq!(a[topology::PCIE_ROOT_ATTRIBUTE], "pci0000:3a");
+        assert_eq!(a[topology::PCI_BUS_ID_ATTRIBUTE], "0000:3b:00.0");
+        let b = &all[1].attributes;
+        assert!(!b.contains_key(topology::PCIE_ROOT_ATTRIBUTE), "{b:?}");
+        assert_eq!(b[topology::PCI_BUS_ID_ATTRIBUTE], "0000:5e:00.0");
     }
 }

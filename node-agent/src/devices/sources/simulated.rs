@@ -10,14 +10,24 @@
 use std::path::{Path, PathBuf};
 
 use devplug_api::SimulatedSource;
+use devplug_api::topology;
 
 use super::{Source, SourceError};
 use crate::devices::device::Device;
 use crate::devices::health::Health;
 
+/// One simulated device as configured: ID, NUMA node, PCIe root, PCI
+/// address.
+struct SimDevice {
+    id: String,
+    numa: Option<i64>,
+    pcie_root: Option<String>,
+    pci_bus_id: Option<String>,
+}
+
 /// The simulated source.
 pub struct Simulated {
-    devices: Vec<(String, Option<i64>)>,
+    devices: Vec<SimDevice>,
     control: PathBuf,
 }
 
@@ -28,16 +38,27 @@ impl Simulated {
             let prefix = spec.id_prefix.as_deref().unwrap_or("sim");
             let n = spec.count.max(1);
             let block = n.div_ceil(spec.numa_nodes.max(1));
+            let root_block = n.div_ceil(spec.pcie_roots.max(1));
             (0..n)
                 .map(|i| {
-                    let numa = (spec.numa_nodes > 0).then(|| i64::from(i / block));
-                    (format!("{prefix}-{i}"), numa)
+                    let pci = spec.pcie_roots > 0;
+                    SimDevice {
+                        id: format!("{prefix}-{i}"),
+                        numa: (spec.numa_nodes > 0).then(|| i64::from(i / block)),
+                        pcie_root: pci.then(|| format!("pci0000:{:02x}", i / root_block)),
+                        pci_bus_id: pci.then(|| format!("0000:{:02x}:{:02x}.0", i / 32, i % 32)),
+                    }
                 })
                 .collect()
         } else {
             spec.devices
                 .iter()
-                .map(|d| (d.id.clone(), d.numa_node))
+                .map(|d| SimDevice {
+                    id: d.id.clone(),
+                    numa: d.numa_node,
+                    pcie_root: d.pcie_root.clone(),
+                    pci_bus_id: d.pci_bus_id.clone(),
+                })
                 .collect()
         };
         Self { devices, control }
@@ -79,7 +100,8 @@ impl Source for Simulated {
 
     fn discover(&self) -> Result<Vec<Device>, SourceError> {
         let mut out = Vec::with_capacity(self.devices.len());
-        for (id, numa) in &self.devices {
+        for d in &self.devices {
+            let id = &d.id;
             if self.control.join(format!("{id}.absent")).exists() {
                 continue;
             }
@@ -88,13 +110,20 @@ impl Source for Simulated {
                 Ok(Some(text)) => parse_state(&text),
                 Err(e) => Health::Unknown(e.to_string()),
             };
+            let mut attributes = std::collections::BTreeMap::new();
+            if let Some(r) = &d.pcie_root {
+                attributes.insert(topology::PCIE_ROOT_ATTRIBUTE.to_string(), r.clone());
+            }
+            if let Some(b) = &d.pci_bus_id {
+                attributes.insert(topology::PCI_BUS_ID_ATTRIBUTE.to_string(), b.clone());
+            }
             out.push(Device {
                 id: id.clone(),
-                numa_node: *numa,
+                numa_node: d.numa,
                 nodes: Vec::new(),
                 health,
                 links: Vec::new(),
-                attributes: Default::default(),
+                attributes,
             });
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -122,10 +151,15 @@ mod tests {
                 numa_nodes: 2,
                 id_prefix: Some("foo".into()),
                 devices: vec![],
+                pcie_roots: 0,
             },
             PathBuf::from("/nonexistent"),
         );
         let d = s.discover().unwrap();
+        assert!(
+            d.iter().all(|d| d.attributes.is_empty()),
+            "no PCI facts asked for"
+        );
         let got: Vec<_> = d.iter().map(|d| (d.id.as_str(), d.numa_node)).collect();
         assert_eq!(
             got,
@@ -137,6 +171,67 @@ mod tests {
             ]
         );
         assert!(d.iter().all(|d| d.health.is_healthy()));
+    }
+
+    #[test]
+    fn generated_devices_spread_over_pcie_roots_with_distinct_addresses() {
+        let s = Simulated::new(
+            &SimulatedSource {
+                count: 70,
+                pcie_roots: 2,
+                ..Default::default()
+            },
+            PathBuf::from("/nonexistent"),
+        );
+        let d = s.discover().unwrap();
+        let attr = |i: usize, k: &str| d[i].attributes.get(k).cloned();
+        let by_id: std::collections::BTreeMap<_, _> = d
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.id.clone(), i))
+            .collect();
+        let root = |id: &str| attr(by_id[id], topology::PCIE_ROOT_ATTRIBUTE);
+        assert_eq!(root("sim-0").as_deref(), Some("pci0000:00"));
+        assert_eq!(root("sim-34").as_deref(), Some("pci0000:00"));
+        assert_eq!(root("sim-35").as_deref(), Some("pci0000:01"));
+        assert_eq!(root("sim-69").as_deref(), Some("pci0000:01"));
+        let bus = |id: &str| attr(by_id[id], topology::PCI_BUS_ID_ATTRIBUTE).unwrap();
+        assert_eq!(bus("sim-33"), "0000:01:01.0");
+        let all: std::collections::BTreeSet<_> =
+            (0..70).map(|i| bus(&format!("sim-{i}"))).collect();
+        assert_eq!(all.len(), 70, "addresses are distinct");
+        assert!(all.iter().all(|b| topology::is_pci_bus_id(b)));
+        // Explicit devices carry what they are given, and only that.
+        let s = Simulated::new(
+            &SimulatedSource {
+                devices: vec![
+                    devplug_api::SimulatedDevice {
+                        id: "a".into(),
+                        numa_node: None,
+                        pcie_root: Some("pci0000:40".into()),
+                        pci_bus_id: None,
+                    },
+                    devplug_api::SimulatedDevice {
+                        id: "b".into(),
+                        numa_node: None,
+                        pcie_root: None,
+                        pci_bus_id: None,
+                    },
+                ],
+                ..Default::default()
+            },
+            PathBuf::from("/nonexistent"),
+        );
+        let d = s.discover().unwrap();
+        assert_eq!(
+            d[0].attributes,
+            [(
+                topology::PCIE_ROOT_ATTRIBUTE.to_string(),
+                "pci0000:40".to_string()
+            )]
+            .into()
+        );
+        assert!(d[1].attributes.is_empty());
     }
 
     #[test]

@@ -58,6 +58,19 @@ fn fixture(spec: NvidiaSource) -> Fixture {
     let pci = roots.sys.join("bus/pci/devices/0000:3b:00.0");
     std::fs::create_dir_all(&pci).unwrap();
     std::fs::write(pci.join("numa_node"), "1\n").unwrap();
+    // The second GPU's entry links into /sys/devices as on a real host
+    // (and has no numa_node file).
+    std::fs::create_dir_all(
+        roots
+            .sys
+            .join("devices/pci0000:85/0000:85:00.0/0000:86:00.0"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        "../../../devices/pci0000:85/0000:85:00.0/0000:86:00.0",
+        roots.sys.join("bus/pci/devices/0000:86:00.0"),
+    )
+    .unwrap();
     let lib = Arc::new(FakeGpus::default());
     *lib.gpus.lock().unwrap() = vec![
         gpu("GPU-aaaa", 0, "00000000:3B:00.0", &["00000000:86:00.0"]),
@@ -88,7 +101,24 @@ fn discovers_gpus_with_uuid_numa_nodes_and_nvlinks() {
     assert_eq!(d.len(), 2);
     assert_eq!(d[0].id, "GPU-aaaa");
     assert_eq!(d[0].numa_node, Some(1), "from sysfs via the PCI bus id");
-    assert_eq!(d[1].numa_node, None, "no sysfs entry");
+    assert_eq!(d[1].numa_node, None, "no numa_node in sysfs");
+    // The standard topology attributes: the address in Linux's form, and
+    // the root complex where sysfs links the device under one.
+    let attr = |i: usize, k: &str| d[i].attributes.get(k).map(String::as_str);
+    assert_eq!(
+        attr(0, topology::PCI_BUS_ID_ATTRIBUTE),
+        Some("0000:3b:00.0")
+    );
+    assert_eq!(
+        attr(0, topology::PCIE_ROOT_ATTRIBUTE),
+        None,
+        "a plain directory names no root"
+    );
+    assert_eq!(
+        attr(1, topology::PCI_BUS_ID_ATTRIBUTE),
+        Some("0000:86:00.0")
+    );
+    assert_eq!(attr(1, topology::PCIE_ROOT_ATTRIBUTE), Some("pci0000:85"));
     let nodes: Vec<_> = d[0].nodes.iter().map(|n| n.host_path.as_str()).collect();
     assert_eq!(
         nodes,
