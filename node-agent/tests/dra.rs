@@ -860,6 +860,7 @@ async fn in_process(
         checkpoint: Default::default(),
         saved: Default::default(),
         flush: Default::default(),
+        claims_changed: Default::default(),
         reads: tokio::sync::Semaphore::new(devplug_agent::dra::server::READS_AT_ONCE),
         claim_locks: Default::default(),
     });
@@ -1315,4 +1316,186 @@ async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the
         }
         again.terminate();
     }
+}
+
+/// The claim's `status.devices` entries of `driver`: (device, Ready, Healthy
+/// status, Healthy reason, Healthy message).
+async fn device_status(
+    api: &Cluster,
+    ns: &str,
+    name: &str,
+    driver: &str,
+) -> Vec<(String, String, String, String, String)> {
+    let claims: kube::Api<k8s_openapi::api::resource::v1::ResourceClaim> =
+        kube::Api::namespaced(api.admin(), ns);
+    let c = claims.get(name).await.unwrap();
+    c.status
+        .and_then(|s| s.devices)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|d| d.driver == driver)
+        .map(|d| {
+            let conds = d.conditions.unwrap_or_default();
+            let get = |t: &str| conds.iter().find(|c| c.type_ == t).cloned();
+            let ready = get("Ready").map(|c| c.status).unwrap_or_default();
+            let h = get("Healthy");
+            (
+                d.device,
+                ready,
+                h.as_ref().map(|c| c.status.clone()).unwrap_or_default(),
+                h.as_ref().map(|c| c.reason.clone()).unwrap_or_default(),
+                h.map(|c| c.message).unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// A prepared claim shows each device's state in its `status.devices`
+/// (DRAResourceClaimDeviceStatus), from the same health as every other
+/// path: Healthy, then Unhealthy with the flip's reason, then Healthy
+/// again; unprepare removes the entries. The real API server lets the
+/// agent write this only for claims allocated to its own node (the
+/// granular `resourceclaims/driver` check with `associated-node:patch`):
+/// the same write by the agent's identity on another node's claim is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepared_claims_device_status_follows_health_and_is_written_for_its_own_node_only() {
+    let node = Node::new();
+    let root = node.tmp.path().join("kubelet");
+    let api = Cluster::start(&node.name, policy_json()).await;
+    let driver = driver(&api);
+    let class = device_class(&api).await;
+    let ns = unique("status");
+    let mut agent = spawn(&node, &api, &root);
+    register(&root, &driver).await;
+    let uid = api
+        .allocated_claim(
+            &ns,
+            "c",
+            &[("gpu", &class)],
+            &[("gpu", &driver, &node.name, "sim-1")],
+        )
+        .await;
+    let mut c =
+        v1::dra_plugin_client::DraPluginClient::new(dial(&endpoint(&root, &driver)).await.unwrap());
+    let r = c
+        .node_prepare_resources(v1::NodePrepareResourcesRequest {
+            claims: vec![c1(&ns, &uid, "c")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.claims[&uid].error, "");
+
+    let wait = |want: (&'static str, &'static str, &'static str), what: &'static str| {
+        let api = &api;
+        let ns = &ns;
+        let driver = &driver;
+        async move {
+            let deadline = Instant::now() + T;
+            loop {
+                let got = device_status(api, ns, "c", driver).await;
+                if let [(dev, ready, h, reason, msg)] = got.as_slice()
+                    && dev == "sim-1"
+                    && ready == "True"
+                    && (h.as_str(), reason.as_str()) == (want.0, want.1)
+                    && msg.contains(want.2)
+                {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "{what}: the claim shows {got:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait(("True", "Healthy", ""), "after prepare").await;
+    node.sim_set(&api.policy, "sim-1", "Unhealthy");
+    wait(("False", "Unhealthy", "test flip"), "after the flip").await;
+    node.sim_set(&api.policy, "sim-1", "Healthy");
+    wait(("True", "Healthy", ""), "after recovery").await;
+
+    // The same write by the agent's identity for a claim allocated to
+    // another node: refused by the API server itself.
+    let other = api
+        .allocated_claim(
+            &ns,
+            "elsewhere",
+            &[("gpu", &class)],
+            &[("gpu", &driver, "some-other-node", "sim-0")],
+        )
+        .await;
+    assert!(!other.is_empty());
+    let as_agent: kube::Api<k8s_openapi::api::resource::v1::ResourceClaim> =
+        kube::Api::namespaced(api.agent_client(), &ns);
+    let body = |name: &str, pool: &str, device: &str| {
+        json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+               "metadata": {"name": name, "namespace": ns},
+               "status": {"devices": [{"driver": driver, "pool": pool, "device": device,
+                   "conditions": [{"type": "Ready", "status": "True", "reason": "Prepared",
+                                   "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}]}})
+    };
+    let pp = kube::api::PatchParams::apply("devplug-test").force();
+    let refused = as_agent
+        .patch_status(
+            "elsewhere",
+            &pp,
+            &kube::api::Patch::Apply(body("elsewhere", "some-other-node", "sim-0")),
+        )
+        .await
+        .unwrap_err();
+    // (The API server says so as an invalid field, 422, naming the
+    // permission: for another node's claim only `arbitrary-node:` counts.)
+    match &refused {
+        kube::Error::Api(s) => {
+            assert_eq!(s.code, 422, "{s:?}");
+            assert!(
+                s.message.contains("changing status.devices requires")
+                    && s.message.contains("arbitrary-node:patch"),
+                "{}",
+                s.message
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // And for another driver's entry on its own node's claim.
+    let foreign = as_agent
+        .patch_status(
+            "c",
+            &pp,
+            &kube::api::Patch::Apply(
+                body("c", &node.name, "sim-1")
+                    .to_string()
+                    .replace(&format!("\"{driver}\""), "\"other.example.com\"")
+                    .parse::<Value>()
+                    .unwrap(),
+            ),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&foreign, kube::Error::Api(s) if s.code == 422
+            && s.message.contains("changing status.devices requires")
+            && s.message.contains("other.example.com")),
+        "{foreign:?}"
+    );
+
+    // Unprepare removes the driver's entries.
+    let r = c
+        .node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
+            claims: vec![c1(&ns, &uid, "c")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.claims[&uid].error, "");
+    let deadline = Instant::now() + T;
+    loop {
+        let got = device_status(&api, &ns, "c", &driver).await;
+        if got.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "after unprepare: {got:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(agent.terminate().success());
 }

@@ -257,6 +257,18 @@ pub fn cluster_role(p: &DevicePluginPolicy) -> ClusterRole {
             ],
         ));
         rules.push(dra("resourceclaims", &["get"]));
+        // The device status of the claims it prepared (status.devices):
+        // the status subresource, and the API server's granular check for
+        // drivers, only for its own driver's entries and only on claims
+        // allocated to the node its token is bound to (associated-node).
+        rules.push(dra("resourceclaims/status", &["patch"]));
+        rules.push(PolicyRule {
+            api_groups: Some(vec!["resource.k8s.io".into()]),
+            resources: Some(vec!["resourceclaims/driver".into()]),
+            resource_names: Some(vec![devplug_api::dra_driver_name(&p.name_any())]),
+            verbs: vec!["associated-node:patch".into()],
+            ..PolicyRule::default()
+        });
         // The pod a call's claims are reserved for, read when one call
         // carries several claims: which container names which claim, so
         // the policy's variable lists every device a container holds.

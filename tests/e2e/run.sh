@@ -783,6 +783,13 @@ kubectl apply -f examples/claim-pod.yaml >/dev/null
 pod_ready_or_fail claim-pod 180
 dev=$(kubectl exec claim-pod -- printenv DEVPLUG_HARDWARE_VENDOR_EXAMPLE_FOO)
 DRA_AGENT=$(dra_agent '.metadata.name')
+claim_name=$(kubectl get pod claim-pod -o jsonpath='{.status.resourceClaimStatuses[0].resourceClaimName}')
+claim_health() { # the Healthy condition of $dev in the claim's status.devices, as the agent writes it
+  kubectl get resourceclaim "$claim_name" -o jsonpath="{range .status.devices[?(@.device==\"$dev\")]}{.conditions[?(@.type==\"Ready\")].status} {.conditions[?(@.type==\"Healthy\")].status} {.conditions[?(@.type==\"Healthy\")].reason} {.conditions[?(@.type==\"Healthy\")].message}{end}"
+}
+gate() { kubectl get --raw /metrics | awk -v g="name=\"$1\"" 'index($0, "kubernetes_feature_enabled{") && index($0, g) {print $NF; exit}'; }
+gates="DRAResourceClaimDeviceStatus=$(gate DRAResourceClaimDeviceStatus) DRAResourceClaimGranularStatusAuthorization=$(gate DRAResourceClaimGranularStatusAuthorization)"
+wait_for "the claim's status.devices: Ready, Healthy ($gates)" 60 "True True Healthy " claim_health
 kubectl -n $NS exec "$DRA_AGENT" -- devplug-agent sim --control-dir /run/devplug/sim $DRA_POLICY "$dev" Unhealthy "e2e DRA flip" >/dev/null
 pod_health() { # health and message of device $1 in claim-pod's status, as the kubelet reports it
   kubectl get pod claim-pod -o json | python3 -c '
@@ -805,13 +812,15 @@ wait_for "policy status names $dev" 30 "$dev" kubectl get dpp $DRA_POLICY -o jso
   fail "the policy status does not name default/claim-pod: $(kubectl get dpp $DRA_POLICY -o jsonpath='{.status.unhealthyDevices}')"
 wait_for "slice taints $dev" 30 "devplug.io/unhealthy" kubectl get resourceslices --field-selector spec.driver=$DRIVER \
   -o jsonpath="{.items[*].spec.devices[?(@.name==\"$dev\")].taints[*].key}"
+wait_for "the claim's status.devices: Unhealthy with the flip's reason" 30 "True False Unhealthy e2e DRA flip" claim_health
 health_line=$(pod_health "$dev")
 kubectl -n $NS exec "$DRA_AGENT" -- devplug-agent sim --control-dir /run/devplug/sim $DRA_POLICY "$dev" Healthy >/dev/null
 wait_for "taint removed on recovery" 60 "" kubectl get resourceslices --field-selector spec.driver=$DRIVER \
   -o jsonpath="{.items[*].spec.devices[?(@.name==\"$dev\")].taints[*].key}"
 wait_for "claim-pod's device Healthy again" 90 "Healthy" pod_health_only "$dev"
 wait_for "policy healthy again" 60 "2/2" kubectl get dpp $DRA_POLICY -o jsonpath='{.status.devicesHealthy}'
-ok "$dev: $health_line"
+wait_for "the claim's status.devices: Healthy again" 30 "True True Healthy " claim_health
+ok "$dev: $health_line; claim $claim_name status.devices followed; gates $gates"
 
 begin "DRA: the agent and the kubelet restarted mid-way lose no prepared claim"
 specs() { ls /var/run/cdi/devplug-claim-*.json 2>/dev/null | wc -l; }

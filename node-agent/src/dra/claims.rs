@@ -90,6 +90,10 @@ pub struct PreparedClaim {
     /// answered from: a repeated prepare reads the claim again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pending: bool,
+    /// When prepare answered (RFC 3339): the `Ready` condition's transition
+    /// in the claim's device status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared_at: Option<String>,
 }
 
 impl PreparedClaim {
@@ -103,6 +107,7 @@ impl PreparedClaim {
             before: Vec::new(),
             after: Vec::new(),
             pending: true,
+            prepared_at: None,
         }
     }
 }
@@ -441,6 +446,7 @@ pub fn plan(
             before: others.before.clone(),
             after: others.after.clone(),
             pending: false,
+            prepared_at: None,
         },
         Some(bytes),
     ))

@@ -17,6 +17,7 @@
 //! which reports DRA claims per container.
 
 pub mod authority;
+pub mod claim_status;
 pub mod claims;
 pub mod hpack;
 pub mod names;
@@ -111,6 +112,7 @@ pub fn serve(s: Setup, shutdown: watch::Receiver<bool>) -> std::io::Result<Start
         checkpoint: Mutex::new(checkpoint),
         saved: Mutex::new(0),
         flush: Default::default(),
+        claims_changed: Default::default(),
         reads: tokio::sync::Semaphore::new(server::READS_AT_ONCE),
         claim_locks: Default::default(),
     });
@@ -146,6 +148,10 @@ pub fn serve(s: Setup, shutdown: watch::Receiver<bool>) -> std::io::Result<Start
     let flusher = state.clone();
     let down = shutdown.clone();
     tasks.push(tokio::spawn(async move { flusher.flush_until(down).await }));
+    tasks.push(tokio::spawn(claim_status::run(
+        state.clone(),
+        shutdown.clone(),
+    )));
     let registrar = Registrar(state.clone());
     let mut down = shutdown;
     let registration_path = paths.registration.clone();

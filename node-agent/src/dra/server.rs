@@ -76,6 +76,9 @@ pub struct DraState {
     pub saved: Mutex<u64>,
     /// Asks [`DraState::flush_until`] to save the checkpoint.
     pub flush: tokio::sync::Notify,
+    /// Told on every prepare and unprepare: the claims' device status
+    /// ([`super::claim_status`]) follows.
+    pub claims_changed: tokio::sync::Notify,
     /// Claim and pod reads at once: a hundred pods starting together are
     /// read over a few connections to the API server, not a hundred new
     /// TLS connections (the client speaks HTTP/1.1, one request each).
@@ -443,6 +446,10 @@ impl DraState {
         if planned.is_empty() && undo.is_empty() {
             return;
         }
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        for (_, p) in &mut planned {
+            p.prepared_at = Some(now.clone());
+        }
         {
             let mut cp = self.checkpoint.lock().await;
             for (c, p) in &planned {
@@ -471,6 +478,7 @@ impl DraState {
         }
         if !planned.is_empty() {
             self.plugin.kick.notify_one();
+            self.claims_changed.notify_one();
         }
     }
 
@@ -623,6 +631,7 @@ impl DraState {
         }
         info!(policy = %self.plugin.cfg().name, claim = %format!("{}/{}", p.namespace, p.name), "claim unprepared");
         self.plugin.kick.notify_one();
+        self.claims_changed.notify_one();
         Ok(())
     }
 

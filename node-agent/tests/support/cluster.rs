@@ -236,11 +236,18 @@ impl Cluster {
         results: &[(&str, &str, &str, &str)],
     ) -> String {
         let mut claim = self.create_claim(namespace, name, requests).await;
+        let node = results.first().map(|r| r.2).unwrap_or_default();
         let results: Vec<Value> = results
             .iter()
             .map(|(r, driver, pool, dev)| json!({"request": r, "driver": driver, "pool": pool, "device": dev}))
             .collect();
-        claim["status"] = json!({"allocation": {"devices": {"results": results}}});
+        // As the scheduler allocates a node-local device: for the node of
+        // the first result's pool (our pools are named after their node).
+        claim["status"] = json!({"allocation": {
+            "devices": {"results": results},
+            "nodeSelector": {"nodeSelectorTerms": [{"matchFields": [
+                {"key": "metadata.name", "operator": "In", "values": [node]}]}]},
+        }});
         let path =
             format!("/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims/{name}/status");
         send(&self.admin, http::Method::PUT, &path, &claim)
