@@ -165,6 +165,10 @@ pub struct ClaimDevice<'a> {
     pub state: Option<&'a DeviceState>,
     /// The physical IDs of its request, comma-separated.
     pub request_ids: String,
+    /// For a shared device: the percent of it the claim's request was
+    /// given (its `shares` of the device's), set as
+    /// `DEVPLUG_DEVICE_<ID>_SHARE`.
+    pub share_percent: Option<u32>,
 }
 
 /// The CDI spec of a prepared DRA claim: per device, its device nodes, its
@@ -181,10 +185,15 @@ pub fn render_claim(
         .map(|c| CdiDevice {
             name: c.name.clone(),
             container_edits: Edits {
-                env: vec![
-                    format!("{}={}", cfg.ids_env, c.request_ids),
-                    format!("{}={}", device_env(c.id), c.id),
-                ],
+                env: [
+                    Some(format!("{}={}", cfg.ids_env, c.request_ids)),
+                    Some(format!("{}={}", device_env(c.id), c.id)),
+                    c.share_percent
+                        .map(|p| format!("{}_SHARE={p}", device_env(c.id))),
+                ]
+                .into_iter()
+                .flatten()
+                .collect(),
                 device_nodes: c.state.map(nodes_of).unwrap_or_default(),
                 mounts: Vec::new(),
             },

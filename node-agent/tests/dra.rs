@@ -1499,3 +1499,79 @@ async fn a_prepared_claims_device_status_follows_health_and_is_written_for_its_o
     }
     assert!(agent.terminate().success());
 }
+
+/// A shared policy (time-slicing, 4 replicas) served through DRA: each
+/// physical device is one device that allows several allocations, with 4
+/// `shares` (the real API server keeps both fields: DRAConsumableCapacity
+/// is on), and a claim given one share of it sees `..._SHARE=25` and gets
+/// its device status under its share's ID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_device_is_published_once_with_shares_and_a_claims_share_reaches_the_container() {
+    let node = Node::new();
+    let root = node.tmp.path().join("kubelet");
+    let mut policy = policy_of(2);
+    policy["spec"]["sharing"] = json!({"strategy": "TimeSlicing", "replicas": 4});
+    let api = Cluster::start(&node.name, policy).await;
+    let driver = driver(&api);
+    let class = device_class(&api).await;
+    let ns = unique("share");
+    let mut agent = spawn(&node, &api, &root);
+    register(&root, &driver).await;
+    let slices = wait_slices(&api, "shared pool published", |s| s.len() == 1).await;
+    let devs = slices[0]["spec"]["devices"].as_array().unwrap().clone();
+    assert_eq!(devs.len(), 2, "one device per physical device: {devs:?}");
+    for d in &devs {
+        assert_eq!(d["allowMultipleAllocations"], true, "{d}");
+        assert_eq!(d["capacity"]["shares"]["value"], "4", "{d}");
+        assert_eq!(
+            d["capacity"]["shares"]["requestPolicy"]["default"], "1",
+            "{d}"
+        );
+    }
+    // Allocated as the scheduler allocates a share of such a device.
+    let share = "0b5e3c2a-1111-4222-8333-444455556666";
+    let uid = api
+        .allocated_claim_with(
+            &ns,
+            "c",
+            &[("gpu", &class)],
+            vec![
+                json!({"request": "gpu", "driver": driver, "pool": node.name, "device": "sim-1",
+                        "shareID": share, "consumedCapacity": {"shares": "1"}}),
+            ],
+        )
+        .await;
+    let claims: kube::Api<k8s_openapi::api::resource::v1::ResourceClaim> =
+        kube::Api::namespaced(api.admin(), &ns);
+    let mut dra =
+        v1::dra_plugin_client::DraPluginClient::new(dial(&endpoint(&root, &driver)).await.unwrap());
+    let r = dra
+        .node_prepare_resources(v1::NodePrepareResourcesRequest {
+            claims: vec![c1(&ns, &uid, "c")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.claims[&uid].error, "");
+    let spec = std::fs::read_to_string(
+        node.cdi()
+            .join(format!("devplug-claim-{driver}-{uid}.json")),
+    )
+    .unwrap();
+    assert!(spec.contains("DEVPLUG_DEVICE_SIM_1_SHARE=25"), "{spec}");
+    assert!(spec.contains("DEVPLUG_EXAMPLE_COM_GPU=sim-1"), "{spec}");
+    // The device status names the share.
+    let deadline = Instant::now() + T;
+    loop {
+        let got = claims.get("c").await.unwrap();
+        let entries = got.status.and_then(|s| s.devices).unwrap_or_default();
+        if let [e] = entries.as_slice() {
+            assert_eq!(e.share_id.as_deref(), Some(share));
+            assert_eq!(e.device, "sim-1");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no device status: {entries:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(agent.terminate().success());
+}

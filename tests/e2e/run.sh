@@ -121,6 +121,9 @@ wait_for() { # description, timeout seconds, wanted, command...
   done
 }
 
+# Whether the API server has feature gate $1 on (1) or off (0).
+gate() { kubectl get --raw /metrics | awk -v g="name=\"$1\"" 'index($0, "kubernetes_feature_enabled{") && index($0, g) {print $NF; exit}'; }
+
 kit_started=""
 owns_devplug=""
 MARKER=devplug-e2e-run
@@ -787,7 +790,6 @@ claim_name=$(kubectl get pod claim-pod -o jsonpath='{.status.resourceClaimStatus
 claim_health() { # the Healthy condition of $dev in the claim's status.devices, as the agent writes it
   kubectl get resourceclaim "$claim_name" -o jsonpath="{range .status.devices[?(@.device==\"$dev\")]}{.conditions[?(@.type==\"Ready\")].status} {.conditions[?(@.type==\"Healthy\")].status} {.conditions[?(@.type==\"Healthy\")].reason} {.conditions[?(@.type==\"Healthy\")].message}{end}"
 }
-gate() { kubectl get --raw /metrics | awk -v g="name=\"$1\"" 'index($0, "kubernetes_feature_enabled{") && index($0, g) {print $NF; exit}'; }
 gates="DRAResourceClaimDeviceStatus=$(gate DRAResourceClaimDeviceStatus) DRAResourceClaimGranularStatusAuthorization=$(gate DRAResourceClaimGranularStatusAuthorization)"
 wait_for "the claim's status.devices: Ready, Healthy ($gates)" 60 "True True Healthy " claim_health
 kubectl -n $NS exec "$DRA_AGENT" -- devplug-agent sim --control-dir /run/devplug/sim $DRA_POLICY "$dev" Unhealthy "e2e DRA flip" >/dev/null
@@ -1022,6 +1024,91 @@ kubectl delete pod topo-pod --grace-period=1 --wait=true --timeout=60s >/dev/nul
 kubectl delete resourceclaim topo-claim --wait=true --timeout=60s >/dev/null
 kubectl delete dpp $TOPO --wait=true --timeout=120s >/dev/null || fail "deleting $TOPO did not finish"
 ok "topo-claim got $got (pci0000:40); the pod sees $seen"
+
+begin "DRA sharing: one device in 4 shares; 4 claims run on it, a fifth stays Pending; the bridge's foo: 1 is one share"
+SHARE=e2e-dra-share
+SHARE_DRIVER=$SHARE.devplug.io
+kubectl apply -f - >/dev/null <<YAML
+apiVersion: devplug.io/v1alpha1
+kind: DevicePluginPolicy
+metadata: {name: $SHARE, labels: {app: devplug-e2e}}
+spec:
+  resourceName: hardware-vendor.example/share
+  kubeletApi: DRA
+  sharing: {strategy: TimeSlicing, replicas: 4}
+  source: {simulated: {devices: [{id: s-0}]}}
+YAML
+share_slice() {
+  kubectl get resourceslices --field-selector spec.driver=$SHARE_DRIVER,spec.nodeName="$NODE" \
+    -o jsonpath='{.items[*].spec.devices[*].name} {.items[*].spec.devices[*].allowMultipleAllocations} {.items[*].spec.devices[*].capacity.shares.value}'
+}
+wait_for "one device, several allocations, 4 shares ($(gate DRAConsumableCapacity | sed 's/^/DRAConsumableCapacity=/'))" 120 "s-0 true 4" share_slice
+kubectl apply -f - >/dev/null <<YAML
+apiVersion: resource.k8s.io/v1
+kind: ResourceClaimTemplate
+metadata: {name: share-claim, labels: {app: devplug-e2e}}
+spec:
+  spec:
+    devices:
+      requests:
+        - name: s
+          exactly: {deviceClassName: $SHARE_DRIVER}
+YAML
+for i in 1 2 3 4 5; do
+  kubectl apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Pod
+metadata: {name: share-$i, labels: {app: devplug-e2e}}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: c
+      image: registry.k8s.io/e2e-test-images/busybox:1.36.1-1
+      command: ["sleep", "3600"]
+      resources: {claims: [{name: s}]}
+  resourceClaims: [{name: s, resourceClaimTemplateName: share-claim}]
+YAML
+done
+running_shares() { kubectl get pods -l app=devplug-e2e -o jsonpath='{range .items[*]}{.metadata.name} {.status.phase}{"\n"}{end}' | grep -c '^share-[0-9] Running$'; }
+wait_for "4 of the 5 share pods Running" 180 4 running_shares
+unscheduled() { # the Pending pod's scheduler message
+  for i in 1 2 3 4 5; do
+    [ "$(kubectl get pod share-$i -o jsonpath='{.status.phase}')" = Pending ] &&
+      kubectl get pod share-$i -o jsonpath='{.status.conditions[?(@.type=="PodScheduled")].reason} {.status.conditions[?(@.type=="PodScheduled")].message}'
+  done
+}
+unscheduled_reason() { unscheduled | cut -d' ' -f1; }
+wait_for "the fifth Pending as Unschedulable" 60 Unschedulable unscheduled_reason
+pending_msg=$(unscheduled | cut -d' ' -f2-)
+now_running=$(running_shares)
+[ "$now_running" = 4 ] || fail "$now_running share pods Running, wanted 4 (the device has 4 shares)"
+first=$(kubectl get pods -l app=devplug-e2e -o jsonpath='{range .items[?(@.status.phase=="Running")]}{.metadata.name}{"\n"}{end}' | grep '^share-' | head -1)
+pct=$(kubectl exec "$first" -- printenv DEVPLUG_DEVICE_S_0_SHARE)
+[ "$pct" = 25 ] || fail "$first sees DEVPLUG_DEVICE_S_0_SHARE='$pct', wanted 25"
+for i in 1 2 3 4 5; do kubectl delete pod share-$i --wait=false >/dev/null 2>&1; done
+for i in 1 2 3 4 5; do kubectl wait --for=delete pod/share-$i --timeout=90s >/dev/null 2>&1 || true; done
+# The extended-resource bridge: an unchanged pod asking for the resource.
+kubectl apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Pod
+metadata: {name: share-bridge, labels: {app: devplug-e2e}}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: c
+      image: registry.k8s.io/e2e-test-images/busybox:1.36.1-1
+      command: ["sleep", "3600"]
+      resources: {limits: {hardware-vendor.example/share: 1}}
+YAML
+pod_ready_or_fail share-bridge 180
+bridge_pct=$(kubectl exec share-bridge -- printenv DEVPLUG_DEVICE_S_0_SHARE)
+[ "$bridge_pct" = 25 ] || fail "the bridge pod (share: 1) sees DEVPLUG_DEVICE_S_0_SHARE='$bridge_pct', wanted 25 (one share)"
+kubectl delete pod share-bridge --wait=true --timeout=90s >/dev/null
+kubectl delete resourceclaimtemplate share-claim --ignore-not-found >/dev/null
+kubectl delete dpp $SHARE --wait=true --timeout=120s >/dev/null || fail "deleting $SHARE did not finish"
+ok "4 running at 25 %, the fifth: $pending_msg; the bridge's share: 1 got $bridge_pct %"
 
 begin "DRA: deleting the policy removes its agents, slices and DeviceClass"
 kubectl delete resourceclaimtemplate foo-claim --ignore-not-found >/dev/null

@@ -69,10 +69,15 @@ pub fn entries(
     let mut seen = std::collections::BTreeSet::new();
     let mut out = Vec::new();
     for d in &p.devices {
-        if !seen.insert((d.result.pool.clone(), d.result.device.clone())) {
+        let key = (
+            d.result.pool.clone(),
+            d.result.device.clone(),
+            d.result.share_id.clone(),
+        );
+        if !seen.insert(key) {
             continue;
         }
-        let (status, reason, message, since) = match snap.physical(&d.id) {
+        let (status, reason, message, since) = match super::claims::dra_device(snap, &d.id) {
             Some(state) => match &state.health {
                 Health::Healthy => ("True", "Healthy", String::new(), state.last_transition),
                 Health::Unhealthy(r) => ("False", "Unhealthy", r.clone(), state.last_transition),
@@ -90,6 +95,7 @@ pub fn entries(
             driver: driver.to_string(),
             pool: d.result.pool.clone(),
             device: d.result.device.clone(),
+            share_id: d.result.share_id.clone(),
             conditions: Some(vec![
                 Condition {
                     type_: READY.into(),
@@ -306,6 +312,8 @@ mod tests {
                     request: req.to_string(),
                     pool: "node-1".into(),
                     device: id.to_string(),
+                    share_id: None,
+                    shares: None,
                 },
                 id: id.to_string(),
                 cdi_ids: vec![],

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use super::names;
 use crate::cdi;
 use crate::config::PluginConfig;
-use crate::devices::inventory::{DeviceState, LookupError, Snapshot};
+use crate::devices::inventory::{DeviceState, Snapshot};
 use crate::devices::sharing;
 
 /// Version of the checkpoint format written.
@@ -48,6 +48,13 @@ pub struct AllocResult {
     pub pool: String,
     /// DRA device name.
     pub device: String,
+    /// Which share of a device that allows several allocations (a shared
+    /// policy's device), as the scheduler named it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_id: Option<String>,
+    /// How many of the device's `shares` this allocation consumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shares: Option<u32>,
 }
 
 /// One prepared device.
@@ -279,17 +286,39 @@ pub fn results_of(claim: &ResourceClaim, driver: &str) -> Result<Vec<AllocResult
             request: r.request.clone(),
             pool: r.pool.clone(),
             device: r.device.clone(),
+            share_id: r.share_id.clone(),
+            shares: r.consumed_capacity.as_ref().and_then(|c| {
+                c.iter()
+                    .find(|(k, _)| k.rsplit('/').next() == Some(super::slices::SHARES_CAPACITY))
+                    .and_then(|(_, q)| q.0.parse().ok())
+            }),
         })
         .collect())
 }
 
-/// Every advertised ID on this node by its DRA device name.
+/// Every device on this node by its DRA device name. Through DRA each
+/// physical device is one device, shared or not (a shared policy's device
+/// allows several allocations, each taking some of its `shares`).
 fn advertised_by_name(snap: &Snapshot) -> BTreeMap<String, String> {
     snap.devices
         .keys()
-        .flat_map(|id| sharing::replica_ids(id, snap.replicas))
-        .map(|adv| (names::device_name(&adv), adv))
+        .map(|id| (names::device_name(id), id.clone()))
         .collect()
+}
+
+/// The device `id` names through DRA: a physical ID, or (recorded by an
+/// agent before shares were capacity) one of its replica IDs.
+pub fn dra_device<'a>(snap: &'a Snapshot, id: &str) -> Option<&'a DeviceState> {
+    snap.devices.get(id).or_else(|| snap.physical(id))
+}
+
+/// The physical ID behind a DRA device's ID (see [`dra_device`]).
+fn dra_physical<'a>(snap: &Snapshot, id: &'a str) -> &'a str {
+    if snap.devices.contains_key(id) {
+        id
+    } else {
+        sharing::physical_of(id, snap.replicas).unwrap_or(id)
+    }
 }
 
 /// The requests of `results`, in the order they first appear.
@@ -340,6 +369,8 @@ pub fn plan(
     let order = request_order(results);
     let mut devices = Vec::with_capacity(results.len());
     let mut per_request: Vec<Vec<(&str, &DeviceState)>> = vec![Vec::new(); order.len()];
+    // Shares of a shared device taken per request, for its variable.
+    let mut shares_of: BTreeMap<(&str, &str), u32> = BTreeMap::new();
     for r in results {
         if r.pool != pool {
             return Err(format!(
@@ -350,11 +381,14 @@ pub fn plan(
         let Some(adv) = by_name.get(&r.device) else {
             return Err(format!("device {} is not on this node", r.device));
         };
-        let state = snap.usable(adv).map_err(|e| match e {
-            LookupError::Unknown(id) => format!("device {id} is not on this node"),
-            LookupError::Unhealthy(id, h) => format!("device {id} is {h}"),
-        })?;
-        let physical = sharing::physical_of(adv, snap.replicas).unwrap_or(adv);
+        let state = match dra_device(snap, adv) {
+            None => return Err(format!("device {adv} is not on this node")),
+            Some(s) if !s.health.is_healthy() => {
+                return Err(format!("device {adv} is {}", s.health));
+            }
+            Some(s) => s,
+        };
+        let physical = dra_physical(snap, adv);
         let i = order
             .iter()
             .position(|q| *q == r.request)
@@ -362,6 +396,9 @@ pub fn plan(
         let list = &mut per_request[i];
         if !list.iter().any(|(p, _)| *p == physical) {
             list.push((physical, state));
+        }
+        if let Some(n) = r.shares {
+            *shares_of.entry((r.request.as_str(), physical)).or_default() += n;
         }
         devices.push(PreparedDevice {
             result: r.clone(),
@@ -413,6 +450,9 @@ pub fn plan(
         for (physical, state) in list {
             claim_devices.push(cdi::ClaimDevice {
                 name: names::cdi_device(uid, req, physical),
+                share_percent: shares_of.get(&(*req, *physical)).map(|n| {
+                    (u64::from(*n) * 100 / u64::from(snap.replicas.max(1))).min(100) as u32
+                }),
                 id: physical,
                 // The vendor toolkit's own names bring the nodes.
                 state: toolkit_kind.is_none().then_some(*state),
@@ -422,9 +462,7 @@ pub fn plan(
     }
     let mut given = std::collections::BTreeSet::new();
     for d in &mut devices {
-        let physical = sharing::physical_of(&d.id, snap.replicas)
-            .unwrap_or(&d.id)
-            .to_string();
+        let physical = dra_physical(snap, &d.id).to_string();
         if given.insert((d.result.request.clone(), physical.clone())) {
             let ours = format!(
                 "{kind}={}",
@@ -464,7 +502,7 @@ pub fn physical_ids(results: &[AllocResult], pool: &str, snap: &Snapshot) -> Vec
             .filter(|r| r.request == req && r.pool == pool)
         {
             if let Some(adv) = by_name.get(&r.device) {
-                let p = sharing::physical_of(adv, snap.replicas).unwrap_or(adv);
+                let p = dra_physical(snap, adv);
                 if !out.iter().any(|o| o == p) {
                     out.push(p.to_string());
                 }
@@ -747,6 +785,8 @@ mod tests {
             request: req.into(),
             pool: "n".into(),
             device: dev.into(),
+            share_id: None,
+            shares: None,
         }
     }
 
@@ -828,6 +868,80 @@ mod tests {
         assert_eq!(
             (p.before, p.after),
             (vec!["x".to_string(), "a".into()], vec!["y".to_string()])
+        );
+    }
+
+    #[test]
+    fn a_share_of_a_shared_device_reaches_the_container_as_a_percent() {
+        let cfg = cfg(
+            "{simulated: {count: 2}}",
+            "  sharing: {strategy: TimeSlicing, replicas: 4}\n",
+        );
+        let mut snap = snap(&["a", "b"]);
+        snap.replicas = 4;
+        // The scheduler's results: one share of a, two of b (two requests).
+        let mut one = result("r1", "a");
+        one.share_id = Some("s-1".into());
+        one.shares = Some(1);
+        let mut two = result("r2", "b");
+        two.share_id = Some("s-2".into());
+        two.shares = Some(2);
+        let (p, spec) = plan(
+            "u",
+            "ns",
+            "claim",
+            &[one, two],
+            &Others::default(),
+            "n",
+            &cfg,
+            &snap,
+        )
+        .unwrap();
+        let spec: Value = serde_json::from_slice(&spec.unwrap()).unwrap();
+        let all: Vec<String> = p.devices.iter().flat_map(|d| d.cdi_ids.clone()).collect();
+        let env = container_env(&spec, &all);
+        assert_eq!(env["DEVPLUG_DEVICE_A_SHARE"], "25");
+        assert_eq!(env["DEVPLUG_DEVICE_B_SHARE"], "50");
+        assert_eq!(
+            env["DEVPLUG_EXAMPLE_COM_GPU"], "a,b",
+            "physical IDs, not replicas"
+        );
+        // The share is kept in the record (for the claim's device status).
+        assert_eq!(p.devices[0].result.share_id.as_deref(), Some("s-1"));
+        // An unshared device gets no share variable.
+        let (_, spec) = plan(
+            "u",
+            "ns",
+            "c",
+            &[result("r", "a")],
+            &Others::default(),
+            "n",
+            &cfg,
+            &snap,
+        )
+        .unwrap();
+        let spec: Value = serde_json::from_slice(&spec.unwrap()).unwrap();
+        assert!(!spec.to_string().contains("_SHARE="), "{spec}");
+    }
+
+    #[test]
+    fn the_consumed_shares_and_share_id_are_read_from_the_allocation() {
+        let claim: ResourceClaim = serde_json::from_value(json!({
+            "metadata": {"name": "c", "namespace": "ns"},
+            "spec": {},
+            "status": {"allocation": {"devices": {"results": [
+                {"request": "r", "driver": "gpu.devplug.io", "pool": "n", "device": "a",
+                 "shareID": "6a6e3b1c-0000-4000-8000-000000000001",
+                 "consumedCapacity": {"shares": "3"}},
+                {"request": "r", "driver": "other.example.com", "pool": "n", "device": "z"}]}}}
+        }))
+        .unwrap();
+        let r = results_of(&claim, "gpu.devplug.io").unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].shares, Some(3));
+        assert_eq!(
+            r[0].share_id.as_deref(),
+            Some("6a6e3b1c-0000-4000-8000-000000000001")
         );
     }
 

@@ -25,7 +25,6 @@ use super::names::{self, Paths};
 use crate::cdi;
 use crate::deviceplugin::plugin::PluginState;
 use crate::devices::health::Health;
-use crate::devices::sharing;
 
 /// How often the full health list is sent again without a change, so the
 /// kubelet never takes a quiet driver for a silent one.
@@ -665,11 +664,11 @@ impl DraState {
                 Health::Unknown(r) => (health::HealthStatus::Unknown, r.clone()),
             };
             let message: String = message.chars().take(1024).collect();
-            for adv in sharing::replica_ids(id, snap.replicas) {
+            {
                 devices.push(health::DeviceHealth {
                     device: Some(health::DeviceIdentifier {
                         pool_name: self.node.clone(),
-                        device_name: names::device_name(&adv),
+                        device_name: names::device_name(id),
                     }),
                     health: h as i32,
                     last_updated_time: now,

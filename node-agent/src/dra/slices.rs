@@ -4,11 +4,15 @@
 //! policy's driver), split into slices of at most 64 devices: the API takes
 //! 128 per slice, but only 64 once any device of the slice carries a taint,
 //! and any device may turn unhealthy. Always 64 means a health change never
-//! moves a device to another slice, and never makes a slice too big. Every advertised ID is a device of its own: a time-sliced policy
-//! publishes `replicas` devices per physical device, so that `foo: 1`
-//! through the extended-resource bridge means one share, exactly as with
-//! the device plugin, and no alpha API (multiple allocations per device) is
-//! needed. Each device carries its original ID, its physical device, its
+//! moves a device to another slice, and never makes a slice too big. Each
+//! physical device is one DRA device. A shared policy's device (time-slicing
+//! with `replicas` N) allows several allocations (consumable capacity,
+//! KEP-5075, beta in 1.36) and has a capacity `shares` of N; a request
+//! takes 1 share unless it asks for more (`capacity.requests`, 1 to N), so
+//! N claims fit on it, the next stays Pending, and `foo: 1` through the
+//! extended-resource bridge means one share, as with the device plugin.
+//! Before, such a device was published as N devices. Each device carries
+//! its original ID, its
 //! NUMA node as the `numaNode` attribute and what its source knows (PCI
 //! address, USB vendor/product, GPU UUID, and for PCI devices the standard
 //! `resource.kubernetes.io/pciBusID` and `pcieRoot`, see
@@ -31,8 +35,10 @@ use std::time::Duration;
 use devplug_api::agent_manager;
 use futures::StreamExt;
 use k8s_openapi::api::resource::v1::{
-    Device, DeviceAttribute, DeviceTaint, ResourcePool, ResourceSlice, ResourceSliceSpec,
+    CapacityRequestPolicy, CapacityRequestPolicyRange, Device, DeviceAttribute, DeviceCapacity,
+    DeviceTaint, ResourcePool, ResourceSlice, ResourceSliceSpec,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::watch;
@@ -42,7 +48,6 @@ use super::names;
 use crate::config::PluginConfig;
 use crate::devices::health::Health;
 use crate::devices::inventory::Snapshot;
-use crate::devices::sharing;
 
 /// Most devices one ResourceSlice of ours holds: the `resource.k8s.io/v1`
 /// limit for a slice whose devices carry taints (128 without any).
@@ -51,6 +56,9 @@ pub const MAX_DEVICES_PER_SLICE: usize = 64;
 pub const MAX_ATTRIBUTE_STRING: usize = 64;
 /// The taint an unhealthy device carries.
 pub const UNHEALTHY_TAINT: &str = "devplug.io/unhealthy";
+/// The capacity a shared device is divided into (in the driver's domain:
+/// `<driver>/shares` in a claim's `capacity.requests`).
+pub const SHARES_CAPACITY: &str = "shares";
 
 fn string_attr(v: &str) -> DeviceAttribute {
     DeviceAttribute {
@@ -59,16 +67,37 @@ fn string_attr(v: &str) -> DeviceAttribute {
     }
 }
 
-/// The pool's devices, in a stable order: one per advertised ID.
+/// The capacity of a shared device: `replicas` shares, 1 taken by a
+/// request that names none, any whole number up to all of them on request.
+fn shares(replicas: u32) -> std::collections::BTreeMap<String, DeviceCapacity> {
+    let q = |n: u32| Quantity(n.to_string());
+    [(
+        SHARES_CAPACITY.to_string(),
+        DeviceCapacity {
+            value: q(replicas),
+            request_policy: Some(CapacityRequestPolicy {
+                default: Some(q(1)),
+                valid_range: Some(CapacityRequestPolicyRange {
+                    min: q(1),
+                    max: Some(q(replicas)),
+                    step: Some(q(1)),
+                }),
+                valid_values: None,
+            }),
+        },
+    )]
+    .into()
+}
+
+/// The pool's devices, in a stable order: one per physical device.
 pub fn devices(snap: &Snapshot) -> Vec<Device> {
     let mut out = Vec::new();
+    let shared = snap.replicas > 1;
     for (id, state) in &snap.devices {
-        for adv in sharing::replica_ids(id, snap.replicas) {
+        {
+            let adv = id;
             let mut attrs = std::collections::BTreeMap::new();
-            attrs.insert("id".to_string(), string_attr(&adv));
-            if snap.replicas > 1 {
-                attrs.insert("physicalID".into(), string_attr(id));
-            }
+            attrs.insert("id".to_string(), string_attr(adv));
             if let Some(n) = state.device.numa_node {
                 let int = DeviceAttribute {
                     int: Some(n),
@@ -88,9 +117,11 @@ pub fn devices(snap: &Snapshot) -> Vec<Device> {
                 Health::Healthy => None,
             };
             out.push(Device {
-                name: names::device_name(&adv),
+                name: names::device_name(adv),
                 attributes: Some(attrs),
                 taints,
+                allow_multiple_allocations: shared.then_some(true),
+                capacity: shared.then(|| shares(snap.replicas)),
                 ..Default::default()
             });
         }
@@ -363,18 +394,27 @@ mod tests {
     }
 
     #[test]
-    fn replicas_are_devices_and_large_pools_split_at_64() {
-        let devs = devices(&snap(200, 2));
+    fn a_shared_device_is_one_device_with_shares_and_large_pools_split_at_64() {
+        // Not shared: one exclusive device per physical device.
+        let plain = serde_json::to_value(devices(&snap(3, 1))).unwrap();
+        assert!(plain[0].get("allowMultipleAllocations").is_none());
+        assert!(plain[0].get("capacity").is_none());
+        // Shared 4 ways: still one device each, allowing several
+        // allocations, with 4 shares of which a request takes 1 by default.
+        let devs = devices(&snap(400, 4));
         assert_eq!(devs.len(), 400);
         let names: BTreeSet<&str> = devs.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names.len(), 400, "distinct names");
         assert!(names.iter().all(|n| names::is_dns_label(n)));
         // As the API server takes them (the wire form).
         let wire = serde_json::to_value(&devs).unwrap();
-        assert_eq!(wire[0]["attributes"]["id"], json!({"string": "Dev_000::0"}));
+        assert_eq!(wire[0]["attributes"]["id"], json!({"string": "Dev_000"}));
+        assert!(wire[0]["attributes"].get("physicalID").is_none());
+        assert_eq!(wire[0]["allowMultipleAllocations"], true);
         assert_eq!(
-            wire[0]["attributes"]["physicalID"],
-            json!({"string": "Dev_000"})
+            wire[0]["capacity"],
+            json!({"shares": {"value": "4", "requestPolicy": {
+                "default": "1", "validRange": {"min": "1", "max": "4", "step": "1"}}}})
         );
         assert_eq!(wire[3]["attributes"]["numaNode"], json!({"int": 1}));
         assert_eq!(

@@ -235,12 +235,29 @@ impl Cluster {
         requests: &[(&str, &str)],
         results: &[(&str, &str, &str, &str)],
     ) -> String {
-        let mut claim = self.create_claim(namespace, name, requests).await;
-        let node = results.first().map(|r| r.2).unwrap_or_default();
         let results: Vec<Value> = results
             .iter()
             .map(|(r, driver, pool, dev)| json!({"request": r, "driver": driver, "pool": pool, "device": dev}))
             .collect();
+        self.allocated_claim_with(namespace, name, requests, results)
+            .await
+    }
+
+    /// Same, with the allocation results as the API takes them (shares of
+    /// a device, for one).
+    pub async fn allocated_claim_with(
+        &self,
+        namespace: &str,
+        name: &str,
+        requests: &[(&str, &str)],
+        results: Vec<Value>,
+    ) -> String {
+        let mut claim = self.create_claim(namespace, name, requests).await;
+        let node = results
+            .first()
+            .and_then(|r| r["pool"].as_str())
+            .unwrap_or_default()
+            .to_string();
         // As the scheduler allocates a node-local device: for the node of
         // the first result's pool (our pools are named after their node).
         claim["status"] = json!({"allocation": {
