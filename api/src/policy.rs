@@ -539,6 +539,34 @@ pub struct HealthSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(max = 3600))]
     pub settle_seconds: Option<u32>,
+    /// The effect of the taint an unhealthy device carries in the policy's
+    /// ResourceSlices (`kubeletApi: DRA`). `NoSchedule` (default): no new
+    /// claim is allocated the device; pods using it run on. `NoExecute`:
+    /// also evicts the pods whose claims hold it, unless they tolerate
+    /// `devplug.io/unhealthy` (the kube-controller-manager's device taint
+    /// eviction, DRADeviceTaints); their claims are then freed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taint_effect: Option<TaintEffect>,
+}
+
+/// Effect of the taint on an unhealthy DRA device.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TaintEffect {
+    /// No new allocations; running pods keep the device.
+    #[default]
+    NoSchedule,
+    /// No new allocations, and pods using the device are evicted.
+    NoExecute,
+}
+
+impl TaintEffect {
+    /// The effect as the ResourceSlice API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaintEffect::NoSchedule => "NoSchedule",
+            TaintEffect::NoExecute => "NoExecute",
+        }
+    }
 }
 
 /// Default settle time, in seconds.

@@ -63,6 +63,8 @@ pub struct PluginConfig {
     pub pre_start: Option<(Vec<String>, Duration)>,
     /// Health settle time.
     pub settle: Duration,
+    /// Effect of the taint on an unhealthy DRA device.
+    pub taint_effect: devplug_api::TaintEffect,
     /// The kubelet API the devices are served through.
     pub kubelet_api: devplug_api::KubeletApi,
     /// DRA driver name (used in DRA mode).
@@ -116,6 +118,7 @@ impl PluginConfig {
                 )
             }),
             settle: Duration::from_secs(u64::from(s.health.settle_seconds())),
+            taint_effect: s.health.taint_effect.unwrap_or_default(),
             kubelet_api: s.kubelet_api,
             driver: devplug_api::dra_driver_name(p.metadata.name.as_deref().unwrap_or_default()),
             toolkit_cdi: s.source.nvidia.is_some(),

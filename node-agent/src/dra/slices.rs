@@ -89,8 +89,14 @@ fn shares(replicas: u32) -> std::collections::BTreeMap<String, DeviceCapacity> {
     .into()
 }
 
-/// The pool's devices, in a stable order: one per physical device.
+/// The pool's devices, in a stable order: one per physical device; an
+/// unhealthy one tainted `NoSchedule`.
 pub fn devices(snap: &Snapshot) -> Vec<Device> {
+    devices_with(snap, devplug_api::TaintEffect::NoSchedule)
+}
+
+/// Same, with the policy's taint effect.
+pub fn devices_with(snap: &Snapshot, effect: devplug_api::TaintEffect) -> Vec<Device> {
     let mut out = Vec::new();
     let shared = snap.replicas > 1;
     for (id, state) in &snap.devices {
@@ -111,7 +117,7 @@ pub fn devices(snap: &Snapshot) -> Vec<Device> {
             let taints = match state.health {
                 Health::Unhealthy(_) | Health::Unknown(_) => Some(vec![DeviceTaint {
                     key: UNHEALTHY_TAINT.into(),
-                    effect: "NoSchedule".into(),
+                    effect: effect.as_str().into(),
                     ..Default::default()
                 }]),
                 Health::Healthy => None,
@@ -227,7 +233,7 @@ async fn write(
 pub async fn publish(
     client: kube::Client,
     node: String,
-    cfgs: watch::Receiver<Arc<PluginConfig>>,
+    mut cfgs: watch::Receiver<Arc<PluginConfig>>,
     mut snaps: watch::Receiver<Arc<Snapshot>>,
     problems: watch::Sender<Option<String>>,
     mut shutdown: watch::Receiver<bool>,
@@ -260,8 +266,9 @@ pub async fn publish(
     let mut listed: BTreeSet<String> = BTreeSet::new();
     loop {
         let snap = snaps.borrow_and_update().clone();
+        let effect = cfgs.borrow_and_update().taint_effect;
         // Never an empty pool before discovery has looked.
-        let want = (snap.version > 0).then(|| devices(&snap));
+        let want = (snap.version > 0).then(|| devices_with(&snap, effect));
         if let Some(want) = want
             && published.as_ref() != Some(&want)
         {
@@ -321,6 +328,7 @@ pub async fn publish(
         tokio::select! {
             _ = crate::stopped(&mut shutdown) => return,
             r = snaps.changed() => if r.is_err() { return },
+            r = cfgs.changed() => if r.is_err() { return },
             ev = ours.next() => {
                 // Slices deleted by anyone else (the kubelet wipes a node's
                 // slices when it restarts; a user may delete them): the
@@ -426,6 +434,17 @@ mod tests {
             json!([{"key": UNHEALTHY_TAINT, "effect": "NoSchedule"}])
         );
         assert!(wire[2].get("taints").is_none());
+        // The policy may ask for NoExecute (evicting the device's pods).
+        let evicting = serde_json::to_value(devices_with(
+            &snap(3, 1),
+            devplug_api::TaintEffect::NoExecute,
+        ))
+        .unwrap();
+        assert_eq!(
+            evicting[0]["taints"],
+            json!([{"key": UNHEALTHY_TAINT, "effect": "NoExecute"}])
+        );
+        assert!(evicting[1].get("taints").is_none());
 
         let mut cfg = crate::config::PluginConfig::from_policy(
             &devplug_api::policies_from_yaml(
