@@ -310,6 +310,7 @@ mod tests {
         let mut inv = Inventory::new(Duration::from_secs(1), 1);
         inv.apply(
             Ok(vec![Device {
+                capacity: Default::default(),
                 id: "fuse".into(),
                 numa_node: None,
                 nodes: vec![DeviceNode {

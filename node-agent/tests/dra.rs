@@ -820,6 +820,7 @@ async fn in_process(
             id.clone(),
             devplug_agent::devices::inventory::DeviceState {
                 device: devplug_agent::devices::device::Device {
+                    capacity: Default::default(),
                     id,
                     numa_node: None,
                     nodes: vec![],

@@ -34,7 +34,9 @@ fn device_plugin_policy(name: &str) -> DevicePluginPolicy {
     devplug_api::policies_from_yaml(&yaml).unwrap().remove(0)
 }
 
-/// `n` devices, those in `unhealthy` tainted.
+/// `n` devices, those in `unhealthy` tainted; each with what a GPU source
+/// publishes (memory capacity, the standard PCI topology attributes), so
+/// every slice these tests write is judged by the API server with them.
 fn snapshot(n: usize, unhealthy: &[usize]) -> Snapshot {
     let mut s = Snapshot {
         replicas: 1,
@@ -47,12 +49,23 @@ fn snapshot(n: usize, unhealthy: &[usize]) -> Snapshot {
             id.clone(),
             DeviceState {
                 device: Device {
+                    capacity: [("memory".to_string(), "81559Mi".to_string())].into(),
                     id,
                     numa_node: Some(0),
                     nodes: vec![],
                     health: Health::Healthy,
                     links: vec![],
-                    attributes: BTreeMap::new(),
+                    attributes: [
+                        (
+                            devplug_api::topology::PCIE_ROOT_ATTRIBUTE.to_string(),
+                            format!("pci0000:{:02x}", i / 64),
+                        ),
+                        (
+                            devplug_api::topology::PCI_BUS_ID_ATTRIBUTE.to_string(),
+                            format!("0000:{:02x}:{:02x}.0", i / 32, i % 32),
+                        ),
+                    ]
+                    .into(),
                 },
                 health: if unhealthy.contains(&i) {
                     Health::Unhealthy("fell off the bus".into())

@@ -1110,6 +1110,85 @@ kubectl delete resourceclaimtemplate share-claim --ignore-not-found >/dev/null
 kubectl delete dpp $SHARE --wait=true --timeout=120s >/dev/null || fail "deleting $SHARE did not finish"
 ok "4 running at 25 %, the fifth: $pending_msg; the bridge's share: 1 got $bridge_pct %"
 
+begin "DRA health: detection to slice taint, 10 flips; NoExecute evicts the device's pod"
+EVICT=e2e-dra-evict
+EVICT_DRIVER=$EVICT.devplug.io
+kubectl apply -f - >/dev/null <<YAML
+apiVersion: devplug.io/v1alpha1
+kind: DevicePluginPolicy
+metadata: {name: $EVICT, labels: {app: devplug-e2e}}
+spec:
+  resourceName: hardware-vendor.example/evict
+  kubeletApi: DRA
+  health: {settleSeconds: 0, taintEffect: NoExecute}
+  source: {simulated: {devices: [{id: e-0}, {id: e-1}]}}
+YAML
+evict_taint() { # the taint effect on device $1, if any
+  kubectl get resourceslices --field-selector spec.driver=$EVICT_DRIVER,spec.nodeName="$NODE" \
+    -o jsonpath="{.items[*].spec.devices[?(@.name==\"$1\")].taints[*].effect}"
+}
+evict_agent() { kubectl -n $NS get pods -l devplug.io/policy=$EVICT --field-selector spec.nodeName="$NODE" -o jsonpath='{.items[0].metadata.name}'; }
+wait_for "the pool published" 120 "e-0 e-1" kubectl get resourceslices --field-selector spec.driver=$EVICT_DRIVER,spec.nodeName="$NODE" -o jsonpath='{.items[*].spec.devices[*].name}'
+wait_for "the agent Ready" 120 True kubectl -n $NS get pods -l devplug.io/policy=$EVICT -o jsonpath='{.items[0].status.conditions[?(@.type=="Ready")].status}'
+EA=$(evict_agent)
+# From the flip command's start (so including kubectl exec's own time: an
+# upper bound of detection) to the taint seen in the API server, polled
+# every 0.1 s; recovery waits for the taint to go.
+lat=""
+for i in 1 2 3 4 5 6 7 8 9 10; do
+  t0=$(date +%s%3N)
+  kubectl -n $NS exec "$EA" -- devplug-agent sim --control-dir /run/devplug/sim $EVICT e-1 Unhealthy "e2e flip $i" >/dev/null
+  while [ "$(evict_taint e-1)" != NoExecute ]; do
+    [ $(( $(date +%s%3N) - t0 )) -lt 30000 ] || fail "flip $i: no taint on e-1 within 30 s"
+    sleep 0.1
+  done
+  lat="$lat $(( $(date +%s%3N) - t0 ))"
+  kubectl -n $NS exec "$EA" -- devplug-agent sim --control-dir /run/devplug/sim $EVICT e-1 Healthy >/dev/null
+  wait_for "flip $i recovered" 30 "" evict_taint e-1
+done
+lat_summary=$(echo $lat | tr ' ' '\n' | sort -n | awk '{v[NR]=$1} END {printf "p50 %d ms, max %d ms over %d flips", v[int((NR+1)/2)], v[NR], NR}')
+say "flip command to taint in the API server: $lat_summary (ms:$lat)"
+# NoExecute: a pod holding the device is evicted once it turns unhealthy.
+kubectl apply -f - >/dev/null <<YAML
+apiVersion: resource.k8s.io/v1
+kind: ResourceClaim
+metadata: {name: evict-claim, labels: {app: devplug-e2e}}
+spec:
+  devices:
+    requests:
+      - name: e
+        exactly:
+          deviceClassName: $EVICT_DRIVER
+          selectors: [{cel: {expression: 'device.attributes["$EVICT_DRIVER"].id == "e-0"'}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: evict-pod, labels: {app: devplug-e2e}}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: c
+      image: registry.k8s.io/e2e-test-images/busybox:1.36.1-1
+      command: ["sleep", "3600"]
+      resources: {claims: [{name: e}]}
+  resourceClaims: [{name: e, resourceClaimName: evict-claim}]
+YAML
+pod_ready_or_fail evict-pod 180
+evict_uid=$(kubectl get pod evict-pod -o jsonpath='{.metadata.uid}')
+kubectl -n $NS exec "$EA" -- devplug-agent sim --control-dir /run/devplug/sim $EVICT e-0 Unhealthy "e2e: evict" >/dev/null
+evicted() { # gone, or marked for deletion with the taint manager's reason
+  local got
+  got=$(kubectl get pod evict-pod -o jsonpath='{.metadata.uid} {.status.conditions[?(@.type=="DisruptionTarget")].reason}' 2>/dev/null)
+  case "$got" in "" | "$evict_uid "?*) echo evicted ;; *) echo "$got" ;; esac
+}
+wait_for "evict-pod evicted by the NoExecute taint ($(gate DRADeviceTaints | sed 's/^/DRADeviceTaints=/'))" 120 evicted evicted
+reason=$(kubectl get pod evict-pod -o jsonpath='{.status.conditions[?(@.type=="DisruptionTarget")].reason}' 2>/dev/null)
+kubectl delete pod evict-pod --ignore-not-found --wait=true --timeout=60s >/dev/null
+kubectl delete resourceclaim evict-claim --ignore-not-found --wait=true --timeout=60s >/dev/null
+kubectl delete dpp $EVICT --wait=true --timeout=120s >/dev/null || fail "deleting $EVICT did not finish"
+ok "detection to taint $lat_summary; evict-pod evicted (${reason:-gone})"
+
 begin "DRA: deleting the policy removes its agents, slices and DeviceClass"
 kubectl delete resourceclaimtemplate foo-claim --ignore-not-found >/dev/null
 kubectl delete dpp $DRA_POLICY --wait=true --timeout=120s >/dev/null || fail "deleting the DRA policy did not finish"

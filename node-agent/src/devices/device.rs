@@ -35,6 +35,10 @@ pub struct Device {
     /// attributes): source-specific facts such as the PCI address, USB
     /// vendor and product, GPU UUID. Keys are DRA attribute names.
     pub attributes: std::collections::BTreeMap<String, String>,
+    /// What the device holds, where the source knows it (GPU memory from
+    /// NVML): DRA capacity name to a quantity (`"81559Mi"`), published in
+    /// the device's ResourceSlice entry for claims to select on.
+    pub capacity: std::collections::BTreeMap<String, String>,
 }
 
 /// Where the agent finds the host's `/dev` and `/sys`. Tests and benchmarks

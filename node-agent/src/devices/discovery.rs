@@ -215,6 +215,7 @@ mod tests {
                     .recv_timeout(Duration::from_secs(20));
             }
             Ok(vec![Device {
+                capacity: Default::default(),
                 id: "d0".into(),
                 numa_node: None,
                 nodes: vec![],

@@ -284,6 +284,7 @@ mod tests {
                 .map(|(id, h)| {
                     let state = DeviceState {
                         device: Device {
+                            capacity: Default::default(),
                             id: id.to_string(),
                             numa_node: None,
                             nodes: vec![],

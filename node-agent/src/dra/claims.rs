@@ -761,6 +761,7 @@ mod tests {
                 id.to_string(),
                 DeviceState {
                     device: Device {
+                        capacity: Default::default(),
                         id: id.to_string(),
                         numa_node: None,
                         nodes: vec![DeviceNode {

@@ -122,12 +122,35 @@ pub fn devices_with(snap: &Snapshot, effect: devplug_api::TaintEffect) -> Vec<De
                 }]),
                 Health::Healthy => None,
             };
+            // What the source knows the device holds (GPU memory), for
+            // selection; on a shared device every capacity is consumed
+            // by its allocations, so there only the shares are published.
+            let capacity = if shared {
+                Some(shares(snap.replicas))
+            } else if state.device.capacity.is_empty() {
+                None
+            } else {
+                Some(
+                    state
+                        .device
+                        .capacity
+                        .iter()
+                        .map(|(k, v)| {
+                            let c = DeviceCapacity {
+                                value: Quantity(v.clone()),
+                                request_policy: None,
+                            };
+                            (k.clone(), c)
+                        })
+                        .collect(),
+                )
+            };
             out.push(Device {
                 name: names::device_name(adv),
                 attributes: Some(attrs),
                 taints,
                 allow_multiple_allocations: shared.then_some(true),
-                capacity: shared.then(|| shares(snap.replicas)),
+                capacity,
                 ..Default::default()
             });
         }
@@ -381,6 +404,7 @@ mod tests {
                 id.clone(),
                 DeviceState {
                     device: Device {
+                        capacity: Default::default(),
                         id,
                         numa_node: Some((i % 2) as i64),
                         nodes: vec![],
@@ -445,6 +469,25 @@ mod tests {
             json!([{"key": UNHEALTHY_TAINT, "effect": "NoExecute"}])
         );
         assert!(evicting[1].get("taints").is_none());
+        // What the source knows a device holds is published as capacity,
+        // except on a shared device (its allocations would consume it all).
+        let mut with_memory = snap(2, 1);
+        if let Some(d) = with_memory.devices.get_mut("Dev_001") {
+            d.device.capacity = [("memory".to_string(), "81559Mi".to_string())].into();
+        }
+        let wire = serde_json::to_value(devices(&with_memory)).unwrap();
+        assert_eq!(wire[1]["capacity"], json!({"memory": {"value": "81559Mi"}}));
+        assert!(wire[0].get("capacity").is_none());
+        with_memory.replicas = 2;
+        let wire = serde_json::to_value(devices(&with_memory)).unwrap();
+        assert_eq!(
+            wire[1]["capacity"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .collect::<Vec<_>>(),
+            ["shares"]
+        );
 
         let mut cfg = crate::config::PluginConfig::from_policy(
             &devplug_api::policies_from_yaml(

@@ -106,6 +106,7 @@ mod tests {
         let mut inv = Inventory::new(Duration::from_secs(1), 2);
         inv.apply(
             Ok(vec![Device {
+                capacity: Default::default(),
                 id: "g0".into(),
                 numa_node: None,
                 nodes: vec![],
@@ -142,6 +143,7 @@ mod tests {
         inv.apply(
             Ok(vec![
                 Device {
+                    capacity: Default::default(),
                     id: "g0".into(),
                     numa_node: Some(1),
                     nodes: vec![],
@@ -150,6 +152,7 @@ mod tests {
                     attributes: Default::default(),
                 },
                 Device {
+                    capacity: Default::default(),
                     id: "g1".into(),
                     numa_node: None,
                     nodes: vec![],

@@ -27,6 +27,7 @@ fn snap(replicas: u32, all_healthy: bool) -> Snapshot {
     let mut inv = Inventory::new(Duration::from_secs(1), replicas);
     let devs = (0..4)
         .map(|i| Device {
+            capacity: Default::default(),
             id: format!("d{i}"),
             numa_node: Some(i / 2),
             nodes: vec![node(&format!("/dev/d{i}")), node("/dev/ctl")],
@@ -236,6 +237,7 @@ fn preferred_keeps_nvlinked_gpus_together() {
     // g0..g3 on one NUMA node; g1-g3 and g0-g2 are NVLinked.
     let mut inv = Inventory::new(Duration::from_secs(1), 1);
     let link = |id: &str, peers: &[&str]| Device {
+        capacity: Default::default(),
         id: id.into(),
         numa_node: Some(0),
         nodes: vec![],

@@ -50,6 +50,13 @@ pub struct Gpu {
     pub bus_id: String,
     /// Bus ids of the GPUs at the other end of active NVLinks.
     pub nvlink_peers: Vec<String>,
+    /// Total memory in bytes, if NVML says.
+    pub memory_bytes: Option<u64>,
+}
+
+/// GPU memory as a DRA capacity quantity, in whole MiB (`81559Mi`).
+pub fn memory_quantity(bytes: u64) -> String {
+    format!("{}Mi", bytes / (1024 * 1024))
 }
 
 /// A health event.
@@ -280,6 +287,11 @@ impl Source for Nvidia {
                 attributes.insert(topology::PCIE_ROOT_ATTRIBUTE.into(), r);
             }
             out.push(Device {
+                capacity: g
+                    .memory_bytes
+                    .map(|b| ("memory".to_string(), memory_quantity(b)))
+                    .into_iter()
+                    .collect(),
                 numa_node: self.numa(&g.bus_id),
                 attributes,
                 id: g.uuid,
@@ -290,6 +302,7 @@ impl Source for Nvidia {
         }
         for g in lost {
             out.push(Device {
+                capacity: Default::default(),
                 numa_node: self.numa(&g.bus_id),
                 id: g.uuid,
                 nodes: Vec::new(),
@@ -382,6 +395,7 @@ mod real {
                     minor,
                     bus_id: pci.bus_id,
                     nvlink_peers: peers,
+                    memory_bytes: d.memory_info().ok().map(|m| m.total),
                 });
             }
             Ok(out)

@@ -113,6 +113,7 @@ impl Pci {
             attributes.insert(topology::PCIE_ROOT_ATTRIBUTE.into(), root);
         }
         Ok(Some(Device {
+            capacity: Default::default(),
             id: address,
             numa_node,
             nodes,

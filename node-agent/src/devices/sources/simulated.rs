@@ -118,6 +118,7 @@ impl Source for Simulated {
                 attributes.insert(topology::PCI_BUS_ID_ATTRIBUTE.to_string(), b.clone());
             }
             out.push(Device {
+                capacity: Default::default(),
                 id: id.clone(),
                 numa_node: d.numa,
                 nodes: Vec::new(),

@@ -121,6 +121,7 @@ impl Source for Usb {
                 Health::Unhealthy(format!("device node {host_path} is missing"))
             };
             out.push(Device {
+                capacity: Default::default(),
                 id,
                 numa_node: numa_of(&dir, &self.roots.sys),
                 nodes: vec![DeviceNode {

@@ -36,6 +36,7 @@ fn gpu(uuid: &str, minor: u32, bus: &str, peers: &[&str]) -> Gpu {
         minor,
         bus_id: bus.into(),
         nvlink_peers: peers.iter().map(|s| s.to_string()).collect(),
+        memory_bytes: (minor == 0).then_some(80 * 1024 * 1024 * 1024 + 5 * 1024 * 1024 + 17),
     }
 }
 
@@ -119,6 +120,12 @@ fn discovers_gpus_with_uuid_numa_nodes_and_nvlinks() {
         Some("0000:86:00.0")
     );
     assert_eq!(attr(1, topology::PCIE_ROOT_ATTRIBUTE), Some("pci0000:85"));
+    // GPU memory, where NVML reports it, in whole MiB.
+    assert_eq!(
+        d[0].capacity.get("memory").map(String::as_str),
+        Some("81925Mi")
+    );
+    assert!(d[1].capacity.is_empty(), "no memory reported");
     let nodes: Vec<_> = d[0].nodes.iter().map(|n| n.host_path.as_str()).collect();
     assert_eq!(
         nodes,
