@@ -218,20 +218,49 @@ async fn existing(
     Ok((names, generation))
 }
 
+/// What the API server left out of `sent` when it stored it as `stored`:
+/// fields of a feature its gate has off are dropped without an error, and
+/// the devices then mean something else (a shared device allocated to one
+/// claim at a time, an unhealthy one not tainted). One line per kind, with
+/// the gate to look at.
+pub fn dropped(sent: &ResourceSlice, stored: &ResourceSlice) -> Vec<String> {
+    let count = |s: &ResourceSlice, f: &dyn Fn(&Device) -> bool| {
+        s.spec.devices.iter().flatten().filter(|d| f(d)).count()
+    };
+    type Has<'a> = &'a dyn Fn(&Device) -> bool;
+    let checks: [(Has, &str); 2] = [
+        (
+            &|d| d.allow_multiple_allocations == Some(true) || d.capacity.is_some(),
+            "allowMultipleAllocations and capacity (feature gate DRAConsumableCapacity): shared devices are allocated to one claim at a time",
+        ),
+        (
+            &|d| d.taints.as_ref().is_some_and(|t| !t.is_empty()),
+            "device taints (feature gate DRADeviceTaints): unhealthy devices can still be allocated",
+        ),
+    ];
+    checks
+        .iter()
+        .filter(|(f, _)| count(sent, *f) > count(stored, *f))
+        .map(|(_, what)| what.to_string())
+        .collect()
+}
+
 /// Applies `slices`, then deletes the names in `names` they no longer use.
 /// `names` follows every step that succeeded (a slice applied, a stale one
 /// deleted), so after a failure part-way it still says what the server
-/// holds.
+/// holds. Returns what the API server dropped (see [`dropped`]).
 async fn write(
     api: &Api<ResourceSlice>,
     manager: &str,
     slices: &[(String, ResourceSlice)],
     names: &mut BTreeSet<String>,
-) -> Result<(), kube::Error> {
+) -> Result<BTreeSet<String>, kube::Error> {
     let pp = PatchParams::apply(manager).force();
     let wanted: BTreeSet<&String> = slices.iter().map(|(n, _)| n).collect();
+    let mut lost = BTreeSet::new();
     for (name, body) in slices {
-        api.patch(name, &pp, &Patch::Apply(body)).await?;
+        let stored = api.patch(name, &pp, &Patch::Apply(body)).await?;
+        lost.extend(dropped(body, &stored));
         names.insert(name.clone());
     }
     let stale: Vec<String> = names
@@ -247,7 +276,7 @@ async fn write(
         }
         names.remove(&stale);
     }
-    Ok(())
+    Ok(lost)
 }
 
 /// Publishes the node's pool until `shutdown`: on every change of what the
@@ -299,7 +328,7 @@ pub async fn publish(
             generation += 1;
             let layout = slices(&node, &cfg, generation, &want);
             match write(&api, &manager, &layout, &mut names).await {
-                Ok(()) => {
+                Ok(lost) => {
                     if published.is_none() {
                         info!(policy = %cfg.name, devices = want.len(), slices = names.len(), generation, "ResourceSlices published");
                     } else {
@@ -307,7 +336,24 @@ pub async fn publish(
                     }
                     published = Some(want);
                     backoff.reset();
-                    problems.send_if_modified(|p| p.take().is_some());
+                    // Stored, but not as sent: said on NodeDeviceStatus and
+                    // so in the policy's Degraded condition.
+                    let why = (!lost.is_empty()).then(|| {
+                        format!(
+                            "the API server stored this node's ResourceSlices without {}",
+                            lost.into_iter().collect::<Vec<_>>().join("; without ")
+                        )
+                    });
+                    problems.send_if_modified(|p| {
+                        if *p == why {
+                            return false;
+                        }
+                        if let Some(w) = &why {
+                            warn!(policy = %cfg.name, "{w}");
+                        }
+                        *p = why;
+                        true
+                    });
                 }
                 Err(e) => {
                     let wait = backoff.next_delay();
@@ -332,7 +378,7 @@ pub async fn publish(
                         generation += 1;
                         let back = slices(&node, &cfg, generation, prev);
                         match write(&api, &manager, &back, &mut names).await {
-                            Ok(()) => {
+                            Ok(_) => {
                                 info!(policy = %cfg.name, generation, "kept the last published pool whole")
                             }
                             Err(e) => {
@@ -513,6 +559,28 @@ mod tests {
                 json!({"name": "n1", "generation": 7, "resourceSliceCount": 7})
             );
         }
+        // What an API server with a feature gate off drops is named.
+        let sent = &s[0].1;
+        assert!(dropped(sent, sent).is_empty());
+        let mut stored = sent.clone();
+        for d in stored.spec.devices.iter_mut().flatten() {
+            d.taints = None;
+        }
+        let lost = dropped(sent, &stored);
+        assert_eq!(lost.len(), 1, "{lost:?}");
+        assert!(lost[0].contains("DRADeviceTaints"), "{lost:?}");
+        let shared = slices("n1", &cfg, 1, &devices(&snap(2, 4)));
+        let mut plain = shared[0].1.clone();
+        for d in plain.spec.devices.iter_mut().flatten() {
+            d.allow_multiple_allocations = None;
+            d.capacity = None;
+        }
+        let lost = dropped(&shared[0].1, &plain);
+        assert!(
+            lost.iter().any(|l| l.contains("DRAConsumableCapacity")),
+            "{lost:?}"
+        );
+
         // An empty pool is one empty slice (after discovery ran).
         let s = slices("n1", &cfg, 1, &[]);
         assert_eq!(s.len(), 1);
