@@ -122,7 +122,9 @@ wait_for() { # description, timeout seconds, wanted, command...
 }
 
 # Whether the API server has feature gate $1 on (1) or off (0).
-gate() { kubectl get --raw /metrics | awk -v g="name=\"$1\"" 'index($0, "kubernetes_feature_enabled{") && index($0, g) {print $NF; exit}'; }
+# (awk reads to the end: an early exit would kill kubectl with SIGPIPE,
+# which pipefail turns into the suite's exit.)
+gate() { kubectl get --raw /metrics | awk -v g="name=\"$1\"" 'index($0, "kubernetes_feature_enabled{") && index($0, g) {v=$NF} END {print v}'; }
 
 kit_started=""
 owns_devplug=""
@@ -1083,7 +1085,7 @@ wait_for "the fifth Pending as Unschedulable" 60 Unschedulable unscheduled_reaso
 pending_msg=$(unscheduled | cut -d' ' -f2-)
 now_running=$(running_shares)
 [ "$now_running" = 4 ] || fail "$now_running share pods Running, wanted 4 (the device has 4 shares)"
-first=$(kubectl get pods -l app=devplug-e2e -o jsonpath='{range .items[?(@.status.phase=="Running")]}{.metadata.name}{"\n"}{end}' | grep '^share-' | head -1)
+first=$(kubectl get pods -l app=devplug-e2e -o jsonpath='{range .items[?(@.status.phase=="Running")]}{.metadata.name}{"\n"}{end}' | awk '/^share-/ && !n++')
 pct=$(kubectl exec "$first" -- printenv DEVPLUG_DEVICE_S_0_SHARE)
 [ "$pct" = 25 ] || fail "$first sees DEVPLUG_DEVICE_S_0_SHARE='$pct', wanted 25"
 for i in 1 2 3 4 5; do kubectl delete pod share-$i --wait=false >/dev/null 2>&1; done
