@@ -154,10 +154,11 @@ trap cleanup EXIT
 # Removes what an earlier, failed run left on a reused cluster.
 leftovers() {
   kubectl delete pod -l app=devplug-e2e --ignore-not-found --wait=true --timeout=60s >/dev/null 2>&1 || true
-  # On the kit or kind the cluster is the suite's: a demo-pod left by the
-  # quickstart (not labelled) would keep the suite's own from starting.
+  # On the kit or kind the cluster is the suite's: a demo-pod or claim-pod
+  # left by the quickstart or a run from before the suite labelled them
+  # (the kit's down.sh keeps pods) would keep the suite's own from starting.
   if [ "$mode" != existing ]; then
-    kubectl delete pod demo-pod --ignore-not-found --wait=true --timeout=60s >/dev/null 2>&1 || true
+    kubectl delete pod demo-pod claim-pod --ignore-not-found --wait=true --timeout=60s >/dev/null 2>&1 || true
   fi
   kubectl delete resourceclaim -l app=devplug-e2e --ignore-not-found --wait=true --timeout=60s >/dev/null 2>&1 || true
   kubectl delete resourceclaimtemplate -l app=devplug-e2e --ignore-not-found --wait=true --timeout=60s >/dev/null 2>&1 || true
@@ -761,7 +762,7 @@ ok "driver $DRIVER, devices $(slice_devices)"
 
 begin "DRA: a ResourceClaim pod gets its device through CDI"
 t0=$(date +%s%3N)
-kubectl apply -f examples/claim-pod.yaml >/dev/null
+sed 's/^metadata:/metadata:\n  labels: {app: devplug-e2e}/' examples/claim-pod.yaml | kubectl apply -f - >/dev/null
 pod_ready_or_fail claim-pod 180
 claim_ready=$(( $(date +%s%3N) - t0 ))
 got=$(kubectl exec claim-pod -- printenv DEVPLUG_HARDWARE_VENDOR_EXAMPLE_FOO)
@@ -784,7 +785,7 @@ ok "$ids"
 begin "DRA: a flip shows in the claim pod's allocatedResourcesStatus and both statuses; recovery clears the taint"
 # The kubelet reports DRA device health for containers that name their
 # claims (resources.claims), so the claim pod is the one to watch.
-kubectl apply -f examples/claim-pod.yaml >/dev/null
+sed 's/^metadata:/metadata:\n  labels: {app: devplug-e2e}/' examples/claim-pod.yaml | kubectl apply -f - >/dev/null
 pod_ready_or_fail claim-pod 180
 dev=$(kubectl exec claim-pod -- printenv DEVPLUG_HARDWARE_VENDOR_EXAMPLE_FOO)
 DRA_AGENT=$(dra_agent '.metadata.name')
@@ -840,7 +841,7 @@ kubectl delete pod claim-pod --grace-period=1 --wait=true --timeout=90s >/dev/nu
 if [ "$mode" = kit ]; then
   wait_for "claim CDI specs removed by unprepare" 60 0 specs
 fi
-kubectl apply -f examples/claim-pod.yaml >/dev/null
+sed 's/^metadata:/metadata:\n  labels: {app: devplug-e2e}/' examples/claim-pod.yaml | kubectl apply -f - >/dev/null
 pod_ready_or_fail claim-pod 180
 kubectl delete pod claim-pod --grace-period=1 --wait=true --timeout=60s >/dev/null
 ok "the claim prepared before the restarts was unprepared after them; a new one ran"
