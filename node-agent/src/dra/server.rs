@@ -663,19 +663,16 @@ impl DraState {
                 Health::Unhealthy(r) => (health::HealthStatus::Unhealthy, r.clone()),
                 Health::Unknown(r) => (health::HealthStatus::Unknown, r.clone()),
             };
-            let message: String = message.chars().take(1024).collect();
-            {
-                devices.push(health::DeviceHealth {
-                    device: Some(health::DeviceIdentifier {
-                        pool_name: self.node.clone(),
-                        device_name: names::device_name(id),
-                    }),
-                    health: h as i32,
-                    last_updated_time: now,
-                    health_check_timeout_seconds: HEALTH_TIMEOUT_SECONDS,
-                    message: message.clone(),
-                });
-            }
+            devices.push(health::DeviceHealth {
+                device: Some(health::DeviceIdentifier {
+                    pool_name: self.node.clone(),
+                    device_name: names::device_name(id),
+                }),
+                health: h as i32,
+                last_updated_time: now,
+                health_check_timeout_seconds: HEALTH_TIMEOUT_SECONDS,
+                message: message.chars().take(1024).collect(),
+            });
         }
         health::NodeWatchResourcesResponse { devices }
     }

@@ -100,60 +100,57 @@ pub fn devices_with(snap: &Snapshot, effect: devplug_api::TaintEffect) -> Vec<De
     let mut out = Vec::new();
     let shared = snap.replicas > 1;
     for (id, state) in &snap.devices {
-        {
-            let adv = id;
-            let mut attrs = std::collections::BTreeMap::new();
-            attrs.insert("id".to_string(), string_attr(adv));
-            if let Some(n) = state.device.numa_node {
-                let int = DeviceAttribute {
-                    int: Some(n),
-                    ..Default::default()
-                };
-                attrs.insert("numaNode".into(), int);
-            }
-            for (k, v) in &state.device.attributes {
-                attrs.insert(k.clone(), string_attr(v));
-            }
-            let taints = match state.health {
-                Health::Unhealthy(_) | Health::Unknown(_) => Some(vec![DeviceTaint {
-                    key: UNHEALTHY_TAINT.into(),
-                    effect: effect.as_str().into(),
-                    ..Default::default()
-                }]),
-                Health::Healthy => None,
-            };
-            // What the source knows the device holds (GPU memory), for
-            // selection; on a shared device every capacity is consumed
-            // by its allocations, so there only the shares are published.
-            let capacity = if shared {
-                Some(shares(snap.replicas))
-            } else if state.device.capacity.is_empty() {
-                None
-            } else {
-                Some(
-                    state
-                        .device
-                        .capacity
-                        .iter()
-                        .map(|(k, v)| {
-                            let c = DeviceCapacity {
-                                value: Quantity(v.clone()),
-                                request_policy: None,
-                            };
-                            (k.clone(), c)
-                        })
-                        .collect(),
-                )
-            };
-            out.push(Device {
-                name: names::device_name(adv),
-                attributes: Some(attrs),
-                taints,
-                allow_multiple_allocations: shared.then_some(true),
-                capacity,
+        let mut attrs = std::collections::BTreeMap::new();
+        attrs.insert("id".to_string(), string_attr(id));
+        if let Some(n) = state.device.numa_node {
+            let int = DeviceAttribute {
+                int: Some(n),
                 ..Default::default()
-            });
+            };
+            attrs.insert("numaNode".into(), int);
         }
+        for (k, v) in &state.device.attributes {
+            attrs.insert(k.clone(), string_attr(v));
+        }
+        let taints = match state.health {
+            Health::Unhealthy(_) | Health::Unknown(_) => Some(vec![DeviceTaint {
+                key: UNHEALTHY_TAINT.into(),
+                effect: effect.as_str().into(),
+                ..Default::default()
+            }]),
+            Health::Healthy => None,
+        };
+        // What the source knows the device holds (GPU memory), for
+        // selection; on a shared device every capacity is consumed
+        // by its allocations, so there only the shares are published.
+        let capacity = if shared {
+            Some(shares(snap.replicas))
+        } else if state.device.capacity.is_empty() {
+            None
+        } else {
+            Some(
+                state
+                    .device
+                    .capacity
+                    .iter()
+                    .map(|(k, v)| {
+                        let c = DeviceCapacity {
+                            value: Quantity(v.clone()),
+                            request_policy: None,
+                        };
+                        (k.clone(), c)
+                    })
+                    .collect(),
+            )
+        };
+        out.push(Device {
+            name: names::device_name(id),
+            attributes: Some(attrs),
+            taints,
+            allow_multiple_allocations: shared.then_some(true),
+            capacity,
+            ..Default::default()
+        });
     }
     out
 }

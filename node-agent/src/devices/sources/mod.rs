@@ -230,6 +230,13 @@ pub(crate) fn read_attr(path: &std::path::Path) -> Result<String, SourceError> {
         .map_err(|e| SourceError::io(path, e))
 }
 
+/// The PCIe root complex of the PCI device whose sysfs bus entry is
+/// `entry` (`/sys/bus/pci/devices/<address>`): named in the entry's link
+/// into `/sys/devices`. `None` where the entry is no link.
+pub fn pcie_root(entry: &std::path::Path) -> Option<String> {
+    devplug_api::topology::pcie_root_of(&std::fs::read_link(entry).ok()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -185,13 +185,18 @@ impl Nvidia {
         Ok(lib)
     }
 
+    /// The sysfs bus entry of the GPU at `bus_id`.
+    fn pci_entry(&self, bus_id: &str) -> Option<PathBuf> {
+        Some(
+            self.roots
+                .sys
+                .join("bus/pci/devices")
+                .join(sysfs_bus_id(bus_id)?),
+        )
+    }
+
     fn numa(&self, bus_id: &str) -> Option<i64> {
-        let dir = self
-            .roots
-            .sys
-            .join("bus/pci/devices")
-            .join(sysfs_bus_id(bus_id)?);
-        std::fs::read_to_string(dir.join("numa_node"))
+        std::fs::read_to_string(self.pci_entry(bus_id)?.join("numa_node"))
             .ok()?
             .trim()
             .parse::<i64>()
@@ -201,12 +206,7 @@ impl Nvidia {
 
     /// The PCIe root complex of the GPU at `bus_id`, from its sysfs link.
     fn pcie_root(&self, bus_id: &str) -> Option<String> {
-        let entry = self
-            .roots
-            .sys
-            .join("bus/pci/devices")
-            .join(sysfs_bus_id(bus_id)?);
-        topology::pcie_root_of(&std::fs::read_link(entry).ok()?)
+        super::pcie_root(&self.pci_entry(bus_id)?)
     }
 
     fn node(&self, host: &str) -> Option<DeviceNode> {

@@ -106,10 +106,7 @@ impl Pci {
         if topology::is_pci_bus_id(&address) {
             attributes.insert(topology::PCI_BUS_ID_ATTRIBUTE.into(), address.clone());
         }
-        if let Some(root) = std::fs::read_link(dir)
-            .ok()
-            .and_then(|t| topology::pcie_root_of(&t))
-        {
+        if let Some(root) = super::pcie_root(dir) {
             attributes.insert(topology::PCIE_ROOT_ATTRIBUTE.into(), root);
         }
         Ok(Some(Device {
