@@ -104,14 +104,15 @@ async fn fresh(
             device_plugin_dir: "/var/lib/kubelet/device-plugins".into(),
             ..Default::default()
         },
-        devplug_operator::index::Index {
-            policies: store,
-            daemonsets: ds_store,
-            agent_pods: support::synced(Vec::new()).0,
-            nds: support::synced(Vec::new()).0,
-            nodes: support::synced(Vec::new()).0,
-            synced: devplug_operator::synced::Synced::all(),
-        },
+        devplug_operator::index::Index::new(
+            store,
+            ds_store,
+            support::synced(Vec::new()).0,
+            support::synced(Vec::new()).0,
+            support::synced(Vec::new()).0,
+            support::synced(Vec::new()).0,
+            devplug_operator::synced::Synced::all(),
+        ),
         Arc::new(Metrics::default()),
     ));
     (api, ctx, writer, std::sync::Mutex::new(ds_writer))

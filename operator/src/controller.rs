@@ -293,12 +293,7 @@ fn cached_daemonset(ctx: &Context, name: &str) -> Option<DaemonSet> {
 /// The agent pods of `policy`, from the watch cache (shared, not copied:
 /// a fleet has one per node).
 fn cached_agent_pods(ctx: &Context, policy: &str) -> Vec<Arc<AgentPod>> {
-    ctx.index
-        .agent_pods
-        .state()
-        .into_iter()
-        .filter(|p| desired::is_agent_of(p.labels(), policy))
-        .collect()
+    ctx.index.agent_pods_of(policy)
 }
 
 /// A server-side apply of a policy carrying only the fields the operator
@@ -395,12 +390,12 @@ async fn still_serving(p: &DevicePluginPolicy, ctx: &Context) -> Result<Vec<Stri
     if entries > 0 {
         left.push(format!("{entries} NodeDeviceStatus entr(ies)"));
     }
-    let labelled = Api::<k8s_openapi::api::core::v1::Node>::all(c.clone())
-        .list_metadata(&ListParams::default().labels(&devices::node_label_key(&name, "count")))
-        .await
-        .map_err(kube_err("list", "Node", &name))?;
-    if !labelled.items.is_empty() {
-        left.push(format!("labels on {} node(s)", labelled.items.len()));
+    let labelled = ctx
+        .index
+        .nodes_labelled(&devices::node_label_key(&name, "count"))
+        .len();
+    if labelled > 0 {
+        left.push(format!("labels on {labelled} node(s)"));
     }
     // A DRA policy's slices and class, once no agent runs (an agent could
     // publish again); the kubelet would also drop the slices of a driver
@@ -425,23 +420,35 @@ async fn still_serving(p: &DevicePluginPolicy, ctx: &Context) -> Result<Vec<Stri
     Ok(left)
 }
 
-/// Deletes a DRA policy's ResourceSlices (all of its driver's) and its
-/// DeviceClass; returns how many slices there were. A cluster without the
-/// DRA API has none.
+/// Deletes a DRA policy's ResourceSlices (all of its driver's, in one
+/// collection delete: no listing) and its DeviceClass; returns how many
+/// slices were still there. A cluster without the DRA API has none.
 async fn delete_dra_objects(policy: &str, ctx: &Context) -> Result<usize> {
     let c = ctx.client.clone();
     let driver = devplug_api::dra_driver_name(policy);
     let slices: Api<ResourceSlice> = Api::all(c.clone());
     let found = match slices
-        .list_metadata(&ListParams::default().fields(&format!("spec.driver={driver}")))
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().fields(&format!("spec.driver={driver}")),
+        )
         .await
     {
-        Ok(found) => found.items,
-        Err(kube::Error::Api(s)) if s.code == 404 => Vec::new(),
-        Err(e) => return Err(kube_err("list", "ResourceSlice", &driver)(e)),
+        // A list of what was deleted, or a Status: deleted without saying
+        // how many (the next look counts again).
+        Ok(answer) => answer.left().map_or(0, |list| list.items.len()),
+        Err(kube::Error::Api(s)) if s.code == 404 => 0,
+        Err(e) => {
+            return Err(kube_err("delete the slices of", "ResourceSlice", &driver)(
+                e,
+            ));
+        }
     };
-    for s in &found {
-        delete_if_present(&slices, &s.name_any(), "ResourceSliceDelete", ctx).await?;
+    if found > 0 {
+        for _ in 0..found {
+            ctx.metrics.wrote("ResourceSliceDelete");
+        }
+        info!(%driver, slices = found, "deleted the driver's ResourceSlices");
     }
     let class = devplug_api::dra_device_class_name(policy);
     remember(ctx, format!("DeviceClass/{class}"), None);
@@ -452,7 +459,7 @@ async fn delete_dra_objects(policy: &str, ctx: &Context) -> Result<usize> {
         ctx,
     )
     .await?;
-    Ok(found.len())
+    Ok(found)
 }
 
 /// Deletes an agent's ClusterRoleBinding and ClusterRole.
@@ -594,34 +601,30 @@ async fn apply_agents(
 
 /// While the DaemonSet has fewer pods than nodes to run on, the message of
 /// its latest `FailedCreate` event (Pod Security, quota, a webhook), with
-/// what to do where known. One LIST, only in that state.
-async fn create_failure(ds: &DaemonSet, ctx: &Context) -> Option<String> {
+/// what to do where known; from the index's Event watch.
+fn create_failure(ds: &DaemonSet, ctx: &Context) -> Option<String> {
     let st = ds.status.as_ref()?;
     if st.current_number_scheduled >= st.desired_number_scheduled {
         return None;
     }
     let name = ds.metadata.name.clone()?;
-    let events: Api<k8s_openapi::api::core::v1::Event> =
-        Api::namespaced(ctx.client.clone(), &ctx.defaults.namespace);
-    let list = match events
-        .list(&ListParams::default().fields(&format!(
-            "involvedObject.kind=DaemonSet,involvedObject.name={name},reason=FailedCreate"
-        )))
-        .await
-    {
-        Ok(l) => l,
-        Err(e) => {
-            warn!(daemonset = %name, error = %crate::error::describe(&e), "cannot read the DaemonSet's events");
-            return None;
-        }
-    };
-    let latest = list.items.into_iter().max_by_key(|e| {
-        e.last_timestamp
-            .as_ref()
-            .map(|t| t.0)
-            .or_else(|| e.event_time.as_ref().map(|t| t.0))
-    })?;
-    let msg = latest.message.unwrap_or_default();
+    let latest = ctx
+        .index
+        .failed_creates
+        .state()
+        .into_iter()
+        .filter(|e| {
+            e.involved_object.name.as_deref() == Some(name.as_str())
+                && e.involved_object.kind.as_deref() == Some("DaemonSet")
+                && e.reason.as_deref() == Some("FailedCreate")
+        })
+        .max_by_key(|e| {
+            e.last_timestamp
+                .as_ref()
+                .map(|t| t.0)
+                .or_else(|| e.event_time.as_ref().map(|t| t.0))
+        })?;
+    let msg = latest.message.clone().unwrap_or_default();
     Some(status::create_failure_message(
         &name,
         &ctx.defaults.namespace,
@@ -845,7 +848,7 @@ pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<
             return Ok(());
         }
         let (ds, pods) = apply_agents(&p, &ctx).await?;
-        seen.create_failure = create_failure(&ds, &ctx).await;
+        seen.create_failure = create_failure(&ds, &ctx);
         seen.pod_problems = status::pod_problems(&pods);
         seen.daemonset = Some(ds);
         let all = ctx.index.nds.state();
@@ -914,19 +917,16 @@ pub async fn uninstall(p: &DevicePluginPolicy, ctx: &Context) -> Result<Action> 
         set_finalizer(p, false, ctx).await?;
         info!(policy = %name, "release namespace deleted: released the policy");
     }
-    let c = ctx.client.clone();
-    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(c.clone());
-    let labelled = nodes
-        .list_metadata(&ListParams::default().labels(&devices::node_label_key(&name, "count")))
-        .await
-        .map_err(kube_err("list", "Node", &name))?;
+    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(ctx.client.clone());
+    let labelled = ctx
+        .index
+        .nodes_labelled(&devices::node_label_key(&name, "count"));
     let keys: serde_json::Map<String, serde_json::Value> = ["count", "sharing", "replicas"]
         .iter()
         .map(|w| (devices::node_label_key(&name, w), serde_json::Value::Null))
         .collect();
     let patch = serde_json::json!({"metadata": {"labels": keys}});
-    for n in &labelled.items {
-        let node = n.name_any();
+    for node in labelled {
         match nodes
             .patch(&node, &PatchParams::default(), &Patch::Merge(&patch))
             .await

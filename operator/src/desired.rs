@@ -84,8 +84,8 @@ pub fn host_path_violation(p: &DevicePluginPolicy, d: &AgentDefaults) -> Option<
 
 /// Port of the agent's /healthz and /readyz.
 pub const AGENT_ADMIN_PORT: i32 = 8080;
-const APP_LABEL: &str = "app.kubernetes.io/name";
-const APP: &str = "devplug-agent";
+pub(crate) const APP_LABEL: &str = "app.kubernetes.io/name";
+pub(crate) const APP: &str = "devplug-agent";
 const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 
 /// FNV-1a, 64 bit: a hash that is stable across Rust releases and operator

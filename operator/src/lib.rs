@@ -553,14 +553,7 @@ async fn controller(
             .reconcile_on(policy_triggers)
             .reconcile_all_on(uninstall_rx)
             .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE));
-    let index = index::Index {
-        policies: policy_store.clone(),
-        daemonsets: watches.daemonsets.store.clone(),
-        agent_pods: watches.agent_pods.store.clone(),
-        nds: nds_store,
-        nodes: watches.nodes.store.clone(),
-        synced: watches.synced.clone(),
-    };
+    let index = index::Index::of(watches);
     let ctx = Arc::new(Context::new(
         client.clone(),
         AgentDefaults {

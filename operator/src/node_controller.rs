@@ -359,7 +359,7 @@ pub async fn reconcile(nds: Arc<NodeView>, ctx: Arc<NodeContext>) -> Result<Acti
     }
 
     let policies = ctx.index.policies_by_name();
-    let pods = ctx.index.agent_pods.state();
+    let pods = ctx.index.agent_pods_on(&name);
     let verdict = judge(&nds, &node, &policies, &pods, &ctx.defaults);
 
     // Stale entries: removed only if the object is still what was judged.

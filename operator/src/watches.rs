@@ -20,7 +20,7 @@ use devplug_api::DevicePluginPolicy;
 use futures::channel::mpsc;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Event, Node};
 use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
@@ -29,6 +29,7 @@ use tracing::warn;
 
 use crate::agent_pod::AgentPod;
 use crate::args::Args;
+use crate::index::PodGroups;
 use crate::synced::{self, Synced};
 use crate::{NDS_PAGE, drop_managed_fields, view};
 
@@ -88,7 +89,8 @@ where
 }
 
 /// Starts a watch of `api` that trims each object with `trim` and sets
-/// `flag` once it has listed; the watch runs in `tasks`.
+/// `flag` once it has listed; `then` sees each event once the store has
+/// applied it. The watch runs in `tasks`.
 fn watch<K>(
     tasks: &mut JoinSet<()>,
     what: &'static str,
@@ -96,6 +98,7 @@ fn watch<K>(
     cfg: watcher::Config,
     flag: Arc<AtomicBool>,
     trim: fn(&mut K),
+    then: impl Fn(&watcher::Event<K>, &reflector::Store<K>) + Send + 'static,
 ) -> Watched<K>
 where
     K: kube::Resource
@@ -110,8 +113,13 @@ where
     let (store, writer) = reflector::store();
     let tap: Tap<K> = Arc::default();
     let forward = tap.clone();
+    let applied = store.clone();
     let events = synced::mark(
-        reflector(writer, watcher(api, cfg).default_backoff().modify(trim)),
+        reflector(writer, watcher(api, cfg).default_backoff().modify(trim)).inspect(move |e| {
+            if let Ok(e) = e {
+                then(e, &applied);
+            }
+        }),
         flag.clone(),
     )
     .touched_objects();
@@ -151,6 +159,10 @@ pub struct Watches {
     pub nodes: Watched<PartialObjectMeta<Node>>,
     /// NodeDeviceStatus objects, parsed into the operator's projection.
     pub nds: Watched<view::NodeView>,
+    /// The DaemonSet controller's `FailedCreate` Events in the namespace.
+    pub failed_creates: Watched<Event>,
+    /// Agent pods by node and by policy, following the pod watch.
+    pub pod_groups: PodGroups,
     /// Whether each store has listed once.
     pub synced: Synced,
     /// The tasks running the watches.
@@ -162,6 +174,7 @@ impl Watches {
     pub fn start(client: &Client, args: &Args) -> Watches {
         let synced = Synced::default();
         let mut tasks = JoinSet::new();
+        let pod_groups = PodGroups::default();
         let policies = watch(
             &mut tasks,
             "DevicePluginPolicy",
@@ -169,6 +182,7 @@ impl Watches {
             watcher::Config::default().any_semantic(),
             synced.policies.clone(),
             drop_managed_fields,
+            |_, _| {},
         );
         let daemonsets = watch(
             &mut tasks,
@@ -177,6 +191,7 @@ impl Watches {
             watcher::Config::default().labels("app.kubernetes.io/managed-by=devplug-operator"),
             synced.daemonsets.clone(),
             drop_managed_fields,
+            |_, _| {},
         );
         let agent_pods = watch(
             &mut tasks,
@@ -185,6 +200,10 @@ impl Watches {
             watcher::Config::default().labels("app.kubernetes.io/name=devplug-agent"),
             synced.agent_pods.clone(),
             drop_managed_fields,
+            {
+                let groups = pod_groups.clone();
+                move |e, store| groups.follow(e, store)
+            },
         );
         let nodes = watch(
             &mut tasks,
@@ -193,6 +212,7 @@ impl Watches {
             watcher::Config::default(),
             synced.nodes.clone(),
             drop_managed_fields,
+            |_, _| {},
         );
         let nds = watch(
             &mut tasks,
@@ -205,6 +225,18 @@ impl Watches {
                 .page_size(NDS_PAGE),
             synced.nds.clone(),
             drop_managed_fields,
+            |_, _| {},
+        );
+        // Why an agent DaemonSet is short of pods (Pod Security, quota, a
+        // webhook): rare, small, and only a message is read of them.
+        let failed_creates = watch(
+            &mut tasks,
+            "FailedCreate Event",
+            Api::namespaced(client.clone(), &args.namespace),
+            watcher::Config::default().fields("involvedObject.kind=DaemonSet,reason=FailedCreate"),
+            Arc::new(AtomicBool::new(false)),
+            drop_managed_fields,
+            |_, _| {},
         );
         Watches {
             policies,
@@ -212,6 +244,8 @@ impl Watches {
             agent_pods,
             nodes,
             nds,
+            failed_creates,
+            pod_groups,
             synced,
             tasks,
         }

@@ -106,14 +106,15 @@ async fn node_status_lifecycle() {
     let ctx = Arc::new(
         NodeContext::new(
             client,
-            devplug_operator::index::Index {
-                policies: policies.clone(),
-                daemonsets: support::synced(Vec::new()).0,
-                agent_pods: pods_store,
-                nds: support::synced(Vec::new()).0,
-                nodes: support::synced(Vec::new()).0,
-                synced: devplug_operator::synced::Synced::all(),
-            },
+            devplug_operator::index::Index::new(
+                policies.clone(),
+                support::synced(Vec::new()).0,
+                pods_store,
+                support::synced(Vec::new()).0,
+                support::synced(Vec::new()).0,
+                support::synced(Vec::new()).0,
+                devplug_operator::synced::Synced::all(),
+            ),
             Arc::new(Metrics::default()),
             Default::default(),
         )
@@ -179,9 +180,9 @@ async fn node_status_lifecycle() {
 
     // The agent stops being ready: the operator says so in its own field,
     // under its own field manager; the agent's entry is left as it wrote it.
-    pods.apply_watcher_event(&watcher::Event::Apply(
-        agent_pod(&api, foo, n1, false).await,
-    ));
+    let ev = watcher::Event::Apply(agent_pod(&api, foo, n1, false).await);
+    pods.apply_watcher_event(&ev);
+    ctx.index.agent_pod_event(&ev);
     api.clear_log();
     node_controller::reconcile(current_nds(&api, nds).await, ctx.clone())
         .await
@@ -239,7 +240,9 @@ async fn node_status_lifecycle() {
 
     // Ready again: the operator withdraws its verdict; nothing else to repair.
     let ready_again = agent_pod(&api, foo, n1, true).await;
-    pods.apply_watcher_event(&watcher::Event::Apply(ready_again.clone()));
+    let ev = watcher::Event::Apply(ready_again.clone());
+    pods.apply_watcher_event(&ev);
+    ctx.index.agent_pod_event(&ev);
     node_controller::reconcile(current_nds(&api, nds).await, ctx.clone())
         .await
         .unwrap();
@@ -255,7 +258,9 @@ async fn node_status_lifecycle() {
     let pod_path = paths::pod(&ready_again.metadata.name.clone().unwrap());
     api.delete_object(&pod_path).await;
     assert!(api.get(&pod_path).await.is_none(), "the agent pod is gone");
-    pods.apply_watcher_event(&watcher::Event::Delete(ready_again));
+    let ev = watcher::Event::Delete(ready_again);
+    pods.apply_watcher_event(&ev);
+    ctx.index.agent_pod_event(&ev);
     node_controller::reconcile(current_nds(&api, nds).await, ctx.clone())
         .await
         .unwrap();
@@ -372,14 +377,15 @@ async fn nothing_is_judged_before_the_stores_are_synced() {
     let (pods_store, _w) = support::synced(Vec::<AgentPod>::new());
     let ctx = Arc::new(NodeContext::new(
         client,
-        devplug_operator::index::Index {
+        devplug_operator::index::Index::new(
             policies,
-            daemonsets: support::synced(Vec::new()).0,
-            agent_pods: pods_store,
-            nds: support::synced(Vec::new()).0,
-            nodes: support::synced(Vec::new()).0,
-            synced: synced.clone(),
-        },
+            support::synced(Vec::new()).0,
+            pods_store,
+            support::synced(Vec::new()).0,
+            support::synced(Vec::new()).0,
+            support::synced(Vec::new()).0,
+            synced.clone(),
+        ),
         Arc::new(Metrics::default()),
         Default::default(),
     ));
@@ -411,14 +417,15 @@ async fn nothing_is_judged_before_the_stores_are_synced() {
     let ctx = Arc::new(
         NodeContext::new(
             ctx.client.clone(),
-            devplug_operator::index::Index {
-                policies: ctx.index.policies.clone(),
-                daemonsets: support::synced(Vec::new()).0,
-                agent_pods: pods_store,
-                nds: support::synced(Vec::new()).0,
-                nodes: support::synced(Vec::new()).0,
+            devplug_operator::index::Index::new(
+                ctx.index.policies.clone(),
+                support::synced(Vec::new()).0,
+                pods_store,
+                support::synced(Vec::new()).0,
+                support::synced(Vec::new()).0,
+                support::synced(Vec::new()).0,
                 synced,
-            },
+            ),
             Arc::new(Metrics::default()),
             Default::default(),
         )
@@ -475,14 +482,15 @@ async fn summary_and_label_changes_wait_notreporting_does_not() {
     let ctx = Arc::new(
         NodeContext::new(
             client,
-            devplug_operator::index::Index {
+            devplug_operator::index::Index::new(
                 policies,
-                daemonsets: support::synced(Vec::new()).0,
-                agent_pods: pods_store,
-                nds: support::synced(Vec::new()).0,
-                nodes: support::synced(Vec::new()).0,
-                synced: devplug_operator::synced::Synced::all(),
-            },
+                support::synced(Vec::new()).0,
+                pods_store,
+                support::synced(Vec::new()).0,
+                support::synced(Vec::new()).0,
+                support::synced(Vec::new()).0,
+                devplug_operator::synced::Synced::all(),
+            ),
             Arc::new(Metrics::default()),
             Default::default(),
         )
@@ -560,9 +568,9 @@ async fn summary_and_label_changes_wait_notreporting_does_not() {
     );
 
     // The agent stops being ready: said at once.
-    pods.apply_watcher_event(&watcher::Event::Apply(
-        agent_pod(&api, foo, n1, false).await,
-    ));
+    let ev = watcher::Event::Apply(agent_pod(&api, foo, n1, false).await);
+    pods.apply_watcher_event(&ev);
+    ctx.index.agent_pod_event(&ev);
     api.clear_log();
     node_controller::reconcile(current_nds(&api, nds).await, ctx.clone())
         .await

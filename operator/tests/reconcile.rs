@@ -40,6 +40,9 @@ struct TestCtx {
     ctx: Arc<Context>,
     daemonsets: std::sync::Mutex<Writer<DaemonSet>>,
     pods: std::sync::Mutex<Writer<AgentPod>>,
+    events: std::sync::Mutex<Writer<k8s_openapi::api::core::v1::Event>>,
+    nodes:
+        std::sync::Mutex<Writer<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Node>>>,
 }
 
 impl std::ops::Deref for TestCtx {
@@ -60,32 +63,60 @@ fn ctx_with(
 ) -> TestCtx {
     let (ds_store, ds_writer) = support::synced(Vec::<DaemonSet>::new());
     let (pod_store, pod_writer) = support::synced(Vec::<AgentPod>::new());
+    let (event_store, event_writer) = support::synced(Vec::new());
+    let (node_store, node_writer) = support::synced(Vec::new());
     TestCtx {
         ctx: Arc::new(Context::new(
             client,
             defaults(),
-            devplug_operator::index::Index {
-                policies: store,
-                daemonsets: ds_store,
-                agent_pods: pod_store,
+            devplug_operator::index::Index::new(
+                store,
+                ds_store,
+                pod_store,
                 nds,
-                nodes: support::synced(Vec::new()).0,
-                synced: devplug_operator::synced::Synced::all(),
-            },
+                node_store,
+                event_store,
+                devplug_operator::synced::Synced::all(),
+            ),
             Arc::new(Metrics::default()),
         )),
         daemonsets: std::sync::Mutex::new(ds_writer),
         pods: std::sync::Mutex::new(pod_writer),
+        events: std::sync::Mutex::new(event_writer),
+        nodes: std::sync::Mutex::new(node_writer),
     }
 }
 
 async fn reconcile(api: &TestApi, ctx: &TestCtx, name: &str) -> Result<(), String> {
     support::mirror(api, paths::DAEMONSETS, &ctx.daemonsets).await;
     support::mirror(api, paths::PODS, &ctx.pods).await;
+    ctx.ctx.index.regroup_agent_pods();
+    support::mirror(api, paths::CORE_EVENTS, &ctx.events).await;
+    support::mirror(api, paths::NODES, &ctx.nodes).await;
     controller::reconcile(Arc::new(current(api, name).await), ctx.ctx.clone())
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+/// LIST requests the operator made: reconciles read the index, never a
+/// collection.
+fn lists(api: &TestApi) -> Vec<String> {
+    api.log()
+        .iter()
+        .filter(|c| c.method == http::Method::GET)
+        .filter(|c| {
+            let segs: Vec<&str> = c.path.trim_matches('/').split('/').collect();
+            let rest = match segs.first() {
+                Some(&"api") => segs.get(2..),
+                Some(&"apis") => segs.get(3..),
+                _ => None,
+            }
+            .unwrap_or_default();
+            rest.len() == 1 || (rest.len() == 3 && rest[0] == "namespaces")
+        })
+        .map(|c| format!("{}?{}", c.path, c.query))
+        .collect()
 }
 
 fn write_paths(api: &TestApi) -> Vec<String> {
@@ -771,6 +802,11 @@ async fn a_deleted_policy_is_released_only_when_nothing_serves_it() {
         "released: the API server removed the policy with its last finalizer"
     );
     assert!(api.denied().is_empty(), "{:?}", api.denied());
+    assert!(
+        lists(&api).is_empty(),
+        "a deletion is followed from the index: {:?}",
+        lists(&api)
+    );
 }
 
 /// Found on the real cluster: a live policy edited into one the operator
@@ -931,5 +967,10 @@ async fn uninstalling_releases_each_policy_and_removes_what_lives_outside_the_na
         n["metadata"]["labels"][&label].is_null(),
         "{}",
         n["metadata"]["labels"]
+    );
+    assert!(
+        lists(&api).is_empty(),
+        "labelled nodes come from the index, slices go in one collection delete: {:?}",
+        lists(&api)
     );
 }
