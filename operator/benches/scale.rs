@@ -866,6 +866,7 @@ async fn main() {
         let (c0, cpu0, t0) = (scrape().await, cpu_secs(pid), Instant::now());
         tokio::time::sleep(Duration::from_secs(60)).await;
         let secs = t0.elapsed().as_secs_f64();
+        let rss_at_rest = proc_field(pid, "VmRSS:");
         println!(
             "steady 60 s: {}, CPU {:.2} s/min, RSS {:.1} MiB (peak {:.1} MiB)",
             rates(&c0, &scrape().await, secs),
@@ -927,6 +928,29 @@ async fn main() {
             rates(&c0, &scrape().await, secs),
             (cpu_secs(pid) - cpu0) * 60.0 / secs,
             proc_field(pid, "VmHWM:")
+        );
+        // Memory once the burst is over: the operator quiet (no write) for
+        // QUIET, then 30 s more, against the figure at rest before it.
+        let t0 = Instant::now();
+        let mut last = scrape().await.writes.values().sum::<f64>();
+        let mut still = Instant::now();
+        while still.elapsed() < QUIET && t0.elapsed() < Duration::from_secs(300) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let w = scrape().await.writes.values().sum::<f64>();
+            if w != last {
+                last = w;
+                still = Instant::now();
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let rss_after = proc_field(pid, "VmRSS:");
+        println!(
+            "after the burst ({:.0} s later, quiet for {} s then 30 s): RSS {:.1} MiB, {:.2}x the {:.1} MiB at rest before it",
+            t0.elapsed().as_secs_f64(),
+            QUIET.as_secs(),
+            rss_after,
+            rss_after / rss_at_rest.max(0.1),
+            rss_at_rest
         );
 
         // A new policy: time to its DaemonSet and its first status.

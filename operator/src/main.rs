@@ -4,6 +4,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// mimalloc gives memory back to the system once it is freed: with the C
+/// library's allocator the operator's RSS stayed at a burst's peak (232 MiB
+/// after a 500-device burst at 5,000 nodes, 143 MiB at rest before it).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = devplug_operator::args::Args::parse();
