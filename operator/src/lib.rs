@@ -167,6 +167,20 @@ pub async fn run_with_renewal(
         &identity,
         LEASE,
     ));
+    // A standby follows the lease: the leader's release on SIGTERM wakes it
+    // at once (a poll every RETRY_EVERY alone made a failover wait up to
+    // that long). Events only wake; the lease is judged by a fresh read.
+    let mut lease_changed = {
+        use kube::runtime::{WatchStreamExt, watcher};
+        watcher(
+            Api::<Lease>::namespaced(client.clone(), &args.namespace),
+            watcher::Config::default().fields(&format!("metadata.name={}", args.lease_name)),
+        )
+        .default_backoff()
+        .touched_objects()
+        .filter_map(|e| futures::future::ready(e.ok().map(|_| ())))
+        .boxed()
+    };
     loop {
         metrics.set_leading(false);
         info!(%identity, lease = %args.lease_name, "waiting for leadership");
@@ -190,6 +204,8 @@ pub async fn run_with_renewal(
                     return Ok(());
                 }
                 _ = tokio::time::sleep(RETRY_EVERY) => {}
+                // A released lease is taken at once, not at the next try.
+                _ = lease_changed.next() => {}
             }
         }
         info!(%identity, "leading");

@@ -257,6 +257,10 @@ fn rendered_objects_rbac_and_security() {
         ("apps", "daemonsets", "watch"),
         ("", "serviceaccounts", "patch"),
         ("coordination.k8s.io", "leases", "update"),
+        // A standby follows the lease, so a release wakes it at once.
+        ("coordination.k8s.io", "leases", "watch"),
+        // FailedCreate Events are watched, not listed by a reconcile.
+        ("", "events", "watch"),
     ] {
         assert!(allows(role, g, r, v), "Role misses {v} {g}/{r}");
     }
