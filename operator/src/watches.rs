@@ -31,7 +31,17 @@ use crate::agent_pod::AgentPod;
 use crate::args::Args;
 use crate::index::PodGroups;
 use crate::synced::{self, Synced};
-use crate::{NDS_PAGE, drop_managed_fields, view};
+use crate::view;
+
+/// Cached objects keep no `managedFields`: nothing reads them, and for
+/// NodeDeviceStatus (one field manager per agent over lists of devices)
+/// they are most of each object's size.
+fn drop_managed_fields<K: kube::Resource>(o: &mut K) {
+    o.meta_mut().managed_fields = None;
+}
+
+/// NodeDeviceStatus objects per list page.
+pub const NDS_PAGE: u32 = 100;
 
 /// Where a watch sends the objects it touches, while someone follows.
 type Tap<K> = Arc<Mutex<Option<mpsc::UnboundedSender<K>>>>;
