@@ -55,10 +55,6 @@ pub struct Context {
     pub defaults: AgentDefaults,
     /// What the watches hold: every decision reads this.
     pub index: Index,
-    /// Objects this process applied that no watch reports back
-    /// (ServiceAccounts, ClusterRoles, ClusterRoleBindings): kind/name → the
-    /// hash applied and when. A repeat within [`RESYNC`] needs no read.
-    applied: Mutex<HashMap<String, (String, std::time::Instant)>>,
     /// Event publisher.
     pub recorder: Recorder,
     /// Metrics.
@@ -69,13 +65,6 @@ pub struct Context {
     /// device Events are diffed against. Empty after a start: the first look
     /// at a policy publishes nothing (no event storm on restart or failover).
     last_unhealthy: Mutex<HashMap<String, UnhealthySet>>,
-    /// The status this process last wrote per policy, with the
-    /// resourceVersion of the object it was computed from and when. While
-    /// the index still holds that version, or for [`TRUST_OWN_WRITE`], the
-    /// written status is what the policy has (the watch has not delivered
-    /// the write yet, which takes seconds on a loaded API server), so an
-    /// unchanged verdict is not written again.
-    written: Mutex<HashMap<String, (String, devplug_api::DevicePluginPolicyStatus, Instant)>>,
     /// How long own writes are trusted over the index ([`TRUST_OWN_WRITE`]).
     trust_own_write: Duration,
     /// Each node's part of every policy's device counts, per object version.
@@ -107,12 +96,10 @@ impl Context {
             client,
             defaults,
             index,
-            applied: Mutex::new(HashMap::new()),
             recorder,
             metrics,
             failures: Mutex::new(HashMap::new()),
             last_unhealthy: Mutex::new(HashMap::new()),
-            written: Mutex::new(HashMap::new()),
             trust_own_write: TRUST_OWN_WRITE,
             shares: devices::Shares::default(),
             uninstalling: std::sync::atomic::AtomicBool::new(false),
@@ -134,7 +121,7 @@ impl Context {
         p: &DevicePluginPolicy,
     ) -> Option<devplug_api::DevicePluginPolicyStatus> {
         let rv = p.resource_version().unwrap_or_default();
-        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        let written = crate::index::lock(&self.index.writes.policy_status);
         match written.get(&p.name_any()) {
             Some((from, s, at)) if *from == rv || at.elapsed() < self.trust_own_write => {
                 Some(s.clone())
@@ -144,17 +131,14 @@ impl Context {
     }
 
     fn wrote_status(&self, p: &DevicePluginPolicy, s: &devplug_api::DevicePluginPolicyStatus) {
-        self.written
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                p.name_any(),
-                (
-                    p.resource_version().unwrap_or_default(),
-                    s.clone(),
-                    Instant::now(),
-                ),
-            );
+        crate::index::lock(&self.index.writes.policy_status).insert(
+            p.name_any(),
+            (
+                p.resource_version().unwrap_or_default(),
+                s.clone(),
+                Instant::now(),
+            ),
+        );
     }
 
     fn record_failure(&self, name: &str) -> u32 {
@@ -178,10 +162,7 @@ impl Context {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
-        self.written
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
+        crate::index::lock(&self.index.writes.policy_status).remove(name);
         self.clear_failures(name);
     }
 
@@ -238,10 +219,7 @@ where
     let live = match live {
         Live::Cached(live) => live,
         Live::Unwatched => {
-            let recent = ctx
-                .applied
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+            let recent = crate::index::lock(&ctx.index.writes.applied)
                 .get(&key)
                 .is_some_and(|(h, at)| {
                     want.as_deref() == Some(h.as_str()) && at.elapsed() < RESYNC
@@ -272,7 +250,7 @@ where
 }
 
 fn remember(ctx: &Context, key: String, hash: Option<String>) {
-    let mut applied = ctx.applied.lock().unwrap_or_else(|e| e.into_inner());
+    let mut applied = crate::index::lock(&ctx.index.writes.applied);
     match hash {
         Some(h) => {
             applied.insert(key, (h, std::time::Instant::now()));

@@ -23,7 +23,8 @@
 //! here", "no entries", and the controllers would act on that.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use devplug_api::{DevicePluginPolicy, POLICY_LABEL, ResourceExt};
 use k8s_openapi::api::apps::v1::DaemonSet;
@@ -59,6 +60,33 @@ pub struct Index {
     pub synced: Synced,
     /// Agent pods by node and by policy.
     pods_by: PodGroups,
+    /// What this process wrote, which the watches may not show yet.
+    pub writes: Arc<OwnWrites>,
+}
+
+/// The record of the operator's own writes. The stores lag the API server
+/// (seconds, on a loaded one), so a reconcile triggered again before its
+/// own write comes back would judge the old version and write again; and
+/// some objects (ServiceAccounts, agent ClusterRoles and bindings) have no
+/// watch at all. Each record is trusted for a bounded time only, after
+/// which the stores decide again, so a foreign change is still repaired.
+#[derive(Default)]
+pub struct OwnWrites {
+    /// Objects no watch reports back, by `Kind/name`: the hash applied,
+    /// and when.
+    pub(crate) applied: Mutex<HashMap<String, (String, Instant)>>,
+    /// Each policy's status as last written: the resourceVersion it was
+    /// computed from, the status, and when.
+    pub(crate) policy_status:
+        Mutex<HashMap<String, (String, devplug_api::DevicePluginPolicyStatus, Instant)>>,
+    /// What the node controller last wrote per node, with its due times.
+    pub(crate) nodes: Mutex<HashMap<String, crate::node_controller::Wrote>>,
+}
+
+/// Locks a record; a panic while it was held leaves at worst a record the
+/// next write replaces.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Agent pods by node and by policy, kept up to date by the pod watch
@@ -167,6 +195,7 @@ impl Index {
             failed_creates: w.failed_creates.store.clone(),
             synced: w.synced.clone(),
             pods_by: w.pod_groups.clone(),
+            writes: Arc::default(),
         }
     }
 
@@ -195,6 +224,7 @@ impl Index {
             failed_creates,
             synced,
             pods_by,
+            writes: Arc::default(),
         }
     }
 

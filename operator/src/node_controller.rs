@@ -20,8 +20,8 @@
 //!
 //! Agents never touch Node objects; only the operator does.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::agent_pod::AgentPod;
@@ -54,8 +54,6 @@ pub struct NodeContext {
     pub metrics: Arc<Metrics>,
     /// What decides whether a policy is served at all (the allow-list).
     pub defaults: crate::desired::AgentDefaults,
-    /// What this process last wrote per node; see [`Wrote`].
-    written: Mutex<HashMap<String, Wrote>>,
     /// How long own writes are trusted over the index.
     trust_own_write: Duration,
     /// How long a change of the summary or the labels waits to be written.
@@ -88,7 +86,6 @@ impl NodeContext {
             index,
             metrics,
             defaults,
-            written: Mutex::new(HashMap::new()),
             trust_own_write: crate::controller::TRUST_OWN_WRITE,
             write_delay: NODE_WRITE_DELAY,
         }
@@ -107,19 +104,14 @@ impl NodeContext {
     }
 
     fn wrote(&self, name: &str) -> Wrote {
-        self.written
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        crate::index::lock(&self.index.writes.nodes)
             .get(name)
             .cloned()
             .unwrap_or_default()
     }
 
     fn remember(&self, name: &str, w: Wrote) {
-        self.written
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string(), w);
+        crate::index::lock(&self.index.writes.nodes).insert(name.to_string(), w);
     }
 }
 
@@ -131,7 +123,7 @@ impl NodeContext {
 /// [`TRUST_OWN_WRITE`](crate::controller::TRUST_OWN_WRITE); after that the
 /// index decides again, so a foreign change is repaired.
 #[derive(Clone, Debug, Default)]
-struct Wrote {
+pub struct Wrote {
     /// The owner reference, with the Node UID it names.
     owner: Option<(String, Instant)>,
     /// The operator's status part.
@@ -145,11 +137,6 @@ struct Wrote {
 }
 
 type StatusPart = (Vec<devplug_api::NotReporting>, devplug_api::NodeSummary);
-
-fn trusted<T: PartialEq>(w: &Option<(T, Instant)>, want: &T, trust: Duration) -> bool {
-    w.as_ref()
-        .is_some_and(|(v, at)| v == want && at.elapsed() < trust)
-}
 
 /// The live (not terminating) agent pods of `policy` on `node`.
 fn agent_pods_on<'a>(
@@ -295,7 +282,134 @@ struct JsonPatchOp<'a> {
     value: Option<&'a str>,
 }
 
-/// Reconciles one node's NodeDeviceStatus.
+/// What one look at a node decides: each field group the operator owns is
+/// either left alone or written whole, at most once per look.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    /// The owner reference to the Node, when the object lacks it.
+    pub owner: Option<OwnerReference>,
+    /// Stale entries to remove (indexes into `status.resources`), guarded
+    /// by the resourceVersion judged. Nothing else is written in a look
+    /// that removes entries: the next look judges what is left.
+    pub remove: Vec<usize>,
+    /// The operator's status part (notReporting and the summary), to write now.
+    pub status: Option<(Vec<NotReporting>, devplug_api::NodeSummary)>,
+    /// Entries newly found not reporting (for the log).
+    pub newly_not_reporting: Vec<NotReporting>,
+    /// The node's devplug labels, to write now.
+    pub labels: Option<BTreeMap<String, String>>,
+    /// When to look again.
+    pub next: Duration,
+}
+
+/// How a look weighs the operator's own writes and delays.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Now.
+    pub now: Instant,
+    /// How long own writes are trusted over the index.
+    pub trust_own_write: Duration,
+    /// How long a summary or label change waits ([`NODE_WRITE_DELAY`]).
+    pub write_delay: Duration,
+}
+
+fn trusted_at<T: PartialEq>(w: &Option<(T, Instant)>, want: &T, t: Timing) -> bool {
+    w.as_ref().is_some_and(|(v, at)| {
+        v == want && t.now.saturating_duration_since(*at) < t.trust_own_write
+    })
+}
+
+/// Decides, as a pure function of the index's view of one node and of what
+/// this process wrote before (`wrote`, whose due times it updates), what to
+/// write now.
+pub fn decide(
+    nds: &NodeView,
+    node: &Node,
+    policies: &BTreeMap<String, Arc<DevicePluginPolicy>>,
+    pods: &[Arc<AgentPod>],
+    defaults: &crate::desired::AgentDefaults,
+    wrote: &mut Wrote,
+    t: Timing,
+) -> Plan {
+    let mut plan = Plan {
+        next: Duration::from_secs(300),
+        ..Plan::default()
+    };
+    let owned = nds
+        .owner_references()
+        .iter()
+        .any(|o| o.kind == "Node" && Some(&o.uid) == node.metadata.uid.as_ref());
+    if let Some(owner) = node_owner(node)
+        && !owned
+        && !trusted_at(&wrote.owner, &owner.uid, t)
+    {
+        plan.owner = Some(owner);
+    }
+    let verdict = judge(nds, node, policies, pods, defaults);
+    if !verdict.remove.is_empty() {
+        plan.remove = verdict.remove;
+        plan.next = Duration::from_millis(200);
+        return plan;
+    }
+
+    // notReporting and the summary, judged reading the entries in place.
+    let no_status = ViewStatus::default();
+    let current = nds.status.as_ref().unwrap_or(&no_status);
+    let summary = devices::summary_of(&current.resources, &verdict.not_reporting);
+    let part = (verdict.not_reporting.clone(), summary.clone());
+    let changed = current.not_reporting != verdict.not_reporting
+        || current.summary.as_ref() != Some(&summary);
+    if !changed || trusted_at(&wrote.status, &part, t) {
+        wrote.summary_due = None;
+    } else {
+        let at_once = current.not_reporting != verdict.not_reporting;
+        let due = *wrote.summary_due.get_or_insert(t.now + t.write_delay);
+        let wait = due.saturating_duration_since(t.now);
+        if !at_once && !wait.is_zero() {
+            plan.next = wait;
+        } else {
+            plan.newly_not_reporting = verdict
+                .not_reporting
+                .iter()
+                .filter(|n| !current.not_reporting.contains(n))
+                .cloned()
+                .collect();
+            plan.status = Some(part);
+        }
+    }
+
+    // Node labels (none for a policy being deleted).
+    let by_name: BTreeMap<String, &DevicePluginPolicy> = policies
+        .iter()
+        .filter(|(_, v)| v.metadata.deletion_timestamp.is_none())
+        .map(|(k, v)| (k.clone(), v.as_ref()))
+        .collect();
+    let want = devices::node_labels_of(&current.resources, &verdict.not_reporting, &by_name);
+    let have: BTreeMap<String, String> = node
+        .labels()
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with(NODE_LABEL_PREFIX)
+                && (k.ends_with(".count") || k.ends_with(".sharing") || k.ends_with(".replicas"))
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if want == have || trusted_at(&wrote.labels, &want, t) {
+        wrote.labels_due = None;
+    } else {
+        let due = *wrote.labels_due.get_or_insert(t.now + t.write_delay);
+        let wait = due.saturating_duration_since(t.now);
+        if wait.is_zero() {
+            plan.labels = Some(want);
+        } else {
+            plan.next = plan.next.min(wait);
+        }
+    }
+    plan
+}
+
+/// Reconciles one node's NodeDeviceStatus: [`decide`], then one apply per
+/// field group it says to write.
 pub async fn reconcile(nds: Arc<NodeView>, ctx: Arc<NodeContext>) -> Result<Action> {
     // Never judge from stores that have not seen the whole cluster yet.
     if !ctx.index.ready() {
@@ -329,16 +443,27 @@ pub async fn reconcile(nds: Arc<NodeView>, ctx: Arc<NodeContext>) -> Result<Acti
         return Ok(Action::await_change());
     };
 
-    // Owned by the Node.
-    let owned = nds
-        .owner_references()
-        .iter()
-        .any(|o| o.kind == "Node" && Some(&o.uid) == node.metadata.uid.as_ref());
-    let mut now = ctx.wrote(&name);
-    if let Some(owner) = node_owner(&node)
-        && !owned
-        && !trusted(&now.owner, &owner.uid, ctx.trust_own_write)
-    {
+    let mut wrote = ctx.wrote(&name);
+    let policies = ctx.index.policies_by_name();
+    let pods = ctx.index.agent_pods_on(&name);
+    let timing = Timing {
+        now: Instant::now(),
+        trust_own_write: ctx.trust_own_write,
+        write_delay: ctx.write_delay,
+    };
+    let plan = decide(
+        &nds,
+        &node,
+        &policies,
+        &pods,
+        &ctx.defaults,
+        &mut wrote,
+        timing,
+    );
+    // The due times decided are kept whatever the writes below do.
+    ctx.remember(&name, wrote.clone());
+
+    if let Some(owner) = plan.owner {
         let uid = owner.uid.clone();
         let mut body = operator_part(&name, None);
         body.metadata = ObjectMeta {
@@ -354,23 +479,19 @@ pub async fn reconcile(nds: Arc<NodeView>, ctx: Arc<NodeContext>) -> Result<Acti
         .await
         .map_err(kube_err("apply owner of", "NodeDeviceStatus", &name))?;
         ctx.metrics.wrote("NodeDeviceStatusOwner");
-        now.owner = Some((uid, Instant::now()));
-        ctx.remember(&name, now.clone());
+        wrote.owner = Some((uid, Instant::now()));
+        ctx.remember(&name, wrote.clone());
     }
 
-    let policies = ctx.index.policies_by_name();
-    let pods = ctx.index.agent_pods_on(&name);
-    let verdict = judge(&nds, &node, &policies, &pods, &ctx.defaults);
-
     // Stale entries: removed only if the object is still what was judged.
-    if !verdict.remove.is_empty() {
+    if !plan.remove.is_empty() {
         let rv = nds.resource_version().unwrap_or_default();
         let mut ops = vec![JsonPatchOp {
             op: "test",
             path: "/metadata/resourceVersion".into(),
             value: Some(&rv),
         }];
-        for i in verdict.remove.iter().rev() {
+        for i in plan.remove.iter().rev() {
             ops.push(JsonPatchOp {
                 op: "remove",
                 path: format!("/status/resources/{i}"),
@@ -386,7 +507,7 @@ pub async fn reconcile(nds: Arc<NodeView>, ctx: Arc<NodeContext>) -> Result<Acti
         {
             Ok(_) => {
                 ctx.metrics.wrote("NodeDeviceStatusEntry");
-                info!(node = %name, removed = verdict.remove.len(), "removed entries of policies that no longer run here");
+                info!(node = %name, removed = plan.remove.len(), "removed entries of policies that no longer run here");
             }
             // Changed meanwhile (an agent wrote): the new version is judged again.
             Err(kube::Error::Api(e)) if matches!(e.code, 409 | 422) => {
@@ -400,107 +521,50 @@ pub async fn reconcile(nds: Arc<NodeView>, ctx: Arc<NodeContext>) -> Result<Acti
                 )(e));
             }
         }
-        return Ok(Action::requeue(Duration::from_millis(200)));
+        return Ok(Action::requeue(plan.next));
     }
 
-    // The operator's own fields: notReporting and the summary.
-    // Judged with this verdict's notReporting, reading the entries in place.
-    let no_status = ViewStatus::default();
-    let current = nds.status.as_ref().unwrap_or(&no_status);
-    let summary = devices::summary_of(&current.resources, &verdict.not_reporting);
-    let part = (verdict.not_reporting.clone(), summary.clone());
-    let mut next = Duration::from_secs(300);
-    let changed = current.not_reporting != verdict.not_reporting
-        || current.summary.as_ref() != Some(&summary);
-    if !changed || trusted(&now.status, &part, ctx.trust_own_write) {
-        now.summary_due = None;
-    } else {
-        let at_once = current.not_reporting != verdict.not_reporting;
-        let due = *now
-            .summary_due
-            .get_or_insert_with(|| Instant::now() + ctx.write_delay);
-        let wait = due.saturating_duration_since(Instant::now());
-        if !at_once && !wait.is_zero() {
-            next = wait;
-        } else {
-            for n in &verdict.not_reporting {
-                if !current.not_reporting.contains(n) {
-                    warn!(node = %name, policy = %n.policy, reason = %n.reason, "agent not reporting; its devices count as Unknown");
-                }
-            }
-            tracing::debug!(
-                node = %name,
-                version = %nds.resource_version().unwrap_or_default(),
-                from = ?current.summary,
-                to = ?summary,
-                not_reporting_from = current.not_reporting.len(),
-                not_reporting_to = verdict.not_reporting.len(),
-                wrote_before = ?now.status.as_ref().map(|(p, at)| (p.1.clone(), at.elapsed())),
-                "writing the node's summary"
-            );
-            let body = operator_part(
-                &name,
-                Some(NodeDeviceStatusStatus {
-                    resources: Vec::new(),
-                    summary: Some(summary),
-                    not_reporting: verdict.not_reporting.clone(),
-                }),
-            );
-            api.patch_status(
-                &name,
-                &PatchParams::apply(OPERATOR_MANAGER).force(),
-                &Patch::Apply(&body),
-            )
-            .await
-            .map_err(kube_err(
-                "apply operator status of",
-                "NodeDeviceStatus",
-                &name,
-            ))?;
-            ctx.metrics.wrote("NodeDeviceStatusSummary");
-            now.status = Some((part, Instant::now()));
-            now.summary_due = None;
+    if let Some((not_reporting, summary)) = plan.status {
+        for n in &plan.newly_not_reporting {
+            warn!(node = %name, policy = %n.policy, reason = %n.reason, "agent not reporting; its devices count as Unknown");
         }
+        tracing::debug!(
+            node = %name,
+            version = %nds.resource_version().unwrap_or_default(),
+            to = ?summary,
+            not_reporting = not_reporting.len(),
+            "writing the node's summary"
+        );
+        let body = operator_part(
+            &name,
+            Some(NodeDeviceStatusStatus {
+                resources: Vec::new(),
+                summary: Some(summary.clone()),
+                not_reporting: not_reporting.clone(),
+            }),
+        );
+        api.patch_status(
+            &name,
+            &PatchParams::apply(OPERATOR_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(kube_err(
+            "apply operator status of",
+            "NodeDeviceStatus",
+            &name,
+        ))?;
+        ctx.metrics.wrote("NodeDeviceStatusSummary");
+        wrote.status = Some(((not_reporting, summary), Instant::now()));
+        wrote.summary_due = None;
+        ctx.remember(&name, wrote.clone());
     }
-    ctx.remember(&name, now.clone());
 
-    // Node labels (none for a policy being deleted).
-    let by_name: BTreeMap<String, &DevicePluginPolicy> = policies
-        .iter()
-        .filter(|(_, v)| v.metadata.deletion_timestamp.is_none())
-        .map(|(k, v)| (k.clone(), v.as_ref()))
-        .collect();
-    let want = devices::node_labels_of(&current.resources, &verdict.not_reporting, &by_name);
-    let have: BTreeMap<String, String> = node
-        .labels()
-        .iter()
-        .filter(|(k, _)| {
-            k.starts_with(NODE_LABEL_PREFIX)
-                && (k.ends_with(".count") || k.ends_with(".sharing") || k.ends_with(".replicas"))
-        })
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let mut label_now = false;
-    if want == have || trusted(&now.labels, &want, ctx.trust_own_write) {
-        now.labels_due = None;
-    } else {
-        let due = *now
-            .labels_due
-            .get_or_insert_with(|| Instant::now() + ctx.write_delay);
-        let wait = due.saturating_duration_since(Instant::now());
-        if wait.is_zero() {
-            label_now = true;
-        } else {
-            next = next.min(wait);
-        }
-    }
-    if label_now {
-        now.labels = Some((want.clone(), Instant::now()));
-        now.labels_due = None;
+    if let Some(want) = plan.labels {
         let body = Node {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
-                labels: Some(want),
+                labels: Some(want.clone()),
                 ..ObjectMeta::default()
             },
             ..Node::default()
@@ -514,9 +578,11 @@ pub async fn reconcile(nds: Arc<NodeView>, ctx: Arc<NodeContext>) -> Result<Acti
             .await
             .map_err(kube_err("apply labels to", "Node", &name))?;
         ctx.metrics.wrote("NodeLabels");
+        wrote.labels = Some((want, Instant::now()));
+        wrote.labels_due = None;
+        ctx.remember(&name, wrote);
     }
-    ctx.remember(&name, now);
-    Ok(Action::requeue(next))
+    Ok(Action::requeue(plan.next))
 }
 
 /// Requeues a failed node with a fixed delay.
@@ -549,3 +615,179 @@ const _: () = {
     let _ = assert_cluster_scoped::<NodeDeviceStatus>;
     let _ = assert_cluster_scoped::<NodeView>;
 };
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use devplug_api::{DeviceHealth, DeviceStatus, ResourceStatus, STATE_SERVING};
+
+    fn policy(name: &str) -> Arc<DevicePluginPolicy> {
+        Arc::new(
+            devplug_api::policies_from_yaml(&format!(
+                "apiVersion: devplug.io/v1alpha1\nkind: DevicePluginPolicy\nmetadata: {{name: {name}}}\nspec:\n  resourceName: x.io/{name}\n  source: {{simulated: {{count: 1}}}}\n"
+            ))
+            .unwrap()
+            .remove(0),
+        )
+    }
+
+    fn node() -> Node {
+        let mut n = Node::default();
+        n.metadata.name = Some("n1".into());
+        n.metadata.uid = Some("uid-n1".into());
+        n
+    }
+
+    /// The node's status with one entry of `gpu`, owned by the node, with
+    /// the summary and labels the operator would have written.
+    fn nds(summary: Option<devplug_api::NodeSummary>) -> NodeView {
+        let mut o = NodeDeviceStatus::new(
+            "n1",
+            NodeDeviceStatusSpec {
+                node_name: "n1".into(),
+            },
+        );
+        o.metadata.owner_references = Some(vec![node_owner(&node()).unwrap()]);
+        o.status = Some(NodeDeviceStatusStatus {
+            resources: vec![ResourceStatus {
+                resource_name: "x.io/gpu".into(),
+                policy: "gpu".into(),
+                state: STATE_SERVING.into(),
+                reason: None,
+                healthy: 1,
+                total: 1,
+                allocated: 0,
+                devices: vec![DeviceStatus {
+                    id: "a".into(),
+                    health: DeviceHealth::Healthy,
+                    reason: None,
+                    last_transition_time: None,
+                    numa_nodes: Vec::new(),
+                    allocations: Vec::new(),
+                }],
+                orphaned: Vec::new(),
+            }],
+            summary,
+            not_reporting: Vec::new(),
+        });
+        NodeView::from(o)
+    }
+
+    fn pod(ready: bool) -> Arc<AgentPod> {
+        let mut p = AgentPod::default();
+        p.metadata.name = Some("agent-gpu-x".into());
+        p.metadata.labels =
+            Some([(devplug_api::POLICY_LABEL.to_string(), "gpu".to_string())].into());
+        p.node = Some("n1".into());
+        p.ready = ready;
+        Arc::new(p)
+    }
+
+    fn timing(now: Instant) -> Timing {
+        Timing {
+            now,
+            trust_own_write: Duration::from_secs(60),
+            write_delay: NODE_WRITE_DELAY,
+        }
+    }
+
+    /// A summary change waits NODE_WRITE_DELAY from when it was first seen
+    /// (later looks do not push it back), then is written once; the labels
+    /// likewise. An agent that stops reporting is written at once.
+    #[test]
+    fn summary_and_labels_wait_the_delay_and_not_reporting_does_not() {
+        let policies: BTreeMap<_, _> = [("gpu".to_string(), policy("gpu"))].into();
+        let defaults = crate::desired::AgentDefaults::default();
+        let (view, n) = (nds(None), node());
+        let t0 = Instant::now();
+        let mut wrote = Wrote::default();
+        let pods = [pod(true)];
+        let plan = decide(
+            &view,
+            &n,
+            &policies,
+            &pods,
+            &defaults,
+            &mut wrote,
+            timing(t0),
+        );
+        assert_eq!(plan.owner, None, "already owned by its node");
+        assert_eq!((plan.status.clone(), plan.labels.clone()), (None, None));
+        assert_eq!(plan.next, NODE_WRITE_DELAY);
+        // Seen again 4 s later: still waiting, for the rest of the delay.
+        let t1 = t0 + Duration::from_secs(4);
+        let plan = decide(
+            &view,
+            &n,
+            &policies,
+            &pods,
+            &defaults,
+            &mut wrote,
+            timing(t1),
+        );
+        assert_eq!(plan.status, None);
+        assert_eq!(plan.next, NODE_WRITE_DELAY - Duration::from_secs(4));
+        // Due: both written, from what the index holds now.
+        let t2 = t0 + NODE_WRITE_DELAY;
+        let plan = decide(
+            &view,
+            &n,
+            &policies,
+            &pods,
+            &defaults,
+            &mut wrote,
+            timing(t2),
+        );
+        let (not_reporting, summary) = plan.status.unwrap();
+        assert!(not_reporting.is_empty());
+        assert_eq!(summary.healthy, "1/1");
+        assert_eq!(
+            plan.labels
+                .unwrap()
+                .get("devplug.io/gpu.count")
+                .map(String::as_str),
+            Some("1")
+        );
+
+        // The agent pod not ready: notReporting at once, no delay.
+        let mut wrote = Wrote::default();
+        let pods = [pod(false)];
+        let plan = decide(
+            &view,
+            &n,
+            &policies,
+            &pods,
+            &defaults,
+            &mut wrote,
+            timing(t0),
+        );
+        let (not_reporting, _) = plan.status.unwrap();
+        assert_eq!(not_reporting.len(), 1);
+        assert!(
+            not_reporting[0].reason.starts_with("AgentNotReady"),
+            "{not_reporting:?}"
+        );
+        assert_eq!(plan.newly_not_reporting, not_reporting);
+    }
+
+    /// An entry of a policy that is gone, with no agent left on the node, is
+    /// removed, and nothing else is written in that look.
+    #[test]
+    fn a_stale_entry_is_removed_alone() {
+        let defaults = crate::desired::AgentDefaults::default();
+        let mut wrote = Wrote::default();
+        let plan = decide(
+            &nds(None),
+            &node(),
+            &BTreeMap::new(),
+            &[],
+            &defaults,
+            &mut wrote,
+            timing(Instant::now()),
+        );
+        assert_eq!(plan.remove, vec![0]);
+        assert_eq!((plan.status, plan.labels), (None, None));
+        assert_eq!(plan.next, Duration::from_millis(200));
+    }
+}
