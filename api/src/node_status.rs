@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// The devices of one node, per extended resource, with their health and
 /// the containers holding them.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "devplug.io",
     version = "v1alpha1",
@@ -29,7 +29,10 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct NodeDeviceStatusSpec {
-    /// The Node this object describes (same as metadata.name).
+    /// The Node this object describes (same as metadata.name). Written by
+    /// the operator only (with the object's owner reference); an agent
+    /// that creates the object leaves it out.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub node_name: String,
 }
 

@@ -89,9 +89,18 @@ async fn health_and_allocations_reach_the_api_with_disciplined_writes() {
         json!([{"namespace": "ml", "pod": "trainer", "container": "main"}])
     );
     assert_eq!(device(&e, "sim-0")["health"], "Healthy");
-    assert_eq!(
-        api.nds(&node.name).await.unwrap()["spec"]["nodeName"],
-        node.name.as_str()
+    // One writer per field: spec.nodeName is the operator's (with the
+    // owner reference); the agent that created the object left it out.
+    let obj = api.nds(&node.name).await.unwrap();
+    assert!(obj["spec"].get("nodeName").is_none(), "{}", obj["spec"]);
+    assert!(
+        obj["metadata"]["managedFields"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|m| m["fieldsV1"]["f:spec"].get("f:nodeName").is_none()),
+        "no manager but the operator owns spec.nodeName: {}",
+        obj["metadata"]["managedFields"]
     );
     let manager = format!("fieldManager=devplug-agent-{}", api.policy);
     for w in api.writes() {

@@ -16,13 +16,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use devplug_api::{DevicePluginPolicy, NodeDeviceStatus, Resource, ResourceStatus, agent_manager};
+use devplug_api::{
+    DevicePluginPolicy, NodeDeviceStatus, NodeDeviceStatusSpec, NodeDeviceStatusStatus, Resource,
+    ResourceStatus, agent_manager,
+};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
-use serde_json::json;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -103,11 +105,12 @@ async fn write(
     entry: &ResourceStatus,
 ) -> Result<(u64, Option<ResourceStatus>), kube::Error> {
     let pp = PatchParams::apply(manager).force();
-    let body = json!({
-        "apiVersion": "devplug.io/v1alpha1",
-        "kind": "NodeDeviceStatus",
-        "metadata": {"name": node},
-        "status": {"resources": [entry]},
+    // Only the agent's own entry: the spec (nodeName) and the rest of the
+    // status are the operator's (one writer per field).
+    let mut body = NodeDeviceStatus::new(node, NodeDeviceStatusSpec::default());
+    body.status = Some(NodeDeviceStatusStatus {
+        resources: vec![entry.clone()],
+        ..NodeDeviceStatusStatus::default()
     });
     let bytes = serde_json::to_vec(&body)
         .map(|b| b.len() as u64)
@@ -116,12 +119,7 @@ async fn write(
         Ok(o) => Ok((bytes, own_entry(&o, entry))),
         Err(kube::Error::Api(e)) if e.code == 404 => {
             // First agent on this node: create the object, then the status.
-            let obj = json!({
-                "apiVersion": "devplug.io/v1alpha1",
-                "kind": "NodeDeviceStatus",
-                "metadata": {"name": node},
-                "spec": {"nodeName": node},
-            });
+            let obj = NodeDeviceStatus::new(node, NodeDeviceStatusSpec::default());
             api.patch(node, &pp, &Patch::Apply(&obj)).await?;
             let o = api.patch_status(node, &pp, &Patch::Apply(&body)).await?;
             Ok((bytes, own_entry(&o, entry)))
