@@ -50,6 +50,21 @@ const RETRY_EVERY: Duration = Duration::from_secs(2);
 /// agent writes across a fleet is one pass per policy, not one per write).
 const DEBOUNCE: Duration = Duration::from_millis(250);
 
+/// At most this many reconciles of one controller run at once. Unbounded,
+/// a 500-device burst at 1,000 nodes ran hundreds of node reconciles at
+/// once, each with a request in flight; the client speaks HTTP/1.1, so each
+/// took a connection of its own, which then sat idle in the pool with its
+/// TLS buffers (the RSS after the burst stayed 1.46x the figure at rest).
+/// A reconcile makes at most three requests, so 16 at a time still write a
+/// fleet's 500 summaries in about a second.
+pub const RECONCILES_AT_ONCE: u16 = 16;
+
+fn controller_config() -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default()
+        .debounce(DEBOUNCE)
+        .concurrency(RECONCILES_AT_ONCE)
+}
+
 /// Runs the operator until SIGTERM or until it loses leadership.
 pub async fn run(args: Args) -> Result<(), RunError> {
     // First of all: a SIGTERM that arrives before the handler exists is
@@ -275,7 +290,7 @@ async fn controller(
                 &kube::ResourceExt::name_any(&node),
             ))
         })
-        .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE));
+        .with_config(controller_config());
 
     let policy_store = watches.policies.store.clone();
     // Every policy again once the release namespace goes (uninstall).
@@ -285,7 +300,7 @@ async fn controller(
             .owns_stream(watches.daemonsets.follow())
             .reconcile_on(policy_triggers)
             .reconcile_all_on(uninstall_rx)
-            .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE));
+            .with_config(controller_config());
     let index = index::Index::of(watches);
     let ctx = Arc::new(Context::new(
         client.clone(),
