@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use tokio::sync::watch;
 
-use crate::deviceplugin::plugin::PluginState;
+use crate::plugin::PluginState;
 
 /// The plugins being served now; changes when a policy is reloaded.
 pub type Plugins = Arc<std::sync::RwLock<Vec<Arc<PluginState>>>>;

@@ -2,9 +2,24 @@
 //! RPC handlers need.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use devplug_api::{DevicePluginPolicy, MountSpec, SharingStrategy, default_ids_env};
+
+use crate::error::AgentError;
+
+/// Loads and validates the policies of a standalone config file.
+pub fn load_config(path: &Path) -> Result<Vec<DevicePluginPolicy>, AgentError> {
+    let text = std::fs::read_to_string(path).map_err(|source| AgentError::ReadConfig {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    devplug_api::policies_from_yaml(&text).map_err(|source| AgentError::Config {
+        path: path.to_path_buf(),
+        source,
+    })
+}
 
 /// Longest policy name used whole in a socket name. A Unix socket path has
 /// at most 107 bytes; the kubelet's directory takes 31

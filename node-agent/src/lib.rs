@@ -9,18 +9,24 @@
 //! - [`status`]: allocations from PodResources and the NodeDeviceStatus
 //!   entry, for both paths.
 //!
-//! Around them: [`run`] starts and updates one plugin per policy (cluster
-//! or standalone mode), [`cdi`] writes CDI specs, [`admin`] serves health,
-//! readiness and [`metrics`].
+//! Around them: [`plugin`] is one served policy whichever API serves it
+//! (its shared state and its life: start, update, stop), [`run`] wires the
+//! agent (standalone or [`cluster`] mode), [`cdi`] writes CDI specs,
+//! [`admin`] serves health, readiness and [`metrics`].
+//!
+//! Where to start reading: [`run::run`], then [`plugin::lifecycle`].
 
 pub mod admin;
 pub mod args;
 pub mod cdi;
+pub mod cluster;
 pub mod config;
 pub mod deviceplugin;
 pub mod devices;
 pub mod dra;
+pub mod error;
 pub mod metrics;
+pub mod plugin;
 pub mod retry;
 pub mod run;
 pub mod simctl;

@@ -26,8 +26,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::deviceplugin::plugin::PluginState;
-use crate::devices::health::Health;
+use crate::plugin::PluginState;
+use devplug_api::DeviceHealth;
 
 type Labels = Vec<(String, String)>;
 
@@ -155,10 +155,10 @@ impl AgentMetrics {
             let res = &cfg.resource_name;
             let report = crate::status::report::resource_status(&cfg, &snap, &allocs);
             for d in &report.devices {
-                let state = match snap.devices.get(&d.id).map(|s| &s.health) {
-                    Some(Health::Healthy) => "Healthy",
-                    Some(Health::Unhealthy(_)) => "Unhealthy",
-                    _ => "Unknown",
+                let state = match d.health {
+                    DeviceHealth::Healthy => "Healthy",
+                    DeviceHealth::Unhealthy => "Unhealthy",
+                    DeviceHealth::Unknown => "Unknown",
                 };
                 let holders: Vec<(String, String, String)> = if d.allocations.is_empty() {
                     vec![Default::default()]

@@ -801,8 +801,8 @@ async fn in_process(
     std::sync::Arc<devplug_agent::dra::server::DraState>,
     devplug_testenv::Recorder,
 ) {
-    use devplug_agent::deviceplugin::plugin::{PluginState, Streams};
     use devplug_agent::dra::server::DraState;
+    use devplug_agent::plugin::{PluginState, Streams};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64};
     let driver = driver(api);

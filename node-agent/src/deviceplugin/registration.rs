@@ -31,8 +31,9 @@ use devplug_proto::deviceplugin::v1beta1::registration_client::RegistrationClien
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::deviceplugin::plugin::{PluginState, options};
+use crate::deviceplugin::plugin::options;
 use crate::deviceplugin::server::Rebind;
+use crate::plugin::PluginState;
 use crate::unix::{dial, error_chain};
 
 /// How long a dropped ListAndWatch stream may go unreplaced.

@@ -78,11 +78,10 @@ pub fn entries(
             continue;
         }
         let (status, reason, message, since) = match super::claims::dra_device(snap, &d.id) {
-            Some(state) => match &state.health {
-                Health::Healthy => ("True", "Healthy", String::new(), state.last_transition),
-                Health::Unhealthy(r) => ("False", "Unhealthy", r.clone(), state.last_transition),
-                Health::Unknown(r) => ("Unknown", "Unknown", r.clone(), state.last_transition),
-            },
+            Some(state) => {
+                let c = HealthyCondition::from(&state.health);
+                (c.status, c.reason, c.message, state.last_transition)
+            }
             None => (
                 "False",
                 "Missing",
@@ -265,6 +264,28 @@ pub async fn run(state: Arc<DraState>, mut shutdown: watch::Receiver<bool>) {
             r = snaps.changed() => if r.is_err() { return },
             _ = state.claims_changed.notified() => {}
             _ = tokio::time::sleep(RETRY), if failed => {}
+        }
+    }
+}
+
+/// A device's health as the claim's `Healthy` condition says it.
+struct HealthyCondition {
+    status: &'static str,
+    reason: &'static str,
+    message: String,
+}
+
+impl From<&Health> for HealthyCondition {
+    fn from(h: &Health) -> HealthyCondition {
+        let (status, reason) = match h {
+            Health::Healthy => ("True", "Healthy"),
+            Health::Unhealthy(_) => ("False", "Unhealthy"),
+            Health::Unknown(_) => ("Unknown", "Unknown"),
+        };
+        HealthyCondition {
+            status,
+            reason,
+            message: h.reason().to_string(),
         }
     }
 }

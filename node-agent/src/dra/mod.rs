@@ -34,7 +34,7 @@ use tokio::net::UnixListener;
 use tokio::sync::{Mutex, watch};
 use tracing::{error, info, warn};
 
-use crate::deviceplugin::plugin::PluginState;
+use crate::plugin::PluginState;
 use server::{DraService, DraState, Registrar};
 
 fn bind(path: &Path) -> std::io::Result<UnixListener> {

@@ -23,8 +23,8 @@ use tracing::{debug, info, warn};
 use super::claims::{self, Checkpoint, PreparedClaim};
 use super::names::{self, Paths};
 use crate::cdi;
-use crate::deviceplugin::plugin::PluginState;
 use crate::devices::health::Health;
+use crate::plugin::PluginState;
 
 /// How often the full health list is sent again without a change, so the
 /// kubelet never takes a quiet driver for a silent one.
@@ -658,11 +658,8 @@ impl DraState {
             .unwrap_or_default();
         let mut devices = Vec::new();
         for (id, state) in &snap.devices {
-            let (h, message) = match &state.health {
-                Health::Healthy => (health::HealthStatus::Healthy, String::new()),
-                Health::Unhealthy(r) => (health::HealthStatus::Unhealthy, r.clone()),
-                Health::Unknown(r) => (health::HealthStatus::Unknown, r.clone()),
-            };
+            let h = health::HealthStatus::from(&state.health);
+            let message = state.health.reason();
             devices.push(health::DeviceHealth {
                 device: Some(health::DeviceIdentifier {
                     pool_name: self.node.clone(),
@@ -850,4 +847,16 @@ pub fn plugin_info(state: &DraState) -> reg::PluginInfo {
 /// Claims prepared before, by UID (for tests and the checkpoint's owner).
 pub async fn prepared(state: &DraState) -> BTreeMap<String, PreparedClaim> {
     state.checkpoint.lock().await.claims.clone()
+}
+
+/// A device's health as the kubelet's DRA health service has it (the
+/// reason goes in the message).
+impl From<&Health> for health::HealthStatus {
+    fn from(h: &Health) -> health::HealthStatus {
+        match h {
+            Health::Healthy => health::HealthStatus::Healthy,
+            Health::Unhealthy(_) => health::HealthStatus::Unhealthy,
+            Health::Unknown(_) => health::HealthStatus::Unknown,
+        }
+    }
 }

@@ -25,6 +25,18 @@ fn time(t: SystemTime) -> Option<Time> {
         .map(Time)
 }
 
+/// A device's health in NodeDeviceStatus's vocabulary (the kubelet's
+/// `allocatedResourcesStatus`); the reason goes in its own field.
+impl From<&Health> for DeviceHealth {
+    fn from(h: &Health) -> DeviceHealth {
+        match h {
+            Health::Healthy => DeviceHealth::Healthy,
+            Health::Unhealthy(_) => DeviceHealth::Unhealthy,
+            Health::Unknown(_) => DeviceHealth::Unknown,
+        }
+    }
+}
+
 /// Builds the entry of one resource.
 pub fn resource_status(cfg: &PluginConfig, snap: &Snapshot, allocs: &AllocView) -> ResourceStatus {
     let mut by_physical: BTreeMap<&str, BTreeSet<&Allocation>> = BTreeMap::new();
@@ -44,11 +56,8 @@ pub fn resource_status(cfg: &PluginConfig, snap: &Snapshot, allocs: &AllocView) 
     let mut devices = Vec::with_capacity(snap.devices.len());
     let (mut healthy, mut allocated) = (0, 0);
     for (id, st) in &snap.devices {
-        let (health, reason) = match &st.health {
-            Health::Healthy => (DeviceHealth::Healthy, None),
-            Health::Unhealthy(r) => (DeviceHealth::Unhealthy, Some(r.clone())),
-            Health::Unknown(r) => (DeviceHealth::Unknown, Some(r.clone())),
-        };
+        let health = DeviceHealth::from(&st.health);
+        let reason = (!st.health.is_healthy()).then(|| st.health.reason().to_string());
         if health == DeviceHealth::Healthy {
             healthy += 1;
         }
