@@ -900,6 +900,18 @@ async fn main() {
         let shown = wait_healthy(&client, &[0], &down, Duration::from_secs(300)).await;
         let flipped = t0.elapsed();
         let down_watched = lag(&watch_log, &rvs, t0 + down_written);
+        // The operator's own share: from the watch delivering the fleet's
+        // last write to the status showing it.
+        let own = |log: &WatchLog, rvs: &[u64], shown_at: Instant| {
+            let rv = rvs.iter().copied().max().unwrap_or(0);
+            log.seen(rv).map_or("NEVER".to_string(), |at| {
+                format!(
+                    "{:.2} s",
+                    shown_at.saturating_duration_since(at).as_secs_f64()
+                )
+            })
+        };
+        let down_own = own(&watch_log, &rvs, t0 + flipped);
         watch_log.record();
         let t1 = Instant::now();
         let rvs = each(flips.clone(), |i| {
@@ -910,9 +922,10 @@ async fn main() {
         let up_written = t1.elapsed();
         let back = wait_healthy(&client, &[0], &want, Duration::from_secs(300)).await;
         let up_watched = lag(&watch_log, &rvs, t1 + up_written);
+        let up_own = own(&watch_log, &rvs, t1 + up_written + back.unwrap_or_default());
         let secs = t0.elapsed().as_secs_f64();
         println!(
-            "burst: {} devices Unhealthy (the fleet's writes took {:.2} s) -> policy status {down} {} after the first write, {} after the last (the API server's watch delivered the last write {down_watched} after it); back (writes {:.2} s) -> {want} {} after the last write (watch: {up_watched}); during the burst: {}, CPU {:.2} s/min, peak RSS {:.1} MiB",
+            "burst: {} devices Unhealthy (the fleet's writes took {:.2} s) -> policy status {down} {} after the first write, {} after the last (the API server's watch delivered the last write {down_watched} after it; the operator's own share {down_own}); back (writes {:.2} s) -> {want} {} after the last write (watch: {up_watched}; operator: {up_own}); during the burst: {}, CPU {:.2} s/min, peak RSS {:.1} MiB",
             flips.len(),
             down_written.as_secs_f64(),
             shown.map_or("NEVER".to_string(), |_| format!(
