@@ -144,6 +144,12 @@ where
                         *tap = None;
                     }
                 }
+                // A resourceVersion too old (410) is routine: the watcher
+                // lists again (Events expire within the hour, so their
+                // watch sees it often).
+                Err(watcher::Error::WatchError(s)) if s.code == 410 => {
+                    tracing::debug!(%what, "watch expired; listing again");
+                }
                 Err(e) => warn!(%what, error = %e, "watch failed; retrying with backoff"),
             }
         }
