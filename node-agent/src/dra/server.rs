@@ -408,11 +408,11 @@ impl DraState {
             BTreeMap::new()
         };
         let write_began = std::time::Instant::now();
-        let mut planned = Vec::new();
+        let mut staged = Vec::new();
         for (c, _, results) in &got {
             let alone = claims::Others::default();
             let others = around.get(&c.uid).unwrap_or(&alone);
-            let r = claims::plan(
+            match claims::plan(
                 &c.uid,
                 &c.namespace,
                 &c.name,
@@ -421,17 +421,59 @@ impl DraState {
                 &self.node,
                 cfg,
                 snap,
-            )
-            .and_then(|(prepared, spec)| {
-                if let (Some(f), Some(bytes)) = (&prepared.cdi_file, &spec) {
-                    cdi::write_atomic(&self.cdi_dir, f, bytes)
+            ) {
+                Ok((prepared, spec)) => {
+                    let write = prepared.cdi_file.clone().zip(spec);
+                    staged.push((*c, prepared, write));
+                }
+                Err(e) => {
+                    answers.insert(c.uid.clone(), Err(e));
+                    undo.push(&c.uid);
+                }
+            }
+        }
+        // The call's CDI specs are written off the async workers, in one
+        // blocking task: each is two fsyncs, and a hundred pods starting at
+        // once would otherwise hold the runtime's few worker threads
+        // through them one after the other (and every other call's answer
+        // with them). Calls write in parallel; the file system commits
+        // concurrent fsyncs together.
+        let mut writes: Vec<(String, Vec<u8>)> = Vec::new();
+        let staged: Vec<_> = staged
+            .into_iter()
+            .map(|(c, prepared, w)| {
+                let has = w.is_some();
+                writes.extend(w);
+                (c, prepared, has)
+            })
+            .collect();
+        let count = writes.len();
+        let dir = self.cdi_dir.clone();
+        let mut written = tokio::task::spawn_blocking(move || {
+            writes
+                .iter()
+                .map(|(f, bytes)| {
+                    cdi::write_atomic(&dir, f, bytes)
                         .map_err(|e| format!("cannot write the CDI spec {f}: {e}"))?;
                     failpoint("prepare-after-cdi-spec");
-                }
-                Ok(prepared)
-            });
+                    Ok(())
+                })
+                .collect::<Vec<Result<(), String>>>()
+        })
+        .await
+        .unwrap_or_else(|e| vec![Err(format!("writing the CDI specs: {e}")); count])
+        .into_iter();
+        let mut planned = Vec::new();
+        for (c, prepared, has_spec) in staged {
+            let r = if has_spec {
+                written
+                    .next()
+                    .unwrap_or_else(|| Err("no answer from the CDI spec writer".into()))
+            } else {
+                Ok(())
+            };
             match r {
-                Ok(p) => planned.push((*c, p)),
+                Ok(()) => planned.push((c, prepared)),
                 Err(e) => {
                     answers.insert(c.uid.clone(), Err(e));
                     undo.push(&c.uid);
