@@ -694,23 +694,52 @@ async fn main() {
             |g| format!("SCALE_NODE_GRACE={g}: the kit's node lifecycle controller given {g} s")
         )
     );
-    cleanup(&client).await;
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap(),
-        )
-        .await
-        .expect("creating the bench namespace");
-    let policies: Api<DevicePluginPolicy> = Api::all(client.clone());
-    for k in 0..POLICIES {
-        policies
+    // SCALE_KEEP=1: the fleet a run leaves is kept, and a run that finds
+    // one starts from it (a 5,000-node fleet takes half an hour to build on
+    // this machine; a change to the operator is measured again in minutes).
+    let keep = std::env::var("SCALE_KEEP").is_ok_and(|v| v == "1");
+    let kept = if keep {
+        Api::<Node>::all(client.clone())
+            .list_metadata(&ListParams::default().labels(&format!("{BENCH_LABEL}=true")))
+            .await
+            .map_or(0, |l| l.items.len())
+    } else {
+        0
+    };
+    if kept == 0 {
+        cleanup(&client).await;
+    } else {
+        println!(
+            "SCALE_KEEP=1: starting from the {kept} simulated nodes (with their pods and entries) a run left"
+        );
+    }
+    let exists = |r: Result<_, kube::Error>, what: &str| match r {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 && kept > 0 => {}
+        Err(e) => panic!("{what}: {e}"),
+    };
+    exists(
+        Api::<Namespace>::all(client.clone())
             .create(
                 &PostParams::default(),
-                &serde_json::from_value(policy(k)).unwrap(),
+                &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap(),
             )
             .await
-            .expect("creating a bench policy (are the CRDs applied?)");
+            .map(|_| ()),
+        "creating the bench namespace",
+    );
+    let policies: Api<DevicePluginPolicy> = Api::all(client.clone());
+    for k in 0..POLICIES {
+        exists(
+            policies
+                .create(
+                    &PostParams::default(),
+                    &serde_json::from_value(policy(k)).unwrap(),
+                )
+                .await
+                .map(|_| ()),
+            "creating a bench policy (are the CRDs applied?)",
+        );
     }
 
     let mut op = Operator::start(&kubeconfig, "bench-operator-0", METRICS);
@@ -792,7 +821,12 @@ async fn main() {
     let watch_log = WatchLog::start(&client);
     let all: Vec<usize> = (0..POLICIES).collect();
     let mut have = 0;
-    for &n in &sizes {
+    if kept > 0 {
+        fleet.store(kept, std::sync::atomic::Ordering::SeqCst);
+        have = kept;
+    }
+    let start_at = have;
+    for &n in sizes.iter().filter(|&&n| n >= start_at) {
         println!("\n== {n} nodes ==");
         let pid = op.pid();
         let metrics = op.metrics;
@@ -1142,6 +1176,10 @@ async fn main() {
     renewer.abort();
     reviver.abort();
     drop(op);
+    if keep {
+        println!("\nSCALE_KEEP=1: the fleet stays for the next run");
+        return;
+    }
     println!("\ncleaning up");
     cleanup(&client).await;
 }
