@@ -110,3 +110,25 @@ fn every_chart_value_is_in_the_readme() {
         );
     }
 }
+
+/// No reconcile lists the API server: the index answers. The pre-delete
+/// cleanup hook (`cleanup.rs`, a separate one-shot command) is the only
+/// place that lists.
+#[test]
+fn no_live_list_outside_the_cleanup_hook() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut offenders = Vec::new();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_none_or(|x| x != "rs") || p.ends_with("cleanup.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&p).unwrap();
+        for (n, l) in text.lines().enumerate() {
+            if l.contains(".list(") || l.contains(".list_metadata(") {
+                offenders.push(format!("{}:{}: {}", p.display(), n + 1, l.trim()));
+            }
+        }
+    }
+    assert!(offenders.is_empty(), "live LISTs: {offenders:#?}");
+}
