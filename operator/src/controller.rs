@@ -67,8 +67,6 @@ pub struct Context {
     last_unhealthy: Mutex<HashMap<String, UnhealthySet>>,
     /// How long own writes are trusted over the index ([`TRUST_OWN_WRITE`]).
     trust_own_write: Duration,
-    /// Each node's part of every policy's device counts, per object version.
-    pub shares: devices::Shares,
     /// The release namespace is being deleted: every reconcile releases
     /// and cleans up instead of serving (see [`uninstall`]).
     pub uninstalling: std::sync::atomic::AtomicBool,
@@ -101,7 +99,6 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             last_unhealthy: Mutex::new(HashMap::new()),
             trust_own_write: TRUST_OWN_WRITE,
-            shares: devices::Shares::default(),
             uninstalling: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -830,7 +827,7 @@ pub async fn reconcile(p: Arc<DevicePluginPolicy>, ctx: Arc<Context>) -> Result<
         seen.pod_problems = status::pod_problems(&pods);
         seen.daemonset = Some(ds);
         let all = ctx.index.nds.state();
-        seen.devices = Some(ctx.shares.aggregate(&p, all.iter().map(|n| n.as_ref())));
+        seen.devices = Some(ctx.index.shares.aggregate(&p, all.iter().map(|n| n.as_ref())));
         Ok(())
     }
     .await;

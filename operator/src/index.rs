@@ -62,6 +62,10 @@ pub struct Index {
     pods_by: PodGroups,
     /// What this process wrote, which the watches may not show yet.
     pub writes: Arc<OwnWrites>,
+    /// Each node's entries as per-policy shares, remembered by the
+    /// entries' version: a policy's device counts are summed from these,
+    /// not from every entry of every node again.
+    pub shares: Arc<crate::devices::Shares>,
 }
 
 /// The record of the operator's own writes. The stores lag the API server
@@ -196,6 +200,7 @@ impl Index {
             synced: w.synced.clone(),
             pods_by: w.pod_groups.clone(),
             writes: Arc::default(),
+            shares: Arc::default(),
         }
     }
 
@@ -225,6 +230,7 @@ impl Index {
             synced,
             pods_by,
             writes: Arc::default(),
+            shares: Arc::default(),
         }
     }
 
