@@ -259,14 +259,28 @@ pub async fn run(state: Arc<DraState>, mut shutdown: watch::Receiver<bool>) {
                 }
             }
         }
-        tokio::select! {
+        let prepared_or_unprepared = tokio::select! {
             _ = crate::stopped(&mut shutdown) => return,
-            r = snaps.changed() => if r.is_err() { return },
-            _ = state.claims_changed.notified() => {}
-            _ = tokio::time::sleep(RETRY), if failed => {}
+            r = snaps.changed() => if r.is_err() { return } else { false },
+            _ = state.claims_changed.notified() => true,
+            _ = tokio::time::sleep(RETRY), if failed => false,
+        };
+        // Prepares and unprepares come in bursts (a hundred pods starting
+        // together): their status is written once the burst has settled,
+        // not between the claim reads the kubelet is waiting on. A health
+        // change is written at once.
+        if prepared_or_unprepared {
+            tokio::select! {
+                _ = crate::stopped(&mut shutdown) => return,
+                _ = tokio::time::sleep(SETTLE) => {}
+            }
         }
     }
 }
+
+/// How long a prepare's or unprepare's status write waits for the rest of
+/// its burst.
+pub const SETTLE: Duration = Duration::from_millis(500);
 
 /// A device's health as the claim's `Healthy` condition says it.
 struct HealthyCondition {
