@@ -164,7 +164,13 @@ impl PodsBy {
         };
         let drop_from = |map: &mut HashMap<String, Vec<Arc<AgentPod>>>, group: &str| {
             if let Some(v) = map.get_mut(group) {
-                v.retain(|p| ObjectRef::from_obj(p.as_ref()) != *key);
+                // Compared in place: a policy's group holds a pod per node, and
+                // building an ObjectRef (two string copies) per member on
+                // every pod event cost more than the comparison.
+                v.retain(|p| {
+                    p.metadata.name.as_deref() != Some(key.name.as_str())
+                        || p.metadata.namespace != key.namespace
+                });
                 if v.is_empty() {
                     map.remove(group);
                 }
