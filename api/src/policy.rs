@@ -49,6 +49,9 @@ use serde::{Deserialize, Serialize};
     {"rule": "(has(self.allocate) && has(self.allocate.cdi) && has(self.allocate.cdi.kind)) || !((has(self.kubeletApi) && self.kubeletApi == 'DRA') || (has(self.allocate) && has(self.allocate.cdi) && has(self.allocate.cdi.enabled) && self.allocate.cdi.enabled)) || self.resourceName.matches('^[A-Za-z]([A-Za-z0-9_.-]*[A-Za-z0-9])?/[A-Za-z]([A-Za-z0-9_-]*[A-Za-z0-9])?$')",
      "fieldPath": ".resourceName",
      "message": "the resource name is also the CDI kind here (DRA, or allocate.cdi.enabled without allocate.cdi.kind), and container runtimes refuse it: the CDI vendor (domain) must start with a letter, and the class (name) must start with a letter and hold only letters, digits, '-' and '_' (no '.'); set spec.allocate.cdi.kind"},
+    {"rule": "!has(self.source.nvidia) || !has(self.source.nvidia.migPartitions) || !self.source.nvidia.migPartitions || (has(self.kubeletApi) && self.kubeletApi == 'DRA' && (!has(self.sharing) || !has(self.sharing.strategy) || self.sharing.strategy == 'Exclusive'))",
+     "fieldPath": ".source.nvidia.migPartitions",
+     "message": "MIG partitions are made per claim, which only DRA can ask for: set kubeletApi DRA and Exclusive sharing"},
     {"rule": "!has(self.preStart) || (has(self.agent) && has(self.agent.image))",
      "message": "spec.preStart runs its program inside the agent container, and the stock agent image is distroless (no shell, no tools): set spec.agent.image to an image that contains the program"}
 ]))]
@@ -386,6 +389,18 @@ pub struct NvidiaSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 256))]
     pub ignored_xids: Option<Vec<u64>>,
+    /// Publish each GPU in MIG mode as partitionable (DRA, KEP-4815): the
+    /// GPU's memory slices as a counter set, and every MIG profile at every
+    /// placement NVML offers as a device consuming its slices. The GPU
+    /// instance (with one compute instance spanning it) is made when a claim
+    /// is prepared and removed when it is unprepared; the scheduler never
+    /// hands out two that overlap. The agent owns the MIG layout of those
+    /// GPUs: at start it removes instances no prepared claim holds. GPUs not
+    /// in MIG mode are published whole, as without it. Needs `kubeletApi:
+    /// DRA` and `Exclusive` sharing; the agent runs privileged (MIG
+    /// configuration needs it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mig_partitions: bool,
 }
 
 /// Sharing strategy.

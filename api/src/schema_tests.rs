@@ -65,7 +65,7 @@ fn rules(node: &Value, path: &str, out: &mut Vec<(String, String, Value)>) {
 fn every_rule_compiles_and_fits_the_cost_budget() {
     let mut all = Vec::new();
     rules(&schema(), "", &mut all);
-    assert_eq!(all.len(), 16, "the policy has 16 CEL rules");
+    assert_eq!(all.len(), 17, "the policy has 17 CEL rules");
     for (path, rule, node) in &all {
         let compiled = compile_schema(node);
         assert!(
@@ -260,6 +260,18 @@ fn cel_rules_refuse_bad_specs_with_readable_messages() {
             }),
             "DRA has no pre-start hook",
         ),
+        (
+            with(|s| s["source"] = json!({"nvidia": {"migPartitions": true}})),
+            "MIG partitions are made per claim",
+        ),
+        (
+            with(|s| {
+                s["kubeletApi"] = json!("DRA");
+                s["source"] = json!({"nvidia": {"migPartitions": true}});
+                s["sharing"] = json!({"strategy": "TimeSlicing", "replicas": 2});
+            }),
+            "MIG partitions are made per claim",
+        ),
     ];
     for (obj, want) in &cases {
         match admit(obj) {
@@ -282,6 +294,11 @@ fn good_specs_and_examples_are_admitted() {
     }))
     .unwrap();
     admit(&with(|s| s["source"] = json!({"nvidia": {}}))).unwrap();
+    admit(&with(|s| {
+        s["kubeletApi"] = json!("DRA");
+        s["source"] = json!({"nvidia": {"migPartitions": true}});
+    }))
+    .unwrap();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let mut n = 0;
     for e in std::fs::read_dir(dir).unwrap() {

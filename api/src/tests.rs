@@ -321,3 +321,30 @@ fn cdi_kinds_follow_the_cdi_parser() {
     // The device plugin path without CDI never makes a CDI name.
     assert!(fields(&spec_with(|s| s.resource_name = "example.com/gpu.v2".into())).is_empty());
 }
+
+#[test]
+fn mig_partitions_need_dra_and_exclusive_sharing() {
+    let mig = |p: &mut DevicePluginPolicySpec| {
+        p.source.simulated = None;
+        p.source.nvidia = Some(NvidiaSource {
+            mig_partitions: true,
+            ..Default::default()
+        });
+    };
+    assert_eq!(
+        fields(&spec_with(mig)),
+        ["spec.source.nvidia.migPartitions"]
+    );
+    let dra = spec_with(|p| {
+        mig(p);
+        p.kubelet_api = KubeletApi::Dra;
+    });
+    assert!(dra.validate().is_ok(), "{:?}", dra.validate());
+    let shared = spec_with(|p| {
+        mig(p);
+        p.kubelet_api = KubeletApi::Dra;
+        p.sharing.strategy = SharingStrategy::TimeSlicing;
+        p.sharing.replicas = Some(2);
+    });
+    assert!(fields(&shared).contains(&"spec.source.nvidia.migPartitions".to_string()));
+}

@@ -292,6 +292,17 @@ impl DevicePluginPolicySpec {
             }
         }
 
+        if let Some(n) = &self.source.nvidia
+            && n.mig_partitions
+            && (self.kubelet_api != crate::KubeletApi::Dra
+                || self.sharing.strategy != crate::SharingStrategy::Exclusive)
+        {
+            c.err(
+                "spec.source.nvidia.migPartitions",
+                "MIG partitions are made per claim, which only DRA can ask for: set kubeletApi DRA and Exclusive sharing",
+            );
+        }
+
         if let Some(p) = &self.source.paths {
             let f = "spec.source.paths";
             if p.globs.is_empty() {

@@ -56,6 +56,15 @@ pub struct ServeArgs {
     #[arg(long, env = "DEVPLUG_SYS_ROOT", default_value = "/sys")]
     pub sys_root: PathBuf,
 
+    /// The NVIDIA driver's MIG capability minors, as the agent sees the
+    /// host's `/proc/driver/nvidia-caps/mig-minors` (NVIDIA `migPartitions`).
+    #[arg(
+        long,
+        env = "DEVPLUG_MIG_MINORS",
+        default_value = "/proc/driver/nvidia-caps/mig-minors"
+    )]
+    pub mig_minors: PathBuf,
+
     /// Control directory of simulated devices.
     #[arg(
         long,

@@ -311,6 +311,7 @@ mod tests {
         inv.apply(
             Ok(vec![Device {
                 capacity: Default::default(),
+                partitioning: Default::default(),
                 id: "fuse".into(),
                 numa_node: None,
                 nodes: vec![DeviceNode {

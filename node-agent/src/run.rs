@@ -96,6 +96,7 @@ pub async fn run(args: ServeArgs) -> Result<(), AgentError> {
                 sys: args.sys_root.clone(),
             },
             sim_control_dir: args.sim_control_dir.clone(),
+            mig_minors: args.mig_minors.clone(),
             allowed_device_nodes: args
                 .allowed_device_nodes
                 .iter()

@@ -821,6 +821,7 @@ async fn in_process(
             devplug_agent::devices::inventory::DeviceState {
                 device: devplug_agent::devices::device::Device {
                     capacity: Default::default(),
+                    partitioning: Default::default(),
                     id,
                     numa_node: None,
                     nodes: vec![],

@@ -50,6 +50,7 @@ fn snapshot(n: usize, unhealthy: &[usize]) -> Snapshot {
             DeviceState {
                 device: Device {
                     capacity: [("memory".to_string(), "81559Mi".to_string())].into(),
+                    partitioning: Default::default(),
                     id,
                     numa_node: Some(0),
                     nodes: vec![],
@@ -154,6 +155,138 @@ async fn the_real_api_server_takes_a_300_device_pool_with_a_tainted_device() {
             .collect()
     };
     assert_eq!(where_is(&before), where_is(&after));
+}
+
+/// An 8-GPU H100 node in MIG mode, every profile at every placement (18
+/// partitions a GPU), one GPU unhealthy: the real API server must take the
+/// counter-set slices and the partition slices as the agent lays them out.
+fn mig_snapshot(unhealthy_gpu: Option<usize>) -> Snapshot {
+    use devplug_agent::devices::sources::nvidia::{
+        Gpu,
+        mig::{self, MigLayout, MigProfile},
+    };
+    let gib = 1024 * 1024 * 1024;
+    let profile =
+        |id: u32, name: &str, mem: u64, sms: u32, placements: Vec<(u32, u32)>| MigProfile {
+            id,
+            name: name.into(),
+            memory_bytes: mem * gib,
+            multiprocessors: sms,
+            placements,
+        };
+    let layout = MigLayout {
+        slots: 8,
+        profiles: vec![
+            profile(19, "1g.10gb", 10, 16, (0..7).map(|s| (s, 1)).collect()),
+            profile(15, "1g.20gb", 20, 26, vec![(0, 2), (2, 2), (4, 2), (6, 2)]),
+            profile(14, "2g.20gb", 20, 32, vec![(0, 2), (2, 2), (4, 2)]),
+            profile(9, "3g.40gb", 40, 60, vec![(0, 4), (4, 4)]),
+            profile(5, "4g.40gb", 40, 64, vec![(0, 4)]),
+            profile(0, "7g.80gb", 80, 132, vec![(0, 8)]),
+        ],
+    };
+    let mut s = Snapshot {
+        replicas: 1,
+        version: 1,
+        ..Snapshot::default()
+    };
+    for g in 0..8 {
+        let gpu = Gpu {
+            uuid: format!("GPU-{g:08x}-aaaa-bbbb-cccc-0123456789ab"),
+            minor: g as u32,
+            bus_id: format!("00000000:{:02X}:00.0", 0x18 + g * 0x10),
+            nvlink_peers: vec![],
+            memory_bytes: Some(80 * gib),
+            mig: Some(layout.clone()),
+        };
+        let health = if unhealthy_gpu == Some(g) {
+            Health::Unhealthy("XID 79 (critical)".into())
+        } else {
+            Health::Healthy
+        };
+        let mut parent = Device {
+            capacity: [("memory".to_string(), "81559Mi".to_string())].into(),
+            partitioning: Default::default(),
+            id: gpu.uuid.clone(),
+            numa_node: Some(g as i64 / 4),
+            nodes: vec![],
+            health: health.clone(),
+            links: vec![],
+            attributes: [
+                ("uuid".to_string(), gpu.uuid.clone()),
+                (
+                    devplug_api::topology::PCIE_ROOT_ATTRIBUTE.to_string(),
+                    format!("pci0000:{:02x}", g * 0x10),
+                ),
+            ]
+            .into(),
+        };
+        let parts = mig::partitions(&gpu, &layout, &parent);
+        parent.partitioning = devplug_agent::devices::device::Partitioning::Divided {
+            counters: mig::counters(&layout),
+        };
+        for d in parts.into_iter().chain([parent]) {
+            s.devices.insert(
+                d.id.clone(),
+                DeviceState {
+                    device: d,
+                    health: health.clone(),
+                    last_transition: SystemTime::UNIX_EPOCH,
+                },
+            );
+        }
+    }
+    s
+}
+
+#[tokio::test]
+async fn the_real_api_server_takes_a_mig_node_as_counter_sets_and_partitions() {
+    let env = env();
+    let node = unique("mig-node");
+    let policy = dra_policy(&unique("mig"));
+    let agent = env.client_with_token(&env.agent_token(&policy, &node).await);
+    let cfg = PluginConfig::from_policy(&policy);
+    let api = slice_api(agent);
+    let pp = PatchParams::apply(&devplug_api::agent_manager(&cfg.name)).force();
+    for (generation, unhealthy) in [(1, None), (2, Some(3))] {
+        let pool = slices::Pool::of(
+            &mig_snapshot(unhealthy),
+            devplug_api::TaintEffect::NoSchedule,
+        );
+        assert_eq!(pool.devices.len(), 8 * 18);
+        assert_eq!(pool.counter_sets.len(), 8);
+        let layout = slices::pool_slices(&node, &cfg, generation, &pool);
+        // 8 counter sets in one slice, 144 partitions in three.
+        assert_eq!(layout.len(), 4);
+        for (name, body) in &layout {
+            let body = serde_json::to_value(body).unwrap();
+            if let Err(e) = api.patch(name, &pp, &Patch::Apply(&body)).await {
+                panic!(
+                    "the API server refused slice {name} (generation {generation}): {e}\n{body}"
+                );
+            }
+        }
+        let stored = api.get(&layout[1].0).await.unwrap();
+        let devs = stored.data["spec"]["devices"].as_array().unwrap();
+        let consumes = &devs[0]["consumesCounters"][0];
+        assert!(
+            consumes["counterSet"]
+                .as_str()
+                .unwrap()
+                .starts_with("gpu-00000000"),
+            "{consumes}"
+        );
+        let sets = api.get(&layout[0].0).await.unwrap();
+        assert_eq!(
+            sets.data["spec"]["sharedCounters"]
+                .as_array()
+                .unwrap()
+                .len(),
+            8,
+            "{:?}",
+            sets.data
+        );
+    }
 }
 
 /// An agent's token (bound to a pod on its node) may write its own node's

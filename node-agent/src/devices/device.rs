@@ -39,6 +39,45 @@ pub struct Device {
     /// NVML): DRA capacity name to a quantity (`"81559Mi"`), published in
     /// the device's ResourceSlice entry for claims to select on.
     pub capacity: std::collections::BTreeMap<String, String>,
+    /// Its place in a partitionable layout (DRA, KEP-4815), if any.
+    pub partitioning: Partitioning,
+}
+
+/// Where a device stands in a partitionable layout (DRA, KEP-4815): a
+/// device divided into partitions is published as a counter set, each
+/// partition as a device consuming some of those counters, so the
+/// scheduler never hands out two partitions that overlap.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Partitioning {
+    /// A plain device.
+    #[default]
+    Whole,
+    /// Divided into partitions: published as a counter set named after it
+    /// (counter name to quantity), not as a device of its own.
+    Divided {
+        /// What its partitions draw on.
+        counters: std::collections::BTreeMap<String, String>,
+    },
+    /// A partition of a divided device, made in prepare and removed in
+    /// unprepare.
+    Partition(Partition),
+}
+
+/// A partition a divided device may be cut into: a profile at a placement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partition {
+    /// The divided device's ID (its counter set is named after it).
+    pub parent: String,
+    /// The source's profile ID (NVML: the GPU instance profile).
+    pub profile: u32,
+    /// The profile's name (`1g.10gb`).
+    pub profile_name: String,
+    /// First slot of the placement.
+    pub start: u32,
+    /// Slots it takes.
+    pub size: u32,
+    /// What it takes from the parent's counter set.
+    pub counters: std::collections::BTreeMap<String, String>,
 }
 
 /// Where the agent finds the host's `/dev` and `/sys`. Tests and benchmarks
@@ -63,4 +102,29 @@ impl Roots {
         let rel = local.strip_prefix(&self.dev).ok()?;
         Some(format!("/dev/{}", rel.to_str()?))
     }
+}
+
+/// A partition made on the node (see [`Partition`]): what prepare recorded,
+/// what unprepare removes, what the container is given.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Made {
+    /// The divided device's ID.
+    pub parent: String,
+    /// The partition's device ID.
+    pub id: String,
+    /// Profile and placement start it was made with.
+    pub profile: u32,
+    /// First slot of its placement.
+    pub start: u32,
+    /// The source's handle on it (NVML: GPU instance ID).
+    pub instance: u32,
+    /// The source's handle on what runs in it (NVML: compute instance ID).
+    pub compute: u32,
+    /// Its own identity (NVML: the `MIG-…` UUID), what the container's
+    /// variables name.
+    pub uuid: String,
+    /// Host device nodes the container needs besides the parent's (NVML:
+    /// the `nvidia-caps` nodes of the GPU and compute instance).
+    pub nodes: Vec<String>,
 }

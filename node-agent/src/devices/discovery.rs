@@ -216,6 +216,7 @@ mod tests {
             }
             Ok(vec![Device {
                 capacity: Default::default(),
+                partitioning: Default::default(),
                 id: "d0".into(),
                 numa_node: None,
                 nodes: vec![],

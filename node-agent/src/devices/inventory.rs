@@ -215,6 +215,7 @@ mod tests {
     fn dev(id: &str, h: Health) -> Device {
         Device {
             capacity: Default::default(),
+            partitioning: Default::default(),
             id: id.into(),
             numa_node: Some(0),
             nodes: vec![],

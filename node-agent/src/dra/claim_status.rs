@@ -320,6 +320,7 @@ mod tests {
                     let state = DeviceState {
                         device: Device {
                             capacity: Default::default(),
+                            partitioning: Default::default(),
                             id: id.to_string(),
                             numa_node: None,
                             nodes: vec![],

@@ -762,6 +762,7 @@ mod tests {
                 DeviceState {
                     device: Device {
                         capacity: Default::default(),
+                        partitioning: Default::default(),
                         id: id.to_string(),
                         numa_node: None,
                         nodes: vec![DeviceNode {

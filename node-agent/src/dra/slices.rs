@@ -35,8 +35,9 @@ use std::time::Duration;
 use devplug_api::agent_manager;
 use futures::StreamExt;
 use k8s_openapi::api::resource::v1::{
-    CapacityRequestPolicy, CapacityRequestPolicyRange, Device, DeviceAttribute, DeviceCapacity,
-    DeviceTaint, ResourcePool, ResourceSlice, ResourceSliceSpec,
+    CapacityRequestPolicy, CapacityRequestPolicyRange, Counter, CounterSet, Device,
+    DeviceAttribute, DeviceCapacity, DeviceCounterConsumption, DeviceTaint, ResourcePool,
+    ResourceSlice, ResourceSliceSpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
@@ -46,12 +47,16 @@ use tracing::{debug, info, warn};
 
 use super::names;
 use crate::config::PluginConfig;
+use crate::devices::device::Partitioning;
 use crate::devices::health::Health;
 use crate::devices::inventory::Snapshot;
 
 /// Most devices one ResourceSlice of ours holds: the `resource.k8s.io/v1`
 /// limit for a slice whose devices carry taints (128 without any).
 pub const MAX_DEVICES_PER_SLICE: usize = 64;
+/// Most counter sets one ResourceSlice holds (the `resource.k8s.io/v1`
+/// limit). A slice holds devices or counter sets, never both.
+pub const MAX_COUNTER_SETS_PER_SLICE: usize = 8;
 /// Longest string attribute value the API takes.
 pub const MAX_ATTRIBUTE_STRING: usize = 64;
 /// The taint an unhealthy device carries.
@@ -100,6 +105,15 @@ pub fn devices_with(snap: &Snapshot, effect: devplug_api::TaintEffect) -> Vec<De
     let mut out = Vec::new();
     let shared = snap.replicas > 1;
     for (id, state) in &snap.devices {
+        let consumes = match &state.device.partitioning {
+            // Published as a counter set (see [`counter_sets`]).
+            Partitioning::Divided { .. } => continue,
+            Partitioning::Partition(p) => Some(vec![DeviceCounterConsumption {
+                counter_set: names::device_name(&p.parent),
+                counters: counters(&p.counters),
+            }]),
+            Partitioning::Whole => None,
+        };
         let mut attrs = std::collections::BTreeMap::new();
         attrs.insert("id".to_string(), string_attr(id));
         if let Some(n) = state.device.numa_node {
@@ -149,29 +163,108 @@ pub fn devices_with(snap: &Snapshot, effect: devplug_api::TaintEffect) -> Vec<De
             taints,
             allow_multiple_allocations: shared.then_some(true),
             capacity,
+            consumes_counters: consumes,
             ..Default::default()
         });
     }
     out
 }
 
-/// The slices of a pool holding `devices`.
+fn counters(
+    m: &std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<String, Counter> {
+    m.iter()
+        .map(|(k, v)| {
+            let c = Counter {
+                value: Quantity(v.clone()),
+            };
+            (k.clone(), c)
+        })
+        .collect()
+}
+
+/// The pool's counter sets: one per divided device (a GPU in MIG mode),
+/// named as its device would be, which its partitions consume from.
+pub fn counter_sets(snap: &Snapshot) -> Vec<CounterSet> {
+    snap.devices
+        .iter()
+        .filter_map(|(id, state)| match &state.device.partitioning {
+            Partitioning::Divided { counters: c } => Some(CounterSet {
+                name: names::device_name(id),
+                counters: counters(c),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What a node's pool publishes: devices, and the counter sets partitions
+/// draw on.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Pool {
+    /// The devices, in a stable order.
+    pub devices: Vec<Device>,
+    /// The counter sets, in a stable order.
+    pub counter_sets: Vec<CounterSet>,
+}
+
+impl Pool {
+    /// The pool of `snap`, an unhealthy device tainted with `effect`.
+    pub fn of(snap: &Snapshot, effect: devplug_api::TaintEffect) -> Self {
+        Self {
+            devices: devices_with(snap, effect),
+            counter_sets: counter_sets(snap),
+        }
+    }
+}
+
+/// The slices of a pool holding `devices` (and no counter sets).
 pub fn slices(
     node: &str,
     cfg: &PluginConfig,
     generation: i64,
     devices: &[Device],
 ) -> Vec<(String, ResourceSlice)> {
-    let chunks: Vec<&[Device]> = if devices.is_empty() {
-        vec![&[]]
-    } else {
-        devices.chunks(MAX_DEVICES_PER_SLICE).collect()
+    let pool = Pool {
+        devices: devices.to_vec(),
+        counter_sets: Vec::new(),
     };
+    pool_slices(node, cfg, generation, &pool)
+}
+
+/// One slice's content: devices or counter sets.
+type Chunk<'a> = (Option<&'a [Device]>, Option<&'a [CounterSet]>);
+
+/// The slices of `pool`: its counter sets first, at most 8 a slice, then
+/// its devices, at most 64 a slice (a slice holds one or the other).
+pub fn pool_slices(
+    node: &str,
+    cfg: &PluginConfig,
+    generation: i64,
+    pool: &Pool,
+) -> Vec<(String, ResourceSlice)> {
+    let devices = &pool.devices;
+    let mut chunks: Vec<Chunk<'_>> = pool
+        .counter_sets
+        .chunks(MAX_COUNTER_SETS_PER_SLICE)
+        .map(|c| (None, Some(c)))
+        .collect();
+    if devices.is_empty() {
+        if chunks.is_empty() {
+            chunks.push((Some(&[]), None));
+        }
+    } else {
+        chunks.extend(
+            devices
+                .chunks(MAX_DEVICES_PER_SLICE)
+                .map(|c| (Some(c), None)),
+        );
+    }
     let count = chunks.len();
     chunks
         .into_iter()
         .enumerate()
-        .map(|(i, chunk)| {
+        .map(|(i, (chunk, sets))| {
             let name = names::slice_name(node, &cfg.driver, i);
             let body = ResourceSlice {
                 metadata: ObjectMeta {
@@ -186,7 +279,8 @@ pub fn slices(
                         generation,
                         resource_slice_count: count as i64,
                     },
-                    devices: Some(chunk.to_vec()),
+                    devices: chunk.map(<[Device]>::to_vec),
+                    shared_counters: sets.map(<[CounterSet]>::to_vec),
                     ..Default::default()
                 },
             };
@@ -304,7 +398,7 @@ pub async fn publish(
             }
         }
     };
-    let mut published: Option<Vec<Device>> = None;
+    let mut published: Option<Pool> = None;
     let mut ours = watcher(
         api.clone(),
         watcher::Config::default()
@@ -317,19 +411,19 @@ pub async fn publish(
         let snap = snaps.borrow_and_update().clone();
         let effect = cfgs.borrow_and_update().taint_effect;
         // Never an empty pool before discovery has looked.
-        let want = (snap.version > 0).then(|| devices_with(&snap, effect));
+        let want = (snap.version > 0).then(|| Pool::of(&snap, effect));
         if let Some(want) = want
             && published.as_ref() != Some(&want)
         {
             let cfg = cfgs.borrow().clone();
             generation += 1;
-            let layout = slices(&node, &cfg, generation, &want);
+            let layout = pool_slices(&node, &cfg, generation, &want);
             match write(&api, &manager, &layout, &mut names).await {
                 Ok(lost) => {
                     if published.is_none() {
-                        info!(policy = %cfg.name, devices = want.len(), slices = names.len(), generation, "ResourceSlices published");
+                        info!(policy = %cfg.name, devices = want.devices.len(), counter_sets = want.counter_sets.len(), slices = names.len(), generation, "ResourceSlices published");
                     } else {
-                        debug!(policy = %cfg.name, devices = want.len(), generation, "ResourceSlices updated");
+                        debug!(policy = %cfg.name, devices = want.devices.len(), generation, "ResourceSlices updated");
                     }
                     published = Some(want);
                     backoff.reset();
@@ -373,7 +467,7 @@ pub async fn publish(
                     // retry the new one after the backoff.
                     if let Some(prev) = &published {
                         generation += 1;
-                        let back = slices(&node, &cfg, generation, prev);
+                        let back = pool_slices(&node, &cfg, generation, prev);
                         match write(&api, &manager, &back, &mut names).await {
                             Ok(_) => {
                                 info!(policy = %cfg.name, generation, "kept the last published pool whole")
@@ -448,6 +542,7 @@ mod tests {
                 DeviceState {
                     device: Device {
                         capacity: Default::default(),
+                        partitioning: Default::default(),
                         id,
                         numa_node: Some((i % 2) as i64),
                         nodes: vec![],

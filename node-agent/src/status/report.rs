@@ -116,6 +116,7 @@ mod tests {
         inv.apply(
             Ok(vec![Device {
                 capacity: Default::default(),
+                partitioning: Default::default(),
                 id: "g0".into(),
                 numa_node: None,
                 nodes: vec![],
@@ -153,6 +154,7 @@ mod tests {
             Ok(vec![
                 Device {
                     capacity: Default::default(),
+                    partitioning: Default::default(),
                     id: "g0".into(),
                     numa_node: Some(1),
                     nodes: vec![],
@@ -162,6 +164,7 @@ mod tests {
                 },
                 Device {
                     capacity: Default::default(),
+                    partitioning: Default::default(),
                     id: "g1".into(),
                     numa_node: None,
                     nodes: vec![],

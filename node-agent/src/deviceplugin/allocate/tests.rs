@@ -28,6 +28,7 @@ fn snap(replicas: u32, all_healthy: bool) -> Snapshot {
     let devs = (0..4)
         .map(|i| Device {
             capacity: Default::default(),
+            partitioning: Default::default(),
             id: format!("d{i}"),
             numa_node: Some(i / 2),
             nodes: vec![node(&format!("/dev/d{i}")), node("/dev/ctl")],
@@ -238,6 +239,7 @@ fn preferred_keeps_nvlinked_gpus_together() {
     let mut inv = Inventory::new(Duration::from_secs(1), 1);
     let link = |id: &str, peers: &[&str]| Device {
         capacity: Default::default(),
+        partitioning: Default::default(),
         id: id.into(),
         numa_node: Some(0),
         nodes: vec![],

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use devplug_api::{DevicePluginPolicy, SourceSpec};
 
-use crate::devices::device::{Device, Roots};
+use crate::devices::device::{Device, Made, Partition, Roots};
 
 pub mod nvidia;
 pub mod paths;
@@ -69,6 +69,25 @@ pub trait Source: Send + Sync + 'static {
     fn wake(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
         None
     }
+    /// What makes and removes this source's partitions, if it publishes
+    /// any (the NVIDIA source with `migPartitions`).
+    fn partitioner(&self) -> Option<std::sync::Arc<dyn Partitioner>> {
+        None
+    }
+}
+
+/// Makes and removes the partitions a source publishes (DRA prepare and
+/// unprepare). Calls block (NVML): call them off the async workers.
+pub trait Partitioner: Send + Sync + 'static {
+    /// Makes `p`, or adopts the partition already at its placement with its
+    /// profile (a prepare repeated after a crash), and says what a container
+    /// needs to use it.
+    fn create(&self, p: &Partition) -> Result<Made, String>;
+    /// Removes `m`; one already gone counts as removed.
+    fn destroy(&self, m: &Made) -> Result<(), String>;
+    /// Every partition on the node's divided devices now: at start, those
+    /// no prepared claim records are removed.
+    fn existing(&self) -> Result<Vec<Made>, String>;
 }
 
 /// Everything a source needs from outside the policy.
@@ -81,6 +100,9 @@ pub struct SourceContext {
     /// Device nodes handed out although they give a container the host
     /// (the chart's `allowedDeviceNodes`): see [`Guarded`].
     pub allowed_device_nodes: Vec<String>,
+    /// The NVIDIA driver's table of MIG capability device minors
+    /// (`/proc/driver/nvidia-caps/mig-minors` on the host).
+    pub mig_minors: PathBuf,
 }
 
 /// Any source, with the device-node allow-list applied to what it finds: a
@@ -147,6 +169,10 @@ impl Source for Guarded {
     fn wake(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
         self.inner.wake()
     }
+
+    fn partitioner(&self) -> Option<std::sync::Arc<dyn Partitioner>> {
+        self.inner.partitioner()
+    }
 }
 
 /// Builds the source a policy names, under the device-node allow-list.
@@ -196,7 +222,11 @@ fn build_inner(
         return Ok(Box::new(pci::Pci::new(p, ctx.roots.clone())));
     }
     if let Some(n) = nvidia {
-        return Ok(Box::new(nvidia::Nvidia::new(n, ctx.roots.clone())));
+        return Ok(Box::new(nvidia::Nvidia::new(
+            n,
+            ctx.roots.clone(),
+            ctx.mig_minors.clone(),
+        )));
     }
     Err(SourceError::Config(format!(
         "policy {name:?} sets no device source"

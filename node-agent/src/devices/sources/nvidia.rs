@@ -20,7 +20,12 @@
 //!   in NodeDeviceStatus and the policy status, and is retried on every
 //!   resync (a driver installed later is picked up).
 //!
+//! With `migPartitions`, a GPU in MIG mode is published as partitionable
+//! devices (see [`mig`]).
+//!
 //! NVML sits behind [`GpuLibrary`] so all of this is tested with a fake.
+
+pub mod mig;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -52,6 +57,8 @@ pub struct Gpu {
     pub nvlink_peers: Vec<String>,
     /// Total memory in bytes, if NVML says.
     pub memory_bytes: Option<u64>,
+    /// Its MIG layout, when MIG mode is on (read only with `migPartitions`).
+    pub mig: Option<mig::MigLayout>,
 }
 
 /// GPU memory as a DRA capacity quantity, in whole MiB (`81559Mi`).
@@ -87,6 +94,23 @@ pub trait GpuLibrary: Send + Sync + 'static {
         sink: Box<dyn Fn(GpuEvent) + Send + Sync>,
         stop: Arc<AtomicBool>,
     ) -> Result<(), String>;
+    /// The MIG instances on `gpu` now.
+    fn mig_instances(&self, gpu: &str) -> Result<Vec<mig::MigInstance>, String> {
+        let _ = gpu;
+        Err(mig::NO_MIG.into())
+    }
+    /// Makes a GPU instance of `profile` at `start` on `gpu`, with one
+    /// compute instance spanning it.
+    fn create_mig(&self, gpu: &str, profile: u32, start: u32) -> Result<mig::MigInstance, String> {
+        let _ = (gpu, profile, start);
+        Err(mig::NO_MIG.into())
+    }
+    /// Removes compute instance `compute` and GPU instance `instance` of
+    /// `gpu`; an instance already gone counts as removed.
+    fn destroy_mig(&self, gpu: &str, instance: u32, compute: u32) -> Result<(), String> {
+        let _ = (gpu, instance, compute);
+        Err(mig::NO_MIG.into())
+    }
 }
 
 /// Loads the GPU library; called again on every discovery until it works.
@@ -97,10 +121,14 @@ pub struct Nvidia {
     ignored: Vec<u64>,
     roots: Roots,
     loader: Loader,
-    lib: Mutex<Option<Arc<dyn GpuLibrary>>>,
+    lib: Arc<Mutex<Option<Arc<dyn GpuLibrary>>>>,
     health: Arc<Mutex<HashMap<String, Health>>>,
     /// Every GPU seen since start, for reporting one NVML stops listing.
-    seen: Mutex<BTreeMap<String, Gpu>>,
+    seen: Arc<Mutex<BTreeMap<String, Gpu>>>,
+    /// `migPartitions`: GPUs in MIG mode are published as partitions.
+    partitions: bool,
+    /// The driver's MIG minors table.
+    minors: PathBuf,
     wake: Arc<Notify>,
     /// Ends the event thread when the source goes.
     stop: Arc<AtomicBool>,
@@ -124,8 +152,14 @@ pub fn sysfs_bus_id(nvml: &str) -> Option<String> {
 
 impl Nvidia {
     /// A source with the real NVML.
-    pub fn new(spec: &NvidiaSource, roots: Roots) -> Self {
-        Self::with_loader(spec, roots, Box::new(real::load))
+    pub fn new(spec: &NvidiaSource, roots: Roots, mig_minors: PathBuf) -> Self {
+        Self::with_loader(spec, roots, Box::new(real::load)).mig_minors(mig_minors)
+    }
+
+    /// Where the driver's MIG minors table is read.
+    pub fn mig_minors(mut self, path: PathBuf) -> Self {
+        self.minors = path;
+        self
     }
 
     /// A source with another library (tests).
@@ -137,9 +171,11 @@ impl Nvidia {
                 .unwrap_or_else(|| DEFAULT_IGNORED_XIDS.to_vec()),
             roots,
             loader,
-            lib: Mutex::new(None),
+            lib: Arc::default(),
             health: Arc::default(),
-            seen: Mutex::default(),
+            seen: Arc::default(),
+            partitions: spec.mig_partitions,
+            minors: PathBuf::from("/proc/driver/nvidia-caps/mig-minors"),
             wake: Arc::new(Notify::new()),
             stop: Arc::new(AtomicBool::new(false)),
         }
@@ -258,7 +294,10 @@ impl Source for Nvidia {
                 .filter_map(|p| self.node(p))
                 .collect();
         let mut out = Vec::with_capacity(gpus.len());
-        for g in gpus {
+        for mut g in gpus {
+            if !self.partitions {
+                g.mig = None;
+            }
             let dev_node = format!("/dev/nvidia{}", g.minor);
             let mut nodes: Vec<DeviceNode> = self.node(&dev_node).into_iter().collect();
             let h = match health.get(&g.uuid) {
@@ -286,7 +325,7 @@ impl Source for Nvidia {
             if let Some(r) = self.pcie_root(&g.bus_id) {
                 attributes.insert(topology::PCIE_ROOT_ATTRIBUTE.into(), r);
             }
-            out.push(Device {
+            let mut whole = Device {
                 capacity: g
                     .memory_bytes
                     .map(|b| ("memory".to_string(), memory_quantity(b)))
@@ -294,15 +333,24 @@ impl Source for Nvidia {
                     .collect(),
                 numa_node: self.numa(&g.bus_id),
                 attributes,
-                id: g.uuid,
+                id: g.uuid.clone(),
                 nodes,
                 health: h,
                 links,
-            });
+                partitioning: Default::default(),
+            };
+            if let Some(layout) = &g.mig {
+                out.extend(mig::partitions(&g, layout, &whole));
+                whole.partitioning = crate::devices::device::Partitioning::Divided {
+                    counters: mig::counters(layout),
+                };
+            }
+            out.push(whole);
         }
         for g in lost {
             out.push(Device {
                 capacity: Default::default(),
+                partitioning: Default::default(),
                 numa_node: self.numa(&g.bus_id),
                 id: g.uuid,
                 nodes: Vec::new(),
@@ -321,6 +369,16 @@ impl Source for Nvidia {
 
     fn wake(&self) -> Option<Arc<Notify>> {
         Some(self.wake.clone())
+    }
+
+    fn partitioner(&self) -> Option<Arc<dyn super::Partitioner>> {
+        self.partitions.then(|| {
+            Arc::new(mig::MigPartitioner {
+                lib: self.lib.clone(),
+                seen: self.seen.clone(),
+                minors: self.minors.clone(),
+            }) as Arc<dyn super::Partitioner>
+        })
     }
 }
 
@@ -396,6 +454,7 @@ mod real {
                     bus_id: pci.bus_id,
                     nvlink_peers: peers,
                     memory_bytes: d.memory_info().ok().map(|m| m.total),
+                    mig: None,
                 });
             }
             Ok(out)

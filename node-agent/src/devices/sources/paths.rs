@@ -89,6 +89,7 @@ impl Source for Paths {
             }
             out.push(Device {
                 capacity: Default::default(),
+                partitioning: Default::default(),
                 id: id_of(&host),
                 numa_node: None,
                 attributes: [("path".to_string(), host.clone())].into(),

@@ -111,6 +111,7 @@ impl Pci {
         }
         Ok(Some(Device {
             capacity: Default::default(),
+            partitioning: Default::default(),
             id: address,
             numa_node,
             nodes,

@@ -119,6 +119,7 @@ impl Source for Simulated {
             }
             out.push(Device {
                 capacity: Default::default(),
+                partitioning: Default::default(),
                 id: id.clone(),
                 numa_node: d.numa,
                 nodes: Vec::new(),

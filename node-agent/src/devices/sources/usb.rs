@@ -122,6 +122,7 @@ impl Source for Usb {
             };
             out.push(Device {
                 capacity: Default::default(),
+                partitioning: Default::default(),
                 id,
                 numa_node: numa_of(&dir, &self.roots.sys),
                 nodes: vec![DeviceNode {
