@@ -169,6 +169,9 @@ pub struct ClaimDevice<'a> {
     /// given (its `shares` of the device's), set as
     /// `DEVPLUG_DEVICE_<ID>_SHARE`.
     pub share_percent: Option<u32>,
+    /// Host device nodes it needs besides its state's (a partition's
+    /// capability nodes), at the same path in the container.
+    pub extra_nodes: Vec<String>,
 }
 
 /// The CDI spec of a prepared DRA claim: per device, its device nodes, its
@@ -194,7 +197,17 @@ pub fn render_claim(
                 .into_iter()
                 .flatten()
                 .collect(),
-                device_nodes: c.state.map(nodes_of).unwrap_or_default(),
+                device_nodes: c
+                    .state
+                    .map(nodes_of)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .chain(c.extra_nodes.iter().map(|p| Node {
+                        path: p.clone(),
+                        host_path: p.clone(),
+                        permissions: "rw".into(),
+                    }))
+                    .collect(),
                 mounts: Vec::new(),
             },
         })

@@ -86,6 +86,8 @@ pub struct PluginConfig {
     pub driver: String,
     /// CDI names come from a vendor toolkit's spec (the NVIDIA source).
     pub toolkit_cdi: bool,
+    /// NVIDIA `migPartitions`: claims may need partitions made.
+    pub mig_partitions: bool,
 }
 
 impl PluginConfig {
@@ -137,6 +139,7 @@ impl PluginConfig {
             kubelet_api: s.kubelet_api,
             driver: devplug_api::dra_driver_name(p.metadata.name.as_deref().unwrap_or_default()),
             toolkit_cdi: s.source.nvidia.is_some(),
+            mig_partitions: s.source.nvidia.as_ref().is_some_and(|n| n.mig_partitions),
         }
     }
 }

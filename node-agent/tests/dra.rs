@@ -801,14 +801,6 @@ async fn in_process(
     std::sync::Arc<devplug_agent::dra::server::DraState>,
     devplug_testenv::Recorder,
 ) {
-    use devplug_agent::dra::server::DraState;
-    use devplug_agent::plugin::{PluginState, Streams};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64};
-    let driver = driver(api);
-    let policy: devplug_api::DevicePluginPolicy =
-        serde_json::from_value(api.policy_json().await).unwrap();
-    let cfg = Arc::new(devplug_agent::config::PluginConfig::from_policy(&policy));
     let mut snap = devplug_agent::devices::inventory::Snapshot {
         replicas: 1,
         version: 1,
@@ -834,6 +826,27 @@ async fn in_process(
             },
         );
     }
+    in_process_with(api, node, snap, None).await
+}
+
+/// Same, with the devices of `snap` and a partitioner.
+async fn in_process_with(
+    api: &Cluster,
+    node: &Node,
+    snap: devplug_agent::devices::inventory::Snapshot,
+    partitioner: Option<std::sync::Arc<dyn devplug_agent::devices::sources::Partitioner>>,
+) -> (
+    std::sync::Arc<devplug_agent::dra::server::DraState>,
+    devplug_testenv::Recorder,
+) {
+    use devplug_agent::dra::server::DraState;
+    use devplug_agent::plugin::{PluginState, Streams};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    let driver = driver(api);
+    let policy: devplug_api::DevicePluginPolicy =
+        serde_json::from_value(api.policy_json().await).unwrap();
+    let cfg = Arc::new(devplug_agent::config::PluginConfig::from_policy(&policy));
     let (_cfg_tx, cfg_rx) = tokio::sync::watch::channel(cfg.clone());
     let (_snap_tx, snap_rx) = tokio::sync::watch::channel(Arc::new(snap));
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -865,6 +878,7 @@ async fn in_process(
         claims_changed: Default::default(),
         reads: tokio::sync::Semaphore::new(devplug_agent::dra::server::READS_AT_ONCE),
         claim_locks: Default::default(),
+        partitioner,
     });
 
     (state, rec)
@@ -1576,4 +1590,263 @@ async fn a_shared_device_is_published_once_with_shares_and_a_claims_share_reache
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(agent.terminate().success());
+}
+
+/// MIG instances as a fake NVML would hold them.
+#[derive(Default)]
+struct FakePartitions {
+    made: std::sync::Mutex<Vec<devplug_agent::devices::device::Made>>,
+    /// Creations refused (no room on the GPU).
+    full: std::sync::atomic::AtomicBool,
+    /// Removals refused (a process still runs in the instance).
+    busy: std::sync::atomic::AtomicBool,
+    next: std::sync::atomic::AtomicU32,
+}
+
+impl devplug_agent::devices::sources::Partitioner for FakePartitions {
+    fn create(
+        &self,
+        p: &devplug_agent::devices::device::Partition,
+    ) -> Result<devplug_agent::devices::device::Made, String> {
+        use std::sync::atomic::Ordering;
+        let mut made = self.made.lock().unwrap();
+        if let Some(m) = made
+            .iter()
+            .find(|m| m.parent == p.parent && m.start == p.start && m.profile == p.profile)
+        {
+            return Ok(m.clone());
+        }
+        if self.full.load(Ordering::SeqCst) {
+            return Err("NVML: insufficient resources".into());
+        }
+        let n = self.next.fetch_add(1, Ordering::SeqCst) + 1;
+        let m = devplug_agent::devices::device::Made {
+            parent: p.parent.clone(),
+            id: devplug_agent::devices::sources::nvidia::mig::partition_id(
+                &p.parent,
+                &p.profile_name,
+                p.start,
+            ),
+            profile: p.profile,
+            start: p.start,
+            instance: n,
+            compute: 0,
+            uuid: format!("MIG-{n:04}"),
+            nodes: vec![format!("/dev/nvidia-caps/nvidia-cap{}", 100 + n)],
+        };
+        made.push(m.clone());
+        Ok(m)
+    }
+
+    fn destroy(&self, m: &devplug_agent::devices::device::Made) -> Result<(), String> {
+        if self.busy.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err("NVML: in use by another client".into());
+        }
+        self.made
+            .lock()
+            .unwrap()
+            .retain(|x| !(x.parent == m.parent && x.instance == m.instance));
+        Ok(())
+    }
+
+    fn existing(&self) -> Result<Vec<devplug_agent::devices::device::Made>, String> {
+        Ok(self.made.lock().unwrap().clone())
+    }
+}
+
+/// One GPU in MIG mode (1g.10gb at 7 places, 3g.40gb at 2), as the NVIDIA
+/// source publishes it with `migPartitions`.
+fn mig_snapshot() -> devplug_agent::devices::inventory::Snapshot {
+    use devplug_agent::devices::device::{Device, Partitioning};
+    use devplug_agent::devices::health::Health;
+    use devplug_agent::devices::inventory::{DeviceState, Snapshot};
+    use devplug_agent::devices::sources::nvidia::{Gpu, mig};
+    let layout = mig::MigLayout {
+        slots: 8,
+        profiles: vec![
+            mig::MigProfile {
+                id: 19,
+                name: "1g.10gb".into(),
+                memory_bytes: 10 << 30,
+                multiprocessors: 16,
+                placements: (0..7).map(|s| (s, 1)).collect(),
+            },
+            mig::MigProfile {
+                id: 9,
+                name: "3g.40gb".into(),
+                memory_bytes: 40 << 30,
+                multiprocessors: 60,
+                placements: vec![(0, 4), (4, 4)],
+            },
+        ],
+    };
+    let gpu = Gpu {
+        uuid: "GPU-0".into(),
+        minor: 0,
+        bus_id: "00000000:3B:00.0".into(),
+        nvlink_peers: vec![],
+        memory_bytes: Some(80 << 30),
+        mig: Some(layout.clone()),
+    };
+    let mut parent = Device {
+        id: "GPU-0".into(),
+        numa_node: None,
+        nodes: vec![],
+        health: Health::Healthy,
+        links: vec![],
+        attributes: Default::default(),
+        capacity: Default::default(),
+        partitioning: Partitioning::Whole,
+    };
+    let parts = mig::partitions(&gpu, &layout, &parent);
+    parent.partitioning = Partitioning::Divided {
+        counters: mig::counters(&layout),
+    };
+    let mut snap = Snapshot {
+        replicas: 1,
+        version: 1,
+        ..Default::default()
+    };
+    for d in parts.into_iter().chain([parent]) {
+        snap.devices.insert(
+            d.id.clone(),
+            DeviceState {
+                device: d,
+                health: Health::Healthy,
+                last_transition: std::time::SystemTime::UNIX_EPOCH,
+            },
+        );
+    }
+    snap
+}
+
+/// A claim for a MIG partition: prepare makes the instance and records it
+/// on disk before the CDI spec (which carries its capability node and
+/// names it by its `MIG-…` UUID) is written; a repeated prepare makes no
+/// second one; an unprepare while the instance is busy fails and keeps the
+/// claim, and succeeds once it is free, removing the instance; a claim
+/// whose partition cannot be made is answered with NVML's reason and
+/// leaves nothing; at start, instances no claim records are removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mig_partition_is_made_in_prepare_and_removed_in_unprepare() {
+    use devplug_agent::devices::sources::Partitioner;
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    let node = Node::new();
+    let api = Cluster::start(&node.name, policy_of(1)).await;
+    let class = device_class(&api).await;
+    let driver = driver(&api);
+    let parts = Arc::new(FakePartitions::default());
+    let (state, _) = in_process_with(
+        &api,
+        &node,
+        mig_snapshot(),
+        Some(parts.clone() as Arc<dyn devplug_agent::devices::sources::Partitioner>),
+    )
+    .await;
+    let dra_name = devplug_agent::dra::names::device_name("GPU-0-mig-3g.40gb-4");
+    let ns = unique("mig");
+    let uid = api
+        .allocated_claim(
+            &ns,
+            "half",
+            &[("gpu", &class)],
+            &[("gpu", &driver, &node.name, &dra_name)],
+        )
+        .await;
+    let claim = c1(&ns, &uid, "half");
+    let got = state.prepare_one(&claim).await.unwrap();
+    let made = parts.existing().unwrap();
+    assert_eq!(made.len(), 1, "{made:?}");
+    assert_eq!((made[0].start, made[0].profile), (4, 9));
+    // On disk with the claim before the spec names it.
+    let cp: Value =
+        serde_json::from_slice(&std::fs::read(&state.paths.checkpoint).unwrap()).unwrap();
+    assert_eq!(
+        cp["claims"][&uid]["partitions"][0]["uuid"], "MIG-0001",
+        "{cp}"
+    );
+    let spec_file = node
+        .cdi()
+        .join(format!("devplug-claim-{driver}-{uid}.json"));
+    let spec: Value = serde_json::from_slice(&std::fs::read(&spec_file).unwrap()).unwrap();
+    let dev = &spec["devices"][0]["containerEdits"];
+    assert_eq!(
+        dev["deviceNodes"][0]["path"], "/dev/nvidia-caps/nvidia-cap101",
+        "{spec}"
+    );
+    let env = container_env(&node.cdi(), &got[0].cdi_device_ids);
+    assert!(
+        env.values().any(|v| v == "MIG-0001"),
+        "the container's variables name the instance: {env:?}"
+    );
+    // The kubelet repeats the call: no second instance.
+    assert_eq!(state.prepare_one(&claim).await.unwrap(), got);
+    assert_eq!(parts.existing().unwrap().len(), 1);
+
+    // Busy: the claim stays, and the kubelet's retry removes it.
+    parts.busy.store(true, Ordering::SeqCst);
+    let e = state.unprepare_one(&claim).await.unwrap_err();
+    assert!(e.contains("in use"), "{e}");
+    assert!(state.checkpoint.lock().await.claims.contains_key(&uid));
+    assert!(spec_file.exists());
+    parts.busy.store(false, Ordering::SeqCst);
+    state.unprepare_one(&claim).await.unwrap();
+    assert!(parts.existing().unwrap().is_empty());
+    assert!(!spec_file.exists());
+    assert!(!state.checkpoint.lock().await.claims.contains_key(&uid));
+
+    // No room: NVML's reason, nothing left behind.
+    parts.full.store(true, Ordering::SeqCst);
+    let uid2 = api
+        .allocated_claim(
+            &ns,
+            "full",
+            &[("gpu", &class)],
+            &[(
+                "gpu",
+                &driver,
+                &node.name,
+                &devplug_agent::dra::names::device_name("GPU-0-mig-1g.10gb-0"),
+            )],
+        )
+        .await;
+    let e = state
+        .prepare_one(&c1(&ns, &uid2, "full"))
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("cannot make partition 1g.10gb at slot 0 of GPU-0")
+            && e.contains("insufficient"),
+        "{e}"
+    );
+    assert!(parts.existing().unwrap().is_empty());
+    assert!(!state.checkpoint.lock().await.claims.contains_key(&uid2));
+    assert!(
+        !node
+            .cdi()
+            .join(format!("devplug-claim-{driver}-{uid2}.json"))
+            .exists()
+    );
+
+    // At start: an instance no claim holds (a prepare killed after making
+    // it) goes; one a claim holds stays.
+    parts.full.store(false, Ordering::SeqCst);
+    state.prepare_one(&claim).await.unwrap();
+    let orphan = devplug_agent::devices::device::Partition {
+        parent: "GPU-0".into(),
+        profile: 19,
+        profile_name: "1g.10gb".into(),
+        start: 0,
+        size: 1,
+        counters: Default::default(),
+    };
+    let orphan = parts.create(&orphan).unwrap();
+    let cp = state.checkpoint.lock().await.clone();
+    let removed = devplug_agent::dra::claims::sweep_partitions(parts.as_ref(), &cp);
+    assert_eq!(removed, [format!("{} ({})", orphan.id, orphan.uuid)]);
+    let left = parts.existing().unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].start, 4);
+    state.unprepare_one(&claim).await.unwrap();
 }

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use super::names;
 use crate::cdi;
 use crate::config::PluginConfig;
+use crate::devices::device::{Made, Partition, Partitioning};
 use crate::devices::inventory::{DeviceState, Snapshot};
 use crate::devices::sharing;
 
@@ -101,6 +102,11 @@ pub struct PreparedClaim {
     /// in the claim's device status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prepared_at: Option<String>,
+    /// Partitions made for it (MIG instances), removed by unprepare.
+    /// Recorded (also in a begun record) before its CDI spec is written, so
+    /// a partition a container may use always has an owner on disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<Made>,
 }
 
 impl PreparedClaim {
@@ -115,6 +121,7 @@ impl PreparedClaim {
             after: Vec::new(),
             pending: true,
             prepared_at: None,
+            partitions: Vec::new(),
         }
     }
 }
@@ -364,8 +371,11 @@ pub fn plan(
     pool: &str,
     cfg: &PluginConfig,
     snap: &Snapshot,
+    made: &[Made],
 ) -> Result<(PreparedClaim, Option<Vec<u8>>), String> {
     let by_name = advertised_by_name(snap);
+    // A partition is named by what was made for it (its `MIG-…` UUID).
+    let made_for = |id: &str| made.iter().find(|m| m.id == id);
     let order = request_order(results);
     let mut devices = Vec::with_capacity(results.len());
     let mut per_request: Vec<Vec<(&str, &DeviceState)>> = vec![Vec::new(); order.len()];
@@ -388,7 +398,12 @@ pub fn plan(
             }
             Some(s) => s,
         };
-        let physical = dra_physical(snap, adv);
+        if matches!(state.device.partitioning, Partitioning::Partition(_))
+            && made_for(adv).is_none()
+        {
+            return Err(format!("partition {adv} was not made"));
+        }
+        let physical = made_for(adv).map_or_else(|| dra_physical(snap, adv), |m| m.uuid.as_str());
         let i = order
             .iter()
             .position(|q| *q == r.request)
@@ -457,19 +472,30 @@ pub fn plan(
                 // The vendor toolkit's own names bring the nodes.
                 state: toolkit_kind.is_none().then_some(*state),
                 request_ids: ids.clone(),
+                // A partition's own nodes; the toolkit's name for its GPU
+                // brings the GPU's.
+                extra_nodes: made
+                    .iter()
+                    .find(|m| m.uuid == *physical)
+                    .map(|m| m.nodes.clone())
+                    .unwrap_or_default(),
             });
         }
     }
     let mut given = std::collections::BTreeSet::new();
     for d in &mut devices {
-        let physical = dra_physical(snap, &d.id).to_string();
+        let m = made_for(&d.id);
+        let physical = m.map_or_else(|| dra_physical(snap, &d.id), |m| m.uuid.as_str());
+        let physical = physical.to_string();
         if given.insert((d.result.request.clone(), physical.clone())) {
             let ours = format!(
                 "{kind}={}",
                 names::cdi_device(uid, &d.result.request, &physical)
             );
+            // The toolkit knows a partition's GPU, not the partition.
+            let toolkit_id = m.map_or(physical.as_str(), |m| m.parent.as_str());
             d.cdi_ids = match toolkit_kind {
-                Some(tk) => vec![format!("{tk}={physical}"), ours],
+                Some(tk) => vec![format!("{tk}={toolkit_id}"), ours],
                 None => vec![ours],
             };
         }
@@ -485,9 +511,61 @@ pub fn plan(
             after: others.after.clone(),
             pending: false,
             prepared_at: None,
+            partitions: made.to_vec(),
         },
         Some(bytes),
     ))
+}
+
+/// Removes the partitions on the node that no claim of `cp` records, and
+/// returns what was removed (`<id> (<uuid>)`); what cannot be listed or
+/// removed is logged and left.
+pub fn sweep_partitions(
+    parts: &dyn crate::devices::sources::Partitioner,
+    cp: &Checkpoint,
+) -> Vec<String> {
+    let there = match parts.existing() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the partitions on this node; none removed");
+            return Vec::new();
+        }
+    };
+    let held = |m: &Made| {
+        cp.claims.values().any(|c| {
+            c.partitions
+                .iter()
+                .any(|p| p.parent == m.parent && p.instance == m.instance)
+        })
+    };
+    let mut removed = Vec::new();
+    for m in there.iter().filter(|m| !held(m)) {
+        match parts.destroy(m) {
+            Ok(()) => removed.push(format!("{} ({})", m.id, m.uuid)),
+            Err(e) => {
+                tracing::warn!(partition = %m.id, error = %e, "cannot remove a partition no claim holds")
+            }
+        }
+    }
+    removed
+}
+
+/// The partitions `results` need made (those of `pool`), in allocation
+/// order, each once.
+pub fn partitions_needed(results: &[AllocResult], pool: &str, snap: &Snapshot) -> Vec<Partition> {
+    let by_name = advertised_by_name(snap);
+    let mut out: Vec<Partition> = Vec::new();
+    for r in results.iter().filter(|r| r.pool == pool) {
+        if let Some(Partitioning::Partition(p)) = by_name
+            .get(&r.device)
+            .and_then(|id| snap.devices.get(id))
+            .map(|s| &s.device.partitioning)
+            && !out.contains(p)
+        {
+            out.push(p.clone());
+        }
+    }
+    out
 }
 
 /// The physical IDs of `results` (those of `pool`), grouped by request in
@@ -836,6 +914,7 @@ mod tests {
             "n",
             &cfg,
             &snap,
+            &[],
         )
         .unwrap();
         let spec: Value = serde_json::from_slice(&spec.unwrap()).unwrap();
@@ -862,6 +941,7 @@ mod tests {
             "n",
             &cfg,
             &snap,
+            &[],
         )
         .unwrap();
         let spec: Value = serde_json::from_slice(&spec.unwrap()).unwrap();
@@ -897,6 +977,7 @@ mod tests {
             "n",
             &cfg,
             &snap,
+            &[],
         )
         .unwrap();
         let spec: Value = serde_json::from_slice(&spec.unwrap()).unwrap();
@@ -920,6 +1001,7 @@ mod tests {
             "n",
             &cfg,
             &snap,
+            &[],
         )
         .unwrap();
         let spec: Value = serde_json::from_slice(&spec.unwrap()).unwrap();
@@ -967,6 +1049,7 @@ mod tests {
             "n",
             &cfg,
             &snap,
+            &[],
         )
         .unwrap();
         let spec: Value =

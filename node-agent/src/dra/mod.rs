@@ -61,6 +61,8 @@ pub struct Setup {
     pub cdi_dir: PathBuf,
     /// API access, in cluster mode.
     pub client: Option<kube::Client>,
+    /// Makes and removes the source's partitions, if it has any.
+    pub partitioner: Option<Arc<dyn crate::devices::sources::Partitioner>>,
 }
 
 /// A started driver: its state, the registration socket (removing it
@@ -103,6 +105,16 @@ pub fn serve(s: Setup, shutdown: watch::Receiver<bool>) -> std::io::Result<Start
             info!(policy = %cfg.name, files = ?removed, "removed claim CDI specs no prepared claim owns (left by an interrupted prepare or unprepare)");
         }
     }
+    if let Some(parts) = &s.partitioner {
+        // Partitions no prepared claim holds: left by a prepare killed
+        // before it recorded them, or made by hand. The agent owns the
+        // partition layout of the devices it divides. Before the sockets
+        // exist, so no prepare runs meanwhile.
+        let removed = claims::sweep_partitions(parts.as_ref(), &checkpoint);
+        if !removed.is_empty() {
+            info!(policy = %cfg.name, partitions = ?removed, "removed partitions no prepared claim holds");
+        }
+    }
     let state = Arc::new(DraState {
         plugin: s.plugin,
         node: s.node,
@@ -115,6 +127,7 @@ pub fn serve(s: Setup, shutdown: watch::Receiver<bool>) -> std::io::Result<Start
         claims_changed: Default::default(),
         reads: tokio::sync::Semaphore::new(server::READS_AT_ONCE),
         claim_locks: Default::default(),
+        partitioner: s.partitioner,
     });
     let endpoint = bind(&paths.endpoint)?;
     let registration = bind(&paths.registration)?;

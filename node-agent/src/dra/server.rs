@@ -23,7 +23,9 @@ use tracing::{debug, info, warn};
 use super::claims::{self, Checkpoint, PreparedClaim};
 use super::names::{self, Paths};
 use crate::cdi;
+use crate::devices::device::{Made, Partition};
 use crate::devices::health::Health;
+use crate::devices::sources::Partitioner;
 use crate::plugin::PluginState;
 
 /// How often the full health list is sent again without a change, so the
@@ -86,6 +88,9 @@ pub struct DraState {
     /// calls for one claim are handled one at a time, different claims at
     /// once.
     pub claim_locks: ClaimLocks,
+    /// Makes and removes the partitions the source publishes (NVIDIA
+    /// `migPartitions`); `None` for sources without any.
+    pub partitioner: Option<Arc<dyn Partitioner>>,
 }
 
 /// Per-claim locks, dropped again when nobody holds them.
@@ -219,6 +224,7 @@ impl DraState {
                 &self.node,
                 cfg,
                 snap,
+                &p.partitions,
             )?;
             if let Some(b) = spec {
                 cdi::write_atomic(&self.cdi_dir, f, &b)
@@ -407,6 +413,8 @@ impl DraState {
         } else {
             BTreeMap::new()
         };
+        let made = self.make_partitions(&got, snap, answers, &mut undo).await;
+        got.retain(|(c, _, _)| !answers.contains_key(&c.uid));
         let write_began = std::time::Instant::now();
         let mut staged = Vec::new();
         for (c, _, results) in &got {
@@ -421,6 +429,7 @@ impl DraState {
                 &self.node,
                 cfg,
                 snap,
+                made.get(&c.uid).map_or(&[][..], Vec::as_slice),
             ) {
                 Ok((prepared, spec)) => {
                     let write = prepared.cdi_file.clone().zip(spec);
@@ -484,6 +493,14 @@ impl DraState {
         // Only what this call began is undone: a begun record from before
         // may own a spec a running container was started with.
         undo.retain(|u| added.contains(u));
+        let unmade: Vec<Made> = undo
+            .iter()
+            .filter_map(|u| made.get(*u))
+            .flatten()
+            .cloned()
+            .collect();
+        // Already said in the log; the claims' answers say why they failed.
+        let _ = self.destroy_partitions(unmade).await;
         if planned.is_empty() && undo.is_empty() {
             return;
         }
@@ -520,6 +537,155 @@ impl DraState {
         if !planned.is_empty() {
             self.plugin.kick.notify_one();
             self.claims_changed.notify_one();
+        }
+    }
+
+    /// Makes the partitions (MIG instances) the claims of `got` need, off
+    /// the async workers (NVML blocks), and records them in the claims'
+    /// begun records on disk before any CDI spec names them: a partition a
+    /// container may use always has an owner, and one made by a prepare
+    /// killed before that is removed at the next start (it has none). A
+    /// claim whose partitions cannot all be made (or recorded) is answered
+    /// with the error and keeps none of them.
+    async fn make_partitions<'a>(
+        &self,
+        got: &[(&'a v1::Claim, ResourceClaim, Vec<claims::AllocResult>)],
+        snap: &crate::devices::inventory::Snapshot,
+        answers: &mut BTreeMap<String, Result<Vec<v1::Device>, String>>,
+        undo: &mut Vec<&'a str>,
+    ) -> BTreeMap<String, Vec<Made>> {
+        let wanted: Vec<(&'a v1::Claim, Vec<Partition>)> = got
+            .iter()
+            .map(|(c, _, res)| (*c, claims::partitions_needed(res, &self.node, snap)))
+            .filter(|(_, p)| !p.is_empty())
+            .collect();
+        if wanted.is_empty() {
+            return BTreeMap::new();
+        }
+        let Some(parts) = self.partitioner.clone() else {
+            for (c, _) in wanted {
+                answers.insert(
+                    c.uid.clone(),
+                    Err("this policy's source makes no partitions".into()),
+                );
+                undo.push(&c.uid);
+            }
+            return BTreeMap::new();
+        };
+        let jobs: Vec<(String, Vec<Partition>)> = wanted
+            .iter()
+            .map(|(c, p)| (c.uid.clone(), p.clone()))
+            .collect();
+        let outcome = tokio::task::spawn_blocking(move || {
+            jobs.into_iter()
+                .map(|(uid, ps)| {
+                    let mut made: Vec<Made> = Vec::new();
+                    for p in &ps {
+                        match parts.create(p) {
+                            Ok(m) => made.push(m),
+                            Err(e) => {
+                                for m in &made {
+                                    let _ = parts.destroy(m);
+                                }
+                                let why = format!(
+                                    "cannot make partition {} at slot {} of {}: {e}",
+                                    p.profile_name, p.start, p.parent
+                                );
+                                return (uid, Err(why));
+                            }
+                        }
+                    }
+                    (uid, Ok(made))
+                })
+                .collect::<BTreeMap<String, Result<Vec<Made>, String>>>()
+        })
+        .await
+        .unwrap_or_default();
+        let mut made: BTreeMap<String, Vec<Made>> = BTreeMap::new();
+        for (c, _) in &wanted {
+            match outcome.get(&c.uid) {
+                Some(Ok(m)) => {
+                    made.insert(c.uid.clone(), m.clone());
+                }
+                Some(Err(e)) => {
+                    answers.insert(c.uid.clone(), Err(e.clone()));
+                    undo.push(&c.uid);
+                }
+                None => {
+                    answers.insert(c.uid.clone(), Err("the partition maker stopped".into()));
+                    undo.push(&c.uid);
+                }
+            }
+        }
+        if made.is_empty() {
+            return made;
+        }
+        let mine = {
+            let mut cp = self.checkpoint.lock().await;
+            for (uid, m) in &made {
+                if let Some(rec) = cp.claims.get_mut(uid) {
+                    rec.partitions = m.clone();
+                }
+            }
+            cp.changes += 1;
+            cp.changes
+        };
+        failpoint("prepare-after-partitions");
+        if let Err(e) = self.persist(mine).await {
+            for (c, _) in &wanted {
+                if made.contains_key(&c.uid) {
+                    answers.insert(
+                        c.uid.clone(),
+                        Err(format!(
+                            "cannot record the claim's partitions in {}: {e}",
+                            self.paths.checkpoint.display()
+                        )),
+                    );
+                    undo.push(&c.uid);
+                }
+            }
+            {
+                let mut cp = self.checkpoint.lock().await;
+                for uid in made.keys() {
+                    if let Some(rec) = cp.claims.get_mut(uid) {
+                        rec.partitions.clear();
+                    }
+                }
+            }
+            let all: Vec<Made> = made.into_values().flatten().collect();
+            let _ = self.destroy_partitions(all).await;
+            return BTreeMap::new();
+        }
+        made
+    }
+
+    /// Removes `made` (off the async workers), saying what could not be.
+    async fn destroy_partitions(&self, made: Vec<Made>) -> Result<(), String> {
+        if made.is_empty() {
+            return Ok(());
+        }
+        let Some(parts) = self.partitioner.clone() else {
+            return Err("this policy's source makes no partitions".into());
+        };
+        let failed = tokio::task::spawn_blocking(move || {
+            made.iter()
+                .filter_map(|m| {
+                    parts
+                        .destroy(m)
+                        .err()
+                        .map(|e| format!("cannot remove partition {} ({}): {e}", m.id, m.uuid))
+                })
+                .collect::<Vec<String>>()
+        })
+        .await
+        .unwrap_or_else(|e| vec![format!("removing partitions: {e}")]);
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            for f in &failed {
+                warn!("{f}");
+            }
+            Err(failed.join("; "))
         }
     }
 
@@ -645,6 +811,17 @@ impl DraState {
     }
 
     async fn unprepare_locked(&self, c: &v1::Claim) -> Result<(), String> {
+        // Partitions go first: one that cannot be removed (still in use)
+        // keeps the claim recorded, and the kubelet's retry tries again.
+        let partitions = {
+            let cp = self.checkpoint.lock().await;
+            cp.claims
+                .get(&c.uid)
+                .map(|p| p.partitions.clone())
+                .unwrap_or_default()
+        };
+        self.destroy_partitions(partitions).await?;
+        failpoint("unprepare-after-partitions");
         let (p, mine) = {
             let mut cp = self.checkpoint.lock().await;
             let Some(p) = cp.claims.remove(&c.uid) else {

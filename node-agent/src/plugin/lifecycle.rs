@@ -75,6 +75,8 @@ pub struct Plugin {
 /// its own channel until [`Discovery::forward`] connects it to the plugin.
 struct Discovery {
     stop: watch::Sender<bool>,
+    /// The source's partitioner, if it has one.
+    partitioner: Option<Arc<dyn sources::Partitioner>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     snaps: watch::Receiver<Arc<Snapshot>>,
 }
@@ -119,9 +121,12 @@ async fn join_within(tasks: Vec<tokio::task::JoinHandle<()>>, policy: &str, what
 
 /// Whether `new` can be served by the running plugin of `old` without a new
 /// registration: the kubelet keys a plugin by resource name and learns its
-/// options only when it registers.
+/// options only when it registers. A policy with partitions is always
+/// served anew: its DRA front holds the source's partitioner.
 fn same_registration(old: &PluginConfig, new: &PluginConfig) -> bool {
-    old.kubelet_api == new.kubelet_api
+    !old.mig_partitions
+        && !new.mig_partitions
+        && old.kubelet_api == new.kubelet_api
         && old.driver == new.driver
         && old.resource_name == new.resource_name
         && old.socket_name == new.socket_name
@@ -141,6 +146,7 @@ impl Host {
                 policy: cfg.name.clone(),
                 source,
             })?;
+        let partitioner = source.partitioner();
         let (stop, stopped) = watch::channel(false);
         let (snap_tx, snaps) = watch::channel(Arc::new(Snapshot::default()));
         let mut first = snaps.clone();
@@ -155,6 +161,7 @@ impl Host {
         let _ = first.changed().await;
         Ok(Discovery {
             stop,
+            partitioner,
             tasks: vec![task],
             snaps,
         })
@@ -240,7 +247,7 @@ impl Host {
             writes,
         });
         let front = if dra {
-            self.dra_front(&state, problems_tx, stopped)
+            self.dra_front(&state, discovery.partitioner.clone(), problems_tx, stopped)
         } else {
             self.device_plugin_front(&state, &cfg, stopped)
         };
@@ -277,6 +284,7 @@ impl Host {
     fn dra_front(
         &self,
         state: &Arc<PluginState>,
+        partitioner: Option<Arc<dyn sources::Partitioner>>,
         problems: watch::Sender<Option<String>>,
         stopped: watch::Receiver<bool>,
     ) -> Result<(PathBuf, Vec<tokio::task::JoinHandle<()>>), AgentError> {
@@ -297,6 +305,7 @@ impl Host {
             kubelet_root: self.kubelet_root.clone(),
             cdi_dir: self.cdi_dir.clone(),
             client: self.client.clone(),
+            partitioner,
         };
         let started = match crate::dra::serve(setup, stopped) {
             Ok(x) => x,
