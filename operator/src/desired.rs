@@ -383,9 +383,16 @@ fn pod_template(p: &DevicePluginPolicy, d: &AgentDefaults) -> PodTemplateSpec {
     let plugins = d.device_plugin_dir.trim_end_matches('/').to_string();
     let pod_resources = format!("{root}/pod-resources");
     let (dev, sys) = host_mounts(p);
-    // Privileged only when a preStart command must touch host devices; the
-    // agent itself only stats /dev and reads /sys.
-    let privileged = p.spec.pre_start.is_some();
+    // Privileged only when a preStart command must touch host devices, or
+    // the agent makes MIG instances (NVML's MIG configuration needs it);
+    // otherwise the agent only stats /dev and reads /sys.
+    let mig = p
+        .spec
+        .source
+        .nvidia
+        .as_ref()
+        .is_some_and(|n| n.mig_partitions);
+    let privileged = p.spec.pre_start.is_some() || mig;
 
     let mut args = vec![
         "--policy".to_string(),
@@ -450,6 +457,21 @@ fn pod_template(p: &DevicePluginPolicy, d: &AgentDefaults) -> PodTemplateSpec {
         args.extend(["--cdi-dir".into(), CDI_DIR.into()]);
         volumes.push(host_path_volume("cdi", CDI_DIR, "DirectoryOrCreate"));
         mounts.push(mount("cdi", CDI_DIR, false));
+    }
+    if mig {
+        // The driver's table of MIG capability minors, for the nodes each
+        // instance's container needs. /proc/driver is always there; the
+        // table appears with the driver.
+        args.extend([
+            "--mig-minors".into(),
+            "/host/proc/driver/nvidia-caps/mig-minors".into(),
+        ]);
+        volumes.push(host_path_volume(
+            "host-proc-driver",
+            "/proc/driver",
+            "Directory",
+        ));
+        mounts.push(mount("host-proc-driver", "/host/proc/driver", true));
     }
     if sys {
         args.extend(["--sys-root".into(), "/host/sys".into()]);
@@ -519,7 +541,18 @@ fn pod_template(p: &DevicePluginPolicy, d: &AgentDefaults) -> PodTemplateSpec {
         for (k, v) in [
             ("NVIDIA_VISIBLE_DEVICES", "all"),
             ("NVIDIA_DRIVER_CAPABILITIES", "utility"),
-        ] {
+        ]
+        .into_iter()
+        .chain(
+            // The MIG configuration and monitoring capabilities, to make
+            // and list instances.
+            mig.then_some([
+                ("NVIDIA_MIG_CONFIG_DEVICES", "all"),
+                ("NVIDIA_MIG_MONITOR_DEVICES", "all"),
+            ])
+            .into_iter()
+            .flatten(),
+        ) {
             env.push(EnvVar {
                 name: k.into(),
                 value: Some(v.into()),

@@ -170,6 +170,45 @@ fn nvidia_agents_get_nvml_from_the_container_toolkit() {
 }
 
 #[test]
+fn mig_partitions_make_the_agent_privileged_with_the_mig_minors_table() {
+    let ds = daemonset(
+        &policy("  kubeletApi: DRA\n  source: {nvidia: {migPartitions: true}}\n"),
+        &d(),
+    )
+    .unwrap();
+    let c = container(&ds);
+    assert_eq!(c.security_context.as_ref().unwrap().privileged, Some(true));
+    let args = c.args.clone().unwrap_or_default();
+    let at = args.iter().position(|a| a == "--mig-minors").unwrap();
+    assert_eq!(args[at + 1], "/host/proc/driver/nvidia-caps/mig-minors");
+    assert!(mounts(&ds).contains(&("host-proc-driver".into(), "/host/proc/driver".into(), true)));
+    let env: Vec<_> = c
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| e.value.as_ref().map(|v| (e.name.as_str(), v.as_str())))
+        .collect();
+    assert!(env.contains(&("NVIDIA_MIG_CONFIG_DEVICES", "all")));
+    // Without it: none of that.
+    let plain = daemonset(&policy("  kubeletApi: DRA\n  source: {nvidia: {}}\n"), &d()).unwrap();
+    assert!(
+        !container(&plain)
+            .args
+            .iter()
+            .flatten()
+            .any(|a| a == "--mig-minors")
+    );
+    assert_eq!(
+        container(&plain)
+            .security_context
+            .as_ref()
+            .unwrap()
+            .privileged,
+        None
+    );
+}
+
+#[test]
 fn prestart_makes_the_agent_privileged() {
     let ds = daemonset(
         &policy("  source: {simulated: {count: 1}}\n  preStart: {command: [/bin/reset]}\n"),
