@@ -393,6 +393,7 @@ mod real {
     use nvml_wrapper::error::NvmlError;
     use tracing::warn;
 
+    use super::mig::{MigInstance, MigLayout, MigProfile};
     use super::{Gpu, GpuEvent, GpuLibrary};
 
     /// Links per GPU NVML may report.
@@ -400,6 +401,46 @@ mod real {
 
     pub struct RealNvml {
         nvml: Arc<Nvml>,
+    }
+
+    impl RealNvml {
+        fn device(&self, uuid: &str) -> Result<nvml_wrapper::Device<'_>, String> {
+            self.nvml
+                .device_by_uuid(uuid)
+                .map_err(|e| format!("GPU {uuid}: {e}"))
+        }
+    }
+
+    /// The MIG layout of `d` when MIG mode is on: its profiles, and as many
+    /// slots as the widest placement reaches.
+    fn mig_layout(nvml: &Nvml, d: &nvml_wrapper::Device<'_>) -> Option<MigLayout> {
+        if !devplug_nvml_mig::enabled(d) {
+            return None;
+        }
+        let profiles = match devplug_nvml_mig::profiles(nvml, d) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "cannot read the GPU's MIG profiles; published whole");
+                return None;
+            }
+        };
+        let slots = profiles
+            .iter()
+            .flat_map(|p| p.placements.iter().map(|(s, n)| s + n))
+            .max()?;
+        Some(MigLayout {
+            slots,
+            profiles: profiles
+                .into_iter()
+                .map(|p| MigProfile {
+                    id: p.id,
+                    name: p.name,
+                    memory_bytes: p.memory_mib * 1024 * 1024,
+                    multiprocessors: p.multiprocessors,
+                    placements: p.placements,
+                })
+                .collect(),
+        })
     }
 
     pub fn load() -> Result<Arc<dyn GpuLibrary>, String> {
@@ -454,10 +495,46 @@ mod real {
                     bus_id: pci.bus_id,
                     nvlink_peers: peers,
                     memory_bytes: d.memory_info().ok().map(|m| m.total),
-                    mig: None,
+                    mig: mig_layout(&self.nvml, &d),
                 });
             }
             Ok(out)
+        }
+
+        fn mig_instances(&self, gpu: &str) -> Result<Vec<MigInstance>, String> {
+            let d = self.device(gpu)?;
+            let found = devplug_nvml_mig::instances(&self.nvml, &d)
+                .map_err(|e| format!("listing the MIG instances of {gpu}: {e}"))?;
+            Ok(found
+                .into_iter()
+                .map(|i| MigInstance {
+                    profile: i.profile,
+                    start: i.start,
+                    instance: i.gpu_instance,
+                    compute: i.compute_instance,
+                    uuid: i.uuid,
+                })
+                .collect())
+        }
+
+        fn create_mig(&self, gpu: &str, profile: u32, start: u32) -> Result<MigInstance, String> {
+            let d = self.device(gpu)?;
+            let i = devplug_nvml_mig::create(&self.nvml, &d, profile, start)
+                .map_err(|e| format!("making a MIG instance on {gpu}: {e}"))?;
+            Ok(MigInstance {
+                profile: i.profile,
+                start: i.start,
+                instance: i.gpu_instance,
+                compute: i.compute_instance,
+                uuid: i.uuid,
+            })
+        }
+
+        fn destroy_mig(&self, gpu: &str, instance: u32, compute: u32) -> Result<(), String> {
+            let d = self.device(gpu)?;
+            devplug_nvml_mig::destroy(&self.nvml, &d, instance, compute).map_err(|e| {
+                format!("removing MIG instance {instance} (compute {compute}) of {gpu}: {e}")
+            })
         }
 
         fn watch(

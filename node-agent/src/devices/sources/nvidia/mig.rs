@@ -210,7 +210,12 @@ impl Partitioner for MigPartitioner {
             .into_iter()
             .find(|i| i.profile == p.profile && i.start == p.start);
         let (inst, adopted) = match there {
-            Some(i) => (i, true),
+            Some(i) if !i.uuid.is_empty() => (i, true),
+            // Half made (no compute instance): made again whole.
+            Some(i) => {
+                lib.destroy_mig(&p.parent, i.instance, i.compute)?;
+                (lib.create_mig(&p.parent, p.profile, p.start)?, false)
+            }
             None => (lib.create_mig(&p.parent, p.profile, p.start)?, false),
         };
         let nodes = std::fs::read_to_string(&self.minors)
