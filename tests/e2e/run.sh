@@ -269,7 +269,8 @@ bad spec '{resourceName: example.com/foo, source: {simulated: {count: 4096}}, sh
 bad spec.unknownField '{resourceName: example.com/foo, source: {simulated: {count: 1}}, unknownField: 1}'
 bad spec.kubeletApi '{resourceName: example.com/foo, source: {simulated: {count: 1}}, kubeletApi: Dra}'
 bad spec.preStart '{resourceName: example.com/foo, source: {simulated: {count: 1}}, kubeletApi: DRA, agent: {image: x/y:1}, preStart: {command: [/usr/bin/reset]}}'
-ok "18 refused"
+bad spec.source.nvidia.migPartitions '{resourceName: nvidia.com/gpu, source: {nvidia: {migPartitions: true}}}'
+ok "19 refused"
 
 # ----------------------------------------------------------------- install
 begin "helm install (as the README says)"
