@@ -52,6 +52,9 @@ use serde::{Deserialize, Serialize};
     {"rule": "!has(self.source.nvidia) || !has(self.source.nvidia.migPartitions) || !self.source.nvidia.migPartitions || (has(self.kubeletApi) && self.kubeletApi == 'DRA' && (!has(self.sharing) || !has(self.sharing.strategy) || self.sharing.strategy == 'Exclusive'))",
      "fieldPath": ".source.nvidia.migPartitions",
      "message": "MIG partitions are made per claim, which only DRA can ask for: set kubeletApi DRA and Exclusive sharing"},
+    {"rule": "!has(self.source.simulated) || !has(self.source.simulated.partitionSlots) || (has(self.kubeletApi) && self.kubeletApi == 'DRA' && (!has(self.sharing) || !has(self.sharing.strategy) || self.sharing.strategy == 'Exclusive'))",
+     "fieldPath": ".source.simulated.partitionSlots",
+     "message": "partitions are made per claim, which only DRA can ask for: set kubeletApi DRA and Exclusive sharing"},
     {"rule": "!has(self.preStart) || (has(self.agent) && has(self.agent.image))",
      "message": "spec.preStart runs its program inside the agent container, and the stock agent image is distroless (no shell, no tools): set spec.agent.image to an image that contains the program"}
 ]))]
@@ -250,6 +253,15 @@ pub struct SimulatedSource {
     #[serde(default)]
     #[schemars(range(max = 256))]
     pub pcie_roots: u32,
+    /// Divide each device into this many slots and publish it as
+    /// partitionable (DRA, KEP-4815), like a GPU in MIG mode: a counter set
+    /// per device (`slot-0` …), and a partition per size (1, 2, 4, … slots,
+    /// profile `<size>s`) at each aligned placement, consuming the slots it
+    /// covers. A claim's partition is "made" in prepare and removed in
+    /// unprepare. Needs `kubeletApi: DRA` and `Exclusive` sharing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 8))]
+    pub partition_slots: Option<u32>,
     /// Explicit devices; overrides `count`. IDs are unique (a list-map keyed
     /// by `id`, enforced by the API server).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -65,7 +65,7 @@ fn rules(node: &Value, path: &str, out: &mut Vec<(String, String, Value)>) {
 fn every_rule_compiles_and_fits_the_cost_budget() {
     let mut all = Vec::new();
     rules(&schema(), "", &mut all);
-    assert_eq!(all.len(), 17, "the policy has 17 CEL rules");
+    assert_eq!(all.len(), 18, "the policy has 18 CEL rules");
     for (path, rule, node) in &all {
         let compiled = compile_schema(node);
         assert!(
@@ -265,6 +265,10 @@ fn cel_rules_refuse_bad_specs_with_readable_messages() {
             "MIG partitions are made per claim",
         ),
         (
+            with(|s| s["source"] = json!({"simulated": {"count": 1, "partitionSlots": 4}})),
+            "partitions are made per claim",
+        ),
+        (
             with(|s| {
                 s["kubeletApi"] = json!("DRA");
                 s["source"] = json!({"nvidia": {"migPartitions": true}});
@@ -297,6 +301,11 @@ fn good_specs_and_examples_are_admitted() {
     admit(&with(|s| {
         s["kubeletApi"] = json!("DRA");
         s["source"] = json!({"nvidia": {"migPartitions": true}});
+    }))
+    .unwrap();
+    admit(&with(|s| {
+        s["kubeletApi"] = json!("DRA");
+        s["source"] = json!({"simulated": {"count": 1, "partitionSlots": 4}});
     }))
     .unwrap();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");

@@ -302,6 +302,22 @@ impl DevicePluginPolicySpec {
                 "MIG partitions are made per claim, which only DRA can ask for: set kubeletApi DRA and Exclusive sharing",
             );
         }
+        if let Some(sim) = &self.source.simulated
+            && let Some(n) = sim.partition_slots
+        {
+            let f = "spec.source.simulated.partitionSlots";
+            if self.kubelet_api != crate::KubeletApi::Dra
+                || self.sharing.strategy != crate::SharingStrategy::Exclusive
+            {
+                c.err(
+                    f,
+                    "partitions are made per claim, which only DRA can ask for: set kubeletApi DRA and Exclusive sharing",
+                );
+            }
+            if !(2..=8).contains(&n) {
+                c.err(f, format!("{n} slots: use 2 to 8"));
+            }
+        }
 
         if let Some(p) = &self.source.paths {
             let f = "spec.source.paths";

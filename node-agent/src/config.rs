@@ -86,8 +86,9 @@ pub struct PluginConfig {
     pub driver: String,
     /// CDI names come from a vendor toolkit's spec (the NVIDIA source).
     pub toolkit_cdi: bool,
-    /// NVIDIA `migPartitions`: claims may need partitions made.
-    pub mig_partitions: bool,
+    /// The source publishes partitions (NVIDIA `migPartitions`, simulated
+    /// `partitionSlots`): claims may need them made.
+    pub partitions: bool,
 }
 
 impl PluginConfig {
@@ -139,7 +140,11 @@ impl PluginConfig {
             kubelet_api: s.kubelet_api,
             driver: devplug_api::dra_driver_name(p.metadata.name.as_deref().unwrap_or_default()),
             toolkit_cdi: s.source.nvidia.is_some(),
-            mig_partitions: s.source.nvidia.as_ref().is_some_and(|n| n.mig_partitions),
+            partitions: s.source.nvidia.as_ref().is_some_and(|n| n.mig_partitions)
+                || s.source
+                    .simulated
+                    .as_ref()
+                    .is_some_and(|m| m.partition_slots.is_some()),
         }
     }
 }

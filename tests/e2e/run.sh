@@ -1114,6 +1114,77 @@ kubectl delete resourceclaimtemplate share-claim --ignore-not-found >/dev/null
 kubectl delete dpp $SHARE --wait=true --timeout=120s >/dev/null || fail "deleting $SHARE did not finish"
 ok "4 running at 25 %, the fifth: $pending_msg; the bridge's share: 1 got $bridge_pct %"
 
+begin "DRA partitions: a device in 4 slots; two 2-slot claims run, a third stays Pending until one ends"
+PART=e2e-dra-part
+PART_DRIVER=$PART.devplug.io
+kubectl apply -f - >/dev/null <<YAML
+apiVersion: devplug.io/v1alpha1
+kind: DevicePluginPolicy
+metadata: {name: $PART, labels: {app: devplug-e2e}}
+spec:
+  resourceName: hardware-vendor.example/part
+  kubeletApi: DRA
+  source: {simulated: {devices: [{id: p-0}], partitionSlots: 4}}
+YAML
+part_pool() { # the counter sets, then how many devices consume counters
+  local j='{range .items[*]}{.spec.sharedCounters[*].name}{" "}{range .spec.devices[*]}{.consumesCounters[0].counterSet}{" "}{end}{end}'
+  kubectl get resourceslices --field-selector spec.driver=$PART_DRIVER,spec.nodeName="$NODE" -o jsonpath="$j" |
+    tr ' ' '\n' | grep -v '^$' | sort | uniq -c | awk '{printf "%s:%s ", $2, $1}'
+}
+# p-0 names the counter set once and is consumed by 7 partitions
+# (4 of 1 slot, 2 of 2, 1 of 4).
+wait_for "a counter set and 7 partitions ($(gate DRAPartitionableDevices | sed 's/^/DRAPartitionableDevices=/'))" 120 "p-0:8 " part_pool
+kubectl apply -f - >/dev/null <<YAML
+apiVersion: resource.k8s.io/v1
+kind: ResourceClaimTemplate
+metadata: {name: part-claim, labels: {app: devplug-e2e}}
+spec:
+  spec:
+    devices:
+      requests:
+        - name: p
+          exactly:
+            deviceClassName: $PART_DRIVER
+            selectors: [{cel: {expression: 'device.attributes["$PART_DRIVER"].profile == "2s"'}}]
+YAML
+part_pod() {
+  kubectl apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Pod
+metadata: {name: part-$1, labels: {app: devplug-e2e}}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: c
+      image: registry.k8s.io/e2e-test-images/busybox:1.36.1-1
+      command: ["sleep", "3600"]
+      resources: {claims: [{name: p}]}
+  resourceClaims: [{name: p, resourceClaimTemplateName: part-claim}]
+YAML
+}
+part_pod 1
+part_pod 2
+pod_ready_or_fail part-1 180
+pod_ready_or_fail part-2 180
+got1=$(kubectl exec part-1 -- printenv DEVPLUG_HARDWARE_VENDOR_EXAMPLE_PART)
+got2=$(kubectl exec part-2 -- printenv DEVPLUG_HARDWARE_VENDOR_EXAMPLE_PART)
+[ "$(printf '%s\n%s\n' "$got1" "$got2" | sort | tr '\n' ' ')" = "p-0-part-2s-0 p-0-part-2s-2 " ] ||
+  fail "the two pods got '$got1' and '$got2', wanted the two 2-slot partitions"
+part_pod 3
+part3_reason() { kubectl get pod part-3 -o jsonpath='{.status.conditions[?(@.type=="PodScheduled")].reason}'; }
+wait_for "the third Pending as Unschedulable (no 2 slots left)" 60 Unschedulable part3_reason
+part3_msg=$(kubectl get pod part-3 -o jsonpath='{.status.conditions[?(@.type=="PodScheduled")].message}')
+kubectl delete pod part-1 --wait=true --timeout=90s >/dev/null || fail "part-1 did not go"
+pod_ready_or_fail part-3 180
+got3=$(kubectl exec part-3 -- printenv DEVPLUG_HARDWARE_VENDOR_EXAMPLE_PART)
+[ "$got3" = "$got1" ] || fail "part-3 got '$got3', wanted the partition part-1 left ('$got1')"
+for i in 2 3; do kubectl delete pod part-$i --wait=false >/dev/null 2>&1; done
+for i in 2 3; do kubectl wait --for=delete pod/part-$i --timeout=90s >/dev/null 2>&1 || true; done
+kubectl delete resourceclaimtemplate part-claim --ignore-not-found >/dev/null
+kubectl delete dpp $PART --wait=true --timeout=120s >/dev/null || fail "deleting $PART did not finish"
+ok "$got1 and $got2 running; the third: $part3_msg; then it got $got3"
+
 begin "DRA health: detection to slice taint, 10 flips; NoExecute evicts the device's pod"
 EVICT=e2e-dra-evict
 EVICT_DRIVER=$EVICT.devplug.io

@@ -124,8 +124,8 @@ async fn join_within(tasks: Vec<tokio::task::JoinHandle<()>>, policy: &str, what
 /// options only when it registers. A policy with partitions is always
 /// served anew: its DRA front holds the source's partitioner.
 fn same_registration(old: &PluginConfig, new: &PluginConfig) -> bool {
-    !old.mig_partitions
-        && !new.mig_partitions
+    !old.partitions
+        && !new.partitions
         && old.kubelet_api == new.kubelet_api
         && old.driver == new.driver
         && old.resource_name == new.resource_name

@@ -6,14 +6,20 @@
 //! `Unknown: <reason>` mean what they say. A file named `<device-id>.absent`
 //! removes the device from the list (simulated hot-unplug). The
 //! `devplug-agent sim` subcommand writes these files atomically.
+//!
+//! With `partitionSlots`, each device is partitionable (DRA, KEP-4815) the
+//! way a GPU in MIG mode is: a counter set of its slots, and partitions of
+//! 1, 2, 4, … slots at aligned placements. Making and removing a partition
+//! is bookkeeping in memory ([`SimPartitions`]), refused where a real
+//! device would refuse it (an overlap).
 
 use std::path::{Path, PathBuf};
 
 use devplug_api::SimulatedSource;
 use devplug_api::topology;
 
-use super::{Source, SourceError};
-use crate::devices::device::Device;
+use super::{Partitioner, Source, SourceError};
+use crate::devices::device::{Device, Made, Partition, Partitioning};
 use crate::devices::health::Health;
 
 /// One simulated device as configured: ID, NUMA node, PCIe root, PCI
@@ -29,6 +35,110 @@ struct SimDevice {
 pub struct Simulated {
     devices: Vec<SimDevice>,
     control: PathBuf,
+    /// `partitionSlots`.
+    slots: Option<u32>,
+    partitions: std::sync::Arc<SimPartitions>,
+}
+
+/// Counter name of slot `i` of a partitionable simulated device.
+pub fn slot_counter(i: u32) -> String {
+    format!("slot-{i}")
+}
+
+/// The partitions of `parent`, divided into `slots` slots: for each size
+/// 1, 2, 4, … up to `slots`, one at every start that is a multiple of it.
+pub fn partitions(parent: &Device, slots: u32) -> Vec<Device> {
+    let mut out = Vec::new();
+    let mut size = 1;
+    while size <= slots {
+        let profile = format!("{size}s");
+        for start in (0..=slots - size).step_by(size as usize) {
+            let mut attributes = parent.attributes.clone();
+            attributes.insert("parent".into(), parent.id.clone());
+            attributes.insert("profile".into(), profile.clone());
+            out.push(Device {
+                id: format!("{}-part-{profile}-{start}", parent.id),
+                numa_node: parent.numa_node,
+                nodes: parent.nodes.clone(),
+                health: parent.health.clone(),
+                links: Vec::new(),
+                attributes,
+                capacity: Default::default(),
+                partitioning: Partitioning::Partition(Partition {
+                    parent: parent.id.clone(),
+                    profile: size,
+                    profile_name: profile.clone(),
+                    start,
+                    size,
+                    counters: (start..start + size)
+                        .map(|i| (slot_counter(i), "1".to_string()))
+                        .collect(),
+                }),
+            });
+        }
+        size *= 2;
+    }
+    out
+}
+
+/// The partitions made on simulated devices: kept in memory, refused
+/// where they overlap one already made, as a real device refuses.
+#[derive(Default)]
+pub struct SimPartitions {
+    made: std::sync::Mutex<Vec<(Made, u32)>>,
+    next: std::sync::atomic::AtomicU32,
+}
+
+impl Partitioner for SimPartitions {
+    fn create(&self, p: &Partition) -> Result<Made, String> {
+        let mut made = self
+            .made
+            .lock()
+            .map_err(|_| "partition state poisoned".to_string())?;
+        if let Some((m, _)) = made
+            .iter()
+            .find(|(m, _)| m.parent == p.parent && m.start == p.start && m.profile == p.profile)
+        {
+            return Ok(m.clone());
+        }
+        if let Some((m, _)) = made.iter().find(|(m, size)| {
+            m.parent == p.parent && p.start < m.start + size && m.start < p.start + p.size
+        }) {
+            return Err(format!("overlaps partition {} made before", m.id));
+        }
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let id = format!("{}-part-{}-{}", p.parent, p.profile_name, p.start);
+        let m = Made {
+            parent: p.parent.clone(),
+            uuid: id.clone(),
+            id,
+            profile: p.profile,
+            start: p.start,
+            instance: n,
+            compute: 0,
+            nodes: Vec::new(),
+        };
+        made.push((m.clone(), p.size));
+        Ok(m)
+    }
+
+    fn destroy(&self, m: &Made) -> Result<(), String> {
+        self.made
+            .lock()
+            .map_err(|_| "partition state poisoned".to_string())?
+            .retain(|(x, _)| !(x.parent == m.parent && x.instance == m.instance));
+        Ok(())
+    }
+
+    fn existing(&self) -> Result<Vec<Made>, String> {
+        Ok(self
+            .made
+            .lock()
+            .map_err(|_| "partition state poisoned".to_string())?
+            .iter()
+            .map(|(m, _)| m.clone())
+            .collect())
+    }
 }
 
 impl Simulated {
@@ -61,7 +171,12 @@ impl Simulated {
                 })
                 .collect()
         };
-        Self { devices, control }
+        Self {
+            devices,
+            control,
+            slots: spec.partition_slots,
+            partitions: Default::default(),
+        }
     }
 }
 
@@ -117,7 +232,7 @@ impl Source for Simulated {
             if let Some(b) = &d.pci_bus_id {
                 attributes.insert(topology::PCI_BUS_ID_ATTRIBUTE.to_string(), b.clone());
             }
-            out.push(Device {
+            let mut device = Device {
                 capacity: Default::default(),
                 partitioning: Default::default(),
                 id: id.clone(),
@@ -126,7 +241,14 @@ impl Source for Simulated {
                 health,
                 links: Vec::new(),
                 attributes,
-            });
+            };
+            if let Some(n) = self.slots {
+                out.extend(partitions(&device, n));
+                device.partitioning = Partitioning::Divided {
+                    counters: (0..n).map(|i| (slot_counter(i), "1".to_string())).collect(),
+                };
+            }
+            out.push(device);
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
@@ -138,6 +260,12 @@ impl Source for Simulated {
 
     fn watch_contents(&self) -> bool {
         true
+    }
+
+    fn partitioner(&self) -> Option<std::sync::Arc<dyn Partitioner>> {
+        self.slots
+            .is_some()
+            .then(|| self.partitions.clone() as std::sync::Arc<dyn Partitioner>)
     }
 }
 
@@ -154,6 +282,7 @@ mod tests {
                 id_prefix: Some("foo".into()),
                 devices: vec![],
                 pcie_roots: 0,
+                partition_slots: None,
             },
             PathBuf::from("/nonexistent"),
         );
@@ -260,5 +389,63 @@ mod tests {
         assert_eq!(parse_state("Healthy\n"), Health::Healthy);
         assert_eq!(parse_state(""), Health::Healthy);
         assert!(matches!(parse_state("garbage"), Health::Unknown(r) if r.contains("garbage")));
+    }
+
+    #[test]
+    fn partition_slots_divide_each_device_into_aligned_partitions() {
+        let s = Simulated::new(
+            &SimulatedSource {
+                count: 1,
+                partition_slots: Some(4),
+                ..Default::default()
+            },
+            PathBuf::from("/nonexistent"),
+        );
+        let d = s.discover().unwrap();
+        let ids: Vec<&str> = d.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "sim-0",
+                "sim-0-part-1s-0",
+                "sim-0-part-1s-1",
+                "sim-0-part-1s-2",
+                "sim-0-part-1s-3",
+                "sim-0-part-2s-0",
+                "sim-0-part-2s-2",
+                "sim-0-part-4s-0",
+            ]
+        );
+        let Partitioning::Divided { counters } = &d[0].partitioning else {
+            panic!("{:?}", d[0].partitioning)
+        };
+        assert_eq!(counters.len(), 4);
+        let part = |id: &str| match &d.iter().find(|x| x.id == id).unwrap().partitioning {
+            Partitioning::Partition(p) => p.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            part("sim-0-part-2s-2").counters.keys().collect::<Vec<_>>(),
+            ["slot-2", "slot-3"]
+        );
+        let parts = s.partitioner().unwrap();
+        let a = parts.create(&part("sim-0-part-2s-0")).unwrap();
+        assert_eq!(parts.create(&part("sim-0-part-2s-0")).unwrap(), a);
+        let e = parts.create(&part("sim-0-part-1s-1")).unwrap_err();
+        assert!(e.contains("overlaps"), "{e}");
+        parts.create(&part("sim-0-part-1s-3")).unwrap();
+        assert_eq!(parts.existing().unwrap().len(), 2);
+        parts.destroy(&a).unwrap();
+        parts.create(&part("sim-0-part-1s-1")).unwrap();
+        // Without partitionSlots: plain devices, no partitioner.
+        let plain = Simulated::new(
+            &SimulatedSource {
+                count: 1,
+                ..Default::default()
+            },
+            PathBuf::from("/nonexistent"),
+        );
+        assert_eq!(plain.discover().unwrap().len(), 1);
+        assert!(plain.partitioner().is_none());
     }
 }
