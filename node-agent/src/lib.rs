@@ -25,6 +25,7 @@ pub mod deviceplugin;
 pub mod devices;
 pub mod dra;
 pub mod error;
+pub mod http2;
 pub mod metrics;
 pub mod plugin;
 pub mod retry;

@@ -80,6 +80,26 @@ pub async fn run(args: ServeArgs) -> Result<(), AgentError> {
         ),
         _ => None,
     };
+    let reader = match &client {
+        Some(_) => match kube::Config::infer().await {
+            Ok(config) => match crate::http2::client(&config) {
+                Ok(c) => {
+                    let warm = c.clone();
+                    tokio::spawn(async move { crate::http2::warm(&warm).await });
+                    Some(c)
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot build the HTTP/2 claim reader; claims are read over HTTP/1.1");
+                    None
+                }
+            },
+            Err(e) => {
+                warn!(error = %e, "cannot build the HTTP/2 claim reader; claims are read over HTTP/1.1");
+                None
+            }
+        },
+        None => None,
+    };
     let (shutdown_tx, shutdown) = watch::channel(false);
     let node = Host {
         name: node_name.clone(),
@@ -88,6 +108,7 @@ pub async fn run(args: ServeArgs) -> Result<(), AgentError> {
         kubelet_root: args.kubelet_root.clone(),
         metrics: Arc::new(AgentMetrics::default()),
         client,
+        reader,
         kubelet_sock: plugin_dir.join(KUBELET_SOCKET),
         plugin_dir: plugin_dir.clone(),
         sources: SourceContext {

@@ -872,6 +872,7 @@ async fn in_process_with(
         paths,
         cdi_dir: node.cdi(),
         client: Some(client),
+        reader: None,
         checkpoint: Default::default(),
         saved: Default::default(),
         flush: Default::default(),

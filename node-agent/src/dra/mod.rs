@@ -61,6 +61,9 @@ pub struct Setup {
     pub cdi_dir: PathBuf,
     /// API access, in cluster mode.
     pub client: Option<kube::Client>,
+    /// What prepare reads claims and pods with (HTTP/2 where the API server
+    /// offers it); `None` reads with `client`.
+    pub reader: Option<kube::Client>,
     /// Makes and removes the source's partitions, if it has any.
     pub partitioner: Option<Arc<dyn crate::devices::sources::Partitioner>>,
 }
@@ -121,6 +124,7 @@ pub fn serve(s: Setup, shutdown: watch::Receiver<bool>) -> std::io::Result<Start
         paths: paths.clone(),
         cdi_dir: s.cdi_dir,
         client: s.client,
+        reader: s.reader,
         checkpoint: Mutex::new(checkpoint),
         saved: Mutex::new(0),
         flush: Default::default(),

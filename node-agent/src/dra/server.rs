@@ -67,6 +67,9 @@ pub struct DraState {
     pub cdi_dir: PathBuf,
     /// API access (cluster mode): claims are read from the API server.
     pub client: Option<kube::Client>,
+    /// What claims and pods are read with in prepare (HTTP/2, so a hundred
+    /// reads at once share one connection); `None` reads with `client`.
+    pub reader: Option<kube::Client>,
     /// Prepared claims. Held only to read or record an entry, never across
     /// the ResourceClaim read, so one slow read stalls no other claim.
     pub checkpoint: Mutex<Checkpoint>,
@@ -146,7 +149,7 @@ fn devices_of(p: &PreparedClaim) -> Vec<v1::Device> {
 
 impl DraState {
     async fn fetch(&self, c: &v1::Claim) -> Result<ResourceClaim, String> {
-        let Some(client) = &self.client else {
+        let Some(client) = self.reader.as_ref().or(self.client.as_ref()) else {
             return Err(
                 "this agent has no API access (standalone mode) and cannot read ResourceClaims"
                     .into(),
@@ -736,7 +739,7 @@ impl DraState {
         got: &[(&v1::Claim, ResourceClaim, Vec<claims::AllocResult>)],
         snap: &crate::devices::inventory::Snapshot,
     ) -> BTreeMap<String, claims::Others> {
-        let Some(client) = &self.client else {
+        let Some(client) = self.reader.as_ref().or(self.client.as_ref()) else {
             return BTreeMap::new();
         };
         let Some(pod) = claims::common_pod(got.iter().map(|(_, v, _)| v)) else {

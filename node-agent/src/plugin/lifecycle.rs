@@ -52,6 +52,9 @@ pub struct Host {
     pub metrics: Arc<AgentMetrics>,
     /// Set in cluster mode: device status goes to the API.
     pub client: Option<kube::Client>,
+    /// Set in cluster mode: what DRA prepare reads claims and pods with
+    /// (HTTP/2, see [`crate::http2`]); `client` where it could not be built.
+    pub reader: Option<kube::Client>,
 }
 
 /// One running plugin: the part the kubelet sees (socket, registration,
@@ -305,6 +308,7 @@ impl Host {
             kubelet_root: self.kubelet_root.clone(),
             cdi_dir: self.cdi_dir.clone(),
             client: self.client.clone(),
+            reader: self.reader.clone().or_else(|| self.client.clone()),
             partitioner,
         };
         let started = match crate::dra::serve(setup, stopped) {
