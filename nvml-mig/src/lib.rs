@@ -250,11 +250,30 @@ fn first_compute_instance(
     let lib = nvml.lib();
     let list = nvml_sym(lib.nvmlGpuInstanceGetComputeInstances.as_ref())?;
     let info_of = nvml_sym(lib.nvmlComputeInstanceGetInfo_v2.as_ref())?;
+    let profile_of = nvml_sym(lib.nvmlGpuInstanceGetComputeInstanceProfileInfo.as_ref())?;
     for p in 0..sys::NVML_COMPUTE_INSTANCE_PROFILE_COUNT {
+        // The list is asked for by profile ID, which the profile's info
+        // gives for its index.
+        // SAFETY: an all-zero value is valid for this plain C struct.
+        let mut profile: sys::nvmlComputeInstanceProfileInfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `gi` is a live handle; `profile` is writable.
+        let r = unsafe {
+            profile_of(
+                gi,
+                p,
+                sys::NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED,
+                &mut profile,
+            )
+        };
+        match nvml_try(r) {
+            Ok(()) => {}
+            Err(e) if absent(&e) => continue,
+            Err(e) => return Err(e.into()),
+        }
         let mut cis: Vec<sys::nvmlComputeInstance_t> = vec![std::ptr::null_mut(); 8];
         let mut count = cis.len() as c_uint;
         // SAFETY: `cis` holds `count` writable entries.
-        match nvml_try(unsafe { list(gi, p, cis.as_mut_ptr(), &mut count) }) {
+        match nvml_try(unsafe { list(gi, profile.id, cis.as_mut_ptr(), &mut count) }) {
             Ok(()) => {}
             Err(e) if absent(&e) => continue,
             Err(e) => return Err(e.into()),
