@@ -1133,7 +1133,8 @@ part_pool() { # the counter sets, then how many devices consume counters
 }
 # p-0 names the counter set once and is consumed by 7 partitions
 # (4 of 1 slot, 2 of 2, 1 of 4).
-wait_for "a counter set and 7 partitions ($(gate DRAPartitionableDevices | sed 's/^/DRAPartitionableDevices=/'))" 120 "p-0:8 " part_pool
+part_gate="DRAPartitionableDevices=$(gate DRAPartitionableDevices)"
+wait_for "a counter set and 7 partitions ($part_gate)" 120 "p-0:8 " part_pool
 kubectl apply -f - >/dev/null <<YAML
 apiVersion: resource.k8s.io/v1
 kind: ResourceClaimTemplate
@@ -1183,7 +1184,7 @@ for i in 2 3; do kubectl delete pod part-$i --wait=false >/dev/null 2>&1; done
 for i in 2 3; do kubectl wait --for=delete pod/part-$i --timeout=90s >/dev/null 2>&1 || true; done
 kubectl delete resourceclaimtemplate part-claim --ignore-not-found >/dev/null
 kubectl delete dpp $PART --wait=true --timeout=120s >/dev/null || fail "deleting $PART did not finish"
-ok "$got1 and $got2 running; the third: $part3_msg; then it got $got3"
+ok "$part_gate; $got1 and $got2 running; the third: $part3_msg; then it got $got3"
 
 begin "DRA health: detection to slice taint, 10 flips; NoExecute evicts the device's pod"
 EVICT=e2e-dra-evict
