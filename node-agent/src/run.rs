@@ -72,17 +72,14 @@ pub async fn run(args: ServeArgs) -> Result<(), AgentError> {
     info!(node = %node_name, plugin_dir = %plugin_dir.display(), "devplug agent starting");
     let (mut sigterm, mut sigint) = signals()?;
 
-    let client = match &args.policy {
-        Some(_) if standalone.is_none() => Some(
-            kube::Client::try_default()
+    // One configuration for both clients: kube's default one, and the
+    // HTTP/2 reader DRA prepare reads claims with.
+    let (client, reader) = match &args.policy {
+        Some(_) if standalone.is_none() => {
+            let config = kube::Config::infer()
                 .await
-                .map_err(AgentError::Kube)?,
-        ),
-        _ => None,
-    };
-    let reader = match &client {
-        Some(_) => match kube::Config::infer().await {
-            Ok(config) => match crate::http2::client(&config) {
+                .map_err(|e| AgentError::Kube(kube::Error::InferConfig(e)))?;
+            let reader = match crate::http2::client(&config) {
                 Ok(c) => {
                     let warm = c.clone();
                     tokio::spawn(async move { crate::http2::warm(&warm).await });
@@ -92,13 +89,11 @@ pub async fn run(args: ServeArgs) -> Result<(), AgentError> {
                     warn!(error = %e, "cannot build the HTTP/2 claim reader; claims are read over HTTP/1.1");
                     None
                 }
-            },
-            Err(e) => {
-                warn!(error = %e, "cannot build the HTTP/2 claim reader; claims are read over HTTP/1.1");
-                None
-            }
-        },
-        None => None,
+            };
+            let client = kube::Client::try_from(config).map_err(AgentError::Kube)?;
+            (Some(client), reader)
+        }
+        _ => (None, None),
     };
     let (shutdown_tx, shutdown) = watch::channel(false);
     let node = Host {

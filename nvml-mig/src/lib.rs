@@ -144,32 +144,44 @@ pub fn profiles(nvml: &Nvml, dev: &Device) -> Result<Vec<Profile>, MigError> {
     Ok(out)
 }
 
-/// The compute instance profile spanning a whole GPU instance: the one
-/// with the most slices.
-fn spanning_compute_profile(nvml: &Nvml, gi: sys::nvmlGpuInstance_t) -> Result<c_uint, MigError> {
+/// The info of compute instance profile index `p` of GPU instance `gi`;
+/// `None` where the GPU instance does not offer it.
+fn compute_profile(
+    nvml: &Nvml,
+    gi: sys::nvmlGpuInstance_t,
+    p: c_uint,
+) -> Result<Option<sys::nvmlComputeInstanceProfileInfo_t>, MigError> {
     let info_of = nvml_sym(
         nvml.lib()
             .nvmlGpuInstanceGetComputeInstanceProfileInfo
             .as_ref(),
     )?;
+    // SAFETY: an all-zero value is valid for this plain C struct.
+    let mut info: sys::nvmlComputeInstanceProfileInfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `gi` is a live GPU instance handle; `info` is writable.
+    let r = unsafe {
+        info_of(
+            gi,
+            p,
+            sys::NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED,
+            &mut info,
+        )
+    };
+    match nvml_try(r) {
+        Ok(()) => Ok(Some(info)),
+        Err(e) if absent(&e) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The compute instance profile spanning a whole GPU instance: the one
+/// with the most slices.
+fn spanning_compute_profile(nvml: &Nvml, gi: sys::nvmlGpuInstance_t) -> Result<c_uint, MigError> {
     let mut best: Option<(u32, c_uint)> = None;
     for p in 0..sys::NVML_COMPUTE_INSTANCE_PROFILE_COUNT {
-        // SAFETY: an all-zero value is valid for this plain C struct.
-        let mut info: sys::nvmlComputeInstanceProfileInfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `gi` is a live GPU instance handle; `info` is writable.
-        let r = unsafe {
-            info_of(
-                gi,
-                p,
-                sys::NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED,
-                &mut info,
-            )
+        let Some(info) = compute_profile(nvml, gi, p)? else {
+            continue;
         };
-        match nvml_try(r) {
-            Ok(()) => {}
-            Err(e) if absent(&e) => continue,
-            Err(e) => return Err(e.into()),
-        }
         if best.is_none_or(|(slices, _)| info.sliceCount > slices) {
             best = Some((info.sliceCount, info.id));
         }
@@ -250,26 +262,12 @@ fn first_compute_instance(
     let lib = nvml.lib();
     let list = nvml_sym(lib.nvmlGpuInstanceGetComputeInstances.as_ref())?;
     let info_of = nvml_sym(lib.nvmlComputeInstanceGetInfo_v2.as_ref())?;
-    let profile_of = nvml_sym(lib.nvmlGpuInstanceGetComputeInstanceProfileInfo.as_ref())?;
     for p in 0..sys::NVML_COMPUTE_INSTANCE_PROFILE_COUNT {
         // The list is asked for by profile ID, which the profile's info
         // gives for its index.
-        // SAFETY: an all-zero value is valid for this plain C struct.
-        let mut profile: sys::nvmlComputeInstanceProfileInfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `gi` is a live handle; `profile` is writable.
-        let r = unsafe {
-            profile_of(
-                gi,
-                p,
-                sys::NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED,
-                &mut profile,
-            )
+        let Some(profile) = compute_profile(nvml, gi, p)? else {
+            continue;
         };
-        match nvml_try(r) {
-            Ok(()) => {}
-            Err(e) if absent(&e) => continue,
-            Err(e) => return Err(e.into()),
-        }
         let mut cis: Vec<sys::nvmlComputeInstance_t> = vec![std::ptr::null_mut(); 8];
         let mut count = cis.len() as c_uint;
         // SAFETY: `cis` holds `count` writable entries.

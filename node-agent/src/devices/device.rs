@@ -63,6 +63,17 @@ pub enum Partitioning {
     Partition(Partition),
 }
 
+/// Counters of one each for slots `slots` of a divided device, named by
+/// `name` (`memory-slice-<i>` for MIG, `slot-<i>` simulated): what a
+/// divided device offers (all its slots) and what a partition takes (the
+/// slots of its placement).
+pub fn slot_counters(
+    slots: std::ops::Range<u32>,
+    name: impl Fn(u32) -> String,
+) -> std::collections::BTreeMap<String, String> {
+    slots.map(|i| (name(i), "1".to_string())).collect()
+}
+
 /// A partition a divided device may be cut into: a profile at a placement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partition {

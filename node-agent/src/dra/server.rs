@@ -560,6 +560,11 @@ impl DraState {
         answers: &mut BTreeMap<String, Result<Vec<v1::Device>, String>>,
         undo: &mut Vec<&'a str>,
     ) -> BTreeMap<String, Vec<Made>> {
+        // Only a source with partitions publishes any (a claim naming one
+        // anyway is refused by `plan`: "partition ... was not made").
+        let Some(parts) = self.partitioner.clone() else {
+            return BTreeMap::new();
+        };
         let wanted: Vec<(&'a v1::Claim, Vec<Partition>)> = got
             .iter()
             .map(|(c, _, res)| (*c, claims::partitions_needed(res, &self.node, snap)))
@@ -568,16 +573,6 @@ impl DraState {
         if wanted.is_empty() {
             return BTreeMap::new();
         }
-        let Some(parts) = self.partitioner.clone() else {
-            for (c, _) in wanted {
-                answers.insert(
-                    c.uid.clone(),
-                    Err("this policy's source makes no partitions".into()),
-                );
-                undo.push(&c.uid);
-            }
-            return BTreeMap::new();
-        };
         let jobs: Vec<(String, Vec<Partition>)> = wanted
             .iter()
             .map(|(c, p)| (c.uid.clone(), p.clone()))

@@ -19,7 +19,7 @@ use devplug_api::SimulatedSource;
 use devplug_api::topology;
 
 use super::{Partitioner, Source, SourceError};
-use crate::devices::device::{Device, Made, Partition, Partitioning};
+use crate::devices::device::{Device, Made, Partition, Partitioning, slot_counters};
 use crate::devices::health::Health;
 
 /// One simulated device as configured: ID, NUMA node, PCIe root, PCI
@@ -70,9 +70,7 @@ pub fn partitions(parent: &Device, slots: u32) -> Vec<Device> {
                     profile_name: profile.clone(),
                     start,
                     size,
-                    counters: (start..start + size)
-                        .map(|i| (slot_counter(i), "1".to_string()))
-                        .collect(),
+                    counters: slot_counters(start..start + size, slot_counter),
                 }),
             });
         }
@@ -245,7 +243,7 @@ impl Source for Simulated {
             if let Some(n) = self.slots {
                 out.extend(partitions(&device, n));
                 device.partitioning = Partitioning::Divided {
-                    counters: (0..n).map(|i| (slot_counter(i), "1".to_string())).collect(),
+                    counters: slot_counters(0..n, slot_counter),
                 };
             }
             out.push(device);

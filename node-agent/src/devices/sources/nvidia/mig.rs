@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use super::{Gpu, GpuLibrary};
-use crate::devices::device::{Made, Partition, Partitioning};
+use crate::devices::device::{Made, Partition, Partitioning, slot_counters};
 use crate::devices::sources::Partitioner;
 
 /// A GPU's MIG layout, when MIG mode is on.
@@ -81,9 +81,7 @@ pub fn partition_id(gpu: &str, profile: &str, start: u32) -> String {
 
 /// The counters of a GPU in MIG mode: one per memory slice.
 pub fn counters(layout: &MigLayout) -> BTreeMap<String, String> {
-    (0..layout.slots)
-        .map(|i| (slice_counter(i), "1".to_string()))
-        .collect()
+    slot_counters(0..layout.slots, slice_counter)
 }
 
 /// The partitions `gpu` offers, built from its published device `parent`
@@ -123,9 +121,7 @@ pub fn partitions(
                     profile_name: p.name.clone(),
                     start,
                     size,
-                    counters: (start..start + size)
-                        .map(|i| (slice_counter(i), "1".to_string()))
-                        .collect(),
+                    counters: slot_counters(start..start + size, slice_counter),
                 }),
             });
         }
