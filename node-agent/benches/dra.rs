@@ -17,6 +17,8 @@
 //! - the same number of GETs of those claims by the agent's identity alone
 //!   (the floor the new-claim figure sits on), in turns with the prepares,
 //!   and the ratio;
+//! - the same GETs again over HTTP/1.1 (kube's default client) and over the
+//!   agent's HTTP/2 claim reader, alternating: the protocol's share;
 //! - 100 concurrent NodePrepareResources calls for 100 new claims, and the
 //!   same 100 GETs alone, all at once (the floor of that figure).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -414,7 +416,42 @@ async fn main() {
     })
     .await
     .unwrap();
-    let reads = api.claim_reads() - this_reads;
+    // The protocol's share of the read: the same claims read again by the
+    // agent's identity over kube's default client (HTTP/1.1, one warm
+    // connection) and over the agent's reader (HTTP/2, `http2::client`),
+    // alternating, with nothing else running.
+    let (h1, h2) = {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&kc).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .unwrap();
+        let over_h2 = devplug_agent::http2::client(&config).unwrap();
+        devplug_agent::http2::warm(&over_h2).await;
+        let over_h2: Api<k8s_openapi::api::resource::v1::ResourceClaim> =
+            Api::namespaced(over_h2, NS);
+        let over_h1: Api<k8s_openapi::api::resource::v1::ResourceClaim> =
+            Api::namespaced(kube::Client::try_from(config).unwrap(), NS);
+        for (name, _) in fresh_claims.iter().take(WARM) {
+            over_h1.get(name).await.unwrap();
+            over_h2.get(name).await.unwrap();
+        }
+        let (mut h1, mut h2) = (Vec::with_capacity(NEW), Vec::with_capacity(NEW));
+        for (i, (name, _)) in fresh_claims.iter().enumerate() {
+            for h2_turn in [i % 2 == 0, i % 2 == 1] {
+                let t = Instant::now();
+                if h2_turn {
+                    over_h2.get(name).await.unwrap();
+                    h2.push(t.elapsed());
+                } else {
+                    over_h1.get(name).await.unwrap();
+                    h1.push(t.elapsed());
+                }
+            }
+        }
+        (p50_p99(&mut h1), p50_p99(&mut h2))
+    };
+    let protocol_reads = 2 * (WARM + NEW);
+    let reads = api.claim_reads() - this_reads - protocol_reads;
     // The same 100 GETs alone, at once: the floor of the concurrent figure.
     // Both ways a client may send them (a fresh client each, one warm
     // connection): all at once (a new TLS connection for each request the
@@ -485,6 +522,21 @@ async fn main() {
     );
     println!(
         "  the agent's writes to the API server during the {NEW} new-claim prepares/unprepares (audit log): {fresh_writes}"
+    );
+    println!(
+        "the same GETs again by the agent's identity, alternating, nothing else running (the protocol's share):"
+    );
+    line(
+        "over HTTP/1.1 (kube's default client)",
+        h1,
+        us,
+        &format!("{NEW} GETs"),
+    );
+    line(
+        "over HTTP/2 (the agent's claim reader)",
+        h2,
+        us,
+        &format!("{NEW} GETs; {} the HTTP/1.1 ones", ratio(h2, h1)),
     );
     println!(
         "{CONCURRENT} concurrent NodePrepareResources calls, one new claim each, on one node (one connection):"

@@ -1169,13 +1169,15 @@ async fn every_container_sees_every_device_of_its_claims_in_the_variable() {
     );
 }
 
-/// The agent killed between the steps of prepare (claim recorded as begun,
-/// CDI spec written) and of unprepare (claim forgotten, spec removed):
-/// nothing is left behind that no record owns, the kubelet's retry
-/// succeeds, and the whole record reaches the disk after the answer.
-/// Before, a kill after writing the spec and before recording the claim
-/// (or after forgetting it and before removing the spec) left the spec in
-/// the runtime's CDI directory for good.
+/// The agent killed between the steps of prepare (claim read, CDI spec
+/// written) and of unprepare (spec removed, claim forgotten): nothing is
+/// left behind that no record owns, the kubelet's retry succeeds, and the
+/// whole record reaches the disk after the answer. A spec written before
+/// the kill is taken back as a begun record at the next start (the
+/// kubelet may have been answered). Before, a kill after writing the spec
+/// and before recording the claim (or after forgetting it and before
+/// removing the spec) left the spec in the runtime's CDI directory for
+/// good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the_retry_works() {
     let node = Node::new();
@@ -1218,9 +1220,9 @@ async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the
         v1::dra_plugin_client::DraPluginClient::new(dial(&endpoint(&root, &driver)).await.unwrap())
     };
     for (i, point) in [
-        "prepare-after-begun",
+        "prepare-after-read",
         "prepare-after-cdi-spec",
-        "unprepare-after-record",
+        "unprepare-after-spec",
     ]
     .into_iter()
     .enumerate()
@@ -1283,19 +1285,21 @@ async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the
         // What the kill left.
         let left = (spec.exists(), record(&uid));
         match point {
-            "prepare-after-begun" => assert_eq!(left, (false, "begun"), "{point}"),
-            "prepare-after-cdi-spec" => assert_eq!(left, (true, "begun"), "{point}"),
-            _ => assert_eq!(left, (true, "none"), "{point}"),
+            "prepare-after-read" => assert_eq!(left, (false, "none"), "{point}"),
+            "prepare-after-cdi-spec" => assert_eq!(left, (true, "none"), "{point}"),
+            _ => assert_eq!(left, (false, "whole"), "{point}"),
         }
         // Started again: nothing orphaned is left, and the retry works.
-        // A begun record without its spec was never answered and goes; one
-        // with its spec may have been (the kill can follow the answer) and
-        // stays, owning the spec, until the kubelet retries or unprepares.
+        // A spec no record owns may have been answered (the kill can follow
+        // the answer): it is recorded as begun, owning the spec, until the
+        // kubelet retries or unprepares. A record without its spec (an
+        // unprepare cut short) waits for the kubelet's retry.
         let mut again = Agent::spawn_cluster_with(&node, &api.policy, &kc, &flags);
         register(&root, &driver).await;
         let kept = (spec.exists(), record(&uid));
         match point {
             "prepare-after-cdi-spec" => assert_eq!(kept, (true, "begun"), "{point}"),
+            "unprepare-after-spec" => assert_eq!(kept, (false, "whole"), "{point}"),
             _ => assert_eq!(kept, (false, "none"), "{point}: an orphan was left"),
         }
         let mut c = client().await;

@@ -92,10 +92,11 @@ pub struct PreparedClaim {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<String>,
     /// A prepare began and has not been recorded whole: `devices` is empty
-    /// and `cdi_file` may or may not exist yet. Recorded (and on disk)
-    /// before the claim is read, so a spec written later always has an
-    /// owner; a later save replaces it with the whole record. Never
-    /// answered from: a repeated prepare reads the claim again.
+    /// and `cdi_file` may or may not exist yet. Made by a prepare that made
+    /// partitions (saved before the spec names them), or at start for a
+    /// spec no record owned ([`adopt`]); a later save replaces it with the
+    /// whole record. Never answered from: a repeated prepare reads the
+    /// claim again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pending: bool,
     /// When prepare answered (RFC 3339): the `Ready` condition's transition
@@ -242,19 +243,23 @@ pub fn settle(cdi_dir: &Path, cp: &mut Checkpoint) -> Vec<String> {
     unwritten
 }
 
-/// Removes the claim CDI specs of `driver` in `cdi_dir` that `cp` does not
-/// record, and returns their names. A prepare killed after writing the spec
-/// and before recording the claim, or an unprepare killed after forgetting
-/// the claim and before removing the spec, leaves such a file; the kubelet
-/// may never call again for that claim, so the agent sweeps at start.
+/// Records as begun the claims whose CDI spec of `driver` is in `cdi_dir`
+/// and which `cp` does not record, and returns their UIDs. Prepare saves
+/// nothing before it answers (see [`crate::dra::server::DraState::prepare`]),
+/// so a kill after a spec was written and before the next save leaves a
+/// spec no record owns; the kubelet may have been answered, and a
+/// container may use that spec. As a begun record it is kept until the
+/// kubelet prepares the claim again (read again, as a new one) or
+/// unprepares it (every claim it tried). The claim's namespace and name
+/// are not in the file name; the kubelet's calls carry them.
 /// Only file names `devplug-claim-<driver>-<36-character UID>.json` are
 /// touched: never another driver's (a driver name may extend this one's).
-pub fn sweep(cdi_dir: &Path, driver: &str, cp: &Checkpoint) -> Vec<String> {
+pub fn adopt(cdi_dir: &Path, driver: &str, cp: &mut Checkpoint) -> Vec<String> {
     let prefix = format!("devplug-claim-{driver}-");
     let Ok(entries) = std::fs::read_dir(cdi_dir) else {
         return Vec::new();
     };
-    let mut removed = Vec::new();
+    let mut adopted = Vec::new();
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         let Some(uid) = name
@@ -267,12 +272,15 @@ pub fn sweep(cdi_dir: &Path, driver: &str, cp: &Checkpoint) -> Vec<String> {
         if !is_uid || cp.claims.contains_key(uid) {
             continue;
         }
-        if std::fs::remove_file(e.path()).is_ok() {
-            removed.push(name);
-        }
+        cp.claims
+            .insert(uid.to_string(), PreparedClaim::begun("", "", driver, uid));
+        adopted.push(uid.to_string());
     }
-    removed.sort();
-    removed
+    if !adopted.is_empty() {
+        cp.changes += 1;
+    }
+    adopted.sort();
+    adopted
 }
 
 /// The devices a ResourceClaim was allocated from `driver`.
@@ -1109,6 +1117,41 @@ mod tests {
         assert_eq!(cp.changes, 1, "the change is saved");
         assert!(settle(dir.path(), &mut cp).is_empty());
         assert_eq!(cp.changes, 1);
+    }
+
+    #[test]
+    fn a_spec_no_record_owns_is_recorded_as_begun_and_nothing_else_is_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let uid = |i: u8| format!("0000000{i}-0000-0000-0000-000000000000");
+        let file = |driver: &str, u: &str| dir.path().join(names::cdi_file(driver, u));
+        let mut cp = Checkpoint::default();
+        // Recorded whole: stays as it is.
+        let mut whole = PreparedClaim::begun("ns", "a", "d.io", &uid(1));
+        whole.pending = false;
+        cp.claims.insert(uid(1), whole.clone());
+        std::fs::write(file("d.io", &uid(1)), b"{}").unwrap();
+        // No record: a prepare cut short after its spec.
+        std::fs::write(file("d.io", &uid(2)), b"{}").unwrap();
+        // Another driver's, whose name extends this one's; not a UID; not ours.
+        std::fs::write(file("d.io-x", &uid(3)), b"{}").unwrap();
+        std::fs::write(dir.path().join("devplug-claim-d.io-notauid.json"), b"{}").unwrap();
+        std::fs::write(dir.path().join("vendor.yaml"), b"{}").unwrap();
+        let adopted = adopt(dir.path(), "d.io", &mut cp);
+        assert_eq!(adopted, vec![uid(2)]);
+        let rec = &cp.claims[&uid(2)];
+        assert!(rec.pending && rec.devices.is_empty(), "{rec:?}");
+        assert_eq!(
+            rec.cdi_file.as_deref(),
+            Some(names::cdi_file("d.io", &uid(2)).as_str())
+        );
+        assert_eq!(cp.claims[&uid(1)], whole);
+        assert_eq!(cp.claims.len(), 2, "{:?}", cp.claims.keys());
+        assert_eq!(cp.changes, 1, "the change is saved");
+        // It keeps its spec at the next start, and nothing was removed.
+        assert!(settle(dir.path(), &mut cp).is_empty());
+        assert!(adopt(dir.path(), "d.io", &mut cp).is_empty());
+        assert_eq!(cp.changes, 1);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 5);
     }
 
     #[test]

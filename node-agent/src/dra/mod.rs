@@ -92,21 +92,23 @@ pub fn serve(s: Setup, shutdown: watch::Receiver<bool>) -> std::io::Result<Start
     let unwritten = claims::settle(&s.cdi_dir, &mut checkpoint);
     if !unwritten.is_empty() {
         info!(policy = %cfg.name, claims = ?unwritten, "forgot prepares cut short before their CDI spec was written (the kubelet was never answered; its retry reads the claim again)");
-        if let Err(e) = claims::save(&paths.checkpoint, &checkpoint) {
-            warn!(policy = %cfg.name, checkpoint = %paths.checkpoint.display(), error = %e, "cannot save the prepared claims; tried again with the next change");
-        }
+    }
+    // Specs no record owns: prepares cut short after their spec and before
+    // the save that follows the answer (or, with an unreadable checkpoint,
+    // every spec of this driver). They may serve running pods' restarts,
+    // so they are kept, owned by begun records, until the kubelet prepares
+    // or unprepares those claims.
+    let adopted = claims::adopt(&s.cdi_dir, &cfg.driver, &mut checkpoint);
+    if !adopted.is_empty() {
+        info!(policy = %cfg.name, claims = ?adopted, "recorded claims whose CDI spec no record owned as begun (a prepare cut short after writing it); kept until the kubelet prepares or unprepares them");
     }
     if let Some(p) = &problem {
         warn!(policy = %cfg.name, "{p}");
-    } else {
-        // What a kill between writing a claim's CDI spec and recording it
-        // (or between forgetting it and removing the spec) left behind.
-        // Not after a lost checkpoint: those specs may still serve running
-        // pods' restarts.
-        let removed = claims::sweep(&s.cdi_dir, &cfg.driver, &checkpoint);
-        if !removed.is_empty() {
-            info!(policy = %cfg.name, files = ?removed, "removed claim CDI specs no prepared claim owns (left by an interrupted prepare or unprepare)");
-        }
+    }
+    if (!unwritten.is_empty() || !adopted.is_empty())
+        && let Err(e) = claims::save(&paths.checkpoint, &checkpoint)
+    {
+        warn!(policy = %cfg.name, checkpoint = %paths.checkpoint.display(), error = %e, "cannot save the prepared claims; tried again with the next change");
     }
     if let Some(parts) = &s.partitioner {
         // Partitions no prepared claim holds: left by a prepare killed
