@@ -220,6 +220,17 @@ pub fn render_claim(
     })
 }
 
+/// `statfs`'s type of a tmpfs.
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+
+/// Whether `dir` is on a tmpfs (as the runtime's `/var/run/cdi` is on
+/// the nodes we know): there a write's fsyncs return at once, so a few
+/// small files may be written without leaving the async workers. False
+/// where it cannot be told (the directory is not there yet).
+pub fn on_tmpfs(dir: &Path) -> bool {
+    rustix::fs::statfs(dir).is_ok_and(|s| s.f_type as u64 == TMPFS_MAGIC)
+}
+
 /// Replaces `dir/name` with `bytes` atomically: readers see the old file or
 /// the new one, never a half-written one (the temporary name does not end in
 /// `.json`, so runtimes watching the directory ignore it).
@@ -375,5 +386,12 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "no temporary left behind: {names:?}");
+    }
+
+    #[test]
+    fn a_tmpfs_is_told_from_a_disk() {
+        assert!(on_tmpfs(Path::new("/dev/shm")), "/dev/shm is a tmpfs");
+        assert!(!on_tmpfs(Path::new("/proc")), "procfs is not a tmpfs");
+        assert!(!on_tmpfs(Path::new("/dev/shm/devplug-not-there")));
     }
 }

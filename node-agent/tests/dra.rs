@@ -1182,6 +1182,15 @@ async fn every_container_sees_every_device_of_its_claims_in_the_variable() {
 async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the_retry_works() {
     let node = Node::new();
     let root = node.tmp.path().join("kubelet");
+    // The CDI directory on a tmpfs, as the runtime's /var/run/cdi is: the
+    // agent writes a call's few specs in place there (not on a blocking
+    // thread), and that is the path killed here.
+    let cdi_tmpfs = tempfile::Builder::new()
+        .prefix("devplug-kill-cdi-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    std::os::unix::fs::symlink(cdi_tmpfs.path(), node.cdi()).unwrap();
+    assert!(devplug_agent::cdi::on_tmpfs(&node.cdi()));
     let api = Cluster::start(&node.name, policy_json()).await;
     let driver = driver(&api);
     let class = device_class(&api).await;

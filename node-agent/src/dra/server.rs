@@ -41,6 +41,9 @@ const CLAIM_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// DRA bench: 100 prepares at once met the p99 target in 6 of 7 runs with
 /// 32, in 1 of 4 with 8.
 pub const READS_AT_ONCE: usize = 32;
+/// At most this many CDI specs of one call are written on the async
+/// worker itself, and only on a tmpfs (see [`DraState::prepare`]).
+const SPECS_IN_PLACE: usize = 4;
 
 /// Crash-consistency tests: `DEVPLUG_FAILPOINT=<name>` kills the process
 /// at that point, as a crash or `kill -9` would. Unset in production.
@@ -421,7 +424,10 @@ impl DraState {
         // once would otherwise hold the runtime's few worker threads
         // through them one after the other (and every other call's answer
         // with them). Calls write in parallel; the file system commits
-        // concurrent fsyncs together.
+        // concurrent fsyncs together. On a tmpfs (the runtime's
+        // `/var/run/cdi` as a rule) the fsyncs return at once and the hop to
+        // a blocking thread was most of the write (p50 156 µs against 87 µs
+        // written in place, here), so a few specs are written in place.
         let mut writes: Vec<(String, Vec<u8>)> = Vec::new();
         let staged: Vec<_> = staged
             .into_iter()
@@ -433,7 +439,7 @@ impl DraState {
             .collect();
         let count = writes.len();
         let dir = self.cdi_dir.clone();
-        let mut written = tokio::task::spawn_blocking(move || {
+        let write_all = move || {
             writes
                 .iter()
                 .map(|(f, bytes)| {
@@ -443,9 +449,15 @@ impl DraState {
                     Ok(())
                 })
                 .collect::<Vec<Result<(), String>>>()
-        })
-        .await
-        .unwrap_or_else(|e| vec![Err(format!("writing the CDI specs: {e}")); count])
+        };
+        let in_place = count <= SPECS_IN_PLACE && cdi::on_tmpfs(&self.cdi_dir);
+        let mut written = if in_place {
+            write_all()
+        } else {
+            tokio::task::spawn_blocking(write_all)
+                .await
+                .unwrap_or_else(|e| vec![Err(format!("writing the CDI specs: {e}")); count])
+        }
         .into_iter();
         let mut planned = Vec::new();
         for (c, prepared, has_spec) in staged {
