@@ -875,6 +875,7 @@ async fn in_process_with(
         reader: None,
         checkpoint: Default::default(),
         saved: Default::default(),
+        save_failing: Default::default(),
         flush: Default::default(),
         claims_changed: Default::default(),
         reads: tokio::sync::Semaphore::new(devplug_agent::dra::server::READS_AT_ONCE),
@@ -1182,9 +1183,9 @@ async fn every_container_sees_every_device_of_its_claims_in_the_variable() {
 async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the_retry_works() {
     let node = Node::new();
     let root = node.tmp.path().join("kubelet");
-    // The CDI directory on a tmpfs, as the runtime's /var/run/cdi is: the
-    // agent writes a call's few specs in place there (not on a blocking
-    // thread), and that is the path killed here.
+    // The CDI directory on a tmpfs, as the runtime's /var/run/cdi is (the
+    // agent writes a call's few specs in place there, not on a blocking
+    // thread): the layout of a real node.
     let cdi_tmpfs = tempfile::Builder::new()
         .prefix("devplug-kill-cdi-")
         .tempdir_in("/dev/shm")
@@ -1228,10 +1229,14 @@ async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the
     let client = || async {
         v1::dra_plugin_client::DraPluginClient::new(dial(&endpoint(&root, &driver)).await.unwrap())
     };
-    for (i, point) in [
-        "prepare-after-read",
-        "prepare-after-cdi-spec",
-        "unprepare-after-spec",
+    // Each point, and what the kubelet does after the restart: prepares
+    // again, or unprepares (a claim adopted at start is unprepared without
+    // a prepare first when its pod went meanwhile).
+    for (i, (point, retry_unprepare)) in [
+        ("prepare-after-read", false),
+        ("prepare-after-cdi-spec", false),
+        ("prepare-after-cdi-spec", true),
+        ("unprepare-after-spec", true),
     ]
     .into_iter()
     .enumerate()
@@ -1312,7 +1317,7 @@ async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the
             _ => assert_eq!(kept, (false, "none"), "{point}: an orphan was left"),
         }
         let mut c = client().await;
-        if unprepare {
+        if retry_unprepare {
             let r = c
                 .node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
                     claims: vec![claim.clone()],
@@ -1346,6 +1351,189 @@ async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the
         }
         again.terminate();
     }
+}
+
+/// The claim's record in the checkpoint at `path`, if any.
+fn record_in(path: &Path, uid: &str) -> Value {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .map(|v| v["claims"][uid].clone())
+        .unwrap_or_default()
+}
+
+/// Prepare saves nothing before it answers, so a checkpoint that cannot be
+/// saved must not go unnoticed: once a save fails, new claims are refused
+/// with the reason (no spec written), an unprepare fails and is retried,
+/// and both go through once saves do. Before, every prepare was answered
+/// while nothing reached the disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_checkpoint_cannot_be_saved_new_claims_are_refused() {
+    let node = Node::new();
+    let api = Cluster::start(&node.name, policy_json()).await;
+    let driver = driver(&api);
+    let class = device_class(&api).await;
+    let ns = unique("nosave");
+    let (state, _) = in_process(&api, &node, 4).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let flusher = {
+        let s = state.clone();
+        tokio::spawn(async move { s.flush_until(stop_rx).await })
+    };
+    let mut claims = Vec::new();
+    for (name, dev) in [("a", "sim-0"), ("b", "sim-1"), ("c", "sim-2")] {
+        let uid = api
+            .allocated_claim(
+                &ns,
+                name,
+                &[("r", &class)],
+                &[("r", &driver, &node.name, dev)],
+            )
+            .await;
+        claims.push(c1(&ns, &uid, name));
+    }
+    let checkpoint = state.paths.checkpoint.clone();
+    let spec = |c: &v1::Claim| {
+        node.cdi()
+            .join(format!("devplug-claim-{driver}-{}.json", c.uid))
+    };
+    let on_disk_within = |uid: &str, want: bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while record_in(&checkpoint, uid).is_object() != want {
+            assert!(Instant::now() < deadline, "{uid}: never {want} on disk");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    state.prepare_one(&claims[0]).await.unwrap();
+    on_disk_within(&claims[0].uid, true);
+
+    // Saves fail from here: a directory where the save writes its
+    // temporary file (refused even to root).
+    let blocker = checkpoint.with_file_name(".claims.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    // Answered before any save failed; its spec owns it on disk.
+    state.prepare_one(&claims[1]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !state
+        .save_failing
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the failed save was never noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = state.prepare_one(&claims[2]).await.unwrap_err();
+    assert!(
+        refused.contains("cannot record claims in") && refused.contains("claims.json"),
+        "{refused}"
+    );
+    assert!(
+        !spec(&claims[2]).exists(),
+        "a refused claim's spec was written"
+    );
+    let e = state.unprepare_one(&claims[1]).await.unwrap_err();
+    assert!(e.contains("cannot update"), "{e}");
+
+    // Saves work again: the same calls go through.
+    std::fs::remove_dir(&blocker).unwrap();
+    state.unprepare_one(&claims[1]).await.unwrap();
+    state.prepare_one(&claims[2]).await.unwrap();
+    assert!(spec(&claims[2]).exists());
+    on_disk_within(&claims[2].uid, true);
+    on_disk_within(&claims[1].uid, false);
+    assert!(
+        !state
+            .save_failing
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    stop_tx.send(true).unwrap();
+    flusher.await.unwrap();
+}
+
+/// A claim on a partition: its partitions are in a begun record on disk
+/// before the spec that names them is written (the only save before the
+/// answer), shown by killing the agent right after the spec.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitions_record_is_on_disk_before_its_spec() {
+    let node = Node::new();
+    let root = node.tmp.path().join("kubelet");
+    let mut policy = policy_of(1);
+    policy["spec"]["source"]["simulated"]["partitionSlots"] = json!(4);
+    let api = Cluster::start(&node.name, policy).await;
+    let driver = driver(&api);
+    let class = device_class(&api).await;
+    let ns = unique("partkill");
+    let kc = api.kubeconfig(node.tmp.path());
+    let flags = [
+        "--admin-addr",
+        "off",
+        "--kubelet-root",
+        root.to_str().unwrap(),
+    ];
+    let uid = api
+        .allocated_claim(
+            &ns,
+            "p",
+            &[("r", &class)],
+            &[("r", &driver, &node.name, "sim-0-part-2s-2")],
+        )
+        .await;
+    let claim = c1(&ns, &uid, "p");
+    let checkpoint = root.join(format!("plugins/{driver}/claims.json"));
+    let spec = node
+        .cdi()
+        .join(format!("devplug-claim-{driver}-{uid}.json"));
+    let mut dying = Agent::spawn_cluster_env(
+        &node,
+        &api.policy,
+        &kc,
+        &flags,
+        &[("DEVPLUG_FAILPOINT", "prepare-after-cdi-spec")],
+    );
+    register(&root, &driver).await;
+    let mut c =
+        v1::dra_plugin_client::DraPluginClient::new(dial(&endpoint(&root, &driver)).await.unwrap());
+    let call = c
+        .node_prepare_resources(v1::NodePrepareResourcesRequest {
+            claims: vec![claim.clone()],
+        })
+        .await;
+    assert!(call.is_err(), "the call was answered");
+    assert!(!dying.wait_exit().success());
+    drop(dying);
+    assert!(spec.exists());
+    let rec = record_in(&checkpoint, &uid);
+    assert_eq!(rec["pending"], true, "{rec}");
+    let parts = rec["partitions"].as_array().cloned().unwrap_or_default();
+    assert_eq!(parts.len(), 1, "{rec}");
+    assert!(parts[0].to_string().contains("sim-0-part-2s-2"), "{rec}");
+
+    // Started again: the retry prepares it whole, and unprepare clears it.
+    let mut again = Agent::spawn_cluster_with(&node, &api.policy, &kc, &flags);
+    register(&root, &driver).await;
+    let mut c =
+        v1::dra_plugin_client::DraPluginClient::new(dial(&endpoint(&root, &driver)).await.unwrap());
+    let r = c
+        .node_prepare_resources(v1::NodePrepareResourcesRequest {
+            claims: vec![claim.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.claims[&uid].error, "");
+    let r = c
+        .node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
+            claims: vec![claim.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.claims[&uid].error, "");
+    assert!(!spec.exists());
+    assert!(record_in(&checkpoint, &uid).is_null());
+    again.terminate();
 }
 
 /// The claim's `status.devices` entries of `driver`: (device, Ready, Healthy

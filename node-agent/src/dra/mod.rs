@@ -97,7 +97,9 @@ pub fn serve(s: Setup, shutdown: watch::Receiver<bool>) -> std::io::Result<Start
     // the save that follows the answer (or, with an unreadable checkpoint,
     // every spec of this driver). They may serve running pods' restarts,
     // so they are kept, owned by begun records, until the kubelet prepares
-    // or unprepares those claims.
+    // or unprepares those claims. Such a record holds no partitions: the
+    // sweep below removes the instances an adopted spec names unless a
+    // container uses them (NVML refuses to remove a busy one).
     let adopted = claims::adopt(&s.cdi_dir, &cfg.driver, &mut checkpoint);
     if !adopted.is_empty() {
         info!(policy = %cfg.name, claims = ?adopted, "recorded claims whose CDI spec no record owned as begun (a prepare cut short after writing it); kept until the kubelet prepares or unprepares them");
@@ -105,10 +107,12 @@ pub fn serve(s: Setup, shutdown: watch::Receiver<bool>) -> std::io::Result<Start
     if let Some(p) = &problem {
         warn!(policy = %cfg.name, "{p}");
     }
+    let mut save_failing = false;
     if (!unwritten.is_empty() || !adopted.is_empty())
         && let Err(e) = claims::save(&paths.checkpoint, &checkpoint)
     {
-        warn!(policy = %cfg.name, checkpoint = %paths.checkpoint.display(), error = %e, "cannot save the prepared claims; tried again with the next change");
+        warn!(policy = %cfg.name, checkpoint = %paths.checkpoint.display(), error = %e, "cannot save the prepared claims; new claims are refused until a save goes through");
+        save_failing = true;
     }
     if let Some(parts) = &s.partitioner {
         // Partitions no prepared claim holds: left by a prepare killed
@@ -129,6 +133,7 @@ pub fn serve(s: Setup, shutdown: watch::Receiver<bool>) -> std::io::Result<Start
         reader: s.reader,
         checkpoint: Mutex::new(checkpoint),
         saved: Mutex::new(0),
+        save_failing: save_failing.into(),
         flush: Default::default(),
         claims_changed: Default::default(),
         reads: tokio::sync::Semaphore::new(server::READS_AT_ONCE),

@@ -84,6 +84,9 @@ pub struct DraState {
     /// (a group commit: a hundred prepares at once need a few writes, not
     /// a hundred fsyncs one after the other).
     pub saved: Mutex<u64>,
+    /// The last save failed: new claims are refused until one succeeds
+    /// (prepare saves nothing before it answers, so it asks first).
+    pub save_failing: std::sync::atomic::AtomicBool,
     /// Asks [`DraState::flush_until`] to save the checkpoint.
     pub flush: tokio::sync::Notify,
     /// Told on every prepare and unprepare: the claims' device status
@@ -371,6 +374,25 @@ impl DraState {
             .filter(|c| !begun_before.contains(&c.uid))
             .map(|c| c.uid.as_str())
             .collect();
+        // The whole records are saved after the answer; while saves fail,
+        // a claim would be served that no record on disk holds (its
+        // unprepare could then never be saved either), so new claims are
+        // refused until a save goes through.
+        if self.save_failing.load(Ordering::Relaxed) {
+            let upto = self.checkpoint.lock().await.changes;
+            if let Err(e) = self.persist(upto).await {
+                for c in fresh {
+                    answers.insert(
+                        c.uid.clone(),
+                        Err(format!(
+                            "cannot record claims in {}: {e}",
+                            self.paths.checkpoint.display()
+                        )),
+                    );
+                }
+                return;
+            }
+        }
         let began = std::time::Instant::now();
         let read = futures::future::join_all(fresh.iter().map(|c| self.fetch(c))).await;
         let read_took = began.elapsed();
@@ -498,21 +520,21 @@ impl DraState {
         // A failed claim's spec goes before its record (if partitions gave
         // it one) leaves the disk: a spec never outlives its owner there.
         for u in &undo {
-            let _ = std::fs::remove_file(self.cdi_dir.join(names::cdi_file(&cfg.driver, u)));
+            self.remove_spec(&names::cdi_file(&cfg.driver, u));
         }
         let changed = {
             let mut cp = self.checkpoint.lock().await;
             for (c, p) in &planned {
                 cp.claims.insert(c.uid.clone(), p.clone());
             }
-            let mut removed = false;
+            let mut changed = !planned.is_empty();
             for u in &undo {
-                removed |= cp.claims.remove(*u).is_some();
+                changed |= cp.claims.remove(*u).is_some();
             }
-            if removed || !planned.is_empty() {
+            if changed {
                 cp.changes += 1;
             }
-            removed || !planned.is_empty()
+            changed
         };
         if changed {
             self.flush.notify_one();
@@ -698,7 +720,7 @@ impl DraState {
             };
             let upto = self.checkpoint.lock().await.changes;
             if let Err(e) = self.persist(upto).await {
-                warn!(policy = %self.plugin.cfg().name, checkpoint = %self.paths.checkpoint.display(), error = %e, "cannot save the prepared claims; tried again with the next change");
+                warn!(policy = %self.plugin.cfg().name, checkpoint = %self.paths.checkpoint.display(), error = %e, "cannot save the prepared claims; tried again with the next change, and new claims are refused until a save goes through");
             }
             if stop {
                 return;
@@ -771,11 +793,24 @@ impl DraState {
             (cp.clone(), cp.changes)
         };
         let path = self.paths.checkpoint.clone();
-        tokio::task::spawn_blocking(move || claims::save(&path, &snapshot))
+        let r = tokio::task::spawn_blocking(move || claims::save(&path, &snapshot))
             .await
-            .map_err(std::io::Error::other)??;
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+        self.save_failing.store(r.is_err(), Ordering::Relaxed);
+        r?;
         *saved = upto;
         Ok(())
+    }
+
+    /// Removes the claim CDI spec `file` (gone already is fine; another
+    /// failure is said in the log: the spec has no owner then).
+    fn remove_spec(&self, file: &str) {
+        match std::fs::remove_file(self.cdi_dir.join(file)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(file = %file, error = %e, "cannot remove a claim's CDI spec"),
+        }
     }
 
     /// Unprepares one claim: removes what prepare made (idempotent),
@@ -814,11 +849,7 @@ impl DraState {
             }
         };
         if let Some(f) = &file {
-            match std::fs::remove_file(self.cdi_dir.join(f)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => warn!(file = %f, error = %e, "cannot remove a claim's CDI spec"),
-            }
+            self.remove_spec(f);
         }
         failpoint("unprepare-after-spec");
         let (p, mine) = {
