@@ -78,8 +78,17 @@ async fn wait_file(path: &Path) {
 }
 
 fn spawn(node: &Node, api: &Cluster, root: &Path) -> Agent {
+    spawn_env(node, api, root, &[])
+}
+
+/// [`spawn`], set to abort at the failpoint `point` (`DEVPLUG_FAILPOINT`).
+fn spawn_failing(node: &Node, api: &Cluster, root: &Path, point: &str) -> Agent {
+    spawn_env(node, api, root, &[("DEVPLUG_FAILPOINT", point)])
+}
+
+fn spawn_env(node: &Node, api: &Cluster, root: &Path, envs: &[(&str, &str)]) -> Agent {
     let kc = api.kubeconfig(node.tmp.path());
-    Agent::spawn_cluster_with(
+    Agent::spawn_cluster_env(
         node,
         &api.policy,
         &kc,
@@ -89,7 +98,16 @@ fn spawn(node: &Node, api: &Cluster, root: &Path) -> Agent {
             "--kubelet-root",
             root.to_str().unwrap(),
         ],
+        envs,
     )
+}
+
+/// A client of the driver socket under `root`.
+async fn driver_client(
+    root: &Path,
+    driver: &str,
+) -> v1::dra_plugin_client::DraPluginClient<tonic::transport::Channel> {
+    v1::dra_plugin_client::DraPluginClient::new(dial(&endpoint(root, driver)).await.unwrap())
 }
 
 fn registration(root: &Path, driver: &str) -> PathBuf {
@@ -240,8 +258,7 @@ async fn a_dra_policy_registers_publishes_and_prepares_claims_across_restarts() 
             &[("gpu", &driver, &node.name, "sim-1")],
         )
         .await;
-    let mut dra =
-        v1::dra_plugin_client::DraPluginClient::new(dial(&endpoint(&root, &driver)).await.unwrap());
+    let mut dra = driver_client(&root, &driver).await;
     let r = dra
         .node_prepare_resources(v1::NodePrepareResourcesRequest {
             claims: vec![c1(&ns, &uid1, "c")],
@@ -385,8 +402,7 @@ async fn a_dra_policy_registers_publishes_and_prepares_claims_across_restarts() 
     assert!(reads >= 6, "the agent read the claims it prepared: {reads}");
     let mut agent = spawn(&node, &api, &root);
     register(&root, &driver).await;
-    let mut dra =
-        v1::dra_plugin_client::DraPluginClient::new(dial(&endpoint(&root, &driver)).await.unwrap());
+    let mut dra = driver_client(&root, &driver).await;
     let again = dra
         .node_prepare_resources(v1::NodePrepareResourcesRequest {
             claims: vec![c1(&ns, &uid1, "c")],
@@ -1196,20 +1212,10 @@ async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the
     let driver = driver(&api);
     let class = device_class(&api).await;
     let ns = unique("kill");
-    let kc = api.kubeconfig(node.tmp.path());
-    let flags = [
-        "--admin-addr",
-        "off",
-        "--kubelet-root",
-        root.to_str().unwrap(),
-    ];
+    let checkpoint = root.join(format!("plugins/{driver}/claims.json"));
     // The claim's record on disk: none, begun, or whole.
     let record = |uid: &str| -> &'static str {
-        let v = std::fs::read(root.join(format!("plugins/{driver}/claims.json")))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .unwrap_or_default();
-        match &v["claims"][uid] {
+        match &record_in(&checkpoint, uid) {
             Value::Null => "none",
             r if r["pending"] == true => "begun",
             _ => "whole",
@@ -1225,9 +1231,6 @@ async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-    };
-    let client = || async {
-        v1::dra_plugin_client::DraPluginClient::new(dial(&endpoint(&root, &driver)).await.unwrap())
     };
     // Each point, and what the kubelet does after the restart: prepares
     // again, or unprepares (a claim adopted at start is unprepared without
@@ -1256,9 +1259,9 @@ async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the
             .join(format!("devplug-claim-{driver}-{uid}.json"));
         let unprepare = point.starts_with("unprepare");
         if unprepare {
-            let mut a = Agent::spawn_cluster_with(&node, &api.policy, &kc, &flags);
+            let mut a = spawn(&node, &api, &root);
             register(&root, &driver).await;
-            let r = client()
+            let r = driver_client(&root, &driver)
                 .await
                 .node_prepare_resources(v1::NodePrepareResourcesRequest {
                     claims: vec![claim.clone()],
@@ -1271,15 +1274,9 @@ async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the
             a.terminate();
         }
         // The run that dies at `point`.
-        let mut dying = Agent::spawn_cluster_env(
-            &node,
-            &api.policy,
-            &kc,
-            &flags,
-            &[("DEVPLUG_FAILPOINT", point)],
-        );
+        let mut dying = spawn_failing(&node, &api, &root, point);
         register(&root, &driver).await;
-        let mut c = client().await;
+        let mut c = driver_client(&root, &driver).await;
         let call = if unprepare {
             c.node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
                 claims: vec![claim.clone()],
@@ -1308,7 +1305,7 @@ async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the
         // the answer): it is recorded as begun, owning the spec, until the
         // kubelet retries or unprepares. A record without its spec (an
         // unprepare cut short) waits for the kubelet's retry.
-        let mut again = Agent::spawn_cluster_with(&node, &api.policy, &kc, &flags);
+        let mut again = spawn(&node, &api, &root);
         register(&root, &driver).await;
         let kept = (spec.exists(), record(&uid));
         match point {
@@ -1316,7 +1313,7 @@ async fn a_kill_between_the_steps_of_prepare_or_unprepare_leaves_nothing_and_the
             "unprepare-after-spec" => assert_eq!(kept, (false, "whole"), "{point}"),
             _ => assert_eq!(kept, (false, "none"), "{point}: an orphan was left"),
         }
-        let mut c = client().await;
+        let mut c = driver_client(&root, &driver).await;
         if retry_unprepare {
             let r = c
                 .node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
@@ -1465,13 +1462,6 @@ async fn a_partitions_record_is_on_disk_before_its_spec() {
     let driver = driver(&api);
     let class = device_class(&api).await;
     let ns = unique("partkill");
-    let kc = api.kubeconfig(node.tmp.path());
-    let flags = [
-        "--admin-addr",
-        "off",
-        "--kubelet-root",
-        root.to_str().unwrap(),
-    ];
     let uid = api
         .allocated_claim(
             &ns,
@@ -1485,16 +1475,9 @@ async fn a_partitions_record_is_on_disk_before_its_spec() {
     let spec = node
         .cdi()
         .join(format!("devplug-claim-{driver}-{uid}.json"));
-    let mut dying = Agent::spawn_cluster_env(
-        &node,
-        &api.policy,
-        &kc,
-        &flags,
-        &[("DEVPLUG_FAILPOINT", "prepare-after-cdi-spec")],
-    );
+    let mut dying = spawn_failing(&node, &api, &root, "prepare-after-cdi-spec");
     register(&root, &driver).await;
-    let mut c =
-        v1::dra_plugin_client::DraPluginClient::new(dial(&endpoint(&root, &driver)).await.unwrap());
+    let mut c = driver_client(&root, &driver).await;
     let call = c
         .node_prepare_resources(v1::NodePrepareResourcesRequest {
             claims: vec![claim.clone()],
@@ -1511,10 +1494,9 @@ async fn a_partitions_record_is_on_disk_before_its_spec() {
     assert!(parts[0].to_string().contains("sim-0-part-2s-2"), "{rec}");
 
     // Started again: the retry prepares it whole, and unprepare clears it.
-    let mut again = Agent::spawn_cluster_with(&node, &api.policy, &kc, &flags);
+    let mut again = spawn(&node, &api, &root);
     register(&root, &driver).await;
-    let mut c =
-        v1::dra_plugin_client::DraPluginClient::new(dial(&endpoint(&root, &driver)).await.unwrap());
+    let mut c = driver_client(&root, &driver).await;
     let r = c
         .node_prepare_resources(v1::NodePrepareResourcesRequest {
             claims: vec![claim.clone()],
@@ -1594,8 +1576,7 @@ async fn a_prepared_claims_device_status_follows_health_and_is_written_for_its_o
             &[("gpu", &driver, &node.name, "sim-1")],
         )
         .await;
-    let mut c =
-        v1::dra_plugin_client::DraPluginClient::new(dial(&endpoint(&root, &driver)).await.unwrap());
+    let mut c = driver_client(&root, &driver).await;
     let r = c
         .node_prepare_resources(v1::NodePrepareResourcesRequest {
             claims: vec![c1(&ns, &uid, "c")],
@@ -1761,8 +1742,7 @@ async fn a_shared_device_is_published_once_with_shares_and_a_claims_share_reache
         .await;
     let claims: kube::Api<k8s_openapi::api::resource::v1::ResourceClaim> =
         kube::Api::namespaced(api.admin(), &ns);
-    let mut dra =
-        v1::dra_plugin_client::DraPluginClient::new(dial(&endpoint(&root, &driver)).await.unwrap());
+    let mut dra = driver_client(&root, &driver).await;
     let r = dra
         .node_prepare_resources(v1::NodePrepareResourcesRequest {
             claims: vec![c1(&ns, &uid, "c")],

@@ -499,8 +499,7 @@ impl DraState {
             }
         }
         let spec_took = write_began.elapsed();
-        // Only what this call began is undone: a begun record from before
-        // may own a spec a running container was started with.
+        // Only what this call began is undone (see `added`).
         undo.retain(|u| added.contains(u));
         let unmade: Vec<Made> = undo
             .iter()
